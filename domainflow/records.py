@@ -1,0 +1,48 @@
+"""Small records that cross task boundaries.
+
+Tasks exchange these (paths plus fingerprints plus a few numbers), never models or
+tensors. They are pydantic models so that Prefect can persist them as JSON results
+(no pickles) and so that a malformed record fails loudly.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class DatasetRef(BaseModel):
+    """A validated ``DatasetDict`` saved with ``save_to_disk`` (splits: train, validation, test)."""
+
+    domain: str
+    path: str
+    fingerprint: str = Field(description="content hash of the source files and the split recipe")
+    test_fingerprint: str = Field(description="content hash of the test split alone: champion and challenger must share it")
+    num_rows: dict[str, int]
+    label_names: list[str]
+
+
+class ModelRef(BaseModel):
+    """A model directory (safetensors + config.json + tokenizer + domainflow.json)."""
+
+    name: str = Field(description="candidate name, e.g. 'linear_probe', 'finetuned', 'finetuned-int8'")
+    path: str
+    fingerprint: str
+    parent: str | None = Field(default=None, description="candidate name of the fp32 parent, for compressed models")
+    compression: str | None = None
+    train_seconds: float = 0.0
+
+
+class Evaluation(BaseModel):
+    """One candidate's measured quality and speed on a dataset's test (and validation) split."""
+
+    candidate: ModelRef
+    test_metrics: dict[str, float]
+    validation_metrics: dict[str, float]
+    texts_per_second_batch1: float
+    texts_per_second_batch32: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    size_bytes: int = Field(description="bytes of the weights as loaded for inference (int8 layers count 1 byte per weight)")
+    disk_bytes: int = Field(description="bytes of the model directory on disk")
+    parameters: int
+    report_dir: str = Field(description="folder with metrics.json, per-class report, confusion matrix, model card")

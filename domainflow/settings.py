@@ -1,0 +1,53 @@
+"""One module owns every path and every environment default.
+
+Why here: Prefect and the Hugging Face libraries read their settings from the
+environment *at import time*, so entry points call :func:`configure_environment`
+before importing them. Every value is a ``setdefault``: a user's own setting wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def home() -> Path:
+    """The domainflow home (``DOMAINFLOW_HOME``, default ``./.domainflow``): registry, runs, caches."""
+    return Path(os.environ.get("DOMAINFLOW_HOME", ".domainflow")).expanduser().resolve()
+
+
+def data_dir() -> Path:
+    """Where shipped and fetched datasets live (``DOMAINFLOW_DATA_DIR``, default ``<project>/data``)."""
+    return Path(os.environ.get("DOMAINFLOW_DATA_DIR", PROJECT_ROOT / "data")).expanduser().resolve()
+
+
+def registry_dir() -> Path:
+    return home() / "registry"
+
+
+def runs_dir() -> Path:
+    """Outputs of pipeline steps, content-addressed by each step's inputs."""
+    return home() / "runs"
+
+
+def online() -> bool:
+    """Hub look-ups are off unless ``DOMAINFLOW_ONLINE=1``: the defaults need no network,
+    and an offline hub look-up otherwise retries for ~20 s before failing."""
+    return os.environ.get("DOMAINFLOW_ONLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def configure_environment() -> None:
+    """Point Prefect's and Hugging Face's state inside the domainflow home; go offline by default."""
+    root = home()
+    os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
+    os.environ.setdefault("HF_HOME", str(root / "hf"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / "results"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Prefect creates only the last folder of PREFECT_HOME, and complains when its parent is missing.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    if not online():
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(var, "1")
