@@ -1,0 +1,136 @@
+"""The per-domain pipeline: ingest → fine-tune → compress → evaluate → deploy.
+
+A thin flow: every step is a task in ``tasks/`` that takes paths and small records
+and returns the same, so Prefect can cache each one on its inputs and code (a rerun
+skips finished steps; a crashed run resumes), retry the steps that do I/O, and show
+the artifacts each step publishes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from domainflow.fingerprint import path_fingerprint, value_fingerprint
+from domainflow.records import DatasetRef, Evaluation, ModelRef
+from domainflow.registry import ModelRegistry
+from domains import get_domain
+from tasks.compress import compress
+from tasks.deploy import champion_metrics_for, deploy
+from tasks.evaluate import evaluate
+from tasks.finetune import finetune, linear_probe, make_train_config
+from tasks.ingest import ingest
+
+
+def resolve_data_files(domain: str, data_dir: str | None, train_file: str | None, test_file: str | None) -> tuple[Path, Path]:
+    """Explicit files win; else the domain's files, under ``data_dir`` when given."""
+    spec = get_domain(domain)
+    if train_file or test_file:
+        if not (train_file and test_file):
+            raise ValueError("give both --train-file and --test-file, or neither")
+        return Path(train_file).resolve(), Path(test_file).resolve()
+    paths = spec.source.resolve(data_dir)
+    return paths["train"], paths["test"]
+
+
+def best_by_validation(evaluations: list[Evaluation], metric: str) -> Evaluation:
+    """The uncompressed candidate with the best validation score (test stays untouched for the gate)."""
+    return max(evaluations, key=lambda e: (e.validation_metrics[metric], e.test_metrics[metric], e.candidate.name))
+
+
+def _candidate_rows(evaluations: list[Evaluation], metrics: tuple[str, ...], verdicts: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for ev in evaluations:
+        row: dict[str, Any] = {"candidate": ev.candidate.name}
+        row.update({f"test_{m}": round(ev.test_metrics.get(m, float("nan")), 4) for m in metrics})
+        row.update(
+            {
+                "size_mb": round(ev.size_bytes / 1e6, 1),
+                "texts_per_s_b1": round(ev.texts_per_second_batch1, 1),
+                "texts_per_s_b32": round(ev.texts_per_second_batch32, 1),
+                "p95_ms": round(ev.latency_ms_p95, 1),
+                "train_s": round(ev.candidate.train_seconds, 1),
+                "verdict": verdicts.get(ev.candidate.name, ""),
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+@flow(name="domain-pipeline", log_prints=True)
+def domain_pipeline(
+    domain: str = "customer_service",
+    model: str | None = None,
+    data_dir: str | None = None,
+    train_file: str | None = None,
+    test_file: str | None = None,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    epochs: float | None = None,
+    seed: int = 42,
+    num_layers: int | None = None,
+    refresh_cache: bool = False,
+) -> dict[str, Any]:
+    """Train, compress, evaluate and (behind the domain's gates) deploy a model for ``domain``.
+
+    Args:
+        domain: a registered domain (``domainflow domains`` lists them).
+        model: base encoder: ``minilm`` (default, shipped offline), a folder, or a hub name.
+        data_dir: folder holding the domain's train/test files (default: the shipped data).
+        train_file / test_file: explicit data files (CSV, JSON/JSONL, Parquet), both or neither.
+        max_train_samples / max_test_samples: stratified subsamples, for quick runs.
+        epochs: fine-tuning epochs (default: the domain's).
+        seed: seeds sampling, splitting and training.
+        num_layers: keep only the first N encoder layers (quick runs and tests).
+        refresh_cache: recompute every step even if a cached result exists.
+    """
+    log = get_run_logger()
+    spec = get_domain(domain)
+    options = {"refresh_cache": True} if refresh_cache else {}
+
+    train_path, test_path = resolve_data_files(domain, data_dir, train_file, test_file)
+    source_fingerprint = value_fingerprint(path_fingerprint(train_path), path_fingerprint(test_path))
+    dataset: DatasetRef = ingest.with_options(**options)(
+        domain, str(train_path), str(test_path), source_fingerprint, max_train_samples=max_train_samples, max_test_samples=max_test_samples, seed=seed
+    )
+    log.info("dataset %s: %s", dataset.fingerprint, dataset.num_rows)
+
+    config = make_train_config(domain, model, epochs=epochs, seed=seed, num_layers=num_layers)
+    probe: ModelRef = linear_probe.with_options(**options)(dataset, config)
+    tuned: ModelRef = finetune.with_options(**options)(dataset, probe, config)
+    fp32 = [evaluate.with_options(**options)(candidate, dataset) for candidate in (probe, tuned)]
+
+    reference = best_by_validation(fp32, spec.primary_metric)
+    compressed = compress.with_options(**options)(reference.candidate, domain)
+    evaluations = fp32 + [evaluate.with_options(**options)(candidate, dataset) for candidate in compressed]
+
+    champion_metrics = champion_metrics_for(domain, dataset.test_fingerprint)
+    champion = ModelRegistry(domain).champion()
+    if champion is not None and champion_metrics is None:
+        log.info("champion v%d was measured on another test set: re-evaluating it on this one", champion.version)
+        champion_ref = ModelRef(name=f"champion-v{champion.version}", path=str(champion.model_dir), fingerprint=path_fingerprint(champion.model_dir))
+        champion_metrics = evaluate(champion_ref, dataset).test_metrics
+
+    run_config = {"model": model, "data_files": [str(train_path), str(test_path)], "max_train_samples": max_train_samples, "max_test_samples": max_test_samples, "train_config": config.model_dump()}
+    decision = deploy(domain, evaluations, champion_metrics, dataset.fingerprint, dataset.test_fingerprint, run_config)
+
+    verdicts = {v["name"]: ("ELIGIBLE: " if v["eligible"] else "rejected: ") + "; ".join(v["reasons"]) for v in decision["verdicts"]}
+    rows = _candidate_rows(evaluations, spec.metrics, verdicts)
+    create_table_artifact(rows, key=f"{domain.replace('_', '-')}-candidates", description=f"Candidates of this {domain} run and the gate's verdicts")
+    summary = {
+        "domain": domain,
+        "dataset": dataset.model_dump(),
+        "candidates": rows,
+        "decision": decision,
+        "champion_dir": decision.get("champion_dir"),
+        "version": decision.get("version"),
+    }
+    create_markdown_artifact(
+        f"## {domain}: {decision['summary']}\n\nChampion: `{decision.get('champion_dir')}`",
+        key=f"{domain.replace('_', '-')}-outcome",
+        description="Outcome of the pipeline run",
+    )
+    return summary

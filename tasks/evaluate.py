@@ -1,0 +1,257 @@
+"""Evaluation: quality and CPU speed of one candidate, written to a report folder.
+
+Quality is computed with the project's own ``evaluate`` modules (offline), on the
+test split (for the gate and the report) and the validation split (for choosing
+between candidates without peeking at test). Speed is measured on the *same* texts
+for every candidate — a fixed, seeded sample of the test split — at batch 1
+(per-request latency) and batch 32 (throughput). The report folder holds
+``metrics.json``, ``per_class.csv``, ``confusion_matrix.png`` and ``model_card.md``;
+the task also shows them as Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from prefect import task
+
+from domainflow import settings
+from domainflow.fingerprint import value_fingerprint
+from domainflow.metrics import compute_metrics
+from domainflow.modeling import LoadedClassifier, count_parameters, directory_size, load_classifier, predict_proba, read_metadata
+from domainflow.records import DatasetRef, Evaluation, ModelRef
+from domains import DomainSpec, get_domain
+from tasks.caching import CODE_AND_INPUTS
+
+LATENCY_REQUESTS = 100
+THROUGHPUT_TEXTS = 512
+THROUGHPUT_BATCH = 32
+SPEED_SEED = 0
+
+
+def _logger() -> Any:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger(__name__)
+
+
+def speed_texts(test_texts: Sequence[str], count: int, seed: int = SPEED_SEED) -> list[str]:
+    """A fixed sample of the test texts, identical for every candidate of a dataset."""
+    rng = random.Random(seed)
+    if len(test_texts) <= count:
+        return list(test_texts)
+    return rng.sample(list(test_texts), count)
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights as held for inference; dynamically quantized layers count their int8 weights."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    for module in model.modules():
+        if getattr(module, "_packed_params", None) is not None and callable(getattr(module, "weight", None)):
+            weight, bias = module.weight(), module.bias()
+            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+    return total
+
+
+@torch.inference_mode()
+def measure_speed(loaded: LoadedClassifier, texts: Sequence[str]) -> dict[str, float]:
+    """Per-request latency at batch 1 and throughput at batch 32, after a warm-up."""
+    single = list(texts)[:LATENCY_REQUESTS]
+    predict_proba(loaded, single[:8], batch_size=1)  # warm-up: allocator, kernels, tokenizer caches
+    latencies = []
+    for text in single:
+        started = time.perf_counter()
+        predict_proba(loaded, [text], batch_size=1)
+        latencies.append(time.perf_counter() - started)
+    batched = list(texts)[:THROUGHPUT_TEXTS]
+    predict_proba(loaded, batched[:THROUGHPUT_BATCH], batch_size=THROUGHPUT_BATCH)
+    started = time.perf_counter()
+    predict_proba(loaded, batched, batch_size=THROUGHPUT_BATCH)
+    batch_seconds = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "texts_per_second_batch1": len(single) / sum(latencies),
+        "texts_per_second_batch32": len(batched) / batch_seconds,
+        "latency_ms_p50": 1000 * statistics.median(latencies),
+        "latency_ms_p95": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+    }
+
+
+def per_class_report(spec_labels: Sequence[str], predictions: np.ndarray, references: np.ndarray) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per label (rows for labels with support or predictions)."""
+    rows = []
+    for index, name in enumerate(spec_labels):
+        predicted = int(np.sum(predictions == index))
+        support = int(np.sum(references == index))
+        if predicted == 0 and support == 0:
+            continue
+        hits = int(np.sum((predictions == index) & (references == index)))
+        precision = hits / predicted if predicted else 0.0
+        recall = hits / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"label": name, "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "support": support})
+    return rows
+
+
+def plot_confusion_matrix(label_names: Sequence[str], predictions: np.ndarray, references: np.ndarray, path: Path, title: str) -> Path:
+    """Row-normalised confusion matrix as a PNG (readable up to ~100 labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(label_names)
+    matrix = np.zeros((n, n))
+    np.add.at(matrix, (references, predictions), 1)
+    matrix = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, min(16.0, 0.18 * n + 3))
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    font = 9 if n <= 10 else max(3, int(220 / n))
+    ax.set_xticks(range(n), labels=label_names, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), labels=label_names, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def model_card(spec: DomainSpec, candidate: ModelRef, dataset: DatasetRef, metrics: dict[str, Any], metadata: dict[str, Any]) -> str:
+    """A Markdown model card: what the model is, how it was made, how well and how fast it works."""
+    test = metrics["test"]
+    valid = metrics["validation"]
+    speed = metrics["speed"]
+    lines = [
+        f"# {spec.name} — {candidate.name}",
+        "",
+        f"{spec.description}",
+        "",
+        "## Model",
+        f"- Candidate: `{candidate.name}`" + (f" (compressed from `{candidate.parent}` with `{candidate.compression}`)" if candidate.compression else ""),
+        f"- Base encoder: `{metadata.get('base_model', 'unknown')}`; mean pooling + linear head over {len(dataset.label_names)} labels",
+        f"- Parameters: {metrics['parameters']:,}; weights in memory: {metrics['size_bytes'] / 1e6:.1f} MB; on disk: {metrics['disk_bytes'] / 1e6:.1f} MB",
+        f"- Model fingerprint: `{candidate.fingerprint}`; training time: {candidate.train_seconds:.0f} s on this machine",
+        "",
+        "## Data",
+        f"- Source: {spec.source.train} / {spec.source.test} ({spec.source.licence}). {spec.source.attribution}",
+        f"- Rows: " + ", ".join(f"{split} {rows:,}" for split, rows in dataset.num_rows.items()),
+        f"- Dataset fingerprint: `{dataset.fingerprint}`; test-set fingerprint: `{dataset.test_fingerprint}`",
+        "",
+        "## Quality",
+        "| split | " + " | ".join(spec.metrics) + " |",
+        "|---|" + "---|" * len(spec.metrics),
+        "| test | " + " | ".join(f"{test.get(m, float('nan')):.4f}" for m in spec.metrics) + " |",
+        "| validation | " + " | ".join(f"{valid.get(m, float('nan')):.4f}" for m in spec.metrics) + " |",
+        "",
+        f"Quality floors for deployment: " + (", ".join(f"{k} ≥ {v}" for k, v in spec.gates.min_metrics.items()) or "none"),
+        "",
+        "## Speed (CPU, " + f"{torch.get_num_threads()} threads)",
+        f"- Batch 1: {speed['texts_per_second_batch1']:.1f} texts/s, p50 {speed['latency_ms_p50']:.1f} ms, p95 {speed['latency_ms_p95']:.1f} ms",
+        f"- Batch 32: {speed['texts_per_second_batch32']:.1f} texts/s",
+        "",
+        "## Intended use and limits",
+        "- Trained for this domain's labels only; texts far from the training data get low confidence and should be routed by the domain's fallback policy.",
+        "- Figures come from one test split; per-class results (per_class.csv) show where the model is weak.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) -> Evaluation:
+    """Measure one candidate and write its report folder (pure: no Prefect needed)."""
+    from datasets import load_from_disk
+
+    spec = get_domain(dataset.domain)
+    log = _logger()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_from_disk(dataset.path)
+    loaded = load_classifier(candidate.path)
+    metadata = read_metadata(candidate.path)
+
+    results: dict[str, Any] = {}
+    predictions: dict[str, np.ndarray] = {}
+    for split in ("test", "validation"):
+        texts = list(splits[split]["text"])
+        references = np.asarray(splits[split]["label"])
+        predictions[split] = predict_proba(loaded, texts).argmax(dim=1).numpy()
+        results[split] = compute_metrics(spec.metrics, predictions[split], references)
+    test_texts = list(splits["test"]["text"])
+    test_labels = np.asarray(splits["test"]["label"])
+    results["speed"] = measure_speed(loaded, speed_texts(test_texts, max(LATENCY_REQUESTS, THROUGHPUT_TEXTS)))
+    results["parameters"] = count_parameters(loaded.model)
+    results["size_bytes"] = weights_bytes(loaded.model)
+    results["disk_bytes"] = directory_size(candidate.path)
+    results["per_class"] = per_class_report(dataset.label_names, predictions["test"], test_labels)
+    results["candidate"] = candidate.model_dump()
+
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    _write_csv(out_dir / "per_class.csv", results["per_class"])
+    plot_confusion_matrix(dataset.label_names, predictions["test"], test_labels, out_dir / "confusion_matrix.png", f"{spec.name}: {candidate.name} (test)")
+    (out_dir / "model_card.md").write_text(model_card(spec, candidate, dataset, results, metadata))
+    log.info(
+        "%s: test %s; %.0f texts/s at batch 32",
+        candidate.name,
+        ", ".join(f"{k}={v:.4f}" for k, v in results["test"].items()),
+        results["speed"]["texts_per_second_batch32"],
+    )
+    return Evaluation(
+        candidate=candidate,
+        test_metrics=results["test"],
+        validation_metrics=results["validation"],
+        parameters=results["parameters"],
+        size_bytes=results["size_bytes"],
+        disk_bytes=results["disk_bytes"],
+        report_dir=str(out_dir),
+        **results["speed"],
+    )
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
+    """The report as Prefect artifacts: model card, per-class table, confusion matrix, link to the folder."""
+    from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    report = Path(evaluation.report_dir)
+    key = f"{domain}-{evaluation.candidate.name}".lower().replace("_", "-")
+    create_markdown_artifact((report / "model_card.md").read_text(), key=f"{key}-model-card", description=f"Model card of {evaluation.candidate.name}")
+    per_class = json.loads((report / "metrics.json").read_text())["per_class"]
+    create_table_artifact(per_class, key=f"{key}-per-class", description=f"Per-class test report of {evaluation.candidate.name}")
+    create_image_artifact(png_data_uri(report / "confusion_matrix.png"), key=f"{key}-confusion-matrix", description=f"Confusion matrix of {evaluation.candidate.name} (test)")
+    create_link_artifact(report.as_uri(), link_text=str(report), key=f"{key}-report", description="Report folder")
+
+
+@task(name="evaluate", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
+def evaluate(candidate: ModelRef, dataset: DatasetRef) -> Evaluation:
+    """Evaluate a candidate on the dataset's test and validation splits; cached on both fingerprints."""
+    out_dir = settings.runs_dir() / dataset.domain / "reports" / f"{candidate.name}-{value_fingerprint(candidate.fingerprint, dataset.fingerprint)}"
+    evaluation = evaluate_candidate(candidate, dataset, out_dir)
+    publish_evaluation_artifacts(evaluation, dataset.domain)
+    return evaluation

@@ -1,0 +1,292 @@
+"""Fine-tuning: two fp32 candidates from one pretrained encoder.
+
+1. ``linear_probe`` — the cheap baseline: frozen encoder, mean-pooled embeddings,
+   a logistic-regression head (scikit-learn). On Banking77 with all-MiniLM-L6-v2 it
+   reaches ~93% in about two minutes on 2 cores: the floor fine-tuning must beat.
+2. ``finetuned`` — full fine-tuning with the transformers Trainer, *starting from the
+   probe*: the head begins where logistic regression ended, so the first steps
+   refine a good classifier instead of back-propagating noise from a random head into
+   the encoder. The head gets a higher learning rate than the encoder, batches are
+   grouped by length (Banking77 averages 15 tokens, so padding would dominate), and
+   early stopping watches the validation split. A naive loop (random head, one
+   learning rate) reached 57.8% after an epoch here; this recipe converges in a few.
+
+Both candidates are saved as model directories (see ``domainflow.modeling``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import task
+from pydantic import BaseModel
+
+from domainflow import settings
+from domainflow.fingerprint import path_fingerprint, value_fingerprint
+from domainflow.modeling import (
+    TextClassifier,
+    embed_texts,
+    load_classifier,
+    load_encoder,
+    resolve_base_model,
+    save_classifier,
+)
+from domainflow.records import DatasetRef, ModelRef
+from domains import get_domain
+from tasks.caching import CODE_AND_INPUTS
+
+LINEAR_PROBE = "linear_probe"
+FINETUNED = "finetuned"
+
+
+class TrainConfig(BaseModel):
+    """Every knob that changes a trained model; part of the cache key and the lineage."""
+
+    base_model: str
+    base_fingerprint: str
+    num_layers: int | None = None
+    max_length: int = 128
+    epochs: float = 3.0
+    batch_size: int = 32
+    encoder_lr: float = 8e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 1
+    probe_c: float = 1.0
+    class_weighting: bool = False
+    seed: int = 42
+
+
+def make_train_config(domain: str, model: str | None, *, epochs: float | None = None, seed: int = 42, num_layers: int | None = None) -> TrainConfig:
+    """The domain's training defaults, overridden by the user's choices."""
+    spec = get_domain(domain)
+    defaults = spec.training
+    base = resolve_base_model(model or spec.default_model)
+    base_fingerprint = path_fingerprint(base) if Path(base).exists() else base
+    return TrainConfig(
+        base_model=base,
+        base_fingerprint=base_fingerprint,
+        num_layers=num_layers,
+        max_length=spec.max_length,
+        epochs=defaults.epochs if epochs is None else epochs,
+        batch_size=defaults.batch_size,
+        encoder_lr=defaults.encoder_lr,
+        head_lr=defaults.head_lr,
+        weight_decay=defaults.weight_decay,
+        warmup_ratio=defaults.warmup_ratio,
+        label_smoothing=defaults.label_smoothing,
+        early_stopping_patience=defaults.early_stopping_patience,
+        probe_c=defaults.probe_c,
+        class_weighting=defaults.class_weighting,
+        seed=seed,
+    )
+
+
+def _logger() -> logging.Logger | Any:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger(__name__)
+
+
+def _model_dir(dataset: DatasetRef, name: str, fingerprint: str) -> Path:
+    return settings.runs_dir() / dataset.domain / "models" / f"{name}-{fingerprint}"
+
+
+def _class_weights(labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """Inverse-frequency weights (mean 1 over present classes), for imbalanced domains."""
+    counts = np.bincount(labels, minlength=num_labels).astype(float)
+    weights = np.where(counts > 0, counts.sum() / (num_labels * np.maximum(counts, 1)), 0.0)
+    return weights
+
+
+def train_linear_probe(dataset: DatasetRef, config: TrainConfig, out_dir: Path) -> ModelRef:
+    """Frozen encoder + logistic regression, folded into a ``TextClassifier`` head."""
+    from datasets import load_from_disk
+    from sklearn.linear_model import LogisticRegression
+
+    log = _logger()
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    splits = load_from_disk(dataset.path)
+    encoder, tokenizer = load_encoder(config.base_model, config.num_layers)
+    model = TextClassifier(encoder, num_labels=len(dataset.label_names))
+    texts = list(splits["train"]["text"])
+    labels = np.asarray(splits["train"]["label"])
+    log.info("linear probe: embedding %d training texts with the frozen encoder", len(texts))
+    features = embed_texts(model, tokenizer, texts, config.max_length).numpy()
+
+    # Raw features, no standardisation: MiniLM has near-constant dimensions, and dividing
+    # by their tiny spread gives head weights ~1e31 whose gradients overflow once fine-tuning starts.
+    probe = LogisticRegression(
+        C=config.probe_c,
+        max_iter=3000,
+        class_weight="balanced" if config.class_weighting else None,
+        random_state=config.seed,
+    )
+    probe.fit(features, labels)
+
+    weight = np.zeros((len(dataset.label_names), features.shape[1]))
+    bias = np.full(len(dataset.label_names), -1e4)  # classes absent from train are never predicted
+    weight[probe.classes_] = probe.coef_
+    bias[probe.classes_] = probe.intercept_
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.from_numpy(weight).float())
+        model.classifier.bias.copy_(torch.from_numpy(bias).float())
+
+    seconds = time.perf_counter() - started
+    save_classifier(
+        model,
+        tokenizer,
+        out_dir,
+        label_names=dataset.label_names,
+        max_length=config.max_length,
+        extra_metadata={"candidate": LINEAR_PROBE, "base_model": config.base_model, "train_seconds": seconds},
+    )
+    log.info("linear probe trained in %.1f s (train accuracy %.4f)", seconds, probe.score(features, labels))
+    return ModelRef(name=LINEAR_PROBE, path=str(out_dir), fingerprint=path_fingerprint(out_dir), train_seconds=seconds)
+
+
+class _ProgressToLogger:
+    """Trainer callback: training progress into the run's log (and so the Prefect UI)."""
+
+    def __new__(cls, log: Any) -> Any:
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+                if logs:
+                    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+                    log.info("step %d/%d (epoch %.2f): %s", state.global_step, state.max_steps, state.epoch or 0.0, shown)
+
+        return Callback()
+
+
+def finetune_classifier(dataset: DatasetRef, init_dir: Path, config: TrainConfig, out_dir: Path) -> ModelRef:
+    """Full fine-tuning from the probe with the Trainer; resumes from its last checkpoint after a crash."""
+    from datasets import load_from_disk
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+
+    log = _logger()
+    started = time.perf_counter()
+    set_seed(config.seed)
+    loaded = load_classifier(init_dir)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.train()
+    splits = load_from_disk(dataset.path)
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        encoded = tokenizer(batch["text"], truncation=True, max_length=config.max_length)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    train = splits["train"].map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    valid = splits["validation"].map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    if config.class_weighting:
+        weights = _class_weights(np.asarray(splits["train"]["label"]), len(dataset.label_names))
+        model.class_weights = torch.tensor(weights, dtype=torch.float32)
+
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    no_decay = [p for n, p in model.named_parameters() if n.startswith("encoder.") and ("bias" in n or "LayerNorm" in n)]
+    decay = [p for n, p in model.named_parameters() if n.startswith("encoder.") and not ("bias" in n or "LayerNorm" in n)]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "lr": config.encoder_lr, "weight_decay": config.weight_decay},
+            {"params": no_decay, "lr": config.encoder_lr, "weight_decay": 0.0},
+            {"params": head, "lr": config.head_lr, "weight_decay": 0.0},
+        ]
+    )
+    checkpoints = out_dir.parent / f"{out_dir.name}.checkpoints"
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=128,
+        learning_rate=config.encoder_lr,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="linear",
+        label_smoothing_factor=config.label_smoothing,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        logging_steps=50,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=True,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+    def accuracy(prediction: Any) -> dict[str, float]:
+        return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=valid,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy,
+        optimizers=(optimizer, None),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), _ProgressToLogger(log)],
+    )
+    resume = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+    if resume:
+        log.info("resuming fine-tuning from the last checkpoint in %s", checkpoints)
+    log.info("fine-tuning %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)", len(train), config.epochs, config.batch_size, config.encoder_lr, config.head_lr)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    model.eval()
+    model.class_weights = None
+    seconds = time.perf_counter() - started
+    save_classifier(
+        model,
+        tokenizer,
+        out_dir,
+        label_names=dataset.label_names,
+        max_length=config.max_length,
+        extra_metadata={"candidate": FINETUNED, "base_model": config.base_model, "init": str(init_dir), "train_seconds": seconds, "best_validation_accuracy": trainer.state.best_metric},
+    )
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    log.info("fine-tuned in %.1f s; best validation accuracy %.4f", seconds, trainer.state.best_metric or float("nan"))
+    return ModelRef(name=FINETUNED, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=LINEAR_PROBE, train_seconds=seconds)
+
+
+def _finish_atomically(build: Any, target: Path) -> ModelRef:
+    """Train into ``<target>.partial`` and rename when complete, so a crash never leaves a model that looks finished."""
+    partial = target.parent / f"{target.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    ref = build(partial)
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return ref.model_copy(update={"path": str(target)})
+
+
+@task(name="linear-probe", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
+def linear_probe(dataset: DatasetRef, config: TrainConfig) -> ModelRef:
+    """Candidate (a): the frozen-encoder baseline."""
+    target = _model_dir(dataset, LINEAR_PROBE, value_fingerprint(dataset.fingerprint, config.model_dump()))
+    return _finish_atomically(lambda out: train_linear_probe(dataset, config, out), target)
+
+
+@task(name="finetune", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
+def finetune(dataset: DatasetRef, init: ModelRef, config: TrainConfig) -> ModelRef:
+    """Candidate (b): full fine-tuning initialised from the probe."""
+    target = _model_dir(dataset, FINETUNED, value_fingerprint(dataset.fingerprint, init.fingerprint, config.model_dump()))
+    return _finish_atomically(lambda out: finetune_classifier(dataset, Path(init.path), config, out), target)

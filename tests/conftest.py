@@ -1,0 +1,86 @@
+"""Shared fixtures: an isolated domainflow home, a truncated real MiniLM, and a tiny Banking77 domain.
+
+The home (and so Prefect's database, results and the registry) lives in a fresh
+temporary folder per test session, set *before* Prefect is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="domainflow-tests-"))
+os.environ["DOMAINFLOW_HOME"] = str(_SESSION_HOME)
+os.environ["DOMAINFLOW_ONLINE"] = "0"
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_HOME / "results")
+os.environ.pop("PREFECT_API_URL", None)
+
+from domainflow.settings import configure_environment  # noqa: E402
+
+configure_environment()
+
+import pytest  # noqa: E402
+
+from domains import QualityGates, TrainingDefaults, get_domain, register  # noqa: E402
+from tests.data_helpers import banking77_slice, write_csv  # noqa: E402
+
+TINY_DOMAIN = "cs_tiny"
+TINY_LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked", "cash_withdrawal_charge"]
+
+
+@pytest.fixture(scope="session")
+def session_home() -> Path:
+    return _SESSION_HOME
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real all-MiniLM-L6-v2 weights cut to its first layer: real tokenizer and weights, 6x faster."""
+    from domainflow.modeling import load_encoder, resolve_base_model
+
+    out = tmp_path_factory.mktemp("minilm-1layer")
+    encoder, tokenizer = load_encoder(resolve_base_model(None), num_layers=1)
+    encoder.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_domain() -> str:
+    """customer_service restricted in practice to six intents, with floors a 1-layer model can meet."""
+    spec = get_domain("customer_service")
+    register(
+        replace(
+            spec,
+            name=TINY_DOMAIN,
+            description="Banking77, six intents (tests)",
+            gates=replace(spec.gates, min_metrics={"accuracy": 0.5}),
+            training=replace(spec.training, epochs=1.0, batch_size=16),
+            min_examples_per_class=3,
+        )
+    )
+    return TINY_DOMAIN
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train.csv / test.csv with real Banking77 rows of the six intents."""
+    out = tmp_path_factory.mktemp("banking77-slice")
+    write_csv(out / "train.csv", banking77_slice("train", TINY_LABELS, 24))
+    write_csv(out / "test.csv", banking77_slice("test", TINY_LABELS, 12))
+    return out
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop Prefect's ephemeral API server while pytest's streams are still open.
+
+    Otherwise Prefect stops it from an atexit hook, after pytest has closed the captured
+    stream its log handler writes to, and prints a logging traceback at the end of every run.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()

@@ -1,0 +1,439 @@
+"""tasks.ingest on real Banking77 rows: what a good slice produces, and how each kind of bad data is reported."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
+from prefect.serializers import JSONSerializer
+from prefect.states import Failed
+
+import tasks.ingest as ingest_module
+from domains import get_domain
+from tasks.ingest import (
+    DataValidationError,
+    _allocate,
+    _retry_unless_invalid_data,
+    dataset_summary_markdown,
+    ingest,
+    ingest_dataset,
+    ingest_hub_dataset,
+    read_ingest_report,
+    read_table,
+)
+
+try:  # tests/ on sys.path (pytest's default while tests/ is no package)
+    from data_helpers import (
+        BANKING77_DIR,
+        banking77_slice,
+        csv_line_of,
+        write_banking77_slice,
+        write_csv,
+        write_jsonl,
+        write_parquet,
+    )
+except ImportError:  # tests/ became a package
+    from tests.data_helpers import (
+        BANKING77_DIR,
+        banking77_slice,
+        csv_line_of,
+        write_banking77_slice,
+        write_csv,
+        write_jsonl,
+        write_parquet,
+    )
+
+LABELS = ["card_arrival", "card_linking", "exchange_rate", "age_limit", "pin_blocked"]
+PER_CLASS_TRAIN = 20
+PER_CLASS_TEST = 5
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return get_domain("customer_service")
+
+
+@pytest.fixture
+def train_rows():
+    return banking77_slice("train", LABELS, PER_CLASS_TRAIN)
+
+
+@pytest.fixture
+def test_rows():
+    return banking77_slice("test", LABELS, PER_CLASS_TEST)
+
+
+def run(spec, out_dir: Path, train: Path, test: Path, **kwargs):
+    return ingest_dataset(spec, out_dir, train_path=train, test_path=test, **kwargs)
+
+
+def contents(ref) -> dict[str, list[tuple[str, int]]]:
+    dataset = load_from_disk(ref.path)
+    return {split: list(zip(dataset[split]["text"], dataset[split]["label"])) for split in dataset}
+
+
+def expect_error(spec, tmp_path: Path, train: Path, test: Path, *fragments: str) -> str:
+    with pytest.raises(DataValidationError) as caught:
+        run(spec, tmp_path / "out", train, test)
+    message = str(caught.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in message:\n{message}"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "a failed ingest wrote output"
+    return message
+
+
+# --------------------------------------------------------------------------- good data
+
+
+def test_good_csv_slice_gives_three_stratified_splits(spec, tmp_path):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    ref = run(spec, tmp_path / "out", train, test)
+
+    dataset = load_from_disk(ref.path)
+    assert isinstance(dataset, DatasetDict)
+    assert set(dataset) == {"train", "validation", "test"}
+    for split in dataset.values():
+        assert split.column_names == ["text", "label"]
+        assert split.features["text"].dtype == "string"
+        assert split.features["label"].names == list(spec.label_names)
+        assert all(0 <= label < spec.num_labels for label in split["label"])
+    assert ref.num_rows == {name: dataset[name].num_rows for name in dataset}
+    assert ref.num_rows["train"] + ref.num_rows["validation"] == len(LABELS) * PER_CLASS_TRAIN
+    assert ref.num_rows["test"] == len(LABELS) * PER_CLASS_TEST
+    assert ref.label_names == list(spec.label_names)
+
+    # every output row keeps its source label, and validation holds every class in proportion
+    source = {row["text"]: row["category"] for row in banking77_slice("train", LABELS, PER_CLASS_TRAIN)}
+    source.update({row["text"]: row["category"] for row in banking77_slice("test", LABELS, PER_CLASS_TEST)})
+    for split in dataset.values():
+        for text, label in zip(split["text"], split["label"]):
+            assert spec.label_names[label] == source[text]
+    expected = {spec.label_index(name) for name in LABELS}
+    validation_counts = Counter(dataset["validation"]["label"])
+    assert set(validation_counts) == expected
+    assert set(validation_counts.values()) == {round(spec.validation_fraction * PER_CLASS_TRAIN)}
+    assert set(dataset["test"]["label"]) == expected
+
+    report = read_ingest_report(ref.path)
+    assert Path(ref.path).name == ref.fingerprint == report["fingerprint"]
+    assert report["test_fingerprint"] == ref.test_fingerprint
+    assert report["num_rows"] == ref.num_rows
+    assert report["dropped_near_duplicates"] == 0 and report["dropped_exact_duplicates"] == 0
+    assert report["sources"]["train"]["path"] == str(train.resolve())
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [ref.fingerprint], "staging folder left behind"
+
+
+def test_fingerprint_is_a_function_of_content_and_recipe(spec, tmp_path):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    first = run(spec, tmp_path / "out-a", train, test)
+    again = run(spec, tmp_path / "out-b", train, test)
+    assert (again.fingerprint, again.test_fingerprint) == (first.fingerprint, first.test_fingerprint)
+    assert contents(again) == contents(first)
+
+    smaller = run(spec, tmp_path / "out-a", train, test, max_train_samples=60)
+    assert smaller.fingerprint != first.fingerprint
+    assert smaller.test_fingerprint == first.test_fingerprint  # same test split, comparable models
+
+    other_seed = run(spec, tmp_path / "out-a", train, test, seed=7)
+    assert other_seed.fingerprint != first.fingerprint
+
+    raw = bytearray(train.read_bytes())
+    first_text = raw.index(b"\n") + 1  # first byte of line 2
+    raw[first_text] = ord(chr(raw[first_text]).swapcase())  # one byte, same path
+    train.write_bytes(bytes(raw))
+    edited = run(spec, tmp_path / "out-a", train, test)
+    assert edited.fingerprint != first.fingerprint
+    assert edited.test_fingerprint == first.test_fingerprint
+    assert Path(first.path).is_dir() and Path(edited.path).is_dir()  # old versions are kept, never overwritten
+
+
+def test_finished_dataset_is_reused_without_reading(spec, tmp_path, monkeypatch):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    first = run(spec, tmp_path / "out", train, test)
+
+    def fail(path):
+        raise AssertionError(f"read {path} although the dataset exists")
+
+    monkeypatch.setattr(ingest_module, "read_table", fail)
+    assert run(spec, tmp_path / "out", train, test) == first
+
+
+def test_crash_while_writing_leaves_nothing_that_looks_finished(spec, tmp_path, monkeypatch):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    original = DatasetDict.save_to_disk
+
+    def crash(self, path, *args, **kwargs):
+        original(self, path, *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(DatasetDict, "save_to_disk", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run(spec, tmp_path / "out", train, test)
+    assert list((tmp_path / "out").iterdir()) == []
+
+    monkeypatch.setattr(DatasetDict, "save_to_disk", original)
+    ref = run(spec, tmp_path / "out", train, test)
+    assert read_ingest_report(ref.path)["fingerprint"] == ref.fingerprint
+
+
+def test_jsonl_json_and_parquet_give_the_same_splits_as_csv(spec, tmp_path, train_rows, test_rows):
+    writers = {
+        "csv": write_csv,
+        "jsonl": write_jsonl,
+        "parquet": write_parquet,
+        "json": lambda path, rows: path.write_text(json.dumps(rows)),
+    }
+    refs = {}
+    for suffix, write in writers.items():
+        src = tmp_path / suffix
+        src.mkdir()
+        write(src / f"train.{suffix}", train_rows)
+        write(src / f"test.{suffix}", test_rows)
+        refs[suffix] = run(spec, tmp_path / "out", src / f"train.{suffix}", src / f"test.{suffix}")
+    baseline = contents(refs["csv"])
+    for suffix, ref in refs.items():
+        assert contents(ref) == baseline, suffix
+        assert ref.test_fingerprint == refs["csv"].test_fingerprint
+    assert len({ref.fingerprint for ref in refs.values()}) == len(refs)  # different bytes, different folders
+
+
+def test_integer_label_ids_are_accepted(spec, tmp_path, train_rows, test_rows):
+    by_name = run(spec, tmp_path / "out", write_csv(tmp_path / "n" / "train.csv", train_rows), write_csv(tmp_path / "n" / "test.csv", test_rows))
+
+    def as_ids(rows):
+        return [{"text": row["text"], "category": spec.label_index(row["category"])} for row in rows]
+
+    csv_ids = run(spec, tmp_path / "out", write_csv(tmp_path / "i" / "train.csv", as_ids(train_rows)), write_csv(tmp_path / "i" / "test.csv", as_ids(test_rows)))
+    jsonl_ids = run(spec, tmp_path / "out", write_jsonl(tmp_path / "j" / "train.jsonl", as_ids(train_rows)), write_jsonl(tmp_path / "j" / "test.jsonl", as_ids(test_rows)))
+    assert contents(csv_ids) == contents(by_name) == contents(jsonl_ids)
+
+
+def test_near_duplicates_of_test_rows_are_dropped_from_train_and_counted(spec, tmp_path, train_rows, test_rows):
+    variant = "  " + "  ".join(test_rows[1]["text"].upper().split()) + "\n"
+    train_rows.append({"text": variant, "category": test_rows[1]["category"]})
+    ref = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows), write_csv(tmp_path / "test.csv", test_rows))
+
+    report = read_ingest_report(ref.path)
+    assert report["dropped_near_duplicates"] == 1
+    assert report["near_duplicates"][0]["train"] == f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)}"
+    assert report["near_duplicates"][0]["test"] == "test.csv line 3"
+    output = contents(ref)
+    assert variant not in {text for split in ("train", "validation") for text, _ in output["train"] + output["validation"]}
+    assert ref.num_rows["train"] + ref.num_rows["validation"] == len(LABELS) * PER_CLASS_TRAIN
+    assert [text for text, _ in output["test"]] == [row["text"] for row in test_rows]  # test is untouched
+
+
+def test_exact_duplicates_with_the_same_label_are_dropped(spec, tmp_path, train_rows, test_rows):
+    train_rows.append(dict(train_rows[0]))
+    ref = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows), write_csv(tmp_path / "test.csv", test_rows))
+    assert read_ingest_report(ref.path)["dropped_exact_duplicates"] == 1
+    assert ref.num_rows["train"] + ref.num_rows["validation"] == len(LABELS) * PER_CLASS_TRAIN
+
+
+def test_limits_take_stratified_subsamples(spec, tmp_path):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    ref = run(spec, tmp_path / "out", train, test, max_train_samples=30, max_test_samples=10)
+    dataset = load_from_disk(ref.path)
+    assert ref.num_rows["train"] + ref.num_rows["validation"] == 30
+    assert ref.num_rows["test"] == 10
+    expected = {spec.label_index(name) for name in LABELS}
+    assert Counter(list(dataset["train"]["label"]) + list(dataset["validation"]["label"])) == {label: 6 for label in expected}
+    assert set(dataset["validation"]["label"]) == expected
+    assert Counter(dataset["test"]["label"]) == {label: 2 for label in expected}
+
+
+def test_allocation_keeps_two_per_class_where_the_budget_allows():
+    quotas = _allocate({0: 100, 1: 3, 2: 1}, 10)
+    assert sum(quotas.values()) == 10
+    assert quotas[1] >= 2 and quotas[2] == 1
+    tight = _allocate({0: 50, 1: 50, 2: 50}, 4)
+    assert sum(tight.values()) == 4 and min(tight.values()) >= 1
+
+
+def test_full_banking77_split_passes(spec, tmp_path):
+    """The shipped split has 7 train/test pairs differing only by whitespace/case and 4 repeated train rows."""
+    ref = run(spec, tmp_path / "out", BANKING77_DIR / "train.csv", BANKING77_DIR / "test.csv")
+    report = read_ingest_report(ref.path)
+    assert report["dropped_near_duplicates"] == 7
+    assert report["dropped_exact_duplicates"] == 4
+    assert ref.num_rows["test"] == 3080
+    assert ref.num_rows["train"] + ref.num_rows["validation"] == 10003 - 7 - 4
+    assert all(len(report["label_counts"][split]) == spec.num_labels for split in ("train", "validation", "test"))
+
+
+def test_hub_path_maps_class_ids_by_name(spec, tmp_path, monkeypatch, train_rows, test_rows):
+    """No hub access here: load_dataset is replaced by the same rows with a hub-style ClassLabel
+    whose id order differs from the spec's, under the hub's column name ``label``."""
+    hub_names = sorted(spec.label_names, reverse=True)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=hub_names)})
+
+    def as_hub(rows):
+        return Dataset.from_dict({"text": [r["text"] for r in rows], "label": [hub_names.index(r["category"]) for r in rows]}, features=features)
+
+    calls = []
+
+    def fake_load_dataset(name, config=None):
+        calls.append((name, config))
+        return DatasetDict({"train": as_hub(train_rows), "test": as_hub(test_rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setenv("DOMAINFLOW_ONLINE", "0")
+    with pytest.raises(RuntimeError, match="DOMAINFLOW_ONLINE"):
+        ingest_hub_dataset(spec, tmp_path / "out")
+    monkeypatch.setenv("DOMAINFLOW_ONLINE", "1")
+    hub = ingest_hub_dataset(spec, tmp_path / "out")
+    assert calls == [(spec.source.hf_dataset, spec.source.hf_config)]
+    files = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows), write_csv(tmp_path / "test.csv", test_rows))
+    assert contents(hub) == contents(files)
+    assert hub.test_fingerprint == files.test_fingerprint
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+def test_missing_column(spec, tmp_path, train_rows, test_rows):
+    train = write_csv(tmp_path / "train.csv", [{"text": r["text"], "intent": r["category"]} for r in train_rows], columns=("text", "intent"))
+    test = write_csv(tmp_path / "test.csv", test_rows)
+    expect_error(spec, tmp_path, train, test, "train.csv", "missing column", "'category'", "'intent'", "line 1")
+
+
+def test_empty_text(spec, tmp_path, train_rows, test_rows):
+    train_rows[3]["text"] = "   "
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    message = expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
+                           "train.csv", "column 'text'", "empty or whitespace-only text", f"line {csv_line_of(train_rows, 3)}")
+    assert "header being line 1" in message  # says which numbering it uses
+
+
+def test_line_numbers_follow_multiline_csv_cells(spec, tmp_path, train_rows, test_rows):
+    train_rows[0]["text"] = "first line\nsecond line of the same text"
+    train_rows[2]["text"] = ""
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows), "train.csv", "empty or whitespace-only text (1 found): line 5\n")
+    assert csv_line_of(train_rows, 2) == 5
+
+
+def test_many_problems_are_counted_in_one_message(spec, tmp_path, train_rows, test_rows):
+    for row in train_rows[:12]:
+        row["text"] = ""
+    train_rows[40]["category"] = "not_an_intent"
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    message = expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
+                           "(12 found)", "and 2 more", "line 2", "unknown label", "2 kinds of data problems")
+    assert "line 14" not in message  # only the first 10 are listed
+
+
+def test_non_text_values_in_jsonl(spec, tmp_path, train_rows, test_rows):
+    train_rows[1]["text"] = 12345
+    train_rows[4]["text"] = None
+    train_rows[6]["text"] = ["a", "list"]
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    expect_error(spec, tmp_path, train, write_jsonl(tmp_path / "test.jsonl", test_rows),
+                 "train.jsonl", "column 'text'", "non-text value", "line 2 (12345, int)", "line 5 (null)", "line 7 (['a', 'list'], list)")
+
+
+def test_unknown_label(spec, tmp_path, train_rows, test_rows):
+    test_rows[7]["category"] = "not_an_intent"
+    test = write_csv(tmp_path / "test.csv", test_rows)
+    expect_error(spec, tmp_path, write_csv(tmp_path / "train.csv", train_rows), test,
+                 "test.csv", "column 'category'", "unknown label", f"line {csv_line_of(test_rows, 7)} ('not_an_intent')",
+                 "'card_arrival'", "ids 0-76")
+
+
+def test_train_test_leakage(spec, tmp_path, train_rows, test_rows):
+    train_rows.append(dict(test_rows[2]))
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows), "leakage",
+                 f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)} = test.csv line {csv_line_of(test_rows, 2)}")
+
+
+def test_conflicting_duplicate_labels(spec, tmp_path, train_rows, test_rows):
+    assert train_rows[0]["category"] == "card_arrival"
+    train_rows.append({"text": train_rows[0]["text"].lower(), "category": "card_linking"})
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
+                 "train.csv", "conflicting labels", "line 2 -> 'card_arrival'",
+                 f"line {csv_line_of(train_rows, len(train_rows) - 1)} -> 'card_linking'")
+
+
+def test_class_with_too_few_examples(spec, tmp_path, test_rows):
+    rows = banking77_slice("train", LABELS[:4], PER_CLASS_TRAIN) + banking77_slice("train", LABELS[4:], 3)
+    train = write_csv(tmp_path / "train.csv", rows)
+    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
+                 "train.csv", "column 'category'", f"fewer than {spec.min_examples_per_class}", "'pin_blocked' (3)")
+
+
+def test_header_only_file(spec, tmp_path, train_rows):
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    test = write_csv(tmp_path / "test.csv", [])
+    expect_error(spec, tmp_path, train, test, "test.csv", "no data rows")
+
+
+def test_zero_byte_file(spec, tmp_path, test_rows):
+    train = tmp_path / "train.csv"
+    train.write_bytes(b"")
+    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows), "train.csv", "empty file")
+
+
+def test_unknown_suffix(spec, tmp_path, train_rows, test_rows):
+    train = write_csv(tmp_path / "train.txt", train_rows)
+    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows), "train.txt", "unsupported file suffix '.txt'")
+
+
+def test_malformed_jsonl_line(spec, tmp_path, train_rows, test_rows):
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    lines = train.read_text().splitlines()
+    lines[2] = lines[2][:-1]  # drop the closing brace
+    train.write_text("\n".join(lines) + "\n")
+    expect_error(spec, tmp_path, train, write_jsonl(tmp_path / "test.jsonl", test_rows), "train.jsonl", "invalid JSON", "line 3")
+
+
+def test_missing_file(spec, tmp_path, test_rows):
+    expect_error(spec, tmp_path, tmp_path / "absent.csv", write_csv(tmp_path / "test.csv", test_rows), "absent.csv", "no such file")
+
+
+def test_read_table_keeps_empty_csv_cells_as_empty_strings(tmp_path):
+    path = write_csv(tmp_path / "t.csv", [{"text": "", "category": "NA"}, {"text": "x", "category": ""}])
+    frame = read_table(path)
+    assert frame.index.name == "line" and list(frame.index) == [2, 3]
+    assert frame["text"].tolist() == ["", "x"] and frame["category"].tolist() == ["NA", ""]
+
+
+# --------------------------------------------------------------------------- Prefect wrapper
+
+
+def test_validation_errors_are_not_retried_and_survive_json_results():
+    assert _retry_unless_invalid_data(None, None, Failed(data=DataValidationError("train.csv: bad"))) is False
+    assert _retry_unless_invalid_data(None, None, Failed(data=OSError("flaky disk"))) is True
+    serializer = JSONSerializer()
+    restored = serializer.loads(serializer.dumps(DataValidationError("train.csv: line 3: bad")))
+    assert isinstance(restored, DataValidationError) and str(restored) == "train.csv: line 3: bad"
+
+
+def test_task_options():
+    assert ingest.retries == 2
+    assert ingest.retry_condition_fn is _retry_unless_invalid_data
+    assert ingest.persist_result is True
+    assert ingest.result_serializer == "json"
+    assert ingest.cache_policy is not None
+
+
+def test_task_body_writes_under_the_runs_dir_outside_a_flow(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOMAINFLOW_HOME", str(tmp_path / "home"))
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    ref = ingest.fn("customer_service", str(train), str(test), "any-source-fingerprint", max_train_samples=50)
+    assert Path(ref.path).parent == tmp_path / "home" / "runs" / "customer_service" / "datasets"
+    assert ref.num_rows["train"] + ref.num_rows["validation"] == 50
+
+
+def test_summary_markdown(spec, tmp_path):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    ref = run(spec, tmp_path / "out", train, test)
+    text = dataset_summary_markdown(read_ingest_report(ref.path))
+    assert ref.fingerprint in text and ref.test_fingerprint in text
+    assert "| validation | 10 | 5 / 77 |" in text
+    assert "near-duplicates" in text and "`card_arrival` 18" in text

@@ -1,0 +1,136 @@
+"""The whole flow end to end on real Banking77 rows with the real MiniLM cut to one layer.
+
+One sequence of runs in one registry, so each run sees what the earlier one left:
+a crash mid-way, a resumed run that deploys, an identical rerun served from the
+cache, and two bad data files that must stop before training and change nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import tasks.evaluate
+import tasks.finetune
+import tasks.ingest
+from domainflow.modeling import load_classifier, predict_proba
+from domainflow.registry import ModelRegistry
+from flows.cli import app
+from flows.pipeline import domain_pipeline
+from tests.data_helpers import banking77_slice, write_csv
+
+
+def _fail_if_called(name: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran although its result should have come from the cache")
+
+    return fail
+
+
+def _crash(*args, **kwargs):
+    raise RuntimeError("simulated crash during fine-tuning")
+
+
+def _registry_snapshot(root: Path) -> dict[str, str]:
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return states
+
+
+@pytest.fixture(scope="module")
+def run_args(tiny_domain: str, tiny_model_dir: Path, tiny_data_dir: Path) -> dict:
+    return {"domain": tiny_domain, "model": str(tiny_model_dir), "data_dir": str(tiny_data_dir), "epochs": 2.0, "seed": 7}
+
+
+def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.MonkeyPatch, session_home: Path) -> None:
+    domain = run_args["domain"]
+    registry = ModelRegistry(domain)
+
+    # 1. A run that dies during fine-tuning deploys nothing.
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.finetune, "finetune_classifier", _crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            domain_pipeline(**run_args)
+    assert registry.champion() is None
+
+    # 2. The rerun resumes: ingestion and the probe come from the cache, the rest runs and deploys.
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.ingest, "ingest_dataset", _fail_if_called("ingest_dataset"))
+        patch.setattr(tasks.finetune, "train_linear_probe", _fail_if_called("train_linear_probe"))
+        first = domain_pipeline(**run_args)
+    decision = first["decision"]
+    assert decision["promote"] is True, decision["summary"]
+    assert first["version"] == 1
+    champion = registry.champion()
+    assert champion is not None and champion.version == 1
+    names = {row["candidate"] for row in first["candidates"]}
+    assert {"linear_probe", "finetuned"} <= names and any(n.endswith("-int8") for n in names)
+    for row in first["candidates"]:
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["texts_per_s_b32"] > 0 and row["size_mb"] > 0
+
+    # The champion really works: six intents, better than chance by a wide margin.
+    test_rows = banking77_slice("test", ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked", "cash_withdrawal_charge"], 12)
+    loaded = load_classifier(champion.model_dir)
+    predicted = predict_proba(loaded, [r["text"] for r in test_rows]).argmax(dim=1)
+    accuracy = sum(loaded.label_names[int(p)] == r["category"] for p, r in zip(predicted, test_rows)) / len(test_rows)
+    assert accuracy >= 0.5
+    assert accuracy == pytest.approx(champion.metrics["test"]["accuracy"] if "test" in champion.metrics else accuracy, abs=1e-9)
+
+    # The run's report exists: metrics, per-class table, confusion matrix, model card.
+    for ev_row in first["candidates"]:
+        assert ev_row["verdict"]
+    reports = list((session_home / "runs" / domain / "reports").iterdir())
+    assert reports and all((r / "model_card.md").is_file() and (r / "confusion_matrix.png").is_file() for r in reports)
+
+    # 3. An identical rerun: every step is cached, and the tie keeps the champion.
+    with monkeypatch.context() as patch:
+        for module, name in [(tasks.ingest, "ingest_dataset"), (tasks.finetune, "train_linear_probe"), (tasks.finetune, "finetune_classifier"), (tasks.evaluate, "evaluate_candidate")]:
+            patch.setattr(module, name, _fail_if_called(name))
+        state = domain_pipeline(**run_args, return_state=True)
+    second = state.result()
+    assert second["decision"]["promote"] is False
+    assert "tie" in second["decision"]["summary"].lower() or "not better" in second["decision"]["summary"].lower()
+    assert registry.champion().version == 1
+    task_states = _task_states(state.state_details.flow_run_id)
+    for step in ("ingest", "linear-probe", "finetune", "evaluate", "compress"):
+        assert set(task_states.get(step, ["Cached"])) == {"Cached"}, task_states
+    assert task_states.get("deploy") == ["Completed"]
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda rows: [{"text": r["text"]} for r in rows], "category"),
+        (lambda rows: rows[:-1] + [{"text": "Where is my new card?", "category": "not_an_intent"}], "not_an_intent"),
+    ],
+    ids=["missing-column", "unknown-label"],
+)
+def test_bad_data_stops_before_training_and_leaves_registry(run_args: dict, tmp_path: Path, session_home: Path, mutate, expected: str) -> None:
+    domain = run_args["domain"]
+    train_rows = json.loads(json.dumps(banking77_slice("train", ["card_arrival", "lost_or_stolen_card", "exchange_rate"], 10)))
+    bad_train = write_csv(tmp_path / "train.csv", mutate(train_rows), columns=("text",) if expected == "category" else ("text", "category"))
+    test_file = write_csv(tmp_path / "test.csv", banking77_slice("test", ["card_arrival", "lost_or_stolen_card", "exchange_rate"], 5))
+    before = _registry_snapshot(session_home / "registry" / domain)
+
+    result = CliRunner().invoke(app, ["run", domain, "--model", run_args["model"], "--train-file", str(bad_train), "--test-file", str(test_file)])
+
+    assert result.exit_code == 2, result.output
+    assert "data validation failed" in result.output
+    assert expected in result.output and "train.csv" in result.output
+    assert _registry_snapshot(session_home / "registry" / domain) == before
