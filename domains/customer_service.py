@@ -53,7 +53,7 @@ SPEC = register(
         primary_metric="accuracy",
         metrics=("accuracy", "macro_f1"),
         gates=QualityGates(min_metrics={"accuracy": 0.90, "macro_f1": 0.90}),
-        training=TrainingDefaults(epochs=3.0),
+        training=TrainingDefaults(epochs=4.0),
         max_length=64,  # Banking77 averages 15 tokens; the longest are well under 64
         validation_fraction=0.1,
         min_examples_per_class=5,

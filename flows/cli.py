@@ -71,22 +71,26 @@ def run(
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
+    """The candidates, the gate's verdict on each with its reasons, and where the champion is."""
     rows = summary["candidates"]
-    table = Table(title=f"{summary['domain']}: candidates ({seconds:.0f} s)")
-    columns = [c for c in rows[0] if c != "verdict"] if rows else []
+    table = Table(title=f"{summary['domain']}: candidates (run took {seconds:.0f} s)")
+    metric_columns = [c for c in (rows[0] if rows else {}) if c.startswith(("test_", "validation_"))]
+    columns = ["candidate", *metric_columns, "size_mb", "texts_per_second_batch1", "texts_per_second_batch32", "latency_ms_p50", "train_seconds"]
+    headers = {"size_mb": "MB", "texts_per_second_batch1": "texts/s b1", "texts_per_second_batch32": "texts/s b32", "latency_ms_p50": "p50 ms", "train_seconds": "train s"}
     for column in columns:
-        table.add_column(column, justify="left" if column == "candidate" else "right")
+        table.add_column(headers.get(column, column), justify="left" if column == "candidate" else "right")
     table.add_column("gate")
     for row in rows:
-        eligible = row["verdict"].startswith("ELIGIBLE")
-        table.add_row(*(str(row[c]) for c in columns), "[green]pass[/green]" if eligible else "[red]fail[/red]")
+        cells = [f"{row[c]:.4f}" if c in metric_columns and row[c] is not None else str(row[c]) for c in columns]
+        gate = "[bold green]chosen[/]" if row["chosen"] else ("[green]eligible[/]" if row["eligible"] else "[red]rejected[/]")
+        table.add_row(*cells, gate)
     console.print(table)
+    for row in rows:
+        console.print(f"  {row['candidate']}: {row['reasons']}", highlight=False)
     decision = summary["decision"]
-    for verdict in decision["verdicts"]:
-        console.print(f"  {verdict['name']}: " + "; ".join(verdict["reasons"]))
-    console.print(f"[bold]{decision['summary']}[/bold]")
+    console.print(f"[bold]{decision['summary']}[/bold]", highlight=False)
     if summary.get("champion_dir"):
-        console.print(f"champion: {summary['champion_dir']}")
+        console.print(f"champion: {summary['champion_dir']}", highlight=False)
 
 
 @app.command()

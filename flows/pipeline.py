@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.registry import ModelRegistry
 from domains import get_domain
 from tasks.compress import compress
-from tasks.deploy import champion_metrics_for, deploy
+from tasks.deploy import candidate_rows, champion_metrics_for, deploy
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune, linear_probe, make_train_config
 from tasks.ingest import ingest
@@ -39,25 +38,6 @@ def resolve_data_files(domain: str, data_dir: str | None, train_file: str | None
 def best_by_validation(evaluations: list[Evaluation], metric: str) -> Evaluation:
     """The uncompressed candidate with the best validation score (test stays untouched for the gate)."""
     return max(evaluations, key=lambda e: (e.validation_metrics[metric], e.test_metrics[metric], e.candidate.name))
-
-
-def _candidate_rows(evaluations: list[Evaluation], metrics: tuple[str, ...], verdicts: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for ev in evaluations:
-        row: dict[str, Any] = {"candidate": ev.candidate.name}
-        row.update({f"test_{m}": round(ev.test_metrics.get(m, float("nan")), 4) for m in metrics})
-        row.update(
-            {
-                "size_mb": round(ev.size_bytes / 1e6, 1),
-                "texts_per_s_b1": round(ev.texts_per_second_batch1, 1),
-                "texts_per_s_b32": round(ev.texts_per_second_batch32, 1),
-                "p95_ms": round(ev.latency_ms_p95, 1),
-                "train_s": round(ev.candidate.train_seconds, 1),
-                "verdict": verdicts.get(ev.candidate.name, ""),
-            }
-        )
-        rows.append(row)
-    return rows
 
 
 @flow(name="domain-pipeline", log_prints=True)
@@ -117,9 +97,10 @@ def domain_pipeline(
     run_config = {"model": model, "data_files": [str(train_path), str(test_path)], "max_train_samples": max_train_samples, "max_test_samples": max_test_samples, "train_config": config.model_dump()}
     decision = deploy(domain, evaluations, champion_metrics, dataset.fingerprint, dataset.test_fingerprint, run_config)
 
-    verdicts = {v["name"]: ("ELIGIBLE: " if v["eligible"] else "rejected: ") + "; ".join(v["reasons"]) for v in decision["verdicts"]}
-    rows = _candidate_rows(evaluations, spec.metrics, verdicts)
-    create_table_artifact(rows, key=f"{domain.replace('_', '-')}-candidates", description=f"Candidates of this {domain} run and the gate's verdicts")
+    rows = candidate_rows(decision, evaluations)
+    for row, evaluation in zip(rows, evaluations):
+        row["texts_per_second_batch1"] = round(evaluation.texts_per_second_batch1, 1)
+        row["train_seconds"] = round(evaluation.candidate.train_seconds, 1)
     summary = {
         "domain": domain,
         "dataset": dataset.model_dump(),
@@ -128,9 +109,4 @@ def domain_pipeline(
         "champion_dir": decision.get("champion_dir"),
         "version": decision.get("version"),
     }
-    create_markdown_artifact(
-        f"## {domain}: {decision['summary']}\n\nChampion: `{decision.get('champion_dir')}`",
-        key=f"{domain.replace('_', '-')}-outcome",
-        description="Outcome of the pipeline run",
-    )
     return summary

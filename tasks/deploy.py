@@ -25,6 +25,7 @@ from domainflow.gates import decide
 from domainflow.records import Evaluation
 from domainflow.registry import ModelRegistry, RegistryError
 from domains.base import DomainSpec
+from tasks.artifacts import artifact_key
 
 
 def _logger() -> logging.Logger | Any:
@@ -263,11 +264,6 @@ def decision_markdown(result: dict[str, Any], evaluations: list[Evaluation]) -> 
     else:
         lines.append("_No candidates were evaluated._")
     return "\n".join(lines) + "\n"
-
-
-def artifact_key(domain: str, suffix: str) -> str:
-    """Prefect artifact keys allow only lowercase letters, digits and dashes ("customer_service" does not pass)."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{domain}-{suffix}".lower()).strip("-")
 
 
 def publish_artifacts(result: dict[str, Any], evaluations: list[Evaluation]) -> None:

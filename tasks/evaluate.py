@@ -11,7 +11,6 @@ the task also shows them as Prefect artifacts.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import random
@@ -30,6 +29,7 @@ from domainflow.metrics import compute_metrics
 from domainflow.modeling import LoadedClassifier, count_parameters, directory_size, load_classifier, predict_proba, read_metadata
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domains import DomainSpec, get_domain
+from tasks.artifacts import artifact_key, png_data_uri
 from tasks.caching import CODE_AND_INPUTS
 
 LATENCY_REQUESTS = 100
@@ -231,16 +231,12 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerows(rows)
 
 
-def png_data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
 def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
     """The report as Prefect artifacts: model card, per-class table, confusion matrix, link to the folder."""
     from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact, create_table_artifact
 
     report = Path(evaluation.report_dir)
-    key = f"{domain}-{evaluation.candidate.name}".lower().replace("_", "-")
+    key = artifact_key(domain, evaluation.candidate.name)
     create_markdown_artifact((report / "model_card.md").read_text(), key=f"{key}-model-card", description=f"Model card of {evaluation.candidate.name}")
     per_class = json.loads((report / "metrics.json").read_text())["per_class"]
     create_table_artifact(per_class, key=f"{key}-per-class", description=f"Per-class test report of {evaluation.candidate.name}")

@@ -6,6 +6,7 @@ temporary folder per test session, set *before* Prefect is imported.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import replace
@@ -80,7 +81,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     Otherwise Prefect stops it from an atexit hook, after pytest has closed the captured
     stream its log handler writes to, and prints a logging traceback at the end of every run.
     """
+    from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
 
+    APILogWorker.drain_all(timeout=5)  # deliver pending run logs before their server goes away
+    logging.disable(logging.INFO)  # the "stopping server" line would go to pytest's closed capture stream
     for server in list(SubprocessASGIServer._instances.values()):
         server.stop()

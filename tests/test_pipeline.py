@@ -82,7 +82,7 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     names = {row["candidate"] for row in first["candidates"]}
     assert {"linear_probe", "finetuned"} <= names and any(n.endswith("-int8") for n in names)
     for row in first["candidates"]:
-        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["texts_per_s_b32"] > 0 and row["size_mb"] > 0
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["texts_per_second_batch32"] > 0 and row["size_mb"] > 0
 
     # The champion really works: six intents, better than chance by a wide margin.
     test_rows = banking77_slice("test", ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked", "cash_withdrawal_charge"], 12)
@@ -94,7 +94,8 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
 
     # The run's report exists: metrics, per-class table, confusion matrix, model card.
     for ev_row in first["candidates"]:
-        assert ev_row["verdict"]
+        assert ev_row["reasons"]  # every candidate's verdict says why
+    assert sum(row["chosen"] for row in first["candidates"]) == 1
     reports = list((session_home / "runs" / domain / "reports").iterdir())
     assert reports and all((r / "model_card.md").is_file() and (r / "confusion_matrix.png").is_file() for r in reports)
 
