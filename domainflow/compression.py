@@ -1,14 +1,24 @@
-"""Compression recipes, re-applied at load time so that no model is ever stored as a pickle.
+"""Compression methods for a ``TextClassifier``: what each one changes, and how it is stored.
 
-A dynamically quantized torch model cannot be written with ``save_pretrained`` (its
-packed int8 weights are not tensors), so a compressed candidate stores its fp32
-parent's safetensors plus a recipe name in ``domainflow.json``; loading re-quantizes.
-Quantization is deterministic, so the reloaded model predicts exactly what was evaluated.
+* **int8 dynamic quantization** (``dynamic_int8``): int8 weights, activations quantized
+  on the fly, for every ``nn.Linear`` (fbgemm kernels on x86). A quantized torch model
+  cannot be saved without pickling, so the candidate stores its parent's fp32
+  safetensors plus this recipe name in ``domainflow.json``; loading re-quantizes.
+  Quantization is deterministic, so the reloaded model predicts exactly what was evaluated.
+* **unstructured magnitude pruning**: zeroes the smallest weights across all encoder
+  Linear layers. Dense kernels still multiply the zeros, so it saves no time and (stored
+  dense) no space; it is kept as a candidate because users ask for it, and the report
+  says so plainly.
+* **structured FFN pruning**: removes whole intermediate neurons of every feed-forward
+  block (the largest matrices of a short-text BERT), shrinking ``intermediate_size``:
+  fewer multiply-adds, a smaller file, and a normal safetensors model afterwards.
+* **layer dropping** for distillation students: keep a subset of the teacher's layers.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -17,7 +27,7 @@ RECIPES = ("dynamic_int8",)
 
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """int8 weights, activations quantized on the fly, for every ``nn.Linear`` (fbgemm kernels on x86)."""
+    """int8 dynamic quantization of every ``nn.Linear``."""
     with warnings.catch_warnings():
         # torch 2.13 points to torchao, whose int8 path measured ~20x slower on this CPU.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -26,6 +36,87 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
 
 
 def apply_recipe(model: nn.Module, recipe: str) -> nn.Module:
+    """Re-apply a load-time recipe (the only kind of compression that is not stored as weights)."""
     if recipe == "dynamic_int8":
         return quantize_dynamic_int8(model)
     raise ValueError(f"unknown compression recipe {recipe!r}; known: {', '.join(RECIPES)}")
+
+
+def encoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The encoder's Linear layers (the classification head is left alone: it is tiny and decisive)."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.startswith("encoder.")]
+
+
+@torch.no_grad()
+def prune_unstructured(model: nn.Module, sparsity: float) -> float:
+    """Zero the ``sparsity`` fraction of encoder Linear weights with the smallest magnitude (global threshold).
+
+    Returns the measured fraction of zeros. The pruning masks are folded into the weights,
+    so the model stays an ordinary dense model.
+    """
+    from torch.nn.utils import prune
+
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    parameters = [(module, "weight") for _, module in encoder_linears(model)]
+    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=sparsity)
+    for module, name in parameters:
+        prune.remove(module, name)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in parameters)
+    total = sum(m.weight.numel() for m, _ in parameters)
+    return zeros / total
+
+
+@torch.no_grad()
+def prune_ffn_neurons(model: nn.Module, keep_ratio: float) -> int:
+    """Keep the most important ``keep_ratio`` of every layer's feed-forward neurons; return the new width.
+
+    A neuron's importance is the product of the norms of its input row (in
+    ``intermediate.dense``) and its output column (in ``output.dense``): a neuron that
+    reads little or writes little changes the layer's output little. Every layer keeps
+    the same number of neurons so that ``config.intermediate_size`` still describes it.
+    """
+    if not 0.0 < keep_ratio < 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1), got {keep_ratio}")
+    layers = model.encoder.encoder.layer
+    width = layers[0].intermediate.dense.out_features
+    keep = max(1, int(round(width * keep_ratio)))
+    for layer in layers:
+        up, down = layer.intermediate.dense, layer.output.dense
+        importance = up.weight.norm(dim=1) * down.weight.norm(dim=0)
+        kept = importance.topk(keep).indices.sort().values
+        layer.intermediate.dense = _slice_linear(up, rows=kept)
+        layer.output.dense = _slice_linear(down, cols=kept)
+    model.encoder.config.intermediate_size = keep
+    return keep
+
+
+def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    weight = linear.weight
+    if rows is not None:
+        weight = weight[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    bias = linear.bias[rows] if (linear.bias is not None and rows is not None) else linear.bias
+    sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    sliced.weight.copy_(weight)
+    if bias is not None:
+        sliced.bias.copy_(bias)
+    return sliced
+
+
+def keep_layers(model: nn.Module, layer_indices: Sequence[int]) -> None:
+    """Keep only the given encoder layers, in order (a distillation student initialised from its teacher)."""
+    layers = model.encoder.encoder.layer
+    if not layer_indices or any(not 0 <= i < len(layers) for i in layer_indices):
+        raise ValueError(f"layer indices must be in 0..{len(layers) - 1}, got {list(layer_indices)}")
+    model.encoder.encoder.layer = nn.ModuleList([layers[i] for i in layer_indices])
+    model.encoder.config.num_hidden_layers = len(layer_indices)
+
+
+def alternate_layers(num_layers: int, student_layers: int) -> list[int]:
+    """Evenly spread teacher layers for a student, always ending with the last one (e.g. 6→3: 1, 3, 5)."""
+    if not 1 <= student_layers <= num_layers:
+        raise ValueError(f"a student needs 1..{num_layers} layers, got {student_layers}")
+    step = num_layers / student_layers
+    return [int(round(step * (i + 1))) - 1 for i in range(student_layers)]

@@ -119,6 +119,14 @@ def _rank_key(evaluation: Evaluation, primary: str) -> tuple:
     return (-(val if val is not None else -math.inf), -(test if test is not None else -math.inf), evaluation.candidate.name)
 
 
+def select_reference(evaluations: Iterable[Evaluation], primary: str) -> Evaluation:
+    """The uncompressed candidate the gate treats as the reference (the pipeline compresses this one)."""
+    uncompressed = [e for e in evaluations if e.candidate.compression is None]
+    if not uncompressed:
+        raise ValueError("no uncompressed candidate to choose a reference from")
+    return min(uncompressed, key=lambda e: _rank_key(e, primary))
+
+
 def _check_unique(evaluations: Iterable[Evaluation]) -> None:
     seen: set[str] = set()
     for evaluation in evaluations:

@@ -72,7 +72,11 @@ class TextClassifier(nn.Module):
         self.config = encoder.config
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        # Training-only settings (never saved): class weights for imbalanced data, and
+        # knowledge distillation (temperature T, weight alpha of the teacher's soft labels).
         self.class_weights: torch.Tensor | None = None
+        self.distill_temperature: float = 2.0
+        self.distill_alpha: float = 0.5
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
@@ -84,14 +88,26 @@ class TextClassifier(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Logits, and the loss when labels are given: cross-entropy, mixed with the
+        distillation loss (KL to the teacher's softened distribution, scaled by T²) when
+        the teacher's logits come with the batch."""
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         logits = self.classifier(self.dropout(self.embed(input_ids, attention_mask, **extra)))
-        output = {"logits": logits}
-        if labels is not None:
-            output["loss"] = nn.functional.cross_entropy(logits, labels, weight=self.class_weights)
-            output = {"loss": output["loss"], "logits": logits}
-        return output
+        if labels is None:
+            return {"logits": logits}
+        loss = nn.functional.cross_entropy(logits, labels, weight=self.class_weights)
+        if teacher_logits is not None:
+            t = self.distill_temperature
+            soft = nn.functional.kl_div(
+                nn.functional.log_softmax(logits / t, dim=-1),
+                nn.functional.log_softmax(teacher_logits / t, dim=-1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            loss = self.distill_alpha * (t * t) * soft + (1.0 - self.distill_alpha) * loss
+        return {"loss": loss, "logits": logits}
 
 
 @dataclass
@@ -213,17 +229,21 @@ def batches_by_length(texts: Sequence[str], tokenizer: Any, batch_size: int) -> 
 
 
 @torch.inference_mode()
-def predict_proba(loaded: LoadedClassifier, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Class probabilities for ``texts`` in their original order."""
-    if not texts:
-        return torch.empty(0, len(loaded.label_names))
-    model, tokenizer = loaded.model, loaded.tokenizer
+def predict_logits(loaded: LoadedClassifier, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Raw class scores for ``texts`` in their original order (batched by length)."""
     out = torch.empty(len(texts), len(loaded.label_names))
+    if not texts:
+        return out
+    model, tokenizer = loaded.model, loaded.tokenizer
     for index in batches_by_length(texts, tokenizer, batch_size):
         batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=loaded.max_length, return_tensors="pt")
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
-        out[index] = torch.softmax(logits.float(), dim=-1)
+        out[index] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"].float()
     return out
+
+
+def predict_proba(loaded: LoadedClassifier, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities for ``texts`` in their original order."""
+    return torch.softmax(predict_logits(loaded, texts, batch_size), dim=-1)
 
 
 @torch.inference_mode()

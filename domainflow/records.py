@@ -33,16 +33,22 @@ class ModelRef(BaseModel):
 
 
 class Evaluation(BaseModel):
-    """One candidate's measured quality and speed on a dataset's test (and validation) split."""
+    """One candidate's measured quality, size and CPU speed on a dataset.
+
+    Quality and size come from the evaluate step; the speed fields are filled by the
+    speed step, which measures every candidate of a run side by side in one process.
+    """
 
     candidate: ModelRef
     test_metrics: dict[str, float]
     validation_metrics: dict[str, float]
-    texts_per_second_batch1: float
-    texts_per_second_batch32: float
-    latency_ms_p50: float
-    latency_ms_p95: float
     size_bytes: int = Field(description="bytes of the weights as loaded for inference (int8 layers count 1 byte per weight)")
     disk_bytes: int = Field(description="bytes of the model directory on disk")
     parameters: int
+    zero_fraction: float = Field(0.0, description="fraction of encoder Linear weights that are exactly zero")
     report_dir: str = Field(description="folder with metrics.json, per-class report, confusion matrix, model card")
+    texts_per_second_batch1: float | None = None
+    texts_per_second_batch32: float | None = None
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+    peak_rss_mb: float | None = Field(None, description="peak resident memory of a process that loads the model and classifies a batch")

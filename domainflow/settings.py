@@ -46,6 +46,8 @@ def configure_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(root / "results"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no per-load weight reports in run logs
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # saving/mapping bars drown the training bar
     # Prefect creates only the last folder of PREFECT_HOME, and complains when its parent is missing.
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     if not online():

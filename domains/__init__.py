@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-from domains.base import DataSource, DomainSpec, QualityGates, TrainingDefaults, get_domain, list_domains, register
+from domains.base import CompressionDefaults, DataSource, DomainSpec, QualityGates, TrainingDefaults, get_domain, list_domains, register
 
-BUILTIN_DOMAIN_MODULES = ("domains.customer_service",)
+BUILTIN_DOMAIN_MODULES = ("domains.customer_service", "domains.finance_sentiment", "domains.recommendation")
 
 __all__ = [
+    "CompressionDefaults",
     "DataSource",
     "DomainSpec",
     "QualityGates",

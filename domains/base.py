@@ -84,6 +84,28 @@ class TrainingDefaults:
 
 
 @dataclass(frozen=True)
+class CompressionDefaults:
+    """Which compressed candidates a run builds from its best fp32 model, and how.
+
+    * ``sparsity``: fraction of encoder weights zeroed by unstructured magnitude pruning.
+    * ``ffn_keep_ratio``: fraction of feed-forward neurons kept by structured pruning,
+      followed by ``recovery_epochs`` of training to win back accuracy.
+    * ``student_layers``: encoder layers of the distilled student (taken from the teacher);
+      ``distill_temperature`` / ``distill_alpha``: softening of the teacher's labels and
+      their weight against the true labels; the student is also quantized to int8.
+    """
+
+    methods: tuple[str, ...] = ("dynamic_int8", "magnitude_prune", "ffn_prune", "distill")
+    sparsity: float = 0.5
+    ffn_keep_ratio: float = 0.5
+    recovery_epochs: float = 1.0
+    student_layers: int = 3
+    distill_epochs: float | None = None  # None: the domain's fine-tuning epochs
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """Everything the pipeline needs to know about one business use case."""
 
@@ -97,6 +119,7 @@ class DomainSpec:
     metrics: tuple[str, ...] = ("accuracy", "macro_f1")
     gates: QualityGates = field(default_factory=QualityGates)
     training: TrainingDefaults = field(default_factory=TrainingDefaults)
+    compression: CompressionDefaults = field(default_factory=CompressionDefaults)
     task_kind: str = "text_classification"
     default_model: str = "minilm"
     max_length: int = 128

@@ -13,15 +13,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from domainflow.gates import select_reference
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.registry import ModelRegistry
 from domains import get_domain
-from tasks.compress import compress
+from tasks.compress import distill, prune_ffn, prune_magnitude, quantize
 from tasks.deploy import candidate_rows, champion_metrics_for, deploy
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune, linear_probe, make_train_config
 from tasks.ingest import ingest
+from tasks.report import report
+from tasks.speed import measure_speed
 
 
 def resolve_data_files(domain: str, data_dir: str | None, train_file: str | None, test_file: str | None) -> tuple[Path, Path]:
@@ -35,9 +38,25 @@ def resolve_data_files(domain: str, data_dir: str | None, train_file: str | None
     return paths["train"], paths["test"]
 
 
-def best_by_validation(evaluations: list[Evaluation], metric: str) -> Evaluation:
-    """The uncompressed candidate with the best validation score (test stays untouched for the gate)."""
-    return max(evaluations, key=lambda e: (e.validation_metrics[metric], e.test_metrics[metric], e.candidate.name))
+def compress_candidates(methods: tuple[str, ...], reference: ModelRef, dataset: DatasetRef, config: Any, options: dict) -> list[ModelRef]:
+    """The domain's compression methods applied to the best fp32 model (a distilled student is also quantized)."""
+    known = {"dynamic_int8", "magnitude_prune", "ffn_prune", "distill"}
+    unknown = set(methods) - known
+    if unknown:
+        raise ValueError(f"unknown compression methods {sorted(unknown)}; known: {sorted(known)}")
+    candidates: list[ModelRef] = []
+    if "dynamic_int8" in methods:
+        candidates.append(quantize.with_options(**options)(reference, dataset.domain))
+    if "magnitude_prune" in methods:
+        candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain))
+    if "ffn_prune" in methods:
+        candidates.append(prune_ffn.with_options(**options)(reference, dataset, config))
+    if "distill" in methods:
+        student = distill.with_options(**options)(reference, dataset, config)
+        candidates.append(student)
+        if "dynamic_int8" in methods:
+            candidates.append(quantize.with_options(**options)(student, dataset.domain))
+    return candidates
 
 
 @flow(name="domain-pipeline", log_prints=True)
@@ -83,9 +102,11 @@ def domain_pipeline(
     tuned: ModelRef = finetune.with_options(**options)(dataset, probe, config)
     fp32 = [evaluate.with_options(**options)(candidate, dataset) for candidate in (probe, tuned)]
 
-    reference = best_by_validation(fp32, spec.primary_metric)
-    compressed = compress.with_options(**options)(reference.candidate, domain)
+    reference = select_reference(fp32, spec.primary_metric).candidate  # the gate's own choice
+    compressed = compress_candidates(spec.compression.methods, reference, dataset, config, options)
     evaluations = fp32 + [evaluate.with_options(**options)(candidate, dataset) for candidate in compressed]
+    evaluations = measure_speed.with_options(**options)(evaluations, dataset)
+    report(evaluations, dataset)
 
     champion_metrics = champion_metrics_for(domain, dataset.test_fingerprint)
     champion = ModelRegistry(domain).champion()

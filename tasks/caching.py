@@ -27,6 +27,8 @@ class ModuleSource(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> Optional[str]:
         digest = hashlib.sha256()
+        # Tasks of one module share its source: the task's own name keeps their keys apart.
+        digest.update(f"{task_ctx.task.fn.__module__}.{task_ctx.task.fn.__qualname__}".encode())
         task_file = inspect.getsourcefile(task_ctx.task.fn)
         for path in [task_file, *(settings.PROJECT_ROOT / name for name in CORE_MODULES)]:
             if path and Path(path).is_file():

@@ -1,58 +1,152 @@
-"""Compression: smaller or faster candidates derived from the best fp32 model.
+"""Compression: smaller or faster candidates derived from the best fp32 model of a run.
 
-Here: int8 dynamic quantization of every Linear layer. The candidate folder keeps
-the parent's fp32 safetensors and records the recipe in ``domainflow.json``;
-``load_classifier`` re-applies it (a quantized torch model cannot be saved without
-pickling, and we never store pickles). Whether the candidate is worth deploying is
-not decided here: evaluation measures it and the deploy gate compares it with its
-parent (accuracy budget *and* measured speed-up).
+One task per method, so each is cached and resumed on its own:
+
+* ``quantize`` — int8 dynamic quantization, stored as the parent's safetensors plus a
+  recipe that loading re-applies (a quantized torch model cannot be saved without pickling);
+* ``prune_magnitude`` — unstructured global magnitude pruning (zeros, no speed-up in dense
+  kernels: reported honestly);
+* ``prune_ffn`` — structured pruning of feed-forward neurons (real compute removed), then
+  a short recovery training;
+* ``distill`` — a student with a subset of the teacher's layers, trained on the teacher's
+  soft labels plus the true labels.
+
+Every candidate records its fp32 ancestor in ``ModelRef.parent`` (a chain such as
+distil → quantize still points at the fp32 teacher), because the deploy gate judges a
+compressed model against the model it replaces. Whether a candidate is worth deploying
+is not decided here: evaluation measures it and the gate decides.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
+import torch
 from prefect import task
 
 from domainflow import settings
-from domainflow.compression import RECIPES
+from domainflow.compression import RECIPES, alternate_layers, keep_layers, prune_ffn_neurons, prune_unstructured
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
-from domainflow.modeling import read_metadata, write_metadata
-from domainflow.records import ModelRef
+from domainflow.modeling import load_classifier, read_metadata, save_classifier, write_metadata
+from domainflow.records import DatasetRef, ModelRef
+from domains import get_domain
 from tasks.caching import CODE_AND_INPUTS
+from tasks.finetune import TrainConfig, _finish_atomically, train_classifier
+
+
+def _target(domain: str, name: str, *parts: object) -> Path:
+    return settings.runs_dir() / domain / "models" / f"{name}-{value_fingerprint(*parts)}"
+
+
+def _root_parent(model: ModelRef) -> str:
+    return model.parent if model.compression and model.parent else model.name
+
+
+def quantize_model(parent: ModelRef, out_dir: Path, recipe: str = "dynamic_int8") -> ModelRef:
+    """A load-time-recipe candidate of ``parent`` (pure: no Prefect needed)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown compression recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    metadata = read_metadata(parent.path)
+    if metadata.get("compression"):
+        raise ValueError(f"{parent.name} is already quantized ({metadata['compression']}); quantize its fp32 form instead")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in Path(parent.path).iterdir():
+        shutil.copy2(item, out_dir / item.name)
+    name = f"{parent.name}-int8"
+    metadata.update({"compression": recipe, "parent": _root_parent(parent), "parent_fingerprint": parent.fingerprint, "candidate": name})
+    write_metadata(out_dir, metadata)
+    steps = "+".join(filter(None, [parent.compression, recipe]))
+    return ModelRef(name=name, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=_root_parent(parent), compression=steps, train_seconds=parent.train_seconds)
 
 
 def compress_model(parent: ModelRef, recipe: str, out_dir: Path) -> ModelRef:
-    """Write a compressed candidate of ``parent`` (pure: no Prefect needed)."""
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown compression recipe {recipe!r}; known: {', '.join(RECIPES)}")
-    if parent.compression:
-        raise ValueError(f"{parent.name} is already compressed ({parent.compression}); compress its fp32 parent instead")
-    partial = out_dir.parent / f"{out_dir.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(parent.path, partial)
-    metadata = read_metadata(partial)
-    metadata.update({"compression": recipe, "parent": parent.name, "parent_fingerprint": parent.fingerprint, "candidate": f"{parent.name}-int8"})
-    write_metadata(partial, metadata)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
-    return ModelRef(
-        name=f"{parent.name}-int8",
-        path=str(out_dir),
-        fingerprint=path_fingerprint(out_dir),
-        parent=parent.name,
-        compression=recipe,
-        train_seconds=parent.train_seconds,
+    """Back-compatible name for a recipe candidate, written atomically."""
+    return _finish_atomically(lambda out: quantize_model(parent, out, recipe), out_dir)
+
+
+def _rewrite_weights(parent: ModelRef, out_dir: Path, change: Callable[[torch.nn.Module], dict], name: str, compression: str) -> ModelRef:
+    """Load ``parent`` in fp32, apply ``change`` to its weights, save a normal model directory."""
+    loaded = load_classifier(parent.path, apply_compression=False)
+    details = change(loaded.model)
+    metadata = {k: v for k, v in loaded.metadata.items() if k not in {"compression", "format_version", "architecture", "label_names", "max_length"}}
+    metadata.update({"candidate": name, "parent": parent.name, "parent_fingerprint": parent.fingerprint, "compression_details": details})
+    save_classifier(loaded.model, loaded.tokenizer, out_dir, label_names=loaded.label_names, max_length=loaded.max_length, extra_metadata=metadata)
+    return ModelRef(name=name, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=parent.name, compression=compression, train_seconds=parent.train_seconds)
+
+
+def magnitude_prune_model(parent: ModelRef, out_dir: Path, sparsity: float) -> ModelRef:
+    name = f"{parent.name}-sparse{round(sparsity * 100)}"
+    return _rewrite_weights(parent, out_dir, lambda m: {"sparsity": prune_unstructured(m, sparsity)}, name, f"magnitude_prune_{sparsity:g}")
+
+
+def ffn_prune_model(parent: ModelRef, dataset: DatasetRef, config: TrainConfig, out_dir: Path, keep_ratio: float, recovery_epochs: float) -> ModelRef:
+    """Structured FFN pruning, then ``recovery_epochs`` of training to win back what was cut."""
+    name = f"{parent.name}-ffn{round(keep_ratio * 100)}"
+    compression = f"ffn_prune_{keep_ratio:g}"
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        pruned = _rewrite_weights(parent, Path(scratch) / "pruned", lambda m: {"intermediate_size": prune_ffn_neurons(m, keep_ratio)}, name, compression)
+        if recovery_epochs <= 0:
+            shutil.copytree(pruned.path, out_dir)
+            return pruned.model_copy(update={"path": str(out_dir), "fingerprint": path_fingerprint(out_dir)})
+        ref = train_classifier(
+            dataset, Path(pruned.path), config, out_dir, name=name, parent=parent.name, compression=compression, epochs=recovery_epochs,
+            extra_metadata={"parent": parent.name, "compression_details": {"keep_ratio": keep_ratio, "recovery_epochs": recovery_epochs}},
+        )
+    return ref.model_copy(update={"train_seconds": parent.train_seconds + ref.train_seconds})
+
+
+def distill_model(teacher: ModelRef, dataset: DatasetRef, config: TrainConfig, out_dir: Path, *, student_layers: int, epochs: float, temperature: float, alpha: float) -> ModelRef:
+    """A student with ``student_layers`` of the teacher's layers (spread evenly), trained on soft + true labels."""
+    loaded = load_classifier(teacher.path, apply_compression=False)
+    depth = loaded.model.config.num_hidden_layers
+    if student_layers >= depth:
+        raise ValueError(f"a student needs fewer layers than its teacher ({depth}), got {student_layers}")
+    layers = alternate_layers(depth, student_layers)
+    keep_layers(loaded.model, layers)
+    name = f"distilled-l{student_layers}"
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
+        init = Path(scratch) / "student-init"
+        save_classifier(loaded.model, loaded.tokenizer, init, label_names=loaded.label_names, max_length=loaded.max_length, extra_metadata={"base_model": loaded.metadata.get("base_model")})
+        ref = train_classifier(
+            dataset, init, config, out_dir, name=name, parent=teacher.name, compression=f"distill_l{student_layers}", epochs=epochs,
+            teacher_dir=Path(teacher.path), distill_temperature=temperature, distill_alpha=alpha,
+            extra_metadata={"parent": teacher.name, "compression_details": {"teacher_layers_kept": layers, "temperature": temperature, "alpha": alpha}},
+        )
+    return ref
+
+
+@task(name="quantize", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
+def quantize(parent: ModelRef, domain: str) -> ModelRef:
+    """int8 dynamic quantization of ``parent``."""
+    return compress_model(parent, "dynamic_int8", _target(domain, f"{parent.name}-int8", parent.fingerprint))
+
+
+@task(name="prune-magnitude", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
+def prune_magnitude(parent: ModelRef, domain: str) -> ModelRef:
+    """Unstructured magnitude pruning at the domain's sparsity."""
+    sparsity = get_domain(domain).compression.sparsity
+    target = _target(domain, f"{parent.name}-sparse", parent.fingerprint, sparsity)
+    return _finish_atomically(lambda out: magnitude_prune_model(parent, out, sparsity), target)
+
+
+@task(name="prune-ffn", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
+def prune_ffn(parent: ModelRef, dataset: DatasetRef, config: TrainConfig) -> ModelRef:
+    """Structured feed-forward pruning plus recovery training."""
+    spec = get_domain(dataset.domain).compression
+    target = _target(dataset.domain, f"{parent.name}-ffn", parent.fingerprint, dataset.fingerprint, config.model_dump(), spec.ffn_keep_ratio, spec.recovery_epochs)
+    return _finish_atomically(lambda out: ffn_prune_model(parent, dataset, config, out, spec.ffn_keep_ratio, spec.recovery_epochs), target)
+
+
+@task(name="distill", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
+def distill(teacher: ModelRef, dataset: DatasetRef, config: TrainConfig) -> ModelRef:
+    """Knowledge distillation of ``teacher`` into a shallower student."""
+    spec = get_domain(dataset.domain).compression
+    epochs = spec.distill_epochs if spec.distill_epochs is not None else config.epochs
+    target = _target(dataset.domain, "distilled", teacher.fingerprint, dataset.fingerprint, config.model_dump(), spec.student_layers, epochs, spec.distill_temperature, spec.distill_alpha)
+    return _finish_atomically(
+        lambda out: distill_model(teacher, dataset, config, out, student_layers=spec.student_layers, epochs=epochs, temperature=spec.distill_temperature, alpha=spec.distill_alpha),
+        target,
     )
-
-
-@task(name="compress", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def compress(parent: ModelRef, domain: str, recipes: list[str] | None = None) -> list[ModelRef]:
-    """Compressed candidates of ``parent``, one per recipe (default: int8 dynamic quantization)."""
-    out = []
-    for recipe in recipes or ["dynamic_int8"]:
-        target = settings.runs_dir() / domain / "models" / f"{parent.name}-{recipe}-{value_fingerprint(parent.fingerprint, recipe)}"
-        out.append(compress_model(parent, recipe, target))
-    return out

@@ -1,21 +1,17 @@
-"""Evaluation: quality and CPU speed of one candidate, written to a report folder.
+"""Evaluation: quality and size of one candidate, written to a report folder.
 
 Quality is computed with the project's own ``evaluate`` modules (offline), on the
 test split (for the gate and the report) and the validation split (for choosing
-between candidates without peeking at test). Speed is measured on the *same* texts
-for every candidate — a fixed, seeded sample of the test split — at batch 1
-(per-request latency) and batch 32 (throughput). The report folder holds
-``metrics.json``, ``per_class.csv``, ``confusion_matrix.png`` and ``model_card.md``;
-the task also shows them as Prefect artifacts.
+between candidates without peeking at test). The report folder holds
+``metrics.json``, ``per_class.csv`` and ``confusion_matrix.png``; speed is measured
+afterwards for all candidates side by side (``tasks/speed.py``), and the model card
+is written once both are known (``tasks/report.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,17 +22,11 @@ from prefect import task
 from domainflow import settings
 from domainflow.fingerprint import value_fingerprint
 from domainflow.metrics import compute_metrics
-from domainflow.modeling import LoadedClassifier, count_parameters, directory_size, load_classifier, predict_proba, read_metadata
+from domainflow.modeling import count_parameters, directory_size, load_classifier, predict_proba
 from domainflow.records import DatasetRef, Evaluation, ModelRef
-from domains import DomainSpec, get_domain
+from domains import get_domain
 from tasks.artifacts import artifact_key, png_data_uri
 from tasks.caching import CODE_AND_INPUTS
-
-LATENCY_REQUESTS = 100
-THROUGHPUT_TEXTS = 512
-THROUGHPUT_BATCH = 32
-SPEED_SEED = 0
-
 
 def _logger() -> Any:
     try:
@@ -45,14 +35,6 @@ def _logger() -> Any:
         return get_run_logger()
     except Exception:
         return logging.getLogger(__name__)
-
-
-def speed_texts(test_texts: Sequence[str], count: int, seed: int = SPEED_SEED) -> list[str]:
-    """A fixed sample of the test texts, identical for every candidate of a dataset."""
-    rng = random.Random(seed)
-    if len(test_texts) <= count:
-        return list(test_texts)
-    return rng.sample(list(test_texts), count)
 
 
 def weights_bytes(model: torch.nn.Module) -> int:
@@ -65,28 +47,13 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-@torch.inference_mode()
-def measure_speed(loaded: LoadedClassifier, texts: Sequence[str]) -> dict[str, float]:
-    """Per-request latency at batch 1 and throughput at batch 32, after a warm-up."""
-    single = list(texts)[:LATENCY_REQUESTS]
-    predict_proba(loaded, single[:8], batch_size=1)  # warm-up: allocator, kernels, tokenizer caches
-    latencies = []
-    for text in single:
-        started = time.perf_counter()
-        predict_proba(loaded, [text], batch_size=1)
-        latencies.append(time.perf_counter() - started)
-    batched = list(texts)[:THROUGHPUT_TEXTS]
-    predict_proba(loaded, batched[:THROUGHPUT_BATCH], batch_size=THROUGHPUT_BATCH)
-    started = time.perf_counter()
-    predict_proba(loaded, batched, batch_size=THROUGHPUT_BATCH)
-    batch_seconds = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "texts_per_second_batch1": len(single) / sum(latencies),
-        "texts_per_second_batch32": len(batched) / batch_seconds,
-        "latency_ms_p50": 1000 * statistics.median(latencies),
-        "latency_ms_p95": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-    }
+def zero_fraction(model: torch.nn.Module) -> float:
+    """Share of exactly-zero weights in the encoder's Linear layers (what unstructured pruning leaves)."""
+    from domainflow.compression import encoder_linears
+
+    layers = [m for _, m in encoder_linears(model) if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    total = sum(m.weight.numel() for m in layers)
+    return sum(int((m.weight == 0).sum()) for m in layers) / total if total else 0.0
 
 
 def per_class_report(spec_labels: Sequence[str], predictions: np.ndarray, references: np.ndarray) -> list[dict[str, Any]]:
@@ -132,46 +99,6 @@ def plot_confusion_matrix(label_names: Sequence[str], predictions: np.ndarray, r
     return path
 
 
-def model_card(spec: DomainSpec, candidate: ModelRef, dataset: DatasetRef, metrics: dict[str, Any], metadata: dict[str, Any]) -> str:
-    """A Markdown model card: what the model is, how it was made, how well and how fast it works."""
-    test = metrics["test"]
-    valid = metrics["validation"]
-    speed = metrics["speed"]
-    lines = [
-        f"# {spec.name} — {candidate.name}",
-        "",
-        f"{spec.description}",
-        "",
-        "## Model",
-        f"- Candidate: `{candidate.name}`" + (f" (compressed from `{candidate.parent}` with `{candidate.compression}`)" if candidate.compression else ""),
-        f"- Base encoder: `{metadata.get('base_model', 'unknown')}`; mean pooling + linear head over {len(dataset.label_names)} labels",
-        f"- Parameters: {metrics['parameters']:,}; weights in memory: {metrics['size_bytes'] / 1e6:.1f} MB; on disk: {metrics['disk_bytes'] / 1e6:.1f} MB",
-        f"- Model fingerprint: `{candidate.fingerprint}`; training time: {candidate.train_seconds:.0f} s on this machine",
-        "",
-        "## Data",
-        f"- Source: {spec.source.train} / {spec.source.test} ({spec.source.licence}). {spec.source.attribution}",
-        f"- Rows: " + ", ".join(f"{split} {rows:,}" for split, rows in dataset.num_rows.items()),
-        f"- Dataset fingerprint: `{dataset.fingerprint}`; test-set fingerprint: `{dataset.test_fingerprint}`",
-        "",
-        "## Quality",
-        "| split | " + " | ".join(spec.metrics) + " |",
-        "|---|" + "---|" * len(spec.metrics),
-        "| test | " + " | ".join(f"{test.get(m, float('nan')):.4f}" for m in spec.metrics) + " |",
-        "| validation | " + " | ".join(f"{valid.get(m, float('nan')):.4f}" for m in spec.metrics) + " |",
-        "",
-        f"Quality floors for deployment: " + (", ".join(f"{k} ≥ {v}" for k, v in spec.gates.min_metrics.items()) or "none"),
-        "",
-        "## Speed (CPU, " + f"{torch.get_num_threads()} threads)",
-        f"- Batch 1: {speed['texts_per_second_batch1']:.1f} texts/s, p50 {speed['latency_ms_p50']:.1f} ms, p95 {speed['latency_ms_p95']:.1f} ms",
-        f"- Batch 32: {speed['texts_per_second_batch32']:.1f} texts/s",
-        "",
-        "## Intended use and limits",
-        "- Trained for this domain's labels only; texts far from the training data get low confidence and should be routed by the domain's fallback policy.",
-        "- Figures come from one test split; per-class results (per_class.csv) show where the model is weak.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) -> Evaluation:
     """Measure one candidate and write its report folder (pure: no Prefect needed)."""
     from datasets import load_from_disk
@@ -181,7 +108,6 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) 
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = load_from_disk(dataset.path)
     loaded = load_classifier(candidate.path)
-    metadata = read_metadata(candidate.path)
 
     results: dict[str, Any] = {}
     predictions: dict[str, np.ndarray] = {}
@@ -190,25 +116,18 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) 
         references = np.asarray(splits[split]["label"])
         predictions[split] = predict_proba(loaded, texts).argmax(dim=1).numpy()
         results[split] = compute_metrics(spec.metrics, predictions[split], references)
-    test_texts = list(splits["test"]["text"])
     test_labels = np.asarray(splits["test"]["label"])
-    results["speed"] = measure_speed(loaded, speed_texts(test_texts, max(LATENCY_REQUESTS, THROUGHPUT_TEXTS)))
     results["parameters"] = count_parameters(loaded.model)
     results["size_bytes"] = weights_bytes(loaded.model)
     results["disk_bytes"] = directory_size(candidate.path)
+    results["zero_fraction"] = zero_fraction(loaded.model)
     results["per_class"] = per_class_report(dataset.label_names, predictions["test"], test_labels)
     results["candidate"] = candidate.model_dump()
 
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     _write_csv(out_dir / "per_class.csv", results["per_class"])
     plot_confusion_matrix(dataset.label_names, predictions["test"], test_labels, out_dir / "confusion_matrix.png", f"{spec.name}: {candidate.name} (test)")
-    (out_dir / "model_card.md").write_text(model_card(spec, candidate, dataset, results, metadata))
-    log.info(
-        "%s: test %s; %.0f texts/s at batch 32",
-        candidate.name,
-        ", ".join(f"{k}={v:.4f}" for k, v in results["test"].items()),
-        results["speed"]["texts_per_second_batch32"],
-    )
+    log.info("%s: test %s", candidate.name, ", ".join(f"{k}={v:.4f}" for k, v in results["test"].items()))
     return Evaluation(
         candidate=candidate,
         test_metrics=results["test"],
@@ -216,8 +135,8 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) 
         parameters=results["parameters"],
         size_bytes=results["size_bytes"],
         disk_bytes=results["disk_bytes"],
+        zero_fraction=results["zero_fraction"],
         report_dir=str(out_dir),
-        **results["speed"],
     )
 
 
@@ -232,12 +151,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
-    """The report as Prefect artifacts: model card, per-class table, confusion matrix, link to the folder."""
-    from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact, create_table_artifact
+    """The report as Prefect artifacts: per-class table, confusion matrix, link to the folder."""
+    from prefect.artifacts import create_image_artifact, create_link_artifact, create_table_artifact
 
     report = Path(evaluation.report_dir)
     key = artifact_key(domain, evaluation.candidate.name)
-    create_markdown_artifact((report / "model_card.md").read_text(), key=f"{key}-model-card", description=f"Model card of {evaluation.candidate.name}")
     per_class = json.loads((report / "metrics.json").read_text())["per_class"]
     create_table_artifact(per_class, key=f"{key}-per-class", description=f"Per-class test report of {evaluation.candidate.name}")
     create_image_artifact(png_data_uri(report / "confusion_matrix.png"), key=f"{key}-confusion-matrix", description=f"Confusion matrix of {evaluation.candidate.name} (test)")
@@ -246,7 +164,7 @@ def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
 
 @task(name="evaluate", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def evaluate(candidate: ModelRef, dataset: DatasetRef) -> Evaluation:
-    """Evaluate a candidate on the dataset's test and validation splits; cached on both fingerprints."""
+    """Quality and size of a candidate on the dataset's test and validation splits; cached on both fingerprints."""
     out_dir = settings.runs_dir() / dataset.domain / "reports" / f"{candidate.name}-{value_fingerprint(candidate.fingerprint, dataset.fingerprint)}"
     evaluation = evaluate_candidate(candidate, dataset, out_dir)
     publish_evaluation_artifacts(evaluation, dataset.domain)

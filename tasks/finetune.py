@@ -174,8 +174,34 @@ class _ProgressToLogger:
 
 def finetune_classifier(dataset: DatasetRef, init_dir: Path, config: TrainConfig, out_dir: Path) -> ModelRef:
     """Full fine-tuning from the probe with the Trainer; resumes from its last checkpoint after a crash."""
+    return train_classifier(dataset, init_dir, config, out_dir, name=FINETUNED, parent=LINEAR_PROBE)
+
+
+def train_classifier(
+    dataset: DatasetRef,
+    init_dir: Path,
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    name: str,
+    parent: str | None,
+    compression: str | None = None,
+    epochs: float | None = None,
+    teacher_dir: Path | None = None,
+    distill_temperature: float = 2.0,
+    distill_alpha: float = 0.5,
+    extra_metadata: dict[str, Any] | None = None,
+) -> ModelRef:
+    """Train the model in ``init_dir`` on the dataset with the Trainer and save it to ``out_dir``.
+
+    Shared by fine-tuning, by recovery training after structured pruning, and by
+    distillation (``teacher_dir``: the teacher's logits on every training text are computed
+    once, up front, and travel with the batches, so training costs no teacher forward passes).
+    """
     from datasets import load_from_disk
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+
+    from domainflow.modeling import predict_logits
 
     log = _logger()
     started = time.perf_counter()
@@ -184,14 +210,22 @@ def finetune_classifier(dataset: DatasetRef, init_dir: Path, config: TrainConfig
     model, tokenizer = loaded.model, loaded.tokenizer
     model.train()
     splits = load_from_disk(dataset.path)
+    if teacher_dir is not None:
+        teacher = load_classifier(teacher_dir)
+        log.info("distillation: scoring %d training texts with the teacher %s", splits["train"].num_rows, teacher_dir)
+        logits = predict_logits(teacher, list(splits["train"]["text"]), batch_size=128)
+        splits["train"] = splits["train"].add_column("teacher_logits", logits.tolist(), new_fingerprint=f"teacher-{value_fingerprint(str(teacher_dir), dataset.fingerprint)}")
+        model.distill_temperature, model.distill_alpha = distill_temperature, distill_alpha
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(batch["text"], truncation=True, max_length=config.max_length)
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
-    train = splits["train"].map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
-    valid = splits["validation"].map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    # An explicit fingerprint stops `datasets` from hashing the closure (it dumps bytecode into the logs).
+    recipe = value_fingerprint(dataset.fingerprint, config.max_length, tokenizer.name_or_path)
+    train = splits["train"].map(tokenize, batched=True, remove_columns=["text"], new_fingerprint=f"train-{recipe}-{teacher_dir is not None}").rename_column("label", "labels")
+    valid = splits["validation"].map(tokenize, batched=True, remove_columns=["text"], new_fingerprint=f"valid-{recipe}").rename_column("label", "labels")
     if config.class_weighting:
         weights = _class_weights(np.asarray(splits["train"]["label"]), len(dataset.label_names))
         model.class_weights = torch.tensor(weights, dtype=torch.float32)
@@ -209,7 +243,7 @@ def finetune_classifier(dataset: DatasetRef, init_dir: Path, config: TrainConfig
     checkpoints = out_dir.parent / f"{out_dir.name}.checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints),
-        num_train_epochs=config.epochs,
+        num_train_epochs=config.epochs if epochs is None else epochs,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=128,
         learning_rate=config.encoder_lr,
@@ -249,26 +283,22 @@ def finetune_classifier(dataset: DatasetRef, init_dir: Path, config: TrainConfig
     resume = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
     if resume:
         log.info("resuming fine-tuning from the last checkpoint in %s", checkpoints)
-    log.info("fine-tuning %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)", len(train), config.epochs, config.batch_size, config.encoder_lr, config.head_lr)
+    log.info("%s: training on %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)", name, len(train), args.num_train_epochs, config.batch_size, config.encoder_lr, config.head_lr)
     trainer.train(resume_from_checkpoint=True if resume else None)
     model.eval()
     model.class_weights = None
     seconds = time.perf_counter() - started
-    save_classifier(
-        model,
-        tokenizer,
-        out_dir,
-        label_names=dataset.label_names,
-        max_length=config.max_length,
-        extra_metadata={"candidate": FINETUNED, "base_model": config.base_model, "init": str(init_dir), "train_seconds": seconds, "best_validation_accuracy": trainer.state.best_metric},
-    )
+    metadata = {"candidate": name, "base_model": config.base_model, "init": str(init_dir), "train_seconds": seconds, "best_validation_accuracy": trainer.state.best_metric}
+    metadata.update(extra_metadata or {})
+    save_classifier(model, tokenizer, out_dir, label_names=dataset.label_names, max_length=config.max_length, extra_metadata=metadata)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    log.info("fine-tuned in %.1f s; best validation accuracy %.4f", seconds, trainer.state.best_metric or float("nan"))
-    return ModelRef(name=FINETUNED, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=LINEAR_PROBE, train_seconds=seconds)
+    log.info("%s trained in %.1f s; best validation accuracy %.4f", name, seconds, trainer.state.best_metric or float("nan"))
+    return ModelRef(name=name, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=parent, compression=compression, train_seconds=seconds)
 
 
 def _finish_atomically(build: Any, target: Path) -> ModelRef:
     """Train into ``<target>.partial`` and rename when complete, so a crash never leaves a model that looks finished."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f"{target.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     ref = build(partial)

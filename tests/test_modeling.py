@@ -69,7 +69,7 @@ def test_unknown_recipe_and_double_compression_are_refused(saved_model: Path, tm
     with pytest.raises(ValueError, match="unknown compression recipe"):
         compress_model(parent, "magic", tmp_path / "x")
     child = compress_model(parent, "dynamic_int8", tmp_path / "int8")
-    with pytest.raises(ValueError, match="already compressed"):
+    with pytest.raises(ValueError, match="already quantized"):
         compress_model(child, "dynamic_int8", tmp_path / "y")
 
 

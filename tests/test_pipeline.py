@@ -1,4 +1,4 @@
-"""The whole flow end to end on real Banking77 rows with the real MiniLM cut to one layer.
+"""The whole flow end to end on real Banking77 rows with the real MiniLM cut to two layers.
 
 One sequence of runs in one registry, so each run sees what the earlier one left:
 a crash mid-way, a resumed run that deploys, an identical rerun served from the
@@ -80,7 +80,8 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     champion = registry.champion()
     assert champion is not None and champion.version == 1
     names = {row["candidate"] for row in first["candidates"]}
-    assert {"linear_probe", "finetuned"} <= names and any(n.endswith("-int8") for n in names)
+    reference = "finetuned" if "finetuned-int8" in names else "linear_probe"
+    assert names == {"linear_probe", "finetuned", f"{reference}-int8", f"{reference}-sparse50", f"{reference}-ffn50", "distilled-l1", "distilled-l1-int8"}
     for row in first["candidates"]:
         assert 0.0 <= row["test_accuracy"] <= 1.0 and row["texts_per_second_batch32"] > 0 and row["size_mb"] > 0
 
@@ -96,8 +97,18 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     for ev_row in first["candidates"]:
         assert ev_row["reasons"]  # every candidate's verdict says why
     assert sum(row["chosen"] for row in first["candidates"]) == 1
-    reports = list((session_home / "runs" / domain / "reports").iterdir())
-    assert reports and all((r / "model_card.md").is_file() and (r / "confusion_matrix.png").is_file() for r in reports)
+    reports = [r for r in (session_home / "runs" / domain / "reports").iterdir() if not r.name.startswith("compression-")]
+    assert len(reports) == len(first["candidates"])
+    assert all((r / "model_card.md").is_file() and (r / "confusion_matrix.png").is_file() for r in reports)
+    compression = json.loads(next((session_home / "runs" / domain / "reports").glob("compression-*/compression_report.json")).read_text())
+    by_name = {row["candidate"]: row for row in compression}
+    assert by_name[f"{reference}-sparse50"]["zeros"] >= 0.45  # half the encoder weights are zero …
+    assert by_name[f"{reference}-sparse50"]["parameters"] == by_name[reference]["parameters"]  # … but nothing got smaller
+    assert by_name[f"{reference}-ffn50"]["parameters"] < by_name[reference]["parameters"]
+    assert by_name["distilled-l1"]["parameters"] < by_name[reference]["parameters"]
+    assert by_name[f"{reference}-int8"]["weights_mb"] < by_name[reference]["weights_mb"]
+    card = (Path(champion.path) / "model_card.md").read_text()
+    assert "Compression report of this run" in card and "distilled-l1-int8" in card
 
     # 3. An identical rerun: every step is cached, and the tie keeps the champion.
     with monkeypatch.context() as patch:
@@ -109,7 +120,7 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     assert "tie" in second["decision"]["summary"].lower() or "not better" in second["decision"]["summary"].lower()
     assert registry.champion().version == 1
     task_states = _task_states(state.state_details.flow_run_id)
-    for step in ("ingest", "linear-probe", "finetune", "evaluate", "compress"):
+    for step in ("ingest", "linear-probe", "finetune", "evaluate", "quantize", "prune-magnitude", "prune-ffn", "distill", "measure-speed"):
         assert set(task_states.get(step, ["Cached"])) == {"Cached"}, task_states
     assert task_states.get("deploy") == ["Completed"]
 

@@ -1,0 +1,12 @@
+"""Recommendation: interactions + item text → a ranked list of items per user.
+
+Modules, one job each:
+
+* :mod:`.movielens` — fetch MovieLens-100K from the recbole wheel and read its atomic files;
+* :mod:`.data` — read and validate interactions + items tables (MovieLens or a user's own files);
+* :mod:`.protocol` — the evaluation protocol (implicit feedback, chronological leave-last-out,
+  full ranking over unseen items) and the ranking metrics;
+* :mod:`.baselines` — most-popular and BPR matrix factorisation (torch).
+
+Not built yet: the two-tower text model, the ranker, the model bundle, the gate and ``recommend``.
+"""

@@ -1,0 +1,158 @@
+"""Read and validate interactions + items tables (MovieLens or a user's own CSV/Parquet/JSON files).
+
+Why strict: every model and every metric downstream trusts these ids and timestamps. A bad row
+found here costs a message naming the file, the row and the problem; found after training it
+costs a number nobody can explain. All problems are collected and reported together (the first
+few of each kind, with a count), so a user fixes a file in one pass.
+
+Accepted columns — interactions: ``user_id``, ``item_id``, ``timestamp`` (number of seconds or an
+ISO date-time), optional ``rating`` (number); items: ``item_id``, ``title``, optional ``genres``
+(``|``-separated) and ``year``. One repair is made rather than an error raised: a user who
+interacted with an item several times keeps only the latest interaction (counted in the report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+ITEM_COLUMNS = ("item_id", "title")
+MAX_LISTED = 10
+
+
+class RankingDataError(ValueError):
+    """Interaction or item data that no retry can fix; ``problems`` holds one line per kind."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+@dataclass
+class Problems:
+    """Problems grouped by (file, kind), each with the rows where it occurs."""
+
+    groups: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def add(self, source: str, kind: str, where: list[str] | None = None) -> None:
+        self.groups.setdefault((source, kind), []).extend(where or [])
+
+    def raise_if_any(self) -> None:
+        if not self.groups:
+            return
+        lines = []
+        for (source, kind), where in self.groups.items():
+            shown = ", ".join(where[:MAX_LISTED])
+            more = f" (and {len(where) - MAX_LISTED} more)" if len(where) > MAX_LISTED else ""
+            lines.append(f"{source}: {kind}" + (f" at {shown}{more}" if where else ""))
+        raise RankingDataError("invalid recommendation data:\n  " + "\n  ".join(lines), lines)
+
+
+def _row_label(path: str, index: int) -> str:
+    """Human row names: CSV/TSV lines count the header as line 1; other formats count data rows from 1."""
+    return f"line {index + 2}" if path.endswith((".csv", ".tsv", ".inter", ".item")) else f"row {index + 1}"
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV, Parquet, JSON or JSONL file as a frame of strings (types are checked by the validator)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if suffix == ".parquet":
+        return pd.read_parquet(path).astype(object)
+    if suffix in {".jsonl", ".ndjson"}:
+        return pd.read_json(path, lines=True, dtype=False)
+    if suffix == ".json":
+        return pd.read_json(path, dtype=False)
+    raise RankingDataError(f"{path}: unsupported format {suffix!r}; use .csv, .parquet, .json or .jsonl")
+
+
+def _blank(value: object) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == ""
+
+
+def _ids(frame: pd.DataFrame, column: str, source: str, problems: Problems) -> pd.Series:
+    """Ids as stripped strings ("7" and 7.0 from a Parquet float column mean the same id)."""
+    values = frame[column].map(lambda v: "" if _blank(v) else (str(int(v)) if isinstance(v, float) and float(v).is_integer() else str(v).strip()))
+    bad = [_row_label(source, i) for i in np.flatnonzero(values.eq("").to_numpy())]
+    if bad:
+        problems.add(source, f"empty {column}", bad)
+    return values
+
+
+def _timestamps(frame: pd.DataFrame, source: str, problems: Problems) -> pd.Series:
+    """Seconds since the epoch from numbers or ISO date-times; unparseable values are reported."""
+    raw = frame["timestamp"]
+    numbers = pd.to_numeric(raw, errors="coerce")
+    missing = numbers.isna() & ~raw.map(_blank)
+    if missing.any():
+        parsed = pd.to_datetime(raw[missing].astype(str), errors="coerce", utc=True, format="ISO8601")
+        numbers.loc[missing] = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+    bad = [_row_label(source, i) for i in np.flatnonzero(numbers.isna().to_numpy())]
+    if bad:
+        problems.add(source, "timestamp is not a number of seconds or an ISO date-time", bad)
+    return numbers.astype(float)
+
+
+def validate(interactions: pd.DataFrame, items: pd.DataFrame, sources: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """Check both tables and return clean copies plus counts of what was repaired.
+
+    Clean interactions: ``user_id`` (str), ``item_id`` (str), ``rating`` (float, NaN when the file
+    has none), ``timestamp`` (float seconds). Clean items: ``item_id``, ``title``, ``genres``
+    (str, ``|``-separated, may be empty), ``year`` (str, may be empty), in file order.
+    """
+    problems = Problems()
+    inter_src, item_src = sources["interactions"], sources["items"]
+    for frame, required, source in ((interactions, INTERACTION_COLUMNS, inter_src), (items, ITEM_COLUMNS, item_src)):
+        missing = [c for c in required if c not in frame.columns]
+        if missing:
+            problems.add(source, f"missing column(s) {missing}; found {list(frame.columns)}")
+        elif len(frame) == 0:
+            problems.add(source, "no data rows")
+    problems.raise_if_any()
+
+    item_ids = _ids(items, "item_id", item_src, problems)
+    duplicated = item_ids.duplicated(keep="first") & item_ids.ne("")
+    if duplicated.any():
+        problems.add(item_src, "duplicate item_id", [f"{_row_label(item_src, i)} ({item_ids.iloc[i]!r})" for i in np.flatnonzero(duplicated.to_numpy())])
+    titles = items["title"].map(lambda v: "" if _blank(v) else " ".join(str(v).split()))
+    empty_titles = [_row_label(item_src, i) for i in np.flatnonzero(titles.eq("").to_numpy())]
+    if empty_titles:
+        problems.add(item_src, "empty title (the text model needs item text)", empty_titles)
+
+    users = _ids(interactions, "user_id", inter_src, problems)
+    inter_items = _ids(interactions, "item_id", inter_src, problems)
+    known = set(item_ids)
+    unknown = inter_items.ne("") & ~inter_items.isin(known)
+    if unknown.any():
+        problems.add(inter_src, f"item_id not found in {item_src}", [f"{_row_label(inter_src, i)} ({inter_items.iloc[i]!r})" for i in np.flatnonzero(unknown.to_numpy())])
+    timestamps = _timestamps(interactions, inter_src, problems)
+    if "rating" in interactions.columns:
+        ratings = pd.to_numeric(interactions["rating"], errors="coerce")
+        bad = [_row_label(inter_src, i) for i in np.flatnonzero(ratings.isna().to_numpy())]
+        if bad:
+            problems.add(inter_src, "rating is not a number", bad)
+    else:
+        ratings = pd.Series(np.nan, index=interactions.index)
+    problems.raise_if_any()
+
+    clean_items = pd.DataFrame(
+        {
+            "item_id": item_ids.to_numpy(),
+            "title": titles.to_numpy(),
+            "genres": (items["genres"].map(lambda v: "" if _blank(v) else str(v).strip()) if "genres" in items else pd.Series("", index=items.index)).to_numpy(),
+            "year": (items["year"].map(lambda v: "" if _blank(v) else str(v).strip()) if "year" in items else pd.Series("", index=items.index)).to_numpy(),
+        }
+    )
+    clean = pd.DataFrame({"user_id": users.to_numpy(), "item_id": inter_items.to_numpy(), "rating": ratings.astype(float).to_numpy(), "timestamp": timestamps.to_numpy()})
+    clean = clean.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    before = len(clean)
+    clean = clean.drop_duplicates(["user_id", "item_id"], keep="last").reset_index(drop=True)
+    return clean, clean_items, {"repeat_interactions_dropped": before - len(clean)}

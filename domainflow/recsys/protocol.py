@@ -1,0 +1,133 @@
+"""The evaluation protocol, declared once and used by every model (baselines included).
+
+* **Implicit feedback**: an interaction is *positive* when ``rating >= positive_threshold``
+  (MovieLens: 4 of 5); with ``positive_threshold=None`` (or a file without ratings) every
+  interaction is positive.
+* **Chronological leave-last-out, per user**: a user's interactions are ordered by
+  (timestamp, item_id) — item id breaks the many same-second ties in MovieLens deterministically.
+  The last positive is the *test* item, the second-last positive the *validation* item. *Train*
+  holds only the interactions ordered before the validation item, so nothing a model learns from
+  happened after what it is asked to predict. Users with fewer than ``min_positives`` positives
+  are kept in train but not evaluated.
+* **Full ranking over unseen items**: every catalogue item is a candidate except those the user
+  interacted with in train (any rating) — and, for test, the validation item too, which is
+  history by then. Ties in score are broken by catalogue position (as :func:`recommend` does),
+  so a model earns no credit for a tie.
+* **Metrics**: HR@10, NDCG@10 and MRR of the held-out item's rank (local ``evaluate`` modules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+RANKING_METRICS = ("hit_rate_at_10", "ndcg_at_10", "mrr")
+
+
+@dataclass
+class Split:
+    """Train interactions and one row per evaluated user: its validation and test item."""
+
+    train: pd.DataFrame  # user_id, item_id, rating, timestamp, positive
+    holdout: pd.DataFrame  # user_id, valid_item, test_item, valid_timestamp, test_timestamp
+
+
+def mark_positive(interactions: pd.DataFrame, positive_threshold: float | None) -> pd.Series:
+    """Which interactions count as positive feedback."""
+    if positive_threshold is None or interactions["rating"].isna().all():
+        return pd.Series(True, index=interactions.index)
+    return interactions["rating"] >= positive_threshold
+
+
+def leave_last_out(interactions: pd.DataFrame, positive_threshold: float | None, min_positives: int = 3) -> Split:
+    """Split clean interactions (see :func:`domainflow.recsys.data.validate`) by the protocol above."""
+    frame = interactions.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
+    frame["positive"] = mark_positive(frame, positive_threshold).to_numpy()
+    frame["order"] = frame.groupby("user_id").cumcount()
+    positives = frame[frame["positive"]]
+    counts = positives.groupby("user_id").size()
+    evaluated = counts[counts >= min_positives].index
+    last_two = positives[positives["user_id"].isin(evaluated)].groupby("user_id").tail(2)
+    test = last_two.groupby("user_id").tail(1).set_index("user_id")
+    valid = last_two.groupby("user_id").head(1).set_index("user_id")
+    holdout = pd.DataFrame(
+        {
+            "valid_item": valid["item_id"],
+            "test_item": test.loc[valid.index, "item_id"],
+            "valid_timestamp": valid["timestamp"],
+            "test_timestamp": test.loc[valid.index, "timestamp"],
+        }
+    )
+    holdout.index.name = "user_id"
+    cut = frame["user_id"].map(valid["order"]).fillna(np.inf)
+    train = frame[frame["order"] < cut].drop(columns=["order"]).reset_index(drop=True)
+    return Split(train=train, holdout=holdout.reset_index())
+
+
+@dataclass
+class Index:
+    """Contiguous integer ids: items in catalogue order, users sorted."""
+
+    items: list[str]
+    users: list[str]
+
+    def __post_init__(self) -> None:
+        self.item_pos = {item: i for i, item in enumerate(self.items)}
+        self.user_pos = {user: i for i, user in enumerate(self.users)}
+
+
+def seen_matrix(split: Split, index: Index, stage: str) -> np.ndarray:
+    """Boolean users × items: what is excluded from each user's candidates at ``stage`` (valid/test)."""
+    seen = np.zeros((len(index.users), len(index.items)), dtype=bool)
+    rows = split.train["user_id"].map(index.user_pos).to_numpy()
+    cols = split.train["item_id"].map(index.item_pos).to_numpy()
+    seen[rows, cols] = True
+    if stage == "test":
+        seen[split.holdout["user_id"].map(index.user_pos).to_numpy(), split.holdout["valid_item"].map(index.item_pos).to_numpy()] = True
+    elif stage != "valid":
+        raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
+    return seen
+
+
+def target_ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """1-based rank of each row's target among its candidates (ties broken by item position).
+
+    ``scores``: rows × items; ``targets``: the target item position per row; ``excluded``:
+    rows × items booleans. A target that is excluded is a protocol bug (leakage), so it raises.
+    """
+    rows = np.arange(len(targets))
+    if excluded[rows, targets].any():
+        raise AssertionError("a held-out item is among the excluded (seen) items: train and test overlap")
+    target_scores = scores[rows, targets][:, None]
+    positions = np.arange(scores.shape[1])[None, :]
+    ahead = (scores > target_scores) | ((scores == target_scores) & (positions < targets[:, None]))
+    ahead &= ~excluded
+    return ahead.sum(axis=1) + 1
+
+
+def ranking_metrics(ranks: Sequence[int], names: Sequence[str] = RANKING_METRICS) -> dict[str, float]:
+    """The ranking metrics of held-out ranks, through the project's local ``evaluate`` modules."""
+    import evaluate
+
+    from domainflow.metrics import load_metric
+
+    combined = evaluate.combine([load_metric(name) for name in names])
+    return {key: float(value) for key, value in combined.compute(predictions=[int(r) for r in ranks]).items()}
+
+
+def evaluate_scores(score_fn, split: Split, index: Index, stage: str, names: Sequence[str] = RANKING_METRICS) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics of a scorer at ``stage``: ``score_fn(user_positions, stage) -> users × items`` scores."""
+    users = split.holdout["user_id"].map(index.user_pos).to_numpy()
+    column = "valid_item" if stage == "valid" else "test_item"
+    targets = split.holdout[column].map(index.item_pos).to_numpy()
+    excluded = seen_matrix(split, index, stage)[users]
+    scores = np.asarray(score_fn(users, stage), dtype=np.float64)
+    ranks = target_ranks(scores, targets, excluded)
+    return ranking_metrics(ranks, names), ranks
+
+
+def build_index(items: pd.DataFrame, interactions: pd.DataFrame) -> Index:
+    return Index(items=list(items["item_id"]), users=sorted(interactions["user_id"].unique()))

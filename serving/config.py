@@ -1,0 +1,56 @@
+"""Limits and knobs of the prediction service, in one frozen record.
+
+Why a record and not module constants: tests and ``domainflow serve`` build several apps with
+different limits (a batcher with a long wait to force batching, a tight text limit), and the
+app factory must not read global state for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from domainflow import settings
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the service accepts and how it batches.
+
+    * ``max_texts`` / ``max_chars``: per request, a batch of at most this many texts of at most this
+      many characters each. The model truncates to its ``max_length`` tokens anyway; the character
+      cap keeps one request from monopolising the tokenizer (a 10 MB "text" costs real CPU).
+    * ``max_top_k``: the most labels a caller may ask for per text.
+    * ``max_batch_texts`` / ``max_wait_ms``: the micro-batcher sends at most this many texts to the
+      model at once, and waits at most this long after the oldest queued request for others to join.
+    * ``max_queued_requests``: beyond this backlog the service answers 503 + Retry-After instead of
+      queueing without bound (memory, and latencies nobody waits for).
+    * ``poll_seconds``: how often champion.json is checked for a new champion.
+    * ``retry_failed_load_seconds``: a champion that failed to load is retried after this long even
+      if the pointer did not change (a transient I/O error should not need a restart).
+    """
+
+    registry_root: Path = field(default_factory=settings.registry_dir)
+    domains: tuple[str, ...] | None = None  # None: every registered domain
+    max_texts: int = 64
+    max_chars: int = 2000
+    max_top_k: int = 20
+    max_batch_texts: int = 64
+    max_wait_ms: float = 5.0
+    max_queued_requests: int = 4096
+    poll_seconds: float = 1.0
+    retry_failed_load_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_texts", "max_chars", "max_top_k", "max_batch_texts", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.poll_seconds <= 0:
+            raise ValueError("max_wait_ms must be >= 0 and poll_seconds > 0")
+        object.__setattr__(self, "registry_root", Path(self.registry_root).expanduser().resolve())
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body worth parsing: every text at its limit, 4 bytes a character
+        in UTF-8 (6 for a JSON ``\\uXXXX`` escape), plus room for the JSON around them."""
+        return self.max_texts * (self.max_chars * 6 + 16) + 4096

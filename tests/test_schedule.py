@@ -1,0 +1,298 @@
+"""Scheduled retraining and the Prefect UI, against a real local Prefect server.
+
+One Prefect server for the module, started the way a person starts it (``domainflow ui`` on a
+port other than 4200, SQLite in a temporary home). ``domainflow schedule`` runs as a process,
+as it would in production: its deployment must appear in the API with the right cron and time
+zone, the server must schedule runs at those times, and a run of the deployment (executed by
+the ``serve`` runner in its own process) must train on the newest data file, go through the
+gates, publish its artifacts, and promote into the registry. Stopping it pauses the schedule.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from domainflow.registry import ModelRegistry
+from flows.ops_cli import ops_app, prefect_server_env
+from flows.retrain import pick_data_files, training_files
+from tasks.artifacts import artifact_key
+from tests.conftest import TINY_LABELS
+from tests.data_helpers import banking77_slice, write_csv
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SCHEDULED_DOMAIN = "cs_sched"
+CRON = "15 3 * * 1-5"  # 03:15 on weekdays
+TIMEZONE = "Europe/Paris"
+
+# A domain registered outside domains/, as a user's private domain would be: the scheduled run
+# executes in a fresh process and must import it again (--domain-module).
+PLUGIN = '''
+from dataclasses import replace
+
+from domains import get_domain, register
+
+_spec = get_domain("customer_service")
+register(
+    replace(
+        _spec,
+        name="cs_sched",
+        description="Banking77, six intents (scheduled retraining test)",
+        gates=replace(_spec.gates, min_metrics={"accuracy": 0.5}),
+        training=replace(_spec.training, epochs=1.0, batch_size=16),
+        min_examples_per_class=3,
+        **({"compression": replace(_spec.compression, methods=("dynamic_int8",))} if hasattr(_spec, "compression") else {}),
+    )
+)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a fresh shell: none of this test session's Prefect / domainflow settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DOMAINFLOW_"))}
+    env.update(DOMAINFLOW_HOME=str(home), **extra)
+    return env
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.5, log: Path | None = None) -> Any:
+    """Poll until ``condition()`` is truthy; the timeout only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = "\n" + log.read_text(errors="replace")[-6000:] if log and log.exists() else ""
+            raise AssertionError(f"timed out waiting for {what}{tail}")
+        time.sleep(interval)
+
+
+def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a process started in its own session, with whatever it started (flow-run processes)."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """`domainflow ui` on a free port, SQLite under a temporary home; stopped after the module."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    log = home / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.ops_cli", "ui", "--port", str(port)],
+            cwd=PROJECT_ROOT, env=clean_env(home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = SimpleNamespace(url=f"http://127.0.0.1:{port}", api=f"http://127.0.0.1:{port}/api", port=port, home=home, log=log, process=process)
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the Prefect server exited: {log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{server.api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, "the Prefect server", timeout=180, log=log)
+        yield server
+    finally:
+        stop_group(process)
+
+
+def api(server: SimpleNamespace, method: str, path: str, **kwargs: Any) -> Any:
+    response = httpx.request(method, f"{server.api}{path}", timeout=30, **kwargs)
+    response.raise_for_status()
+    return response.json()
+
+
+# ------------------------------------------------------------------------------------ data pickup
+
+
+def _touch(path: Path, age_seconds: float) -> Path:
+    stamp = time.time() - age_seconds
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_retraining_picks_the_newest_training_file(tiny_domain: str, tmp_path: Path) -> None:
+    rows = banking77_slice("train", TINY_LABELS[:3], 5)
+    old = _touch(write_csv(tmp_path / "train.csv", rows), 3600)
+    new = _touch(write_csv(tmp_path / "train-2026-06.csv", rows), 60)
+    _touch(write_csv(tmp_path / "train_b.jsonl.part", rows), 0)  # a copy in progress
+    _touch(write_csv(tmp_path / ".train-next.csv", rows), 0)  # hidden: not dropped yet
+    _touch(write_csv(tmp_path / "training-notes.txt", rows), 0)  # not a data file
+    write_csv(tmp_path / "test.csv", rows)
+
+    train, test, older = pick_data_files(tiny_domain, tmp_path)
+    assert (train, test, older) == (new, tmp_path / "test.csv", [old])
+
+    parquet = tmp_path / "train-2026-07.parquet"
+    parquet.write_bytes(b"")
+    assert training_files(tmp_path)[0] == parquet  # any supported format, by time
+    os.utime(new, (time.time() + 10, time.time() + 10))
+    assert training_files(tmp_path)[0] == new
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no training file"):
+        pick_data_files(tiny_domain, empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pick_data_files(tiny_domain, tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------ command-line checks
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cron", "61 * * * *"], "Invalid cron string"),
+        (["--cron", "every day"], "Invalid cron string"),
+        (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "unknown time zone 'Mars/Olympus'"),
+        (["--cron", "0 3 * * *", "--domain", "no_such_domain"], "unknown domain 'no_such_domain'"),
+        (["--cron", "0 3 * * *", "--domain-module", "no_such_module_xyz"], "cannot import domain module"),
+        (["--cron", "0 3 * * *", "--api-url", "http://127.0.0.1:9/api"], "no Prefect server answers at http://127.0.0.1:9/api"),
+    ],
+)
+def test_schedule_rejects_bad_input_before_serving(tiny_domain: str, args: list[str], message: str) -> None:
+    domain = [] if "--domain" in args else ["--domain", tiny_domain]
+    result = CliRunner().invoke(ops_app, ["schedule", *domain, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_ui_refuses_a_busy_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_exec(*args: Any) -> None:  # safety net: a passing port check would replace pytest
+        raise AssertionError("ui tried to start a server")
+
+    monkeypatch.setattr(os, "execve", must_not_exec)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = CliRunner().invoke(ops_app, ["ui", "--port", str(busy.getsockname()[1])])
+    assert result.exit_code == 2 and "already in use" in result.output
+
+
+def test_ui_environment_names_the_api_on_any_port() -> None:
+    env = prefect_server_env("0.0.0.0", 4555, base={"PREFECT_API_URL": "http://elsewhere:4200/api"})
+    assert env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:4555/api"
+    assert "PREFECT_API_URL" not in env and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
+# ------------------------------------------------------------------------------------ against the server
+
+
+def test_ui_is_served_with_the_right_api_url(prefect_server: SimpleNamespace) -> None:
+    settings = httpx.get(f"{prefect_server.url}/ui-settings", timeout=10).json()
+    assert settings["api_url"] == prefect_server.api  # not :4200, where nothing runs
+    page = httpx.get(prefect_server.url + "/", timeout=10, follow_redirects=True)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert prefect_server.port != 4200
+
+
+def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(prefect_server: SimpleNamespace, tiny_model_dir: Path, tmp_path: Path) -> None:
+    # The domain's data folder: last month's file, and this month's drop (newer, more rows).
+    data = tmp_path / "data"
+    _touch(write_csv(data / "train.csv", banking77_slice("train", TINY_LABELS, 24)), 86_400)
+    write_csv(data / "train-2026-06.csv", banking77_slice("train", TINY_LABELS, 30))
+    write_csv(data / "test.csv", banking77_slice("test", TINY_LABELS, 12))
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "df_test_domains.py").write_text(PLUGIN)
+    home = tmp_path / "home"
+    log = tmp_path / "schedule.log"
+
+    env = clean_env(home, PYTHONPATH=os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])), PREFECT_RUNNER_POLL_FREQUENCY="1")
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.ops_cli", "schedule", "--domain", SCHEDULED_DOMAIN, "--cron", CRON, "--timezone", TIMEZONE,
+             "--data-dir", str(data), "--model", str(tiny_model_dir), "--domain-module", "df_test_domains", "--api-url", prefect_server.api],
+            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        def deployment() -> dict | None:
+            if process.poll() is not None:
+                raise AssertionError(f"schedule exited with {process.returncode}: {log.read_text()[-4000:]}")
+            found = api(prefect_server, "POST", "/deployments/filter", json={"deployments": {"name": {"any_": [f"retrain-{SCHEDULED_DOMAIN}"]}}})
+            return found[0] if found else None
+
+        dep = wait_for(deployment, "the deployment", timeout=180, log=log)
+        (schedule,) = dep["schedules"]
+        assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"], schedule["active"]) == (CRON, TIMEZONE, True)
+        assert dep["paused"] is False and dep["entrypoint"] == "flows.retrain.retrain"
+        assert dep["parameters"] == {"domain": SCHEDULED_DOMAIN, "data_dir": str(data.resolve()), "model": str(tiny_model_dir.resolve()), "domain_modules": ["df_test_domains"]}
+        assert set(dep["tags"]) == {"domainflow", "retrain", SCHEDULED_DOMAIN}
+        flow = api(prefect_server, "GET", f"/flows/{dep['flow_id']}")
+        assert flow["name"] == "retrain"
+
+        # The server's scheduler has put future runs on the calendar, at 03:15 Paris time on weekdays.
+        def scheduled_runs() -> list[dict]:
+            return api(prefect_server, "POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}})
+
+        upcoming = wait_for(scheduled_runs, "scheduled runs", timeout=120, log=log)
+        for run in upcoming:
+            local = datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00")).astimezone(ZoneInfo(TIMEZONE))
+            assert (local.hour, local.minute) == (3, 15) and local.weekday() < 5, local
+
+        # Run it now, as "Quick run" in the UI does; the serve process executes it.
+        flow_run = api(prefect_server, "POST", f"/deployments/{dep['id']}/create_flow_run", json={})
+
+        def finished() -> dict | None:
+            state = api(prefect_server, "GET", f"/flow_runs/{flow_run['id']}")["state"]
+            return state if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
+
+        state = wait_for(finished, "the retraining run", timeout=480, interval=1.0, log=log)
+        assert state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-6000:]}"
+
+        # The pipeline ran as a subflow of the retraining run, and both are in the API.
+        children = api(prefect_server, "POST", "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run["id"]]}}})
+        assert [c["state"]["type"] for c in children] == ["COMPLETED"]
+        # Its artifacts are visible: which file was used (the retraining run), the gate's decision
+        # and the candidates table (the pipeline run).
+        used = api(prefect_server, "POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": [artifact_key(SCHEDULED_DOMAIN, "retrain-data")]}}})
+        assert [a["flow_run_id"] for a in used] == [flow_run["id"]]
+        assert "train-2026-06.csv" in used[0]["data"].split("Older training files")[0] and "`train.csv`" in used[0]["data"]
+        published = api(prefect_server, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [children[0]["id"]]}}})
+        keys = {a["key"] for a in published}
+        assert artifact_key(SCHEDULED_DOMAIN, "gate-decision") in keys, keys
+        assert any(a["type"] == "table" for a in published), keys
+
+        # Behind the gates: the decision is recorded, and the promoted model was trained on the new drop.
+        registry = ModelRegistry(SCHEDULED_DOMAIN, root=home / "registry" / SCHEDULED_DOMAIN)
+        events = [e["event"] for e in registry.history()]
+        assert events[-2:] == ["decision", "promotion"], events
+        champion = registry.champion()
+        assert champion is not None and champion.version == 1
+        assert champion.lineage["run_config"]["data_files"] == [str((data / "train-2026-06.csv").resolve()), str((data / "test.csv").resolve())]
+        assert champion.metrics["test"]["accuracy"] >= 0.5
+    finally:
+        stop_group(process)
+
+    # Stopping the schedule process pauses the deployment: no runs pile up with nobody to run them.
+    wait_for(lambda: api(prefect_server, "GET", f"/deployments/{dep['id']}")["paused"], "the deployment to be paused", timeout=60, log=log)
