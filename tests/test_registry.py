@@ -283,7 +283,7 @@ def _promote_three(root: str, source: str, start) -> None:
 
 def test_concurrent_promotions_get_distinct_versions(tmp_path, registry):
     source = fake_model(tmp_path, "shared")
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fork after torch/Prefect threads exist can hang or crash a child
     start = ctx.Event()
     workers = [ctx.Process(target=_promote_three, args=(str(registry.root), str(source), start)) for _ in range(2)]
     for worker in workers:
