@@ -205,6 +205,20 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _register_operations() -> None:
+    """serve / schedule / ui (flows/ops_cli.py) and the monitoring sub-commands (flows/monitor_cli.py)."""
+    from flows.monitor_cli import monitor_app
+    from flows.ops_cli import schedule, serve, ui
+
+    app.command()(serve)
+    app.command()(schedule)
+    app.command()(ui)
+    app.add_typer(monitor_app, name="monitor")
+
+
+_register_operations()
+
+
 def main() -> None:
     app()
 
