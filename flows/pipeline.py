@@ -8,6 +8,7 @@ the artifacts each step publishes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from prefect import flow, get_run_logger
 
 from domainflow.gates import select_reference
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
-from domainflow.records import DatasetRef, Evaluation, ModelRef
+from domainflow.records import DatasetRef, ModelRef
 from domainflow.registry import ModelRegistry
 from domains import get_domain
 from tasks.compress import distill, prune_ffn, prune_magnitude, quantize
@@ -51,7 +52,11 @@ def compress_candidates(methods: tuple[str, ...], reference: ModelRef, dataset: 
         candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain))
     if "ffn_prune" in methods:
         candidates.append(prune_ffn.with_options(**options)(reference, dataset, config))
-    if "distill" in methods:
+    depth = json.loads((Path(reference.path) / "config.json").read_text())["num_hidden_layers"]
+    student_layers = get_domain(dataset.domain).compression.student_layers
+    if "distill" in methods and student_layers >= depth:
+        get_run_logger().warning("distillation skipped: the student needs fewer than the teacher's %d layers, the domain asks for %d", depth, student_layers)
+    elif "distill" in methods:
         student = distill.with_options(**options)(reference, dataset, config)
         candidates.append(student)
         if "dynamic_int8" in methods:

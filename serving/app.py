@@ -14,7 +14,6 @@ Status codes: 401 no or wrong key; 404 unknown domain; 413 body too large; 422 i
 run time in ``create_app`` as a real annotation.)
 """
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager

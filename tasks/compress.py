@@ -28,9 +28,20 @@ import torch
 from prefect import task
 
 from domainflow import settings
-from domainflow.compression import RECIPES, alternate_layers, keep_layers, prune_ffn_neurons, prune_unstructured
+from domainflow.compression import (
+    RECIPES,
+    alternate_layers,
+    keep_layers,
+    prune_ffn_neurons,
+    prune_unstructured,
+)
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
-from domainflow.modeling import load_classifier, read_metadata, save_classifier, write_metadata
+from domainflow.modeling import (
+    load_classifier,
+    read_metadata,
+    save_classifier,
+    write_metadata,
+)
 from domainflow.records import DatasetRef, ModelRef
 from domains import get_domain
 from tasks.caching import CODE_AND_INPUTS

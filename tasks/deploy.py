@@ -11,8 +11,6 @@ cached: it changes registry state, and a cached "promoted v3" replayed after a r
 
 from __future__ import annotations
 
-import logging
-import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,19 +20,11 @@ from prefect.cache_policies import NO_CACHE
 
 from domainflow import settings
 from domainflow.gates import decide
+from domainflow.logs import run_logger
 from domainflow.records import Evaluation
 from domainflow.registry import ModelRegistry, RegistryError
 from domains.base import DomainSpec
 from tasks.artifacts import artifact_key
-
-
-def _logger() -> logging.Logger | Any:
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger(__name__)
 
 
 def git_commit() -> str | None:
@@ -293,7 +283,7 @@ def deploy(
     run_config: dict,
 ) -> dict:
     """Gate the candidates against the champion, promote if they pass, and show why either way."""
-    log = _logger()
+    log = run_logger(__name__)
     evaluations = _as_evaluations(evaluations)
     result = apply_decision(domain, evaluations, champion_metrics, dataset_fingerprint, test_fingerprint, run_config)
     log.info("%s", result["summary"])

@@ -11,7 +11,6 @@ is written once both are known (``tasks/report.py``).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,20 +20,18 @@ from prefect import task
 
 from domainflow import settings
 from domainflow.fingerprint import value_fingerprint
+from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
-from domainflow.modeling import count_parameters, directory_size, load_classifier, predict_proba
+from domainflow.modeling import (
+    count_parameters,
+    directory_size,
+    load_classifier,
+    predict_proba,
+)
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domains import get_domain
 from tasks.artifacts import artifact_key, png_data_uri
 from tasks.caching import CODE_AND_INPUTS
-
-def _logger() -> Any:
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger(__name__)
 
 
 def weights_bytes(model: torch.nn.Module) -> int:
@@ -104,7 +101,7 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) 
     from datasets import load_from_disk
 
     spec = get_domain(dataset.domain)
-    log = _logger()
+    log = run_logger(__name__)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = load_from_disk(dataset.path)
     loaded = load_classifier(candidate.path)
@@ -152,7 +149,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
     """The report as Prefect artifacts: per-class table, confusion matrix, link to the folder."""
-    from prefect.artifacts import create_image_artifact, create_link_artifact, create_table_artifact
+    from prefect.artifacts import (
+        create_image_artifact,
+        create_link_artifact,
+        create_table_artifact,
+    )
 
     report = Path(evaluation.report_dir)
     key = artifact_key(domain, evaluation.candidate.name)

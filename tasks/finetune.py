@@ -16,7 +16,7 @@ Both candidates are saved as model directories (see ``domainflow.modeling``).
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from domainflow import settings
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
+from domainflow.logs import run_logger
 from domainflow.modeling import (
     TextClassifier,
     embed_texts,
@@ -68,35 +69,12 @@ class TrainConfig(BaseModel):
 def make_train_config(domain: str, model: str | None, *, epochs: float | None = None, seed: int = 42, num_layers: int | None = None) -> TrainConfig:
     """The domain's training defaults, overridden by the user's choices."""
     spec = get_domain(domain)
-    defaults = spec.training
     base = resolve_base_model(model or spec.default_model)
     base_fingerprint = path_fingerprint(base) if Path(base).exists() else base
-    return TrainConfig(
-        base_model=base,
-        base_fingerprint=base_fingerprint,
-        num_layers=num_layers,
-        max_length=spec.max_length,
-        epochs=defaults.epochs if epochs is None else epochs,
-        batch_size=defaults.batch_size,
-        encoder_lr=defaults.encoder_lr,
-        head_lr=defaults.head_lr,
-        weight_decay=defaults.weight_decay,
-        warmup_ratio=defaults.warmup_ratio,
-        label_smoothing=defaults.label_smoothing,
-        early_stopping_patience=defaults.early_stopping_patience,
-        probe_c=defaults.probe_c,
-        class_weighting=defaults.class_weighting,
-        seed=seed,
-    )
-
-
-def _logger() -> logging.Logger | Any:
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger(__name__)
+    recipe = dataclasses.asdict(spec.training)
+    if epochs is not None:
+        recipe["epochs"] = epochs
+    return TrainConfig(base_model=base, base_fingerprint=base_fingerprint, num_layers=num_layers, max_length=spec.max_length, seed=seed, **recipe)
 
 
 def _model_dir(dataset: DatasetRef, name: str, fingerprint: str) -> Path:
@@ -115,7 +93,7 @@ def train_linear_probe(dataset: DatasetRef, config: TrainConfig, out_dir: Path) 
     from datasets import load_from_disk
     from sklearn.linear_model import LogisticRegression
 
-    log = _logger()
+    log = run_logger(__name__)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     splits = load_from_disk(dataset.path)
@@ -199,11 +177,17 @@ def train_classifier(
     once, up front, and travel with the batches, so training costs no teacher forward passes).
     """
     from datasets import load_from_disk
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+    from transformers import (
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     from domainflow.modeling import predict_logits
 
-    log = _logger()
+    log = run_logger(__name__)
     started = time.perf_counter()
     set_seed(config.seed)
     loaded = load_classifier(init_dir)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 import re
@@ -40,14 +39,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
-from prefect.exceptions import MissingContextError
 from sklearn.model_selection import train_test_split
 
 from domainflow import settings
 from domainflow.fingerprint import file_digest, value_fingerprint
+from domainflow.logs import run_logger
 from domainflow.records import DatasetRef
 from domains import get_domain
 from domains.base import DomainSpec
@@ -93,14 +92,6 @@ class DataValidationError(ValueError):
         # which is how Prefect's JSON serializer restores a failed task's exception.
         super().__init__(message)
         self.problems = list(problems) or [message]
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    """The Prefect run logger inside a flow or task run (so lines reach the UI), else a module logger."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
 
 
 def _clip(text: Any, limit: int = 60) -> str:
@@ -482,7 +473,7 @@ def _check_class_sizes(spec: DomainSpec, table: _Table, rows: _Rows) -> None:
         problems.raise_if_any()
     absent = _absent_classes(spec, rows)
     if absent:
-        _logger().warning(
+        run_logger(__name__).warning(
             "%s: %d of %d classes have no training rows (allowed): %s",
             table.name, len(absent), spec.num_labels, ", ".join(absent[:MAX_LISTED]) + (" …" if len(absent) > MAX_LISTED else ""),
         )
@@ -506,7 +497,7 @@ def _validate(spec: DomainSpec, train: _Table, test: _Table) -> _Prepared:
     _check_leakage(train, train_rows, test, test_rows, spec.text_column, problems)
     problems.raise_if_any()
 
-    log = _logger()
+    log = run_logger(__name__)
     train_rows, dropped = _drop_exact_duplicates(train_rows)
     if dropped:
         log.warning("%s: dropped %d duplicate row(s) (same text, same label): %s", train.name, len(dropped), ", ".join(dropped[:MAX_LISTED]))
@@ -579,7 +570,7 @@ def _carve_validation(labels: Sequence[int], fraction: float, seed: int) -> tupl
     wanted = round(fraction * len(splittable))
     size = min(max(wanted, classes), len(splittable) - classes)
     if size > wanted:
-        _logger().info("validation split enlarged from %d to %d rows so that each of %d classes appears", wanted, size, classes)
+        run_logger(__name__).info("validation split enlarged from %d to %d rows so that each of %d classes appears", wanted, size, classes)
     train_pos, validation_pos = train_test_split(
         splittable, test_size=size, stratify=[labels[p] for p in splittable], random_state=seed
     )
@@ -698,7 +689,7 @@ def _build(spec: DomainSpec, out_dir: Path, fingerprint: str, recipe: dict[str, 
     """Shared by files and hub: reuse a finished folder, else validate, split, write, publish."""
     target = Path(out_dir) / fingerprint
     if _finished(target):
-        _logger().info("dataset %s already ingested at %s", fingerprint, target)
+        run_logger(__name__).info("dataset %s already ingested at %s", fingerprint, target)
         return _ref_from_report(read_ingest_report(target), target)
     train, test = load()
     prepared = _validate(spec, train, test)
@@ -710,7 +701,7 @@ def _build(spec: DomainSpec, out_dir: Path, fingerprint: str, recipe: dict[str, 
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
     _publish(target, write)
-    _logger().info("ingested %s: %s rows -> %s", spec.name, report["num_rows"], target)
+    run_logger(__name__).info("ingested %s: %s rows -> %s", spec.name, report["num_rows"], target)
     return _ref_from_report(report, target)
 
 
@@ -804,7 +795,9 @@ def ingest_hub_dataset(
         raise ValueError(f"domain {spec.name!r} names no Hugging Face dataset")
     if not settings.online():
         raise RuntimeError(f"loading {source.hf_dataset!r} needs the network: set DOMAINFLOW_ONLINE=1")
-    from datasets import load_dataset  # imported here: only this path touches the network
+    from datasets import (
+        load_dataset,  # imported here: only this path touches the network
+    )
 
     loaded = load_dataset(source.hf_dataset, source.hf_config)
     tables: dict[str, _Table] = {}
@@ -882,7 +875,7 @@ def _publish_artifact(ref: DatasetRef) -> None:
             description=f"Ingested dataset {ref.fingerprint} for {ref.domain}",
         )
     except Exception as exc:  # noqa: BLE001 - a summary must never fail a finished ingest
-        _logger().warning("could not create the dataset artifact: %s", exc)
+        run_logger(__name__).warning("could not create the dataset artifact: %s", exc)
 
 
 def _retry_unless_invalid_data(task: Any, task_run: Any, state: Any) -> bool:
@@ -921,7 +914,7 @@ def ingest(
     while their paths do not. The returned fingerprint is recomputed from content anyway.
     """
     spec = get_domain(domain)
-    _logger().info("ingesting %s (source fingerprint %s)", domain, source_fingerprint)
+    run_logger(__name__).info("ingesting %s (source fingerprint %s)", domain, source_fingerprint)
     ref = ingest_dataset(
         spec,
         settings.runs_dir() / domain / "datasets",

@@ -148,7 +148,11 @@ def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef) -> Path
 @task(name="report")
 def report(evaluations: list[Evaluation], dataset: DatasetRef) -> str:
     """Write model cards and the compression report, and show them in the Prefect UI."""
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import (
+        create_image_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
 
     out = write_report(evaluations, dataset)
     domain = dataset.domain

@@ -12,18 +12,17 @@ memory cannot be told apart.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from prefect import task
 
+from domainflow.logs import run_logger
 from domainflow.modeling import LoadedClassifier, load_classifier, predict_proba
 from domainflow.records import DatasetRef, Evaluation
 from tasks.caching import CODE_AND_INPUTS
@@ -33,15 +32,6 @@ THROUGHPUT_TEXTS = 512
 THROUGHPUT_BATCH = 32
 ROUNDS = 3
 SPEED_SEED = 0
-
-
-def _logger() -> Any:
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger(__name__)
 
 
 def speed_texts(test_texts: Sequence[str], count: int, seed: int = SPEED_SEED) -> list[str]:
@@ -115,7 +105,7 @@ def peak_rss_mb(model_dir: str, texts: Sequence[str]) -> float | None:
         )
         return json.loads(done.stdout.strip().splitlines()[-1])["peak_kb"] / 1024
     except (subprocess.SubprocessError, ValueError, IndexError, KeyError) as exc:
-        _logger().warning("could not measure the memory of %s: %s", model_dir, exc)
+        run_logger(__name__).warning("could not measure the memory of %s: %s", model_dir, exc)
         return None
 
 
@@ -125,7 +115,7 @@ def measure_speeds(evaluations: list[Evaluation], dataset: DatasetRef) -> list[E
 
     texts = speed_texts(list(load_from_disk(dataset.path)["test"]["text"]), max(LATENCY_REQUESTS, THROUGHPUT_TEXTS))
     speeds = measure_side_by_side({e.candidate.name: e.candidate.path for e in evaluations}, texts)
-    log = _logger()
+    log = run_logger(__name__)
     measured = []
     for evaluation in evaluations:
         figures = dict(speeds[evaluation.candidate.name], peak_rss_mb=peak_rss_mb(evaluation.candidate.path, texts))
