@@ -113,6 +113,7 @@ def predict(
     from domainflow.modeling import load_classifier, predict_proba
     from domainflow.registry import ModelRegistry, RegistryError
     from domains import get_domain
+    from serving.inference import TextScores, prediction_record
 
     spec = get_domain(domain)
     try:
@@ -123,19 +124,12 @@ def predict(
         _fail(f"no champion for {domain}: run `domainflow run {domain}` first")
     loaded = load_classifier(champion.model_dir)
     probabilities = predict_proba(loaded, texts)
+    k = min(top_k, len(loaded.label_names))
     results = []
     for text, row in zip(texts, probabilities):
-        scores, indices = row.topk(min(top_k, len(loaded.label_names)))
-        label, score = loaded.label_names[int(indices[0])], float(scores[0])
-        results.append(
-            {
-                "text": text,
-                "label": label,
-                "score": round(score, 4),
-                "top_k": [{"label": loaded.label_names[int(i)], "score": round(float(s), 4)} for s, i in zip(scores, indices)],
-                **spec.respond(label, score),
-            }
-        )
+        scores, indices = row.topk(k)
+        top = TextScores(tuple(loaded.label_names[int(i)] for i in indices), tuple(float(v) for v in scores))
+        results.append({"text": text, **prediction_record(spec, text, top, k, ndigits=4)})
     console.print_json(json.dumps({"domain": domain, "version": champion.version, "predictions": results}))
 
 
