@@ -38,7 +38,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+import pyarrow as pa
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value
+from datasets.table import InMemoryTable
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
@@ -608,12 +610,26 @@ def _test_fingerprint(spec: DomainSpec, rows: _Rows) -> str:
     return value_fingerprint("test-split", [[text, spec.label_names[label]] for text, label in zip(rows.texts, rows.labels)])
 
 
-def _dataset_dict(spec: DomainSpec, splits: Mapping[str, _Rows]) -> DatasetDict:
+def _dataset_dict(spec: DomainSpec, splits: Mapping[str, _Rows], fingerprint: str) -> DatasetDict:
     """Explicit features: ``text`` as ``string`` (not pandas' large_string) and ``label`` as a ClassLabel,
-    i.e. an int index that carries the spec's label names with it."""
+    i.e. an int index that carries the spec's label names with it.
+
+    Each split gets a fingerprint derived from ours: left to itself, ``datasets`` hashes the
+    whole table with dill, which costs time and, under Prefect's ``log_prints``, dumps the
+    bytecode dill disassembles into the run's log.
+    """
     features = Features({"text": Value("string"), "label": ClassLabel(names=list(spec.label_names))})
+    schema = features.arrow_schema
     return DatasetDict(
-        {name: Dataset.from_dict({"text": rows.texts, "label": rows.labels}, features=features) for name, rows in splits.items()}
+        {
+            name: Dataset(
+                InMemoryTable(pa.Table.from_pydict({"text": rows.texts, "label": rows.labels}, schema=schema)),
+                info=DatasetInfo(features=features),
+                split=name,
+                fingerprint=value_fingerprint(fingerprint, name),
+            )
+            for name, rows in splits.items()
+        }
     )
 
 
@@ -697,7 +713,7 @@ def _build(spec: DomainSpec, out_dir: Path, fingerprint: str, recipe: dict[str, 
     report = _report(spec, fingerprint, _test_fingerprint(spec, splits["test"]), recipe, sources(train, test), prepared, splits)
 
     def write(folder: Path) -> None:
-        _dataset_dict(spec, splits).save_to_disk(str(folder))
+        _dataset_dict(spec, splits, fingerprint).save_to_disk(str(folder))
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
     _publish(target, write)
