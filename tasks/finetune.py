@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from domainflow import settings
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.logs import run_logger
+from domainflow.metrics import compute_metrics
 from domainflow.modeling import (
     TextClassifier,
     embed_texts,
@@ -189,6 +190,7 @@ def train_classifier(
 
     log = run_logger(__name__)
     started = time.perf_counter()
+    primary = get_domain(dataset.domain).primary_metric
     set_seed(config.seed)
     loaded = load_classifier(init_dir)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -240,7 +242,7 @@ def train_classifier(
         save_strategy="epoch",
         save_total_limit=2,
         load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
+        metric_for_best_model=primary,
         greater_is_better=True,
         logging_steps=50,
         seed=config.seed,
@@ -251,8 +253,10 @@ def train_classifier(
         disable_tqdm=False,
     )
 
-    def accuracy(prediction: Any) -> dict[str, float]:
-        return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+    def validation_metrics(prediction: Any) -> dict[str, float]:
+        """The domain's primary metric picks the best epoch (macro-F1 where classes are imbalanced)."""
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        return compute_metrics(sorted({"accuracy", primary}), predicted, prediction.label_ids)
 
     trainer = Trainer(
         model=model,
@@ -260,7 +264,7 @@ def train_classifier(
         train_dataset=train,
         eval_dataset=valid,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy,
+        compute_metrics=validation_metrics,
         optimizers=(optimizer, None),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), _ProgressToLogger(log)],
     )
@@ -272,11 +276,11 @@ def train_classifier(
     model.eval()
     model.class_weights = None
     seconds = time.perf_counter() - started
-    metadata = {"candidate": name, "base_model": config.base_model, "init": str(init_dir), "train_seconds": seconds, "best_validation_accuracy": trainer.state.best_metric}
+    metadata = {"candidate": name, "base_model": config.base_model, "init": str(init_dir), "train_seconds": seconds, f"best_validation_{primary}": trainer.state.best_metric}
     metadata.update(extra_metadata or {})
     save_classifier(model, tokenizer, out_dir, label_names=dataset.label_names, max_length=config.max_length, extra_metadata=metadata)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    log.info("%s trained in %.1f s; best validation accuracy %.4f", name, seconds, trainer.state.best_metric or float("nan"))
+    log.info("%s trained in %.1f s; best validation %s %.4f", name, seconds, primary, trainer.state.best_metric or float("nan"))
     return ModelRef(name=name, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=parent, compression=compression, train_seconds=seconds)
 
 
