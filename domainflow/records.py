@@ -52,3 +52,4 @@ class Evaluation(BaseModel):
     latency_ms_p50: float | None = None
     latency_ms_p95: float | None = None
     peak_rss_mb: float | None = Field(None, description="peak resident memory of a process that loads the model and classifies a batch")
+    answer_policy: dict[str, float] = Field(default_factory=dict, description="for a domain with a retrieval fallback: how test texts are answered (confidently, by the nearest known question, escalated) and how well")

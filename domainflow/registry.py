@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from domainflow import settings
 
@@ -324,6 +324,7 @@ class ModelRegistry:
         lineage: dict,
         decision: dict,
         model_card: Path | None = None,
+        model_extras: Sequence[Path] = (),
         expected_champion: int | None | object = _ANY,
     ) -> VersionInfo:
         """Store ``model_dir`` as the next version and make it the champion, atomically.
@@ -333,7 +334,8 @@ class ModelRegistry:
         written and leaves the old champion in place. ``expected_champion`` (optional) makes the
         swap conditional: the gate compared the challenger with a particular champion, and if
         another run promoted meanwhile, this promotion is refused instead of replacing a model it
-        was never compared with.
+        was never compared with. ``model_extras`` are files that belong with the model but were made
+        after it (e.g. its retrieval index): they are copied into the version's ``model/`` folder.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -366,6 +368,8 @@ class ModelRegistry:
             try:
                 tmp.mkdir()
                 _copy_tree(model_dir, tmp / "model")
+                for extra in model_extras:
+                    _copy_file(str(extra), str(tmp / "model" / Path(extra).name))
                 _write_json_atomic(tmp / "metrics.json", metrics)
                 _write_json_atomic(tmp / "lineage.json", full_lineage)
                 _write_json_atomic(tmp / "decision.json", decision)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import importlib
 
-from domains.base import CompressionDefaults, DataSource, DomainSpec, QualityGates, TrainingDefaults, get_domain, list_domains, register
+from domains.base import (
+    CompressionDefaults,
+    DataSource,
+    DomainSpec,
+    QualityGates,
+    RetrievalFallback,
+    TrainingDefaults,
+    get_domain,
+    list_domains,
+    register,
+)
 
 BUILTIN_DOMAIN_MODULES = ("domains.customer_service", "domains.finance_sentiment", "domains.recommendation")
 
@@ -13,6 +23,7 @@ __all__ = [
     "DataSource",
     "DomainSpec",
     "QualityGates",
+    "RetrievalFallback",
     "TrainingDefaults",
     "get_domain",
     "list_domains",

@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from domainflow import settings
+
+if TYPE_CHECKING:
+    from domainflow.retrieval import Nearest
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,20 @@ class CompressionDefaults:
 
 
 @dataclass(frozen=True)
+class RetrievalFallback:
+    """Answer an unsure prediction from the nearest known question (a training text) when it is close enough.
+
+    * ``consult_below``: top-class probability under which the classifier's own answer is not trusted;
+    * ``target_precision``: how often an answer taken from the nearest known question must be right.
+      The similarity threshold that achieves it is calibrated per model on the validation split
+      (see ``domainflow.retrieval``); a model for which none does never answers by retrieval.
+    """
+
+    consult_below: float = 0.5
+    target_precision: float = 0.9
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     """Everything the pipeline needs to know about one business use case."""
 
@@ -120,6 +137,7 @@ class DomainSpec:
     gates: QualityGates = field(default_factory=QualityGates)
     training: TrainingDefaults = field(default_factory=TrainingDefaults)
     compression: CompressionDefaults = field(default_factory=CompressionDefaults)
+    retrieval: RetrievalFallback | None = None
     task_kind: str = "text_classification"
     default_model: str = "minilm"
     max_length: int = 128
@@ -150,8 +168,12 @@ class DomainSpec:
     def _name_to_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.label_names)}
 
-    def respond(self, label: str, score: float) -> dict[str, Any]:
-        """What the business does with a prediction (reply, escalation, alert…). Default: nothing."""
+    def respond(self, label: str, score: float, nearest: "Nearest | None" = None) -> dict[str, Any]:
+        """What the business does with a prediction (reply, escalation, alert…). Default: nothing.
+
+        ``nearest`` is the closest known question, given when the domain declares a retrieval
+        fallback and the prediction's score is under its ``consult_below``.
+        """
         return {}
 
 

@@ -51,7 +51,7 @@ class FinanceSentimentSpec(DomainSpec):
 
     monitoring: MonitorConfig = field(default_factory=lambda: MonitorConfig(negative_label=NEGATIVE_LABEL, keywords=KEYWORDS, surge=SurgeRule()))
 
-    def respond(self, label: str, score: float) -> dict[str, Any]:
+    def respond(self, label: str, score: float, nearest: Any = None) -> dict[str, Any]:
         """A bearish prediction is a negative signal that monitoring counts towards surges."""
         signal = {"bearish": "negative", "bullish": "positive"}.get(label, "neutral")
         return {"signal": signal}

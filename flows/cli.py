@@ -110,10 +110,11 @@ def predict(
     top_k: int = typer.Option(3, min=1, help="Labels to show per text."),
 ) -> None:
     """Classify TEXTS with the domain's champion and show what the domain would do with each prediction."""
-    from domainflow.modeling import load_classifier, predict_proba
+    from domainflow.modeling import load_classifier
     from domainflow.registry import ModelRegistry, RegistryError
+    from domainflow.retrieval import QuestionIndex
     from domains import get_domain
-    from serving.inference import TextScores, prediction_record
+    from serving.inference import prediction_record, score_texts
 
     spec = get_domain(domain)
     try:
@@ -123,13 +124,11 @@ def predict(
     if champion is None:
         _fail(f"no champion for {domain}: run `domainflow run {domain}` first")
     loaded = load_classifier(champion.model_dir)
-    probabilities = predict_proba(loaded, texts)
-    k = min(top_k, len(loaded.label_names))
-    results = []
-    for text, row in zip(texts, probabilities):
-        scores, indices = row.topk(k)
-        top = TextScores(tuple(loaded.label_names[int(i)] for i in indices), tuple(float(v) for v in scores))
-        results.append({"text": text, **prediction_record(spec, text, top, k, ndigits=4)})
+    index = QuestionIndex.load(champion.model_dir) if spec.retrieval is not None else None
+    results = [
+        {"text": text, **prediction_record(spec, text, scores, top_k, ndigits=4)}
+        for text, scores in zip(texts, score_texts(loaded, index, spec, list(texts), top_k))
+    ]
     console.print_json(json.dumps({"domain": domain, "version": champion.version, "predictions": results}))
 
 

@@ -6,26 +6,48 @@ Split from the HTTP layer so that ``domainflow predict`` and the service can sha
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from domainflow.modeling import predict_proba
+from domainflow.modeling import LoadedClassifier, predict_proba
+from domainflow.retrieval import Nearest, QuestionIndex, normalized_embeddings
 from domains.base import DomainSpec
 from serving.model_store import DomainSlot, ServedModel
 
 
 @dataclass(frozen=True)
 class TextScores:
-    """The best ``k`` labels of one text, best first (k = the most any request may ask for)."""
+    """The best ``k`` labels of one text, best first (k = the most any request may ask for), and
+    the nearest known question when the domain has a retrieval fallback and the text was unsure."""
 
     labels: tuple[str, ...]
     scores: tuple[float, ...]
+    nearest: Nearest | None = None
 
 
 class NoModelError(RuntimeError):
     """The domain has no loaded champion (never promoted, or its only champion failed to load)."""
+
+
+def score_texts(loaded: LoadedClassifier, index: QuestionIndex | None, spec: DomainSpec, texts: list[str], max_top_k: int) -> list[TextScores]:
+    """Top-k labels per text; for the unsure ones (under the domain's ``consult_below``), the nearest known question.
+
+    Retrieval costs a second pass over the unsure texts only, which a good model keeps few.
+    """
+    probabilities = predict_proba(loaded, texts, batch_size=max(len(texts), 1))
+    k = min(max_top_k, probabilities.shape[1])
+    scores, indices = probabilities.topk(k, dim=1)
+    nearest: dict[int, Nearest] = {}
+    if index is not None and spec.retrieval is not None:
+        unsure = [row for row, top in enumerate(scores[:, 0].tolist()) if top < spec.retrieval.consult_below]
+        if unsure:
+            found = index.nearest(normalized_embeddings(loaded, [texts[row] for row in unsure]))
+            nearest = dict(zip(unsure, found))
+    names = loaded.label_names
+    return [
+        TextScores(tuple(names[i] for i in row_indices), tuple(row_scores), nearest.get(row))
+        for row, (row_scores, row_indices) in enumerate(zip(scores.tolist(), indices.tolist()))
+    ]
 
 
 def batch_function(slot: DomainSlot, max_top_k: int) -> Callable[[list[str]], tuple[ServedModel, list[TextScores]]]:
@@ -39,36 +61,9 @@ def batch_function(slot: DomainSlot, max_top_k: int) -> Callable[[list[str]], tu
         served = slot.current
         if served is None:
             raise NoModelError(f"no model loaded for {slot.domain}")
-        probabilities = predict_proba(served.loaded, texts, batch_size=max(len(texts), 1))
-        k = min(max_top_k, probabilities.shape[1])
-        scores, indices = probabilities.topk(k, dim=1)
-        names = served.label_names
-        return served, [
-            TextScores(tuple(names[i] for i in row_indices), tuple(row_scores))
-            for row_scores, row_indices in zip(scores.tolist(), indices.tolist())
-        ]
+        return served, score_texts(served.loaded, served.index, slot.spec, texts, max_top_k)
 
     return run
-
-
-@functools.lru_cache(maxsize=None)
-def _respond_takes_text(spec_type: type) -> bool:
-    try:
-        return "text" in inspect.signature(spec_type.respond).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def domain_response(spec: DomainSpec, text: str, label: str, score: float) -> dict[str, Any]:
-    """What the domain does with a prediction (reply, escalation, ...).
-
-    ``spec.respond(label, score)`` is the contract today. A domain with a retrieval fallback needs
-    the text itself to find the nearest known question, so a ``respond`` that declares a ``text``
-    parameter gets it; the response schema already carries ``nearest_question``.
-    """
-    if _respond_takes_text(type(spec)):
-        return dict(spec.respond(label, score, text=text))  # type: ignore[call-arg]
-    return dict(spec.respond(label, score))
 
 
 def prediction_record(spec: DomainSpec, text: str, scores: TextScores, top_k: int, ndigits: int = 6) -> dict[str, Any]:
@@ -79,7 +74,7 @@ def prediction_record(spec: DomainSpec, text: str, scores: TextScores, top_k: in
         "score": round(score, ndigits),
         "top_k": [{"label": l, "score": round(s, ndigits)} for l, s in zip(scores.labels[:top_k], scores.scores[:top_k])],
     }
-    response = domain_response(spec, text, label, score)
+    response = dict(spec.respond(label, score, nearest=scores.nearest))
     for key in ("action", "reply"):
         if key in response:
             record[key] = response.pop(key)

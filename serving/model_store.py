@@ -27,6 +27,7 @@ from typing import Callable
 
 from domainflow.modeling import LoadedClassifier, load_classifier, predict_proba
 from domainflow.registry import ModelRegistry, VersionInfo
+from domainflow.retrieval import QuestionIndex
 from domains.base import DomainSpec
 
 log = logging.getLogger("domainflow.serving")
@@ -44,6 +45,7 @@ class ServedModel:
     model_dir: Path
     loaded: LoadedClassifier
     loaded_at: str
+    index: QuestionIndex | None = None  # known questions, for a domain with a retrieval fallback
 
     @property
     def label_names(self) -> list[str]:
@@ -90,6 +92,9 @@ def load_served_model(slot: DomainSlot, info: VersionInfo) -> ServedModel:
     probabilities = predict_proba(loaded, ["warm-up: is this model able to predict?"])
     if probabilities.shape != (1, len(loaded.label_names)) or not bool(probabilities.isfinite().all()):
         raise ValueError(f"{slot.domain} v{info.version}: warm-up prediction is not a finite probability row")
+    index = QuestionIndex.load(info.model_dir) if slot.spec.retrieval is not None else None
+    if index is not None and set(index.labels) - set(loaded.label_names):
+        raise ValueError(f"{slot.domain} v{info.version}: its retrieval index names labels the model does not know")
     return ServedModel(
         domain=slot.domain,
         version=info.version,
@@ -97,6 +102,7 @@ def load_served_model(slot: DomainSlot, info: VersionInfo) -> ServedModel:
         model_dir=info.model_dir,
         loaded=loaded,
         loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        index=index,
     )
 
 

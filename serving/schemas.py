@@ -46,14 +46,15 @@ class NearestQuestion(BaseModel):
     model_config = ConfigDict(extra="allow")
     question: str
     label: str | None = None
-    similarity: float | None = None
+    similarity: float | None = Field(None, description="Cosine similarity of the text to the known question.")
+    close_enough: bool | None = Field(None, description="Whether it passed the model's calibrated threshold, so its reply was used.")
 
 
 class Prediction(BaseModel):
     label: str = Field(description="The most likely label.")
     score: float = Field(description="Its probability.")
     top_k: list[LabelScore] = Field(description="The best labels, best first.")
-    action: str | None = Field(None, description="What the domain does: e.g. 'reply' or 'escalate' for customer_service.")
+    action: str | None = Field(None, description="What the domain does: for customer_service 'reply', 'reply_from_similar_question' or 'escalate'.")
     reply: str | None = Field(None, description="The reply template, or the escalation message.")
     nearest_question: NearestQuestion | None = None
     details: dict[str, Any] | None = Field(None, description="Anything else the domain's response carries.")

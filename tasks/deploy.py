@@ -23,8 +23,10 @@ from domainflow.gates import decide
 from domainflow.logs import run_logger
 from domainflow.records import Evaluation
 from domainflow.registry import ModelRegistry, RegistryError
+from domainflow.retrieval import INDEX_FILES
 from domains.base import DomainSpec
 from tasks.artifacts import artifact_key
+from tasks.evaluate import RETRIEVAL_DIR
 
 
 def git_commit() -> str | None:
@@ -143,6 +145,7 @@ def apply_decision(
             lineage=lineage,
             decision={**decision, "decision_file": lineage["decision_file"]},
             model_card=card if card.is_file() else None,
+            model_extras=[Path(chosen.report_dir) / RETRIEVAL_DIR / name for name in INDEX_FILES if (Path(chosen.report_dir) / RETRIEVAL_DIR / name).is_file()],
             expected_champion=champion_version,
         )
         version = info.version

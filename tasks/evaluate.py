@@ -23,15 +23,19 @@ from domainflow.fingerprint import value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import (
+    LoadedClassifier,
     count_parameters,
     directory_size,
     load_classifier,
     predict_proba,
 )
 from domainflow.records import DatasetRef, Evaluation, ModelRef
-from domains import get_domain
+from domainflow.retrieval import build_index, fallback_policy
+from domains import RetrievalFallback, get_domain
 from tasks.artifacts import artifact_key, png_data_uri
 from tasks.caching import CODE_AND_INPUTS
+
+RETRIEVAL_DIR = "retrieval"  # the candidate's known-question index, inside its report folder
 
 
 def weights_bytes(model: torch.nn.Module) -> int:
@@ -108,11 +112,16 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) 
 
     results: dict[str, Any] = {}
     predictions: dict[str, np.ndarray] = {}
+    probabilities: dict[str, torch.Tensor] = {}
     for split in ("test", "validation"):
         texts = list(splits[split]["text"])
         references = np.asarray(splits[split]["label"])
-        predictions[split] = predict_proba(loaded, texts).argmax(dim=1).numpy()
+        probabilities[split] = predict_proba(loaded, texts)
+        predictions[split] = probabilities[split].argmax(dim=1).numpy()
         results[split] = compute_metrics(spec.metrics, predictions[split], references)
+    if spec.retrieval is not None:
+        results["answer_policy"] = build_retrieval_fallback(spec.retrieval, loaded, splits, probabilities, out_dir / RETRIEVAL_DIR)
+        log.info("%s: answer policy on test %s", candidate.name, ", ".join(f"{k}={v:.3f}" for k, v in results["answer_policy"].items()))
     test_labels = np.asarray(splits["test"]["label"])
     results["parameters"] = count_parameters(loaded.model)
     results["size_bytes"] = weights_bytes(loaded.model)
@@ -134,7 +143,25 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) 
         disk_bytes=results["disk_bytes"],
         zero_fraction=results["zero_fraction"],
         report_dir=str(out_dir),
+        answer_policy=results.get("answer_policy", {}),
     )
+
+
+def build_retrieval_fallback(fallback: RetrievalFallback, loaded: LoadedClassifier, splits: Any, probabilities: dict[str, torch.Tensor], out_dir: Path) -> dict[str, float]:
+    """Index the training texts as known questions, calibrate on the unsure validation texts, save
+    the index beside the report (deploy ships it with the model), and measure the policy on test."""
+    unsure = np.nonzero((probabilities["validation"].max(dim=1).values < fallback.consult_below).numpy())[0].tolist()
+    validation = splits["validation"].select(unsure)
+    index = build_index(
+        loaded,
+        list(splits["train"]["text"]),
+        list(splits["train"]["label"]),
+        list(validation["text"]),
+        list(validation["label"]),
+        target_precision=fallback.target_precision,
+    )
+    index.save(out_dir)
+    return fallback_policy(index, loaded, list(splits["test"]["text"]), probabilities["test"], list(splits["test"]["label"]), fallback.consult_below)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

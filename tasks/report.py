@@ -123,11 +123,30 @@ def model_card(spec: DomainSpec, ev: Evaluation, dataset: DatasetRef, compressio
         compression_table,
         "Unstructured sparsity leaves dense matrices of the same shape: it saves neither time nor disk in PyTorch's dense kernels.",
         "",
+        *answer_policy_lines(spec, ev),
         "## Intended use and limits",
         "- Trained for this domain's labels only; texts far from the training data get low confidence and should go to the domain's fallback.",
         "- All figures come from one test split on one machine.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def answer_policy_lines(spec: DomainSpec, ev: Evaluation) -> list[str]:
+    """The retrieval fallback's figures on test, for a domain that declares one."""
+    policy = ev.answer_policy
+    if spec.retrieval is None or not policy:
+        return []
+    threshold = policy.get("similarity_threshold")
+    precision = policy.get("retrieval_precision")
+    return [
+        f"## Answer policy on the test set (confidence threshold {spec.retrieval.consult_below})",
+        f"- Answered confidently: {policy['answered_confidently']:.1%} of texts, {policy['confident_accuracy']:.1%} of them correctly",
+        f"- Answered from the nearest known question: {policy['answered_by_retrieval']:.1%}"
+        + (f", {precision:.1%} correctly" if precision is not None else "")
+        + (f" (similarity ≥ {threshold:.3f}, calibrated on validation for {spec.retrieval.target_precision:.0%} precision)" if threshold is not None else " (no similarity threshold reached the target precision on validation: retrieval never answers)"),
+        f"- Escalated to a person: {policy['escalated']:.1%} (without retrieval: {policy['escalated_without_retrieval']:.1%}); accuracy of all automatic answers {policy['answered_accuracy']:.1%}",
+        "",
+    ]
 
 
 def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef) -> Path:

@@ -109,6 +109,13 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     assert by_name[f"{reference}-int8"]["weights_mb"] < by_name[reference]["weights_mb"]
     card = (Path(champion.path) / "model_card.md").read_text()
     assert "Compression report of this run" in card and "distilled-l1-int8" in card
+    # The domain's retrieval fallback ships with the champion: its index, and its figures in the card.
+    assert {"retrieval.safetensors", "retrieval.json"} <= {p.name for p in champion.model_dir.iterdir()}
+    assert "Answer policy on the test set" in card
+    chosen = next(row["candidate"] for row in first["candidates"] if row["chosen"])
+    policy = json.loads(next(r for r in reports if r.name.rsplit("-", 1)[0] == chosen).joinpath("metrics.json").read_text())["answer_policy"]
+    assert policy["answered_confidently"] + policy["answered_by_retrieval"] + policy["escalated"] == pytest.approx(1.0)
+    assert policy["escalated"] <= policy["escalated_without_retrieval"]
 
     # 3. An identical rerun: every step is cached, and the tie keeps the champion.
     with monkeypatch.context() as patch:

@@ -256,7 +256,7 @@ def test_predictions_are_the_models_with_replies_and_escalations(served: Threade
         escalate = prediction.score < spec.confidence_threshold
         assert prediction.action == ("escalate" if escalate else "reply")
         assert prediction.reply == (ESCALATION_REPLY if escalate else REPLY_TEMPLATES[prediction.label])
-        assert prediction.nearest_question is None  # no retrieval fallback in customer_service yet
+        assert prediction.nearest_question is None  # these versions were registered without a retrieval index
         actions.add(prediction.action)
     assert actions == {"reply", "escalate"}, "the v1 head should give both confident and unconfident answers on these texts"
 
@@ -536,24 +536,36 @@ def test_only_text_classification_domains_are_served(tmp_path: Path) -> None:
         create_app(ServingConfig(registry_root=tmp_path, domains=("nope",)), api_keys=keys)
 
 
-def test_a_domain_with_a_retrieval_fallback_can_return_the_nearest_question(tiny_domain: str) -> None:
-    """The response schema carries ``nearest_question``; a ``respond`` that declares ``text`` receives it."""
+def test_a_domain_with_a_retrieval_fallback_returns_the_nearest_question(tiny_domain: str) -> None:
+    """An unsure prediction with a close known question is answered from it; without one it is escalated
+    with the question as a hint; a confident one ignores retrieval. Extra keys of a response go to ``details``."""
     from dataclasses import dataclass, replace
 
+    from domainflow.retrieval import Nearest
     from serving.inference import TextScores, prediction_record
     from serving.schemas import Prediction
 
     base = get_domain(tiny_domain)
+    unsure = (("card_arrival", "pin_blocked"), (0.3, 0.2))
+    close = Nearest("my card still hasn't come", "card_arrival", 0.93, close_enough=True)
+    far = Nearest("how do I change my PIN", "pin_blocked", 0.41, close_enough=False)
+
+    retrieved = Prediction.model_validate(prediction_record(base, "where is my card", TextScores(*unsure, close), top_k=1))
+    assert retrieved.action == "reply_from_similar_question" and retrieved.reply == REPLY_TEMPLATES["card_arrival"]
+    assert retrieved.nearest_question.question == "my card still hasn't come" and retrieved.nearest_question.similarity == 0.93
+
+    escalated = Prediction.model_validate(prediction_record(base, "hmm", TextScores(*unsure, far), top_k=1))
+    assert escalated.action == "escalate" and escalated.reply == ESCALATION_REPLY and escalated.nearest_question.close_enough is False
+
+    confident = Prediction.model_validate(prediction_record(base, "where is my card", TextScores(("card_arrival", "pin_blocked"), (0.9, 0.1)), top_k=2))
+    assert confident.action == "reply" and confident.nearest_question is None and [p.label for p in confident.top_k] == ["card_arrival", "pin_blocked"]
 
     @dataclass(frozen=True)
-    class WithRetrieval(type(base)):  # type: ignore[misc]
-        def respond(self, label: str, score: float, text: str | None = None) -> dict[str, Any]:
-            return {**super().respond(label, score), "nearest_question": {"question": f"known question like {text!r}", "similarity": 0.8}, "ticket_queue": "cards"}
+    class WithTicketQueue(type(base)):  # type: ignore[misc]
+        def respond(self, label: str, score: float, nearest: Nearest | None = None) -> dict[str, Any]:
+            return {**super().respond(label, score, nearest), "ticket_queue": "cards"}
 
-    spec = WithRetrieval(**{f: getattr(base, f) for f in base.__dataclass_fields__})
-    scores = TextScores(("card_arrival", "pin_blocked"), (0.9, 0.1))
-    record = Prediction.model_validate(prediction_record(spec, "where is my card", scores, top_k=1))
-    assert record.nearest_question is not None and record.nearest_question.question == "known question like 'where is my card'"
-    assert record.action == "reply" and record.details == {"ticket_queue": "cards"} and len(record.top_k) == 1
-    plain = Prediction.model_validate(prediction_record(replace(base), "where is my card", scores, top_k=2))
-    assert plain.nearest_question is None and plain.details is None and [p.label for p in plain.top_k] == ["card_arrival", "pin_blocked"]
+    spec = WithTicketQueue(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    record = Prediction.model_validate(prediction_record(spec, "where is my card", TextScores(*unsure, far), top_k=1))
+    assert record.details == {"ticket_queue": "cards"} and record.action == "escalate"
+    assert Prediction.model_validate(prediction_record(replace(base), "x", TextScores(*unsure), top_k=2)).nearest_question is None
