@@ -40,14 +40,10 @@ def run(
     refresh_cache: bool = typer.Option(False, "--refresh-cache", help="Recompute every step instead of reusing cached results."),
 ) -> None:
     """Run ingest → fine-tune → compress → evaluate → deploy for DOMAIN and print the candidates and the gate's decision."""
-    from domains import get_domain
     from flows.pipeline import domain_pipeline
     from tasks.ingest import DataValidationError
 
-    try:
-        get_domain(domain)
-    except KeyError as exc:
-        _fail(str(exc).strip("'\""))
+    _domain_spec(domain)
     started = time.perf_counter()
     try:
         summary = domain_pipeline(
@@ -113,10 +109,9 @@ def predict(
     from domainflow.modeling import load_classifier
     from domainflow.registry import ModelRegistry, RegistryError
     from domainflow.retrieval import QuestionIndex
-    from domains import get_domain
     from serving.inference import prediction_record, score_texts
 
-    spec = get_domain(domain)
+    spec = _domain_spec(domain)
     try:
         champion = ModelRegistry(domain).champion()
     except RegistryError as exc:
@@ -191,6 +186,16 @@ def registry_rollback(
     except RegistryError as exc:
         _fail(str(exc))
     console.print(f"{domain}: champion is now version {info.version} ({info.path})")
+
+
+def _domain_spec(domain: str):  # noqa: ANN202 - DomainSpec, imported lazily to keep --help fast
+    """The registered domain, or a clear error listing the known ones."""
+    from domains import get_domain
+
+    try:
+        return get_domain(domain)
+    except KeyError as exc:
+        _fail(str(exc).strip("'\""))
 
 
 def _fail(message: str) -> None:
