@@ -205,10 +205,8 @@ def item_tables(data: RankingData, spec: Any, encoder_dir: Path, config: TwoTowe
                        weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, seed=config.seed)
     all_users = base["user_id"].map(data.index.user_pos).to_numpy()
     all_items = base["item_id"].map(data.index.item_pos).to_numpy()
-    from transformers import AutoModel, AutoTokenizer
-
-    tower = TwoTower(AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False))
-    embeddings = encode(tower, AutoTokenizer.from_pretrained(encoder_dir), data.item_texts, config.item_max_length)
+    encoder, tokenizer = load_encoder(str(encoder_dir))
+    embeddings = encode(TwoTower(encoder), tokenizer, data.item_texts, config.item_max_length)
     return ItemTables(
         item_embeddings=embeddings,
         popularity=bl.popularity_scores(items, num_items),

@@ -128,12 +128,12 @@ def test_sample_groups_take_only_candidates() -> None:
 
 def test_bundle_answers_and_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A bundle with the real (2-layer) encoder and the hand tables above, scored by text only."""
+    from domainflow.modeling import load_encoder
     from domainflow.recsys.two_tower import TwoTower, encode
-    from transformers import AutoModel, AutoTokenizer
 
     texts = ["Alpha (1990)", "Beta (1995)", "Gamma (2010)", "Delta"]
-    tower = TwoTower(AutoModel.from_pretrained(tiny_model_dir, add_pooling_layer=False))
-    embeddings = encode(tower, AutoTokenizer.from_pretrained(tiny_model_dir), texts, 16)
+    encoder, tokenizer = load_encoder(str(tiny_model_dir))
+    embeddings = encode(TwoTower(encoder), tokenizer, texts, 16)
     items = {"item_id": ["a", "b", "c", "d"], "title": ["Alpha", "Beta", "Gamma", "Delta"], "text": texts}
     spec = get_domain("recommendation")
     path = write_bundle(tmp_path / "bundle", encoder_dir=tiny_model_dir, items=items, tables=small_tables(embeddings), scorer="text",

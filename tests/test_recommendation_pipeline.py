@@ -116,13 +116,13 @@ def test_two_tower_training_lowered_its_loss_and_beat_the_untrained_encoder(firs
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
 
     # The same validation users scored by the untrained encoder (no lexical overlap between titles).
-    from transformers import AutoModel, AutoTokenizer
+    from domainflow.modeling import load_encoder
 
     spec = get_domain(series["domain"])
     data = RankingData.load(first_run["dataset"]["path"])
     valid = data.stage("valid")
-    tower = TwoTower(AutoModel.from_pretrained(series["model"], add_pooling_layer=False))
-    tokenizer = AutoTokenizer.from_pretrained(series["model"])
+    encoder, tokenizer = load_encoder(series["model"])
+    tower = TwoTower(encoder)
     items = encode(tower, tokenizer, data.item_texts, spec.item_max_length)
     users = encode(tower, tokenizer, [spec.history_text([data.item_texts[i] for i in h]) for h in valid.histories], spec.history_max_length)
     untrained = ranking_metrics(target_ranks(users @ items.T, valid.targets, valid.excluded))["ndcg_at_10"]

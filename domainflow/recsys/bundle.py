@@ -104,15 +104,16 @@ def read_bundle_metadata(path: Path) -> dict[str, Any]:
 
 def load_user_tower(encoder_dir: Path, compression: str | None) -> tuple[TwoTower, Any]:
     """The encoder from safetensors (never a pickle), quantized when the bundle says so."""
-    from transformers import AutoModel, AutoTokenizer
+    from domainflow.modeling import load_encoder
 
-    model = TwoTower(AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False))
+    encoder, tokenizer = load_encoder(str(encoder_dir))
+    model = TwoTower(encoder)
     model.eval()
     if compression:
         from domainflow.compression import apply_recipe
 
         model = apply_recipe(model, compression)
-    return model, AutoTokenizer.from_pretrained(encoder_dir)
+    return model, tokenizer
 
 
 class Recommender:
