@@ -162,7 +162,7 @@ def recommend(
         items = recommender.recommend(history=history or [], texts=text or [], candidates=candidate or None, k=top_k)
     except ValueError as exc:  # empty history, unknown item ids
         _fail(str(exc))
-    console.print_json(json.dumps(rank_record(domain, champion.version, recommender.scorer, items, ndigits=4)))
+    console.print_json(json.dumps(rank_record(domain, champion.version, recommender.scorer_for(history or []), items, ndigits=4)))
 
 
 @registry_app.command("list")

@@ -64,7 +64,7 @@ class RankedItem(BaseModel):
 class RankResponse(BaseModel):
     domain: str
     version: int = Field(description="Registry version of the model that answered.")
-    scorer: str = Field(description="'ranker' (text score + collaborative features) or 'text' (two-tower cosine).")
+    scorer: str = Field(description="'ranker' (text score + collaborative features) or 'text' (two-tower cosine: a text-only model, or a history of free texts only).")
     items: list[RankedItem]
 
 
@@ -96,7 +96,7 @@ async def rank(served: Any, body: Any, executor: Executor) -> dict[str, Any]:
     recommender: Recommender = served.loaded
     loop = asyncio.get_running_loop()
     items = await loop.run_in_executor(executor, lambda: recommender.recommend(history=body.history, texts=body.history_texts, candidates=body.candidates, k=body.top_k))
-    return rank_record(served.domain, served.version, recommender.scorer, items)
+    return rank_record(served.domain, served.version, recommender.scorer_for(body.history), items)
 
 
 def unknown_items_detail(exc: UnknownItemsError) -> dict[str, Any]:

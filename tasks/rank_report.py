@@ -94,8 +94,8 @@ def model_card(spec: Any, dataset: RankingDatasetRef, baselines_ref: BaselinesRe
         "Ranks the catalogue for a user given their history (item ids and/or free texts): the user tower "
         f"(MiniLM, {layers} layers, mean pooling) reads the history text, most recent item first, truncated to "
         f"{metadata['history_max_length']} tokens; item vectors are precomputed; score = "
-        + ("cosine similarity." if metadata["scorer"] == "text" else "a conditional logit over the text score and the features "
-           f"{', '.join(metadata['features'])}.")
+        + ("cosine similarity." if metadata["scorer"] == "text" else f"a conditional logit over the features {', '.join(metadata['features'])} "
+           "(a history of free texts only is scored by the text model's cosine).")
         + (f" The user tower is int8 dynamically quantized at load time ({metadata['compression']})." if metadata.get("compression") else ""),
         "",
         "## Evaluation protocol",

@@ -172,7 +172,7 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
     for u, positive in zip(base["user_id"].map(data.index.user_pos).to_numpy(), base["positive"].to_numpy(dtype=bool)):
         flags[u].append(bool(positive))
     pairs = training_pairs(histories, flags, data.item_texts, spec.history_text, pairs_per_user=config.pairs_per_user, max_pairs=config.max_pairs, seed=config.seed)
-    log.info("two-tower: %d training pairs, %d epoch(s) of batches of %d", len(pairs), config.epochs, config.batch_size)
+    log.info("two-tower: %d training pairs, %g epoch(s) of batches of %d", len(pairs), config.epochs, config.batch_size)
     result = train_two_tower(model, tokenizer, pairs, data.item_texts, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
                              temperature=config.temperature, warmup_ratio=config.warmup_ratio, history_max_length=config.history_max_length,
                              item_max_length=config.item_max_length, seed=config.seed, log=log)

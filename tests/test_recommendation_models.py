@@ -157,8 +157,12 @@ def test_bundle_answers_and_errors(tiny_model_dir: Path, tmp_path: Path) -> None
     ranker_bundle = write_bundle(tmp_path / "ranked", encoder_dir=tiny_model_dir, items=items, tables=small_tables(embeddings), scorer="ranker",
                                  text_lengths={"history_max_length": 32, "item_max_length": 16, "history_items": 20},
                                  ranker=LinearRanker(FEATURES, np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.eye(len(FEATURES))[3]))
-    by_cooc = Recommender(ranker_bundle, spec.history_text).recommend(history=["a"], k=3)
+    ranked_by = Recommender(ranker_bundle, spec.history_text)
+    by_cooc = ranked_by.recommend(history=["a"], k=3)
     assert [r.item_id for r in by_cooc] == ["b", "c", "d"] and [r.score for r in by_cooc] == pytest.approx([1.0, 0.5, 0.0])  # weight only on cooc_recent
+    # A history of free texts only has no collaborative features: the text model answers it.
+    assert ranked_by.scorer_for(["a"]) == "ranker" and ranked_by.scorer_for([]) == "text"
+    assert ranked_by.recommend(texts=["a film about Gamma"], k=4) == recommender.recommend(texts=["a film about Gamma"], k=4)
     assert not list(Path(ranker_bundle).rglob("*.pkl")) and not list(Path(ranker_bundle).rglob("*.bin"))
 
 

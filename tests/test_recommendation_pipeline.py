@@ -183,7 +183,7 @@ def test_rank_endpoint_answers_like_the_cli(rank_server: Any, series: dict[str, 
         restricted = client.post(f"/v1/{domain}/rank", json={"history": history, "candidates": ["m20", "m06", "m33"], "top_k": 10}).json()["items"]
         assert [i["item_id"] for i in restricted][0] == "m06" and {i["item_id"] for i in restricted} == {"m20", "m06", "m33"}
         free = client.post(f"/v1/{domain}/rank", json={"history_texts": ["an evening of invented films"], "top_k": 2})
-        assert free.status_code == 200 and len(free.json()["items"]) == 2
+        assert free.status_code == 200 and len(free.json()["items"]) == 2 and free.json()["scorer"] == "text"  # no catalogue item: the text model answers
 
         def message(payload: Any) -> str:
             answer = client.post(f"/v1/{domain}/rank", json=payload)

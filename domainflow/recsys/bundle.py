@@ -152,9 +152,19 @@ class Recommender:
         with torch.inference_mode():
             return encode(self.model, self.tokenizer, texts, int(self.metadata["history_max_length"]))
 
+    def scorer_for(self, history: Sequence[object]) -> str:
+        """Which scorer answers a history: the ranker needs catalogue items in it.
+
+        Why: the ranker was fitted on histories of catalogue items, where its collaborative
+        features carry most of the signal; for a history of free texts only, those features are 0
+        and its weights (e.g. a negative weight on popularity, which BPR's item bias already
+        covers) rank obscure items first. The two-tower cosine is the model made for text.
+        """
+        return "ranker" if self.ranker is not None and len(history) else "text"
+
     def scores(self, history: Sequence[int], user_embedding: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
-        """Scores of the candidates (default: every item) for one history."""
-        if self.ranker is None:
+        """Scores of the candidates (default: every item) for one history (see :meth:`scorer_for`)."""
+        if self.scorer_for(history) == "text":
             items = slice(None) if candidates is None else candidates
             return self.tables.item_embeddings[items] @ user_embedding
         return self.ranker.score(history_features(self.tables, history, user_embedding, candidates))
@@ -181,7 +191,8 @@ class Recommender:
         """The top ``k`` items for a history of item ids and/or free texts.
 
         Without ``candidates`` every catalogue item outside the history competes; with them,
-        exactly those are ranked. Ties are broken by catalogue position, as in evaluation.
+        exactly those are ranked. Ties are broken by catalogue position, as in evaluation. A
+        history of free texts only is scored by the text model (:meth:`scorer_for`).
         """
         if not history and not texts:
             raise ValueError("history: give at least one item id or text")
