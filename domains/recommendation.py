@@ -16,9 +16,13 @@ Importing this module reads no data: MovieLens is fetched and read only when a r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from domains.base import DataSource, DomainSpec, QualityGates, register
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PROTOCOL = (
     "Implicit feedback: rating >= {threshold} is positive. Per user, interactions ordered by (timestamp, item_id); "
@@ -34,14 +38,17 @@ class TwoTowerDefaults:
     """Two-tower fine-tuning on a 2-core CPU: one pass over a capped sample of (history, next item) pairs.
 
     One shared MiniLM encodes both towers (mean pooling, L2-normalised; score = cosine / temperature);
-    the other items of a batch are the negatives.
+    the other items of a batch are the negatives, with the logQ correction. Measured on ML-100K
+    validation (2,000 pairs, 6 layers): NDCG@10 0.029 untrained, 0.021 after training without the
+    correction (lr 5e-5), 0.040 with it (lr 1e-4). A step costs ~20-30 s on this shared 2-core
+    machine, hence 2,000 pairs (32 steps) rather than more.
     """
 
     epochs: float = 1.0
     batch_size: int = 64
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     temperature: float = 0.05
-    max_pairs: int = 4000
+    max_pairs: int = 2000
     pairs_per_user: int = 6
     warmup_ratio: float = 0.1
 
@@ -67,13 +74,33 @@ class RecommendationSpec(DomainSpec):
     min_positives: int = 3
     k: int = 10
     history_items: int = 20
-    history_max_length: int = 128
+    # 64 tokens hold the ~5 most recent items: on ML-100K validation the untrained MiniLM scored
+    # NDCG@10 0.029 with 64 tokens vs 0.026 with 128, at half the encoding cost.
+    history_max_length: int = 64
     item_max_length: int = 48
     dataset: str = "movielens-100k"
     two_tower: TwoTowerDefaults = field(default_factory=TwoTowerDefaults)
     bpr: BprDefaults = field(default_factory=BprDefaults)
     ranker_negatives: int = 30
     baselines: tuple[str, ...] = ("popularity", "bpr")
+
+    def source_files(self, data_dir: str | Path | None = None, *, quiet: bool = False) -> dict[str, Path]:
+        """The interactions and items files: ``interactions.*`` + ``items.*`` in ``data_dir`` (a user's
+        own data), else MovieLens-100K, fetched on first use (its terms are printed every time)."""
+        from domainflow.recsys import data, movielens
+
+        if data_dir is not None:
+            return data.find_files(Path(data_dir))
+        folder = movielens.fetch_movielens(quiet=quiet)
+        return {"interactions": folder / "ml-100k.inter", "items": folder / "ml-100k.item"}
+
+    def read_source(self, files: dict[str, Path]) -> tuple["pd.DataFrame", "pd.DataFrame", dict[str, str]]:
+        """Raw interactions and items frames (validated later by ``domainflow.recsys.data.validate``)."""
+        from domainflow.recsys import data, movielens
+
+        if Path(files["interactions"]).suffix == ".inter":  # recbole's atomic files: MovieLens
+            return movielens.load_frames(Path(files["interactions"]).parent)
+        return data.read_table(files["interactions"]), data.read_table(files["items"]), {k: str(v) for k, v in files.items()}
 
     @property
     def protocol(self) -> str:

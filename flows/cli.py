@@ -40,13 +40,13 @@ def run(
     refresh_cache: bool = typer.Option(False, "--refresh-cache", help="Recompute every step instead of reusing cached results."),
 ) -> None:
     """Run ingest → fine-tune → compress → evaluate → deploy for DOMAIN and print the candidates and the gate's decision."""
-    from flows.pipeline import domain_pipeline
+    from flows.pipeline import pipeline_for
     from tasks.ingest import DataValidationError
 
     _domain_spec(domain)
     started = time.perf_counter()
     try:
-        summary = domain_pipeline(
+        summary = pipeline_for(domain)(
             domain=domain,
             model=model,
             data_dir=data_dir,
@@ -71,14 +71,15 @@ def _print_summary(summary: dict, seconds: float) -> None:
     rows = summary["candidates"]
     table = Table(title=f"{summary['domain']}: candidates (run took {seconds:.0f} s)")
     metric_columns = [c for c in (rows[0] if rows else {}) if c.startswith(("test_", "validation_"))]
-    columns = ["candidate", *metric_columns, "size_mb", "texts_per_second_batch1", "texts_per_second_batch32", "latency_ms_p50", "train_seconds"]
-    headers = {"size_mb": "MB", "texts_per_second_batch1": "texts/s b1", "texts_per_second_batch32": "texts/s b32", "latency_ms_p50": "p50 ms", "train_seconds": "train s"}
+    columns = summary.get("columns") or ["candidate", *metric_columns, "size_mb", "texts_per_second_batch1", "texts_per_second_batch32", "latency_ms_p50", "train_seconds"]
+    headers = {"size_mb": "MB", "texts_per_second_batch1": "texts/s b1", "texts_per_second_batch32": "texts/s b32", "latency_ms_p50": "p50 ms", "train_seconds": "train s",
+               "histories_per_second_batch32": "histories/s b32"}
     for column in columns:
         table.add_column(headers.get(column, column), justify="left" if column == "candidate" else "right")
     table.add_column("gate")
     for row in rows:
-        cells = [f"{row[c]:.4f}" if c in metric_columns and row[c] is not None else str(row[c]) for c in columns]
-        gate = "[bold green]chosen[/]" if row["chosen"] else ("[green]eligible[/]" if row["eligible"] else "[red]rejected[/]")
+        cells = [f"{row[c]:.4f}" if c in metric_columns and row[c] is not None else ("–" if row[c] is None else str(row[c])) for c in columns]
+        gate = "[bold green]chosen[/]" if row["chosen"] else ("[green]eligible[/]" if row["eligible"] else ("baseline" if row.get("role") == "baseline" else "[red]rejected[/]"))
         table.add_row(*cells, gate)
     console.print(table)
     for row in rows:
@@ -125,6 +126,37 @@ def predict(
         for text, scores in zip(texts, score_texts(loaded, index, spec, list(texts), top_k))
     ]
     console.print_json(json.dumps({"domain": domain, "version": champion.version, "predictions": results}))
+
+
+@app.command()
+def recommend(
+    history: Optional[list[str]] = typer.Argument(None, help="Item ids the user interacted with, oldest first."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Free text about what the user liked, read as the most recent history (repeatable)."),
+    candidate: Optional[list[str]] = typer.Option(None, "--candidate", help="An item id to rank (repeatable; default: every item not in the history)."),
+    top_k: int = typer.Option(10, min=1, max=100, help="How many items to show."),
+    domain: str = typer.Option("recommendation", help="A ranking domain."),
+) -> None:
+    """Rank items for a history with the domain's champion: the same answer as POST /v1/DOMAIN/rank."""
+    from domainflow.recsys.bundle import Recommender
+    from domainflow.registry import ModelRegistry, RegistryError
+    from domains import get_domain
+    from serving.ranking import RANKING_TASKS, rank_record
+
+    try:
+        spec = get_domain(domain)
+        champion = ModelRegistry(domain).champion()
+    except (KeyError, RegistryError) as exc:
+        _fail(str(exc).strip("'\""))
+    if spec.task_kind not in RANKING_TASKS:
+        _fail(f"{domain} is a {spec.task_kind} domain: use `domainflow predict {domain} TEXT`")
+    if champion is None:
+        _fail(f"no champion for {domain}: run `domainflow run {domain}` first")
+    recommender = Recommender(champion.model_dir, spec.history_text)
+    try:
+        items = recommender.recommend(history=history or [], texts=text or [], candidates=candidate or None, k=top_k)
+    except ValueError as exc:  # empty history, unknown item ids
+        _fail(str(exc))
+    console.print_json(json.dumps(rank_record(domain, champion.version, recommender.scorer_for(history or []), items, ndigits=4)))
 
 
 @registry_app.command("list")

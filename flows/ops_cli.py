@@ -66,7 +66,7 @@ def serve(
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (costs throughput)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
-    """Serve each domain's champion over HTTP: POST /v1/DOMAIN/predict (key in X-API-Key), /v1/domains, /healthz, /readyz, /metrics, /docs."""
+    """Serve each domain's champion over HTTP: POST /v1/DOMAIN/predict or, for ranking domains, /v1/DOMAIN/rank (key in X-API-Key), /v1/domains, /healthz, /readyz, /metrics, /docs."""
     import uvicorn
 
     from serving import ApiKeys, AuthConfigError, ServingConfig, create_app

@@ -64,6 +64,18 @@ def compress_candidates(methods: tuple[str, ...], reference: ModelRef, dataset: 
     return candidates
 
 
+def pipeline_for(domain: str) -> Any:
+    """The flow that trains ``domain``, chosen by its task kind (never by its name)."""
+    kind = get_domain(domain).task_kind
+    if kind == "ranking":
+        from flows.ranking import ranking_pipeline
+
+        return ranking_pipeline
+    if kind == "text_classification":
+        return domain_pipeline
+    raise ValueError(f"{domain}: no pipeline for task kind {kind!r}")
+
+
 @flow(name="domain-pipeline", log_prints=True)
 def domain_pipeline(
     domain: str = "customer_service",

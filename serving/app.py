@@ -1,4 +1,5 @@
-"""The FastAPI application: each domain's champion behind ``POST /v1/{domain}/predict``.
+"""The FastAPI application: each domain's champion behind ``POST /v1/{domain}/predict`` (text
+classification) or ``POST /v1/{domain}/rank`` (ranking, see :mod:`serving.ranking`).
 
 ``create_app`` wires the parts, each in its own module: API keys (:mod:`serving.auth`), limits
 (:mod:`serving.config`, :mod:`serving.schemas`), micro-batching (:mod:`serving.batching`), the
@@ -23,18 +24,27 @@ from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from domainflow.recsys.bundle import UnknownItemsError
+from domainflow.registry import VersionInfo
 from domains.base import get_domain, list_domains
 from serving.auth import ApiKeyMiddleware, ApiKeys, require_api_key
 from serving.batching import BatcherClosedError, MicroBatcher, QueueFullError
 from serving.config import ServingConfig
 from serving.inference import NoModelError, batch_function, prediction_record
 from serving.metrics import MetricsMiddleware, ServingMetrics
-from serving.model_store import DomainSlot, ModelStore
+from serving.model_store import DomainSlot, ModelStore, ServedModel, load_served_model
+from serving.ranking import RANKING_TASKS, RankResponse, load_recommender, rank, rank_request_model, unknown_items_detail
 from serving.schemas import DomainsResponse, DomainStatus, PredictResponse, request_model
 
 log = logging.getLogger("domainflow.serving")
 
-SERVABLE_TASKS = ("text_classification",)
+CLASSIFICATION_TASKS = ("text_classification",)
+SERVABLE_TASKS = CLASSIFICATION_TASKS + RANKING_TASKS
+
+
+def _load_champion(slot: DomainSlot, info: VersionInfo) -> ServedModel:
+    """A classifier or a recommender, by the domain's task kind."""
+    return load_recommender(slot, info) if slot.spec.task_kind in RANKING_TASKS else load_served_model(slot, info)
 
 
 
@@ -98,7 +108,7 @@ def _domain_status(slot: DomainSlot) -> DomainStatus:
 
 
 def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None = None) -> FastAPI:
-    """Build the service for ``config.domains`` (default: every registered text-classification domain) of ``config.registry_root``.
+    """Build the service for ``config.domains`` (default: every registered servable domain) of ``config.registry_root``.
 
     ``api_keys`` defaults to :meth:`ApiKeys.from_environment`, which raises when none is set:
     the service never starts open by accident.
@@ -108,15 +118,15 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     try:
         if config.domains:
             specs = {name: get_domain(name) for name in config.domains}
-        else:  # every registered text-classification domain (a ranking domain needs another endpoint)
+        else:  # every registered domain of a kind this service knows how to serve
             specs = {name: spec for name in list_domains() if (spec := get_domain(name)).task_kind in SERVABLE_TASKS}
     except KeyError as exc:
         raise ValueError(str(exc).strip("'\"")) from None
     other = sorted(name for name, spec in specs.items() if spec.task_kind not in SERVABLE_TASKS)
     if other:
-        raise ValueError(f"cannot serve {', '.join(other)}: /v1/DOMAIN/predict serves {', '.join(SERVABLE_TASKS)} domains only")
+        raise ValueError(f"cannot serve {', '.join(other)}: only {', '.join(SERVABLE_TASKS)} domains are served")
     if not specs:
-        raise ValueError("no text-classification domain is registered")
+        raise ValueError("no servable domain is registered")
     names = tuple(specs)
 
     metrics = ServingMetrics(names)
@@ -125,11 +135,13 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         metrics.model_loads.labels(slot.domain, "loaded" if succeeded else "failed").inc()
         metrics.model_version.labels(slot.domain).set(slot.current.version if slot.current else 0)
 
-    store = ModelStore.for_domains(specs, config.registry_root, poll_seconds=config.poll_seconds, retry_failed_load_seconds=config.retry_failed_load_seconds, on_load=on_load)
+    store = ModelStore.for_domains(specs, config.registry_root, poll_seconds=config.poll_seconds, retry_failed_load_seconds=config.retry_failed_load_seconds, on_load=on_load, loader=_load_champion)
     # One inference thread for all domains: two model calls at once on a small CPU only slow each other.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="domainflow-inference")
     batchers: dict[str, MicroBatcher] = {}
     for name, slot in store.slots.items():
+        if slot.spec.task_kind not in CLASSIFICATION_TASKS:
+            continue
         batchers[name] = MicroBatcher(
             batch_function(slot, config.max_top_k),
             executor,
@@ -169,6 +181,19 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
 
     authenticated = [Depends(require_api_key(keys))]
     PredictRequest = request_model(config)
+    RankRequest = rank_request_model(config)
+
+    def _served_slot(domain: str, kinds: tuple[str, ...]) -> DomainSlot:
+        """The domain's slot with a model loaded: 404 when it is not served at this endpoint, 503 when it has no model yet."""
+        slot = store.slots.get(domain)
+        if slot is None or slot.spec.task_kind not in kinds:
+            served = ", ".join(name for name, s in store.slots.items() if s.spec.task_kind in kinds) or "none"
+            hint = f"; {domain} is a {slot.spec.task_kind} domain: use /v1/{domain}/{'rank' if slot.spec.task_kind in RANKING_TASKS else 'predict'}" if slot else ""
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown domain {domain!r} for this endpoint; served: {served}{hint}")
+        if slot.current is None:
+            reason = slot.last_error or f"no champion yet: run `domainflow run {domain}`"
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain} has no model loaded ({reason})", headers={"Retry-After": "5"})
+        return slot
     errors = {
         401: {"description": "Missing or invalid API key"},
         404: {"description": "Unknown domain"},
@@ -206,12 +231,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     @app.post("/v1/{domain}/predict", response_model=PredictResponse, dependencies=authenticated, tags=["predict"], responses=errors)
     async def predict(domain: str, body: PredictRequest) -> JSONResponse:  # type: ignore[valid-type]
         """Label, score and top-k labels per text, plus what the domain does with it (customer_service: the reply, or an escalation under its confidence threshold)."""
-        slot = store.slots.get(domain)
-        if slot is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown domain {domain!r}; served: {', '.join(store.slots)}")
-        if slot.current is None:
-            reason = slot.last_error or f"no champion yet: run `domainflow run {domain}`"
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain} has no model loaded ({reason})", headers={"Retry-After": "5"})
+        slot = _served_slot(domain, CLASSIFICATION_TASKS)
         texts: list[str] = body.texts  # type: ignore[attr-defined]
         try:
             served, scores = await batchers[domain].submit(texts)
@@ -227,5 +247,19 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         predictions = [prediction_record(slot.spec, text, row, top_k) for text, row in zip(texts, scores)]
         metrics.texts.labels(domain).inc(len(texts))
         return JSONResponse({"domain": domain, "version": served.version, "predictions": predictions})
+
+    @app.post("/v1/{domain}/rank", response_model=RankResponse, dependencies=authenticated, tags=["rank"], responses=errors)
+    async def rank_items(domain: str, body: RankRequest) -> JSONResponse:  # type: ignore[valid-type]
+        """The top-k catalogue items for a history of item ids and/or free texts (ranking domains: recommendation)."""
+        served = _served_slot(domain, RANKING_TASKS).current
+        try:
+            answer = await rank(served, body, executor)
+        except UnknownItemsError as exc:
+            return JSONResponse(unknown_items_detail(exc), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+        except Exception as exc:
+            metrics.errors.labels("/v1/{domain}/rank", domain, "inference").inc()
+            log.exception("%s: ranking failed", domain)
+            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, f"ranking failed: {type(exc).__name__}") from None
+        return JSONResponse(answer)
 
     return app

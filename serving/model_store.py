@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from domainflow.modeling import LoadedClassifier, load_classifier, predict_proba
 from domainflow.registry import ModelRegistry, VersionInfo
@@ -43,13 +43,13 @@ class ServedModel:
     version: int
     candidate: str | None
     model_dir: Path
-    loaded: LoadedClassifier
+    loaded: LoadedClassifier | Any  # a Recommender for a ranking domain (serving.ranking)
     loaded_at: str
     index: QuestionIndex | None = None  # known questions, for a domain with a retrieval fallback
 
     @property
     def label_names(self) -> list[str]:
-        return self.loaded.label_names
+        return list(getattr(self.loaded, "label_names", []))
 
 
 @dataclass
@@ -114,6 +114,7 @@ class ModelStore:
     poll_seconds: float = 1.0
     retry_failed_load_seconds: float = 30.0
     on_load: Callable[[DomainSlot, bool], None] | None = None  # (slot, succeeded): metrics hook
+    loader: Callable[[DomainSlot, VersionInfo], ServedModel] = load_served_model  # how a champion becomes a ServedModel
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _task: asyncio.Task | None = None
 
@@ -153,7 +154,7 @@ class ModelStore:
         log.info("%s: champion is now v%s (serving %s): loading it", slot.domain, version, f"v{previous}" if previous else "nothing")
         try:
             info = await asyncio.to_thread(slot.registry.get, version)
-            served = await asyncio.to_thread(load_served_model, slot, info)
+            served = await asyncio.to_thread(self.loader, slot, info)
         except Exception as exc:
             self._failed(slot, signature, f"loading v{version} failed: {type(exc).__name__}: {exc}")
             return

@@ -2,14 +2,18 @@
 
 Prefect's ``TASK_SOURCE`` hashes only the task function's own body; our tasks are thin
 wrappers over pure functions in the same module and in ``domainflow`` core modules, so
-the key here hashes those whole files. Inputs are records of paths plus content
-fingerprints, so a changed file changes the key even when its path does not.
+the key here hashes those whole files, plus the files the task's module lists in
+``CACHE_DEPENDS_ON`` (project-relative paths; a folder stands for its ``.py`` files), for
+tasks whose logic lives in a package of its own (``domainflow/recsys``). Inputs are records
+of paths plus content fingerprints, so a changed file changes the key even when its path
+does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -30,10 +34,20 @@ class ModuleSource(CachePolicy):
         # Tasks of one module share its source: the task's own name keeps their keys apart.
         digest.update(f"{task_ctx.task.fn.__module__}.{task_ctx.task.fn.__qualname__}".encode())
         task_file = inspect.getsourcefile(task_ctx.task.fn)
-        for path in [task_file, *(settings.PROJECT_ROOT / name for name in CORE_MODULES)]:
+        declared = getattr(sys.modules.get(task_ctx.task.fn.__module__), "CACHE_DEPENDS_ON", ())
+        for path in [task_file, *(settings.PROJECT_ROOT / name for name in CORE_MODULES), *_files(declared)]:
             if path and Path(path).is_file():
                 digest.update(Path(path).read_bytes())
         return digest.hexdigest()
+
+
+def _files(names: tuple[str, ...]) -> list[Path]:
+    """The files named (a folder stands for its ``.py`` files), in a stable order."""
+    files: list[Path] = []
+    for name in names:
+        path = settings.PROJECT_ROOT / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
 
 
 CODE_AND_INPUTS = INPUTS + ModuleSource()

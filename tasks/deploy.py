@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from domainflow import settings
-from domainflow.gates import decide
+from domainflow.gates import GateDecision, decide
 from domainflow.logs import run_logger
 from domainflow.records import Evaluation
 from domainflow.registry import ModelRegistry, RegistryError
@@ -86,8 +86,12 @@ def apply_decision(
     *,
     spec: DomainSpec | None = None,
     registry: ModelRegistry | None = None,
+    decide_fn: Callable[..., GateDecision] = decide,
 ) -> dict[str, Any]:
     """Decide, record the decision, and promote when the gates say so. No Prefect needed.
+
+    ``decide_fn`` is :func:`domainflow.gates.decide` or a gate built on it with the same
+    signature (a ranking domain adds its baselines: :func:`domainflow.recsys.gate.decide_ranking`).
 
     ``champion_metrics=None`` while the registry has a champion is resolved from the registry
     when the champion was measured on the same test set (see :func:`champion_metrics_for`);
@@ -115,7 +119,7 @@ def apply_decision(
                 "evaluate the champion on the new test set and pass its metrics"
             )
 
-    decision = decide(spec, evaluations, champion_metrics, champion_version=champion_version).to_dict()
+    decision = decide_fn(spec, evaluations, champion_metrics, champion_version=champion_version).to_dict()
     decision["dataset_fingerprint"] = dataset_fingerprint
     decision["test_fingerprint"] = test_fingerprint
     decision_file = registry.record_decision(decision)

@@ -524,14 +524,21 @@ def test_serve_command_serves_customer_service(tiny_model_dir: Path, tmp_path: P
     assert "Application shutdown complete" in output
 
 
-def test_only_text_classification_domains_are_served(tmp_path: Path) -> None:
+def test_domains_are_served_by_task_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text classification behind /predict (micro-batched), ranking behind /rank; other kinds are refused."""
+    from dataclasses import replace
+
+    import domains.base
+
     keys = ApiKeys([KEY])
     default = create_app(ServingConfig(registry_root=tmp_path), api_keys=keys)
     served_domains = set(default.state.store.slots)
-    assert "customer_service" in served_domains
-    assert all(get_domain(name).task_kind == "text_classification" for name in served_domains)
-    with pytest.raises(ValueError, match="cannot serve recommendation"):
-        create_app(ServingConfig(registry_root=tmp_path, domains=("customer_service", "recommendation")), api_keys=keys)
+    assert {"customer_service", "recommendation"} <= served_domains
+    assert {get_domain(name).task_kind for name in served_domains} == {"text_classification", "ranking"}
+    assert "recommendation" not in default.state.batchers and "customer_service" in default.state.batchers
+    monkeypatch.setitem(domains.base._DOMAINS, "cs_summaries", replace(get_domain("customer_service"), name="cs_summaries", task_kind="summarization"))
+    with pytest.raises(ValueError, match="cannot serve cs_summaries"):
+        create_app(ServingConfig(registry_root=tmp_path, domains=("customer_service", "cs_summaries")), api_keys=keys)
     with pytest.raises(ValueError, match="unknown domain 'nope'"):
         create_app(ServingConfig(registry_root=tmp_path, domains=("nope",)), api_keys=keys)
 

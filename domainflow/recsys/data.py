@@ -156,3 +156,21 @@ def validate(interactions: pd.DataFrame, items: pd.DataFrame, sources: dict[str,
     before = len(clean)
     clean = clean.drop_duplicates(["user_id", "item_id"], keep="last").reset_index(drop=True)
     return clean, clean_items, {"repeat_interactions_dropped": before - len(clean)}
+
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl", ".ndjson", ".json")
+
+
+def find_files(folder: Path) -> dict[str, Path]:
+    """``interactions.*`` and ``items.*`` in ``folder`` (one of each, any accepted format)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such data folder: {folder}")
+    found: dict[str, Path] = {}
+    for stem in ("interactions", "items"):
+        matches = [folder / f"{stem}{suffix}" for suffix in TABLE_SUFFIXES if (folder / f"{stem}{suffix}").is_file()]
+        if len(matches) != 1:
+            what = "no" if not matches else "more than one"
+            raise FileNotFoundError(f"{folder}: {what} {stem} file; expected exactly one of {', '.join(stem + s for s in TABLE_SUFFIXES)}")
+        found[stem] = matches[0]
+    return found

@@ -1,0 +1,105 @@
+"""The pipeline of a ranking domain: ingest → fine-tune → compress → evaluate → deploy.
+
+Same stages and contracts as :mod:`flows.pipeline` (tasks exchange paths and small records,
+cached on inputs and code; every decision recorded), with the models a recommender needs:
+
+1. ingest — interactions + items (MovieLens-100K fetched on first use, or ``--data-dir`` with
+   ``interactions.*`` and ``items.*``), validated and split by the domain's protocol;
+2. fine-tune — popularity and BPR baselines, the two-tower text model, its bundle with
+   precomputed item embeddings (``two_tower``), and the ranker over it (``ranker``);
+3. compress — the better of the two on validation NDCG@10 gets an int8 user tower;
+4. evaluate — all five models on the same users and items; speed of the three bundles side by side;
+5. deploy — the gate: the usual rules, plus "beat every baseline on test NDCG@10".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from domainflow.fingerprint import path_fingerprint, value_fingerprint
+from domainflow.gates import select_reference
+from domainflow.records import ModelRef
+from domainflow.registry import ModelRegistry
+from domains import get_domain
+from tasks.deploy import champion_metrics_for
+from tasks.rank_compress import quantize_user_tower
+from tasks.rank_deploy import deploy_ranking
+from tasks.rank_evaluate import evaluate_baselines, evaluate_recommenders, measure_rank_speed
+from tasks.rank_ingest import ingest_interactions
+from tasks.rank_report import COLUMNS, rank_report
+from tasks.rank_train import build_item_tables, finetune_two_tower, fit_ranker, make_two_tower_config, train_baselines
+
+
+@flow(name="ranking-pipeline", log_prints=True)
+def ranking_pipeline(
+    domain: str = "recommendation",
+    model: str | None = None,
+    data_dir: str | None = None,
+    train_file: str | None = None,
+    test_file: str | None = None,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    epochs: float | None = None,
+    seed: int = 42,
+    num_layers: int | None = None,
+    refresh_cache: bool = False,
+) -> dict[str, Any]:
+    """Train, compress, evaluate and (behind the gate) deploy a recommender for ``domain``.
+
+    Args mirror :func:`flows.pipeline.domain_pipeline` so one CLI drives both:
+        model: base encoder (``minilm``, a folder, or a hub name).
+        data_dir: folder with ``interactions.*`` and ``items.*`` (default: MovieLens-100K, fetched).
+        train_file / test_file: not used by ranking domains (an error says so).
+        max_train_samples: keep a seeded sample of this many users (quick runs).
+        max_test_samples: not used (every user with enough positives is evaluated; sample users instead).
+        epochs: two-tower epochs (default: the domain's).
+        num_layers: keep only the first N encoder layers (quick runs and tests).
+    """
+    log = get_run_logger()
+    spec = get_domain(domain)
+    if spec.task_kind != "ranking":
+        raise ValueError(f"{domain} is a {spec.task_kind} domain; the ranking pipeline trains ranking domains only")
+    if train_file or test_file or max_test_samples:
+        raise ValueError("ranking domains read --data-dir (interactions.* and items.*) and sample users with --max-train-samples; "
+                         "--train-file, --test-file and --max-test-samples do not apply")
+    options = {"refresh_cache": True} if refresh_cache else {}
+
+    files = spec.source_files(data_dir)
+    source_fingerprint = value_fingerprint(*(path_fingerprint(path) for path in files.values()))
+    dataset = ingest_interactions.with_options(**options)(domain, {k: str(v) for k, v in files.items()}, source_fingerprint, max_users=max_train_samples, seed=seed)
+
+    baselines_ref = train_baselines.with_options(**options)(dataset, seed)
+    config = make_two_tower_config(domain, model, epochs=epochs, seed=seed, num_layers=num_layers)
+    encoder = finetune_two_tower.with_options(**options)(dataset, config)
+    two_tower = build_item_tables.with_options(**options)(dataset, encoder, baselines_ref, config)
+    ranker = fit_ranker.with_options(**options)(dataset, two_tower, config)
+
+    baselines = evaluate_baselines.with_options(**options)(dataset, baselines_ref)
+    fp32 = evaluate_recommenders.with_options(**options)(dataset, [two_tower, ranker])
+    reference = select_reference(fp32, spec.primary_metric).candidate  # the gate's own choice, on validation
+    compressed = quantize_user_tower.with_options(**options)(domain, reference)
+    evaluations = fp32 + evaluate_recommenders.with_options(**options)(dataset, [compressed])
+    evaluations = measure_rank_speed.with_options(**options)(dataset, evaluations)
+    rank_report(dataset, baselines_ref, baselines, evaluations)
+
+    champion_metrics = champion_metrics_for(domain, dataset.test_fingerprint)
+    champion = ModelRegistry(domain).champion()
+    if champion is not None and champion_metrics is None:
+        log.info("champion v%d was measured on another test set: re-evaluating it on this one", champion.version)
+        champion_ref = ModelRef(name=f"champion-v{champion.version}", path=str(champion.model_dir), fingerprint=path_fingerprint(champion.model_dir))
+        champion_metrics = evaluate_recommenders(dataset, [champion_ref])[0].test_metrics
+
+    run_config = {"model": model, "data_files": {k: str(v) for k, v in files.items()}, "max_users": max_train_samples, "two_tower_config": config.model_dump()}
+    decision = deploy_ranking(domain, evaluations, baselines, champion_metrics, dataset.fingerprint, dataset.test_fingerprint, run_config)
+    return {
+        "domain": domain,
+        "dataset": dataset.model_dump(),
+        "columns": list(COLUMNS),
+        "candidates": decision.pop("rows"),
+        "decision": decision,
+        "champion_dir": decision.get("champion_dir"),
+        "version": decision.get("version"),
+    }
+

@@ -1,0 +1,215 @@
+"""The recommender's parts on hand-made inputs whose answers are worked out in the comments:
+the stages every model reads, the ranker's features, the ranker (fit and exact reload from JSON),
+the bundle's answers and errors, and the ranking gate with its baseline rule."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from domainflow.recsys import data, protocol
+from domainflow.recsys.bundle import Recommender, UnknownItemsError, write_bundle
+from domainflow.recsys.dataset import RankingData, write_dataset
+from domainflow.recsys.features import FEATURES, ItemTables, cooccurrence_cosine, genre_matrix, history_features, parse_years
+from domainflow.recsys.gate import decide_ranking
+from domainflow.recsys.ranker import LinearRanker, fit_ranker, sample_groups
+from domainflow.records import Evaluation, ModelRef
+from domainflow.registry import ModelRegistry
+from domains import get_domain
+from tasks.deploy import apply_decision
+from tests.test_recommendation_protocol import ITEMS, SOURCES, hand_made
+
+
+@pytest.fixture()
+def hand_data(tmp_path: Path) -> RankingData:
+    clean, items, _ = data.validate(hand_made(), ITEMS, SOURCES)
+    items["text"] = items["title"]
+    write_dataset(tmp_path / "ds", items, protocol.leave_last_out(clean, 4.0, min_positives=3), {})
+    return RankingData.load(tmp_path / "ds")
+
+
+def test_stages_by_hand(hand_data: RankingData) -> None:
+    """a: i1(5) i2(3) | valid i3, test i4 (i5 came after). b: i2(5) i5(4), not evaluated.
+    Fit targets are last train positives with an interaction before them: a's only train positive
+    (i1) is its first interaction, so only b has one: i5, and b's base history is [i2]."""
+    pos = hand_data.index.item_pos
+    assert hand_data.fit_targets[["u", "i"]].values.tolist() == [[hand_data.index.user_pos["b"], pos["i5"]]]
+    base = {(u, i) for u, i in hand_data.base_train()[["user_id", "item_id"]].itertuples(index=False)}
+    assert base == {("a", "i1"), ("a", "i2"), ("b", "i2")}
+
+    fit = hand_data.stage("fit")
+    assert fit.histories == [[pos["i2"]]] and fit.targets.tolist() == [pos["i5"]]
+    assert fit.excluded.tolist() == [[False, True, False, False, False]]
+    valid, test = hand_data.stage("valid"), hand_data.stage("test")
+    assert valid.histories == [[pos["i1"], pos["i2"]]] and valid.targets.tolist() == [pos["i3"]]
+    assert test.histories == [[pos["i1"], pos["i2"], pos["i3"]]] and test.targets.tolist() == [pos["i4"]]
+    assert test.excluded.tolist() == [[True, True, True, False, False]]  # the validation item is history at test time
+    with pytest.raises(ValueError, match="stage must be one of"):
+        hand_data.stage("train")
+
+
+def small_tables(embeddings: np.ndarray | None = None) -> ItemTables:
+    """4 items. Users {0,1}, {0,1,2}, {2}: item 0 and 1 share both their users (cosine 1), item 2
+    shares one of two users with each (1/sqrt(2*2) = 0.5), item 3 has no users (0)."""
+    users, items = np.array([0, 0, 1, 1, 1, 2]), np.array([0, 1, 0, 1, 2, 2])
+    genres, _ = genre_matrix(["a", "a", "b", "a|b"])
+    return ItemTables(
+        item_embeddings=np.eye(4, dtype=np.float32) if embeddings is None else embeddings,
+        popularity=np.array([3.0, 0.0, 1.0, 0.0]),
+        bpr_items=np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 0.0]]),
+        bpr_bias=np.array([0.0, 0.1, 0.2, 0.3]),
+        cooccurrence=cooccurrence_cosine(users, items, 3, 4),
+        genres=genres,
+        years=parse_years(["1990", "1995", "2010", ""]),
+        fold_in_reg=1.0,
+    )
+
+
+def test_features_by_hand() -> None:
+    tables = small_tables()
+    assert np.allclose(tables.cooccurrence, [[0, 1, 0.5, 0], [1, 0, 0.5, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 0]])
+    user = np.array([0.0, 0.5, 0.25, 1.0], dtype=np.float32)
+    got = dict(zip(FEATURES, history_features(tables, [0], user, np.array([1, 2, 3])).T))
+    assert got["text"].tolist() == [0.5, 0.25, 1.0]  # dot with one-hot item vectors
+    assert got["log_popularity"].tolist() == pytest.approx(np.log1p([0.0, 1.0, 0.0]))
+    # fold-in of [item 0 = (1, 0)] with ridge 1: solve([[2,0],[0,1]], [1,0]) = (0.5, 0); score = q·u + bias
+    assert got["bpr"].tolist() == pytest.approx([1.0 + 0.1, 0.0 + 0.2, 0.0 + 0.3])
+    assert got["cooc_recent"].tolist() == pytest.approx([1.0, 0.5, 0.0]) and got["cooc_history"].tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert got["genre_match"].tolist() == pytest.approx([1.0, 0.0, 1 / np.sqrt(2)])  # profile (a) vs a / b / a|b
+    assert got["year_gap"].tolist() == pytest.approx([0.5, 2.0, 0.0])  # decades from 1990; unknown year -> 0
+    empty = history_features(tables, [], user, np.array([1, 2]))  # a free-text history: text and popularity only
+    assert empty[:, 2:].tolist() == [[0.0] * 5, [0.0] * 5] and empty[:, 0].tolist() == [0.5, 0.25]
+
+
+def test_item_tables_round_trip(tmp_path: Path) -> None:
+    tables = small_tables()
+    tables.save(tmp_path / "tables.safetensors")
+    again = ItemTables.load(tmp_path / "tables.safetensors")
+    assert again.fold_in_reg == 1.0 and np.array_equal(again.cooccurrence, tables.cooccurrence)
+    assert np.isnan(again.years[3]) and again.years[:3].tolist() == [1990, 1995, 2010]
+
+
+def test_ranker_learns_the_informative_feature_and_reloads_exactly(tmp_path: Path) -> None:
+    """Targets have feature 0 one unit above their negatives on average; feature 1 is noise;
+    feature 2 is constant. The fitted weight must be large on 0, small on 1, zero on 2."""
+    rng = np.random.default_rng(0)
+    groups = rng.normal(size=(300, 11, 3))
+    groups[:, 0, 0] += 1.0
+    groups[:, :, 2] = 7.0
+    ranker = fit_ranker(groups, ("signal", "noise", "constant"))
+    assert ranker.weights[0] > 0.5 and abs(ranker.weights[1]) < 0.2 and ranker.weights[2] == 0.0
+    picked = (ranker.score(groups).argmax(axis=1) == 0).mean()
+    assert picked > 2 / 11  # far better than chance among 11
+
+    ranker.save(tmp_path / "ranker.json")
+    payload = json.loads((tmp_path / "ranker.json").read_text())  # plain JSON, no pickle anywhere
+    assert payload["format"] == "conditional_logit/1" and payload["features"] == ["signal", "noise", "constant"]
+    again = LinearRanker.load(tmp_path / "ranker.json")
+    assert np.array_equal(again.weights, ranker.weights) and np.array_equal(again.mean, ranker.mean) and np.array_equal(again.scale, ranker.scale)
+    assert np.array_equal(again.score(groups), ranker.score(groups))  # bit for bit
+    with pytest.raises(ValueError, match="unsupported ranker format"):
+        LinearRanker.from_dict({**payload, "format": "pickle"})
+
+
+def test_sample_groups_take_only_candidates() -> None:
+    excluded = np.zeros((2, 6), dtype=bool)
+    excluded[0, [1, 2]] = True
+    groups = sample_groups(excluded, np.array([0, 5]), negatives=3, seed=1)
+    assert groups[:, 0].tolist() == [0, 5]
+    assert set(groups[0, 1:]) <= {3, 4, 5} and len(set(groups[0, 1:])) == 3  # never seen items, never the target
+    assert 5 not in groups[1, 1:]
+    with pytest.raises(ValueError, match="only 3 candidate items"):
+        sample_groups(excluded, np.array([0, 5]), negatives=4, seed=1)
+
+
+def test_bundle_answers_and_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A bundle with the real (2-layer) encoder and the hand tables above, scored by text only."""
+    from domainflow.modeling import load_encoder
+    from domainflow.recsys.two_tower import TwoTower, encode
+
+    texts = ["Alpha (1990)", "Beta (1995)", "Gamma (2010)", "Delta"]
+    encoder, tokenizer = load_encoder(str(tiny_model_dir))
+    embeddings = encode(TwoTower(encoder), tokenizer, texts, 16)
+    items = {"item_id": ["a", "b", "c", "d"], "title": ["Alpha", "Beta", "Gamma", "Delta"], "text": texts}
+    spec = get_domain("recommendation")
+    path = write_bundle(tmp_path / "bundle", encoder_dir=tiny_model_dir, items=items, tables=small_tables(embeddings), scorer="text",
+                        text_lengths={"history_max_length": 32, "item_max_length": 16, "history_items": 20})
+    recommender = Recommender(path, spec.history_text)
+
+    ranked = recommender.recommend(history=["a"], k=10)
+    assert [r.item_id for r in ranked if r.item_id == "a"] == []  # the history is not recommended back
+    assert len(ranked) == 3 and [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
+    user = recommender.user_embeddings([[0]])[0]
+    assert {r.item_id: r.score for r in ranked} == pytest.approx({i: float(embeddings[j] @ user) for j, i in enumerate("abcd") if i != "a"}, abs=1e-5)
+    assert [r.item_id for r in recommender.recommend(history=["a"], candidates=["d", "b"], k=5)] == sorted(["d", "b"], key=lambda i: -float(embeddings["abcd".index(i)] @ user))
+    assert len(recommender.recommend(texts=["a film about Gamma"], k=2)) == 2  # free text alone is a history
+    with pytest.raises(UnknownItemsError, match=r"history: unknown item id\(s\) 'zz', 'yy'"):
+        recommender.recommend(history=["a", "zz", "yy"])
+    with pytest.raises(UnknownItemsError, match="candidates: unknown item id"):
+        recommender.recommend(history=["a"], candidates=["b", "nope"])
+    with pytest.raises(ValueError, match="history: give at least one item id or text"):
+        recommender.recommend()
+
+    ranker_bundle = write_bundle(tmp_path / "ranked", encoder_dir=tiny_model_dir, items=items, tables=small_tables(embeddings), scorer="ranker",
+                                 text_lengths={"history_max_length": 32, "item_max_length": 16, "history_items": 20},
+                                 ranker=LinearRanker(FEATURES, np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.eye(len(FEATURES))[3]))
+    ranked_by = Recommender(ranker_bundle, spec.history_text)
+    by_cooc = ranked_by.recommend(history=["a"], k=3)
+    assert [r.item_id for r in by_cooc] == ["b", "c", "d"] and [r.score for r in by_cooc] == pytest.approx([1.0, 0.5, 0.0])  # weight only on cooc_recent
+    # A history of free texts only has no collaborative features: the text model answers it.
+    assert ranked_by.scorer_for(["a"]) == "ranker" and ranked_by.scorer_for([]) == "text"
+    assert ranked_by.recommend(texts=["a film about Gamma"], k=4) == recommender.recommend(texts=["a film about Gamma"], k=4)
+    assert not list(Path(ranker_bundle).rglob("*.pkl")) and not list(Path(ranker_bundle).rglob("*.bin"))
+
+
+def evaluation(name: str, valid: float, test: float, compression: str | None = None, parent: str | None = None, tmp: Path | None = None) -> Evaluation:
+    return Evaluation(
+        candidate=ModelRef(name=name, path=str(tmp or "/nonexistent"), fingerprint=name, compression=compression, parent=parent),
+        test_metrics={"ndcg_at_10": test, "hit_rate_at_10": 2 * test, "mrr": test},
+        validation_metrics={"ndcg_at_10": valid},
+        size_bytes=1,
+        disk_bytes=1,
+        parameters=1,
+        report_dir=str(tmp or "/nonexistent"),
+        texts_per_second_batch32=10.0,
+    )
+
+
+def test_ranking_gate_by_hand(tmp_path: Path) -> None:
+    spec = get_domain("recommendation")  # primary ndcg_at_10, tie tolerance 0.001
+    candidates = [evaluation("two_tower", 0.030, 0.031), evaluation("ranker", 0.080, 0.070)]
+    baselines = [evaluation("popularity", 0.040, 0.047), evaluation("bpr", 0.060, 0.064)]
+
+    first = decide_ranking(spec, candidates, None, baselines=baselines)
+    assert first.promote and first.chosen == "ranker"  # chosen on validation, gated on test
+    assert first.gates["baselines"] == {"popularity": 0.047, "bpr": 0.064}
+    assert "beats baseline bpr: ndcg_at_10 0.0700 vs 0.0640, margin +0.0060" in " ".join(first.verdict("ranker").reasons)
+    assert first.verdict("bpr").role == "baseline" and not first.verdict("bpr").eligible
+
+    close = [evaluation("popularity", 0.040, 0.047), evaluation("bpr", 0.060, 0.0695)]  # ranker is only +0.0005 ahead
+    second = decide_ranking(spec, candidates, None, baselines=close)
+    assert not second.promote and second.chosen == "ranker"
+    assert second.summary == "Nothing promoted for recommendation: challenger ranker does not beat baseline bpr (ndcg_at_10 0.0700 vs 0.0695, margin +0.0005)."
+
+    third = decide_ranking(spec, candidates, {"ndcg_at_10": 0.075}, champion_version=3, baselines=baselines)
+    assert not third.promote and "worse than champion v3" in " ".join(third.verdict("ranker").reasons)
+
+    # Through the deploy path: a rejection is recorded with its numbers, nothing is promoted.
+    registry = ModelRegistry("rec_gate_test", root=tmp_path / "registry")
+    from functools import partial
+
+    result = apply_decision("recommendation", candidates, None, "data-fp", "test-fp", {}, spec=spec, registry=registry, decide_fn=partial(decide_ranking, baselines=close))
+    assert result["version"] is None and registry.champion() is None
+    stored = json.loads(Path(result["decision_file"]).read_text())
+    assert stored["promote"] is False and stored["gates"]["baselines"]["bpr"] == 0.0695
+    assert [e["event"] for e in registry.history()] == ["rejection"]
+
+    with pytest.raises(ValueError, match="at least one evaluated baseline"):
+        decide_ranking(spec, candidates, None, baselines=[])
+    compressed = candidates + [evaluation("ranker-int8", 0.080, 0.0699, compression="dynamic_int8", parent="ranker")]
+    compressed[-1] = compressed[-1].model_copy(update={"texts_per_second_batch32": 14.0})
+    assert decide_ranking(replace(spec), compressed, None, baselines=baselines).chosen == "ranker-int8"  # within budget, 1.4x faster
