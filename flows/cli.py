@@ -113,6 +113,8 @@ def predict(
     from serving.inference import prediction_record, score_texts
 
     spec = _domain_spec(domain)
+    if spec.task_kind != "text_classification":
+        _fail(f"{domain} is a {spec.task_kind} domain: use `domainflow recommend --domain {domain} ITEM_ID ...`")
     try:
         champion = ModelRegistry(domain).champion()
     except RegistryError as exc:
