@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -220,12 +221,46 @@ def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) ->
     return LoadedClassifier(model, tokenizer, list(metadata["label_names"]), int(metadata["max_length"]), metadata)
 
 
-def batches_by_length(texts: Sequence[str], tokenizer: Any, batch_size: int) -> Iterable[list[int]]:
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text (special tokens added, truncated to ``max_length``), unpadded.
+
+    One tokenizer call for all texts: the fast tokenizer does the batch in Rust, and the
+    lengths it yields are what the length-sorted batches need, so nothing is tokenized twice.
+    """
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterable[list[int]]:
     """Indices grouped into batches of similar length, so padding (wasted compute) stays small."""
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (int64) for already tokenized sequences, padded to the longest.
+
+    Padding ids we already have costs a fraction of a millisecond; re-running the tokenizer
+    with ``padding=True`` costs several per batch of 32.
+    """
+    width = max(len(seq) for seq in sequences)
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+        input_ids[row, span] = seq
+        attention_mask[row, span] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+
+def _padded_batches(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(indices, input_ids, attention_mask) of length-sorted batches, from one tokenizer call."""
+    encoded = encode_texts(tokenizer, texts, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    side = getattr(tokenizer, "padding_side", "right")
+    for index in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in index], pad_id, side)
+        yield index, input_ids, attention_mask
 
 
 @torch.inference_mode()
@@ -234,10 +269,8 @@ def predict_logits(loaded: LoadedClassifier, texts: Sequence[str], batch_size: i
     out = torch.empty(len(texts), len(loaded.label_names))
     if not texts:
         return out
-    model, tokenizer = loaded.model, loaded.tokenizer
-    for index in batches_by_length(texts, tokenizer, batch_size):
-        batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=loaded.max_length, return_tensors="pt")
-        out[index] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"].float()
+    for index, input_ids, attention_mask in _padded_batches(loaded.tokenizer, texts, loaded.max_length, batch_size):
+        out[index] = loaded.model(input_ids=input_ids, attention_mask=attention_mask)["logits"].float()
     return out
 
 
@@ -251,9 +284,10 @@ def embed_texts(model: TextClassifier, tokenizer: Any, texts: Sequence[str], max
     """Mean-pooled encoder embeddings (for the linear probe), in the original order."""
     model.eval()
     out = torch.empty(len(texts), model.config.hidden_size)
-    for index in batches_by_length(texts, tokenizer, batch_size):
-        batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out[index] = model.embed(batch["input_ids"], batch["attention_mask"]).float()
+    if not texts:
+        return out
+    for index, input_ids, attention_mask in _padded_batches(tokenizer, texts, max_length, batch_size):
+        out[index] = model.embed(input_ids, attention_mask).float()
     return out
 
 
