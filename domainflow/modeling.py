@@ -9,7 +9,8 @@ probe's weights can initialise fine-tuning.
 A model directory holds ``config.json`` (the encoder's config, with id2label),
 ``model.safetensors`` (encoder + head, fp32), the tokenizer files and
 ``domainflow.json`` (head layout, labels, and the compression recipe to
-re-apply at load time). Nothing is ever pickled.
+re-apply at load time). An ONNX candidate holds ``model.int8.onnx`` (a protobuf
+graph, see :mod:`domainflow.onnxrt`) instead of the safetensors. Nothing is ever pickled.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from domainflow.onnxrt import OnnxClassifier
 
 FORMAT_VERSION = 1
 METADATA_FILE = "domainflow.json"
@@ -115,7 +118,7 @@ class TextClassifier(nn.Module):
 class LoadedClassifier:
     """A model ready for inference, with what is needed to feed it."""
 
-    model: TextClassifier | nn.Module
+    model: TextClassifier | nn.Module | OnnxClassifier
     tokenizer: Any
     label_names: list[str]
     max_length: int
@@ -196,29 +199,49 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) -> LoadedClassifier:
-    """Rebuild a classifier from its directory (safetensors only) and re-apply its compression recipe."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """Rebuild a classifier from its directory (safetensors or an ONNX graph) and re-apply its compression recipe.
+
+    ``apply_compression=False`` gives the fp32 model a torch recipe was applied to; an ONNX
+    candidate has no fp32 weights of its own (they live in its parent), so asking for them
+    is an error rather than a silent fallback.
+    """
+    from transformers import AutoTokenizer
+
+    from domainflow.compression import ONNX_RECIPES
 
     model_dir = Path(model_dir)
     metadata = read_metadata(model_dir)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{model_dir}: unsupported model format {metadata.get('format_version')!r}")
+    recipe = metadata.get("compression")
+    if recipe in ONNX_RECIPES:
+        if not apply_compression:
+            raise ValueError(f"{model_dir} holds only an ONNX graph ({recipe}); its fp32 weights are in its parent {metadata.get('parent')!r}")
+        model: TextClassifier | nn.Module | OnnxClassifier = OnnxClassifier(model_dir / metadata["onnx_file"])
+    else:
+        model = _load_torch_classifier(model_dir, len(metadata["label_names"]))
+        if apply_compression and recipe:
+            from domainflow.compression import apply_recipe
+
+            model = apply_recipe(model, recipe)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LoadedClassifier(model, tokenizer, list(metadata["label_names"]), int(metadata["max_length"]), metadata)
+
+
+def _load_torch_classifier(model_dir: Path, num_labels: int) -> TextClassifier:
+    """The fp32 ``TextClassifier`` stored as config.json + model.safetensors, in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
     config = AutoConfig.from_pretrained(model_dir)
     encoder = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type in {"bert", "roberta", "xlm-roberta"} else AutoModel.from_config(config)
-    model = TextClassifier(encoder, num_labels=len(metadata["label_names"]))
+    model = TextClassifier(encoder, num_labels=num_labels)
     state = load_file(str(model_dir / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"{model_dir}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.eval()
-    if apply_compression and metadata.get("compression"):
-        from domainflow.compression import apply_recipe
-
-        model = apply_recipe(model, metadata["compression"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return LoadedClassifier(model, tokenizer, list(metadata["label_names"]), int(metadata["max_length"]), metadata)
+    return model.eval()
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -291,8 +314,10 @@ def embed_texts(model: TextClassifier, tokenizer: Any, texts: Sequence[str], max
     return out
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Parameters of a model, counting the packed weights of dynamically quantized layers too."""
+def count_parameters(model: nn.Module | OnnxClassifier) -> int:
+    """Parameters of a model, counting the packed weights of dynamically quantized layers and ONNX weights too."""
+    if isinstance(model, OnnxClassifier):
+        return model.initializer_stats()[0]
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
         packed = getattr(module, "_packed_params", None)

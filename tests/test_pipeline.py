@@ -80,8 +80,8 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     champion = registry.champion()
     assert champion is not None and champion.version == 1
     names = {row["candidate"] for row in first["candidates"]}
-    reference = "finetuned" if "finetuned-int8" in names else "linear_probe"
-    assert names == {"linear_probe", "finetuned", f"{reference}-int8", f"{reference}-sparse50", f"{reference}-ffn50", "distilled-l1", "distilled-l1-int8"}
+    reference = "finetuned" if "finetuned-onnx-int8" in names else "linear_probe"
+    assert names == {"linear_probe", "finetuned", f"{reference}-onnx-int8", f"{reference}-sparse50", f"{reference}-ffn50", "distilled-l1", "distilled-l1-onnx-int8"}
     for row in first["candidates"]:
         assert 0.0 <= row["test_accuracy"] <= 1.0 and row["texts_per_second_batch32"] > 0 and row["size_mb"] > 0
 
@@ -106,9 +106,11 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     assert by_name[f"{reference}-sparse50"]["parameters"] == by_name[reference]["parameters"]  # … but nothing got smaller
     assert by_name[f"{reference}-ffn50"]["parameters"] < by_name[reference]["parameters"]
     assert by_name["distilled-l1"]["parameters"] < by_name[reference]["parameters"]
-    assert by_name[f"{reference}-int8"]["weights_mb"] < by_name[reference]["weights_mb"]
+    assert by_name[f"{reference}-onnx-int8"]["weights_mb"] < by_name[reference]["weights_mb"] / 3
+    assert by_name[f"{reference}-onnx-int8"]["parameters"] == by_name[reference]["parameters"]
+    assert by_name["distilled-l1-onnx-int8"]["disk_mb"] < by_name["distilled-l1"]["disk_mb"]
     card = (Path(champion.path) / "model_card.md").read_text()
-    assert "Compression report of this run" in card and "distilled-l1-int8" in card
+    assert "Compression report of this run" in card and "distilled-l1-onnx-int8" in card
 
     # 3. An identical rerun: every step is cached, and the tie keeps the champion.
     with monkeypatch.context() as patch:
