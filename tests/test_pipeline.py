@@ -111,6 +111,8 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     assert by_name["distilled-l1-onnx-int8"]["disk_mb"] < by_name["distilled-l1"]["disk_mb"]
     card = (Path(champion.path) / "model_card.md").read_text()
     assert "Compression report of this run" in card and "distilled-l1-onnx-int8" in card
+    if champion.lineage["compression"]:  # the registry remembers where a compressed champion's fp32 parent is
+        assert Path(champion.lineage["parent_path"]).name.startswith(champion.lineage["parent"])
 
     # 3. An identical rerun: every step is cached, and the tie keeps the champion.
     with monkeypatch.context() as patch:
