@@ -22,6 +22,7 @@ from domainflow.registry import ModelRegistry
 from flows.cli import app
 from flows.pipeline import domain_pipeline
 from tests.data_helpers import banking77_slice, write_csv
+from tests.file_checks import assert_no_pickles
 
 
 def _fail_if_called(name: str):
@@ -127,6 +128,16 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     for step in ("ingest", "linear-probe", "finetune", "evaluate", "quantize", "prune-magnitude", "prune-ffn", "distill", "measure-speed"):
         assert set(task_states.get(step, ["Cached"])) == {"Cached"}, task_states
     assert task_states.get("deploy") == ["Completed"]
+
+
+def test_no_file_the_runs_wrote_is_a_pickle(session_home: Path) -> None:
+    """Every file in the home after the runs above (registry, run outputs, Prefect results, caches):
+    safetensors, ONNX protobufs, JSON, Arrow, SQLite, PNG, CSV, Markdown — never a pickle.
+
+    (The Trainer's epoch checkpoints hold ``torch.save`` archives while training runs; transformers
+    reads them back only with ``weights_only=True``, and fine-tuning deletes them when it finishes.)
+    """
+    assert_no_pickles(session_home)
 
 
 @pytest.mark.parametrize(
