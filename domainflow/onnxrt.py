@@ -165,8 +165,10 @@ class OnnxClassifier:
         return {"logits": torch.from_numpy(logits)}
 
     def initializer_stats(self) -> tuple[int, int]:
-        """(weights, bytes) of the graph's stored tensors: weights count float and int8 tensors of
-        rank ≥ 1 (not quantization scales and zero points, nor int64 shape constants); bytes count everything."""
+        """(weights, bytes) of the graph's stored tensors. Weights count the float and int8 tensors a
+        torch model would hold as parameters: not int64 constants (shapes, position ids) and not
+        ORT's quantization parameters (``*_scale`` / ``*_zero_point``, one per tensor or per
+        channel), so an int8 graph counts as many weights as its fp32 parent. Bytes count everything."""
         import onnx
         from onnx import numpy_helper
 
@@ -175,7 +177,8 @@ class OnnxClassifier:
         for tensor in graph.initializer:
             array = numpy_helper.to_array(tensor)
             nbytes += array.nbytes
-            if tensor.data_type in _COUNTED_TYPES and array.ndim >= 1:
+            quantization_parameter = tensor.name.endswith(("_scale", "_zero_point"))
+            if tensor.data_type in _COUNTED_TYPES and array.ndim >= 1 and not quantization_parameter:
                 weights += array.size
         return weights, nbytes
 
