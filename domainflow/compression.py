@@ -1,10 +1,13 @@
 """Compression methods for a ``TextClassifier``: what each one changes, and how it is stored.
 
-* **int8 dynamic quantization** (``dynamic_int8``): int8 weights, activations quantized
-  on the fly, for every ``nn.Linear`` (fbgemm kernels on x86). A quantized torch model
-  cannot be saved without pickling, so the candidate stores its parent's fp32
+* **int8 dynamic quantization in torch** (``dynamic_int8``): int8 weights, activations
+  quantized on the fly, for every ``nn.Linear`` (fbgemm kernels on x86). A quantized torch
+  model cannot be saved without pickling, so the candidate stores its parent's fp32
   safetensors plus this recipe name in ``domainflow.json``; loading re-quantizes.
   Quantization is deterministic, so the reloaded model predicts exactly what was evaluated.
+* **int8 dynamic quantization in ONNX Runtime** (``onnx_int8``): the model exported to ONNX
+  and quantized by ONNX Runtime; the candidate stores the int8 graph (``model.int8.onnx``, a
+  protobuf, not a pickle) and is served by an ORT session (:mod:`domainflow.onnxrt`).
 * **unstructured magnitude pruning**: zeroes the smallest weights across all encoder
   Linear layers. Dense kernels still multiply the zeros, so it saves no time and (stored
   dense) no space; it is kept as a candidate because users ask for it, and the report
@@ -23,7 +26,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-RECIPES = ("dynamic_int8",)
+TORCH_RECIPES = ("dynamic_int8",)  # re-applied to the stored fp32 safetensors at load time
+ONNX_RECIPES = ("onnx_int8",)  # stored as an ONNX graph, run by ONNX Runtime
+RECIPES = TORCH_RECIPES + ONNX_RECIPES
 
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
@@ -36,10 +41,10 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
 
 
 def apply_recipe(model: nn.Module, recipe: str) -> nn.Module:
-    """Re-apply a load-time recipe (the only kind of compression that is not stored as weights)."""
+    """Re-apply a load-time torch recipe (the only kind of compression that is not stored as weights)."""
     if recipe == "dynamic_int8":
         return quantize_dynamic_int8(model)
-    raise ValueError(f"unknown compression recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    raise ValueError(f"unknown load-time compression recipe {recipe!r}; known: {', '.join(TORCH_RECIPES)}")
 
 
 def encoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:

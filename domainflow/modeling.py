@@ -9,7 +9,8 @@ probe's weights can initialise fine-tuning.
 A model directory holds ``config.json`` (the encoder's config, with id2label),
 ``model.safetensors`` (encoder + head, fp32), the tokenizer files and
 ``domainflow.json`` (head layout, labels, and the compression recipe to
-re-apply at load time). Nothing is ever pickled.
+re-apply at load time). An ONNX candidate holds ``model.int8.onnx`` (a protobuf
+graph, see :mod:`domainflow.onnxrt`) instead of the safetensors. Nothing is ever pickled.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+from domainflow.onnxrt import OnnxClassifier
 
 FORMAT_VERSION = 1
 METADATA_FILE = "domainflow.json"
@@ -114,7 +118,7 @@ class TextClassifier(nn.Module):
 class LoadedClassifier:
     """A model ready for inference, with what is needed to feed it."""
 
-    model: TextClassifier | nn.Module
+    model: TextClassifier | nn.Module | OnnxClassifier
     tokenizer: Any
     label_names: list[str]
     max_length: int
@@ -195,37 +199,91 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) -> LoadedClassifier:
-    """Rebuild a classifier from its directory (safetensors only) and re-apply its compression recipe."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """Rebuild a classifier from its directory (safetensors or an ONNX graph) and re-apply its compression recipe.
+
+    ``apply_compression=False`` gives the fp32 model a torch recipe was applied to; an ONNX
+    candidate has no fp32 weights of its own (they live in its parent), so asking for them
+    is an error rather than a silent fallback.
+    """
+    from transformers import AutoTokenizer
+
+    from domainflow.compression import ONNX_RECIPES
 
     model_dir = Path(model_dir)
     metadata = read_metadata(model_dir)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{model_dir}: unsupported model format {metadata.get('format_version')!r}")
+    recipe = metadata.get("compression")
+    if recipe in ONNX_RECIPES:
+        if not apply_compression:
+            raise ValueError(f"{model_dir} holds only an ONNX graph ({recipe}); its fp32 weights are in its parent {metadata.get('parent')!r}")
+        model: TextClassifier | nn.Module | OnnxClassifier = OnnxClassifier(model_dir / metadata["onnx_file"])
+    else:
+        model = _load_torch_classifier(model_dir, len(metadata["label_names"]))
+        if apply_compression and recipe:
+            from domainflow.compression import apply_recipe
+
+            model = apply_recipe(model, recipe)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LoadedClassifier(model, tokenizer, list(metadata["label_names"]), int(metadata["max_length"]), metadata)
+
+
+def _load_torch_classifier(model_dir: Path, num_labels: int) -> TextClassifier:
+    """The fp32 ``TextClassifier`` stored as config.json + model.safetensors, in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
     config = AutoConfig.from_pretrained(model_dir)
     encoder = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type in {"bert", "roberta", "xlm-roberta"} else AutoModel.from_config(config)
-    model = TextClassifier(encoder, num_labels=len(metadata["label_names"]))
+    model = TextClassifier(encoder, num_labels=num_labels)
     state = load_file(str(model_dir / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"{model_dir}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.eval()
-    if apply_compression and metadata.get("compression"):
-        from domainflow.compression import apply_recipe
-
-        model = apply_recipe(model, metadata["compression"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return LoadedClassifier(model, tokenizer, list(metadata["label_names"]), int(metadata["max_length"]), metadata)
+    return model.eval()
 
 
-def batches_by_length(texts: Sequence[str], tokenizer: Any, batch_size: int) -> Iterable[list[int]]:
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text (special tokens added, truncated to ``max_length``), unpadded.
+
+    One tokenizer call for all texts: the fast tokenizer does the batch in Rust, and the
+    lengths it yields are what the length-sorted batches need, so nothing is tokenized twice.
+    """
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterable[list[int]]:
     """Indices grouped into batches of similar length, so padding (wasted compute) stays small."""
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (int64) for already tokenized sequences, padded to the longest.
+
+    Padding ids we already have costs a fraction of a millisecond; re-running the tokenizer
+    with ``padding=True`` costs several per batch of 32.
+    """
+    width = max(len(seq) for seq in sequences)
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+        input_ids[row, span] = seq
+        attention_mask[row, span] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+
+def _padded_batches(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(indices, input_ids, attention_mask) of length-sorted batches, from one tokenizer call."""
+    encoded = encode_texts(tokenizer, texts, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    side = getattr(tokenizer, "padding_side", "right")
+    for index in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in index], pad_id, side)
+        yield index, input_ids, attention_mask
 
 
 @torch.inference_mode()
@@ -234,10 +292,8 @@ def predict_logits(loaded: LoadedClassifier, texts: Sequence[str], batch_size: i
     out = torch.empty(len(texts), len(loaded.label_names))
     if not texts:
         return out
-    model, tokenizer = loaded.model, loaded.tokenizer
-    for index in batches_by_length(texts, tokenizer, batch_size):
-        batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=loaded.max_length, return_tensors="pt")
-        out[index] = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"].float()
+    for index, input_ids, attention_mask in _padded_batches(loaded.tokenizer, texts, loaded.max_length, batch_size):
+        out[index] = loaded.model(input_ids=input_ids, attention_mask=attention_mask)["logits"].float()
     return out
 
 
@@ -247,18 +303,31 @@ def predict_proba(loaded: LoadedClassifier, texts: Sequence[str], batch_size: in
 
 
 @torch.inference_mode()
-def embed_texts(model: TextClassifier, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled encoder embeddings (for the linear probe), in the original order."""
-    model.eval()
-    out = torch.empty(len(texts), model.config.hidden_size)
-    for index in batches_by_length(texts, tokenizer, batch_size):
-        batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out[index] = model.embed(batch["input_ids"], batch["attention_mask"]).float()
+def embed_texts(model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled encoder embeddings (for the linear probe and retrieval), in the original order."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    out = torch.empty(len(texts), embedding_size(model))
+    if not texts:
+        return out
+    for index, input_ids, attention_mask in _padded_batches(tokenizer, texts, max_length, batch_size):
+        out[index] = model.embed(input_ids, attention_mask).float()
     return out
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Parameters of a model, counting the packed weights of dynamically quantized layers too."""
+def embedding_size(model: TextClassifier | nn.Module | OnnxClassifier) -> int:
+    """Width of the model's sentence embeddings."""
+    if isinstance(model, OnnxClassifier):
+        if model.embedding_size is None:
+            raise ValueError(f"{model.path} has no embeddings output (exported by an older domainflow); rerun the pipeline to re-export it")
+        return int(model.embedding_size)
+    return int(model.config.hidden_size)
+
+
+def count_parameters(model: nn.Module | OnnxClassifier) -> int:
+    """Parameters of a model, counting the packed weights of dynamically quantized layers and ONNX weights too."""
+    if isinstance(model, OnnxClassifier):
+        return model.initializer_stats()[0]
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
         packed = getattr(module, "_packed_params", None)

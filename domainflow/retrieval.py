@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from domainflow.modeling import LoadedClassifier, embed_texts
+from domainflow.modeling import LoadedClassifier, embed_texts, embedding_size
 
 INDEX_WEIGHTS = "retrieval.safetensors"
 INDEX_METADATA = "retrieval.json"
@@ -48,7 +48,7 @@ class Nearest:
 def normalized_embeddings(loaded: LoadedClassifier, texts: Sequence[str]) -> torch.Tensor:
     """The model's own sentence embeddings (mean pooling, unit length)."""
     if not texts:
-        return torch.empty(0, loaded.model.config.hidden_size)
+        return torch.empty(0, embedding_size(loaded.model))
     return torch.nn.functional.normalize(embed_texts(loaded.model, loaded.tokenizer, texts, loaded.max_length), dim=-1)
 
 

@@ -90,15 +90,17 @@ class TrainingDefaults:
 class CompressionDefaults:
     """Which compressed candidates a run builds from its best fp32 model, and how.
 
+    * ``methods``: the candidates to build. ``onnx_int8`` (ONNX Runtime int8, the default) and
+      ``dynamic_int8`` (torch int8) are the two int8 recipes; either or both may be listed.
     * ``sparsity``: fraction of encoder weights zeroed by unstructured magnitude pruning.
     * ``ffn_keep_ratio``: fraction of feed-forward neurons kept by structured pruning,
       followed by ``recovery_epochs`` of training to win back accuracy.
     * ``student_layers``: encoder layers of the distilled student (taken from the teacher);
       ``distill_temperature`` / ``distill_alpha``: softening of the teacher's labels and
-      their weight against the true labels; the student is also quantized to int8.
+      their weight against the true labels; the student is also quantized with the int8 recipes listed.
     """
 
-    methods: tuple[str, ...] = ("dynamic_int8", "magnitude_prune", "ffn_prune", "distill")
+    methods: tuple[str, ...] = ("onnx_int8", "magnitude_prune", "ffn_prune", "distill")
     sparsity: float = 0.5
     ffn_keep_ratio: float = 0.5
     recovery_epochs: float = 1.0

@@ -62,7 +62,7 @@ def serve(
     max_texts: int = typer.Option(64, min=1, help="Most texts per request."),
     max_chars: int = typer.Option(2000, min=1, help="Most characters per text."),
     poll_seconds: float = typer.Option(1.0, min=0.05, help="How often the registry's champion pointer is checked (hot swap)."),
-    torch_threads: Optional[int] = typer.Option(None, min=1, help="Threads for the model (default: torch's choice, one per core)."),
+    torch_threads: Optional[int] = typer.Option(None, min=1, help="Threads for the model, torch's and ONNX Runtime's alike (default: torch's choice, one per core)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (costs throughput)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from domainflow.compression import RECIPES
 from domainflow.gates import select_reference
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.records import DatasetRef, ModelRef
@@ -40,14 +41,16 @@ def resolve_data_files(domain: str, data_dir: str | None, train_file: str | None
 
 
 def compress_candidates(methods: tuple[str, ...], reference: ModelRef, dataset: DatasetRef, config: Any, options: dict) -> list[ModelRef]:
-    """The domain's compression methods applied to the best fp32 model (a distilled student is also quantized)."""
-    known = {"dynamic_int8", "magnitude_prune", "ffn_prune", "distill"}
+    """The domain's compression methods applied to the best fp32 model (a distilled student is also quantized
+    with every int8 recipe the domain asks for)."""
+    known = set(RECIPES) | {"magnitude_prune", "ffn_prune", "distill"}
     unknown = set(methods) - known
     if unknown:
         raise ValueError(f"unknown compression methods {sorted(unknown)}; known: {sorted(known)}")
+    int8_recipes = [method for method in methods if method in RECIPES]
     candidates: list[ModelRef] = []
-    if "dynamic_int8" in methods:
-        candidates.append(quantize.with_options(**options)(reference, dataset.domain))
+    for recipe in int8_recipes:
+        candidates.append(quantize.with_options(**options)(reference, dataset.domain, recipe))
     if "magnitude_prune" in methods:
         candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain))
     if "ffn_prune" in methods:
@@ -59,8 +62,8 @@ def compress_candidates(methods: tuple[str, ...], reference: ModelRef, dataset: 
     elif "distill" in methods:
         student = distill.with_options(**options)(reference, dataset, config)
         candidates.append(student)
-        if "dynamic_int8" in methods:
-            candidates.append(quantize.with_options(**options)(student, dataset.domain))
+        for recipe in int8_recipes:
+            candidates.append(quantize.with_options(**options)(student, dataset.domain, recipe))
     return candidates
 
 

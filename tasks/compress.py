@@ -2,8 +2,9 @@
 
 One task per method, so each is cached and resumed on its own:
 
-* ``quantize`` — int8 dynamic quantization, stored as the parent's safetensors plus a
-  recipe that loading re-applies (a quantized torch model cannot be saved without pickling);
+* ``quantize`` — int8 dynamic quantization, either in ONNX Runtime (``onnx_int8``: the int8
+  graph is stored) or in torch (``dynamic_int8``: the parent's safetensors plus a recipe that
+  loading re-applies, because a quantized torch model cannot be saved without pickling);
 * ``prune_magnitude`` — unstructured global magnitude pruning (zeros, no speed-up in dense
   kernels: reported honestly);
 * ``prune_ffn`` — structured pruning of feed-forward neurons (real compute removed), then
@@ -29,6 +30,7 @@ from prefect import task
 
 from domainflow import settings
 from domainflow.compression import (
+    ONNX_RECIPES,
     RECIPES,
     alternate_layers,
     keep_layers,
@@ -36,7 +38,9 @@ from domainflow.compression import (
     prune_unstructured,
 )
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
+from domainflow.onnxrt import INT8_FILE, export_onnx_int8
 from domainflow.modeling import (
+    WEIGHTS_FILE,
     load_classifier,
     read_metadata,
     save_classifier,
@@ -56,17 +60,31 @@ def _root_parent(model: ModelRef) -> str:
     return model.parent if model.compression and model.parent else model.name
 
 
+# Candidate names say which runtime serves them: "finetuned-int8" (torch), "finetuned-onnx-int8" (ORT).
+CANDIDATE_SUFFIX = {"dynamic_int8": "int8", "onnx_int8": "onnx-int8"}
+
+
 def quantize_model(parent: ModelRef, out_dir: Path, recipe: str = "dynamic_int8") -> ModelRef:
-    """A load-time-recipe candidate of ``parent`` (pure: no Prefect needed)."""
+    """An int8 candidate of ``parent`` (pure: no Prefect needed).
+
+    ``dynamic_int8`` copies the parent's files and records the recipe that loading re-applies;
+    ``onnx_int8`` exports the parent to ONNX, quantizes it with ONNX Runtime and stores the
+    int8 graph in place of the safetensors (config and tokenizer are kept for serving).
+    """
     if recipe not in RECIPES:
         raise ValueError(f"unknown compression recipe {recipe!r}; known: {', '.join(RECIPES)}")
     metadata = read_metadata(parent.path)
     if metadata.get("compression"):
         raise ValueError(f"{parent.name} is already quantized ({metadata['compression']}); quantize its fp32 form instead")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if recipe in ONNX_RECIPES:
+        loaded = load_classifier(parent.path, apply_compression=False)
+        export_onnx_int8(loaded.model, loaded.tokenizer, out_dir / INT8_FILE)
+        metadata["onnx_file"] = INT8_FILE
     for item in Path(parent.path).iterdir():
-        shutil.copy2(item, out_dir / item.name)
-    name = f"{parent.name}-int8"
+        if not (recipe in ONNX_RECIPES and item.name == WEIGHTS_FILE):
+            shutil.copy2(item, out_dir / item.name)
+    name = f"{parent.name}-{CANDIDATE_SUFFIX[recipe]}"
     metadata.update({"compression": recipe, "parent": _root_parent(parent), "parent_fingerprint": parent.fingerprint, "candidate": name})
     write_metadata(out_dir, metadata)
     steps = "+".join(filter(None, [parent.compression, recipe]))
@@ -130,9 +148,10 @@ def distill_model(teacher: ModelRef, dataset: DatasetRef, config: TrainConfig, o
 
 
 @task(name="quantize", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def quantize(parent: ModelRef, domain: str) -> ModelRef:
-    """int8 dynamic quantization of ``parent``."""
-    return compress_model(parent, "dynamic_int8", _target(domain, f"{parent.name}-int8", parent.fingerprint))
+def quantize(parent: ModelRef, domain: str, recipe: str = "onnx_int8") -> ModelRef:
+    """int8 dynamic quantization of ``parent`` with ``recipe`` (``onnx_int8`` or ``dynamic_int8``)."""
+    name = f"{parent.name}-{CANDIDATE_SUFFIX.get(recipe, recipe)}"
+    return compress_model(parent, recipe, _target(domain, name, parent.fingerprint, recipe))
 
 
 @task(name="prune-magnitude", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")

@@ -135,6 +135,8 @@ def apply_decision(
             "model_fingerprint": chosen.candidate.fingerprint,
             "source_path": chosen.candidate.path,
             "parent": chosen.candidate.parent,
+            # where the fp32 parent lives, so a compressed champion can be compared with it later (benchmarks/inference.py)
+            "parent_path": next((e.candidate.path for e in evaluations if e.candidate.name == chosen.candidate.parent), None),
             "compression": chosen.candidate.compression,
             "train_seconds": chosen.candidate.train_seconds,
             "dataset_fingerprint": dataset_fingerprint,

@@ -29,6 +29,7 @@ from domainflow.modeling import (
     load_classifier,
     predict_proba,
 )
+from domainflow.onnxrt import OnnxClassifier
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.retrieval import build_index, fallback_policy
 from domains import RetrievalFallback, get_domain
@@ -38,8 +39,11 @@ from tasks.caching import CODE_AND_INPUTS
 RETRIEVAL_DIR = "retrieval"  # the candidate's known-question index, inside its report folder
 
 
-def weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights as held for inference; dynamically quantized layers count their int8 weights."""
+def weights_bytes(model: torch.nn.Module | OnnxClassifier) -> int:
+    """Bytes of the weights as held for inference; dynamically quantized layers count their int8 weights,
+    an ONNX graph the tensors stored in it."""
+    if isinstance(model, OnnxClassifier):
+        return model.initializer_stats()[1]
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     for module in model.modules():
         if getattr(module, "_packed_params", None) is not None and callable(getattr(module, "weight", None)):
@@ -48,10 +52,13 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def zero_fraction(model: torch.nn.Module) -> float:
-    """Share of exactly-zero weights in the encoder's Linear layers (what unstructured pruning leaves)."""
+def zero_fraction(model: torch.nn.Module | OnnxClassifier) -> float:
+    """Share of exactly-zero weights in the encoder's Linear layers (what unstructured pruning leaves);
+    0 for an ONNX graph (only unpruned models are exported, and int8 rounding is not pruning)."""
     from domainflow.compression import encoder_linears
 
+    if isinstance(model, OnnxClassifier):
+        return 0.0
     layers = [m for _, m in encoder_linears(model) if isinstance(getattr(m, "weight", None), torch.Tensor)]
     total = sum(m.weight.numel() for m in layers)
     return sum(int((m.weight == 0).sum()) for m in layers) / total if total else 0.0

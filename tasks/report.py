@@ -23,8 +23,9 @@ from domains import DomainSpec, get_domain
 from tasks.artifacts import artifact_key, png_data_uri
 
 
-def compression_rows(evaluations: Sequence[Evaluation], primary: str) -> list[dict[str, Any]]:
-    """One row per candidate with its figures and, for compressed ones, the deltas against the fp32 parent."""
+def compression_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
+    """One row per candidate with its figures and, for compressed ones, the deltas against the fp32 parent
+    (every test metric, throughput at batch 32 and 1, size on disk)."""
     by_name = {e.candidate.name: e for e in evaluations}
     rows = []
     for ev in evaluations:
@@ -43,14 +44,27 @@ def compression_rows(evaluations: Sequence[Evaluation], primary: str) -> list[di
             "p95_ms": round(ev.latency_ms_p95 or 0.0, 2),
         }
         row.update({f"test_{m}": round(v, 4) for m, v in ev.test_metrics.items()})
-        if parent is not None and parent.texts_per_second_batch32:
-            row[f"delta_{primary}"] = round(ev.test_metrics[primary] - parent.test_metrics[primary], 4)
-            row["speedup_b32"] = round((ev.texts_per_second_batch32 or 0.0) / parent.texts_per_second_batch32, 2)
-        else:
-            row[f"delta_{primary}"] = None
-            row["speedup_b32"] = None
+        row.update(_deltas(ev, parent))
         rows.append(row)
     return rows
+
+
+def _deltas(ev: Evaluation, parent: Evaluation | None) -> dict[str, Any]:
+    """A compressed candidate against its fp32 parent: metric differences, speed-ups and size ratio (None for fp32 rows)."""
+    deltas: dict[str, Any] = {f"delta_{m}": None for m in ev.test_metrics}
+    deltas.update({"speedup_b32": None, "speedup_b1": None, "disk_ratio": None})
+    if parent is None:
+        return deltas
+    for metric, value in ev.test_metrics.items():
+        if metric in parent.test_metrics:
+            deltas[f"delta_{metric}"] = round(value - parent.test_metrics[metric], 4)
+    if parent.texts_per_second_batch32:
+        deltas["speedup_b32"] = round((ev.texts_per_second_batch32 or 0.0) / parent.texts_per_second_batch32, 2)
+    if parent.texts_per_second_batch1:
+        deltas["speedup_b1"] = round((ev.texts_per_second_batch1 or 0.0) / parent.texts_per_second_batch1, 2)
+    if parent.disk_bytes:
+        deltas["disk_ratio"] = round(ev.disk_bytes / parent.disk_bytes, 3)
+    return deltas
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -152,7 +166,7 @@ def answer_policy_lines(spec: DomainSpec, ev: Evaluation) -> list[str]:
 def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef) -> Path:
     """Model cards into each candidate's report folder, and the run's compression report; returns its folder."""
     spec = get_domain(dataset.domain)
-    rows = compression_rows(evaluations, spec.primary_metric)
+    rows = compression_rows(evaluations)
     table = markdown_table(rows)
     out = settings.runs_dir() / dataset.domain / "reports" / f"compression-{value_fingerprint([e.candidate.fingerprint for e in evaluations], dataset.fingerprint)}"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,23 @@
+"""What the benchmark scripts share: the domain's labelled test texts."""
+
+from __future__ import annotations
+
+import random
+
+
+def labelled_test_texts(domain: str, max_texts: int | None, seed: int) -> tuple[list[str], list[int]]:
+    """The domain's test texts and label ids (a seeded sample of ``max_texts`` when given), read from
+    the domain's own test file with the pipeline's reader (CSV, JSON/JSONL or Parquet)."""
+    from domains import get_domain
+    from tasks.ingest import read_table
+
+    spec = get_domain(domain)
+    frame = read_table(spec.source.resolve()["test"])
+    texts = [str(t) for t in frame[spec.text_column]]
+    labels = [spec.label_index(v) for v in frame[spec.label_column]]
+    if any(label is None for label in labels):
+        raise SystemExit(f"{domain}: the test file has labels the domain does not know")
+    rows = list(zip(texts, labels))
+    if max_texts is not None and max_texts < len(rows):
+        rows = random.Random(seed).sample(rows, max_texts)
+    return [t for t, _ in rows], [int(y) for _, y in rows]
