@@ -276,7 +276,7 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
 
-def _padded_batches(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def padded_batches(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(indices, input_ids, attention_mask) of length-sorted batches, from one tokenizer call."""
     encoded = encode_texts(tokenizer, texts, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -292,7 +292,7 @@ def predict_logits(loaded: LoadedClassifier, texts: Sequence[str], batch_size: i
     out = torch.empty(len(texts), len(loaded.label_names))
     if not texts:
         return out
-    for index, input_ids, attention_mask in _padded_batches(loaded.tokenizer, texts, loaded.max_length, batch_size):
+    for index, input_ids, attention_mask in padded_batches(loaded.tokenizer, texts, loaded.max_length, batch_size):
         out[index] = loaded.model(input_ids=input_ids, attention_mask=attention_mask)["logits"].float()
     return out
 
@@ -310,7 +310,7 @@ def embed_texts(model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: S
     out = torch.empty(len(texts), embedding_size(model))
     if not texts:
         return out
-    for index, input_ids, attention_mask in _padded_batches(tokenizer, texts, max_length, batch_size):
+    for index, input_ids, attention_mask in padded_batches(tokenizer, texts, max_length, batch_size):
         out[index] = model.embed(input_ids, attention_mask).float()
     return out
 

@@ -16,13 +16,14 @@ from domainflow.settings import configure_environment
 configure_environment()  # before Prefect / Hugging Face read their settings
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+
+from flows.console import make_console  # noqa: E402
 
 app = typer.Typer(help="domainflow: turn a pretrained transformer into a deployed model for a business domain, as Prefect flows.", no_args_is_help=True, add_completion=False)
 registry_app = typer.Typer(help="Inspect the model registry and roll back a domain's champion.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
-console = Console()
+console = make_console()
 
 
 @app.command()

@@ -16,11 +16,12 @@ from domainflow.settings import configure_environment
 configure_environment()  # before Prefect / Hugging Face read their settings
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
+
+from flows.console import make_console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 monitor_app = typer.Typer(help="Sentiment monitoring: score new items with the champion, watch topics, alert on surges.", no_args_is_help=True, add_completion=False)
-console = Console()
+console = make_console()
 DEFAULT_PREFECT_PORT = 4200
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from domainflow.modeling import batches_by_length, mean_pool
+from domainflow.modeling import mean_pool, padded_batches
 
 
 class TwoTower(nn.Module):
@@ -150,7 +150,6 @@ def encode(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: i
     if not texts:
         return out
     model.eval()
-    for index in batches_by_length(texts, tokenizer, batch_size):
-        batch = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out[index] = model(batch["input_ids"], batch["attention_mask"]).float().numpy()
+    for index, input_ids, attention_mask in padded_batches(tokenizer, texts, max_length, batch_size):
+        out[index] = model(input_ids, attention_mask).float().numpy()
     return out
