@@ -43,11 +43,22 @@ def _registry_snapshot(root: Path) -> dict[str, str]:
 
 
 def _task_states(flow_run_id) -> dict[str, list[str]]:
+    """Final state names of a flow run's task runs, by task name.
+
+    Task-run states reach the API through Prefect's event pipeline, shortly after the flow
+    returns; read again while any is still non-final (at most ~10 s: a state that never
+    settles shows up in the assertion that follows)."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    for _ in range(50):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if all(run.state is not None and run.state.is_final() for run in runs):
+            break
+        time.sleep(0.2)
     states: dict[str, list[str]] = {}
     for run in runs:
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
