@@ -318,9 +318,7 @@ def embed_texts(model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: S
 def embedding_size(model: TextClassifier | nn.Module | OnnxClassifier) -> int:
     """Width of the model's sentence embeddings."""
     if isinstance(model, OnnxClassifier):
-        if model.embedding_size is None:
-            raise ValueError(f"{model.path} has no embeddings output (exported by an older domainflow); rerun the pipeline to re-export it")
-        return int(model.embedding_size)
+        return model.embedding_size
     return int(model.config.hidden_size)
 
 

@@ -167,17 +167,22 @@ class OnnxClassifier:
             raise ValueError(f"{self.path}: expected graph inputs {INPUT_NAMES}, found {names}")
         self.threads = options.intra_op_num_threads
         outputs = {o.name: o for o in self.session.get_outputs()}
-        self.embedding_size: int | None = outputs[EMBEDDINGS_NAME].shape[-1] if EMBEDDINGS_NAME in outputs else None
+        self._embedding_size: int | None = outputs[EMBEDDINGS_NAME].shape[-1] if EMBEDDINGS_NAME in outputs else None
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
         feeds = {"input_ids": _int64(input_ids), "attention_mask": _int64(attention_mask)}
         (logits,) = self.session.run([OUTPUT_NAME], feeds)
         return {"logits": torch.from_numpy(logits)}
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
-        """Mean-pooled sentence embeddings, like ``TextClassifier.embed``."""
-        if self.embedding_size is None:
+    @property
+    def embedding_size(self) -> int:
+        """Width of the graph's sentence embeddings; a graph exported without them cannot embed."""
+        if self._embedding_size is None:
             raise ValueError(f"{self.path} has no '{EMBEDDINGS_NAME}' output (exported by an older domainflow); rerun the pipeline to re-export it")
+        return int(self._embedding_size)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+        """Mean-pooled sentence embeddings, like ``TextClassifier.embed`` (callers check ``embedding_size`` first)."""
         feeds = {"input_ids": _int64(input_ids), "attention_mask": _int64(attention_mask)}
         (embeddings,) = self.session.run([EMBEDDINGS_NAME], feeds)
         return torch.from_numpy(embeddings)

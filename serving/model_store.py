@@ -51,6 +51,19 @@ class ServedModel:
     def label_names(self) -> list[str]:
         return list(getattr(self.loaded, "label_names", []))
 
+    @classmethod
+    def of(cls, domain: str, info: VersionInfo, loaded: Any, index: QuestionIndex | None = None) -> "ServedModel":
+        """A freshly loaded registry version, stamped with its version, candidate and load time."""
+        return cls(
+            domain=domain,
+            version=info.version,
+            candidate=info.lineage.get("candidate"),
+            model_dir=info.model_dir,
+            loaded=loaded,
+            loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            index=index,
+        )
+
 
 @dataclass
 class DomainSlot:
@@ -95,15 +108,7 @@ def load_served_model(slot: DomainSlot, info: VersionInfo) -> ServedModel:
     index = QuestionIndex.load(info.model_dir) if slot.spec.retrieval is not None else None
     if index is not None and set(index.labels) - set(loaded.label_names):
         raise ValueError(f"{slot.domain} v{info.version}: its retrieval index names labels the model does not know")
-    return ServedModel(
-        domain=slot.domain,
-        version=info.version,
-        candidate=info.lineage.get("candidate"),
-        model_dir=info.model_dir,
-        loaded=loaded,
-        loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        index=index,
-    )
+    return ServedModel.of(slot.domain, info, loaded, index)
 
 
 @dataclass

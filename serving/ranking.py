@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
-from datetime import datetime, timezone
 from typing import Annotated, Any, Sequence
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
@@ -81,14 +80,7 @@ def load_recommender(slot: Any, info: VersionInfo) -> Any:
     warm = recommender.recommend(history=recommender.item_ids[:2], k=3)
     if len(warm) != 3 or not all(item.score == item.score for item in warm):  # NaN != NaN
         raise ValueError(f"{slot.domain} v{info.version}: warm-up ranking did not return 3 finite scores")
-    return ServedModel(
-        domain=slot.domain,
-        version=info.version,
-        candidate=info.lineage.get("candidate"),
-        model_dir=info.model_dir,
-        loaded=recommender,
-        loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
+    return ServedModel.of(slot.domain, info, recommender)
 
 
 async def rank(served: Any, body: Any, executor: Executor) -> dict[str, Any]:

@@ -208,16 +208,19 @@ def candidate_rows(result: dict[str, Any], evaluations: list[Evaluation]) -> lis
     return rows
 
 
+def decision_outcome(result: dict[str, Any]) -> str:
+    """The decision's first line in Markdown: what was promoted, or that the champion stays."""
+    if result.get("version") is not None:
+        return f"**Promoted `{result['chosen']}` as v{result['version']}.**"
+    return "**No promotion.**" + (f" Champion stays v{result['previous_champion']}." if result.get("previous_champion") else "")
+
+
 def decision_markdown(result: dict[str, Any], evaluations: list[Evaluation]) -> str:
     """The gate decision as a Markdown report: outcome first, then every candidate with its reasons."""
     rows = candidate_rows(result, evaluations)
     reasons = {v["name"]: v["reasons"] for v in result["verdicts"]}
     primary = result["primary_metric"]
-    outcome = (
-        f"**Promoted `{result['chosen']}` as v{result['version']}.**"
-        if result.get("version") is not None
-        else "**No promotion.**" + (f" Champion stays v{result['previous_champion']}." if result.get("previous_champion") else "")
-    )
+    outcome = decision_outcome(result)
     champion = result.get("champion_metrics")
     champion_line = (
         f"champion v{result.get('previous_champion')} test {primary}: {_num(champion.get(primary))}"

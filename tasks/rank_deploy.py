@@ -18,17 +18,13 @@ from domainflow.logs import run_logger
 from domainflow.recsys.gate import decide_ranking
 from domainflow.records import Evaluation
 from tasks.artifacts import artifact_key
-from tasks.deploy import apply_decision
+from tasks.deploy import apply_decision, decision_outcome
 from tasks.rank_report import _as_evaluations, markdown_table, model_rows
 
 
 def decision_markdown(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The decision, outcome first, with every model's numbers and every verdict's reasons."""
-    outcome = (
-        f"**Promoted `{result['chosen']}` as v{result['version']}.**"
-        if result.get("version") is not None
-        else "**No promotion.**" + (f" Champion stays v{result['previous_champion']}." if result.get("previous_champion") else "")
-    )
+    outcome = decision_outcome(result)
     champion = result.get("champion_metrics")
     primary = result["primary_metric"]
     lines = [
