@@ -8,8 +8,8 @@ import random
 def labelled_test_texts(domain: str, max_texts: int | None, seed: int) -> tuple[list[str], list[int]]:
     """The domain's test texts and label ids (a seeded sample of ``max_texts`` when given), read from
     the domain's own test file with the pipeline's reader (CSV, JSON/JSONL or Parquet)."""
-    from domains import get_domain
-    from tasks.ingest import read_table
+    from domainflow.catalog import get_domain
+    from domainflow.data.tables import read_table
 
     spec = get_domain(domain)
     frame = read_table(spec.source.resolve()["test"])

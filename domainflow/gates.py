@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from domainflow.records import Evaluation
-from domains.base import DomainSpec
+from domainflow.spec import DomainSpec
 
 # Float slack for threshold comparisons: 130/100 must count as "1.30x faster".
 _EPS = 1e-9

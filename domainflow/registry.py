@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from domainflow import settings
+from domainflow.fingerprint import path_fingerprint
 
 VERSION_WIDTH = 4  # versions/0001, versions/0002, ...
 _TMP_PREFIX = ".tmp-"
@@ -326,6 +327,7 @@ class ModelRegistry:
         model_card: Path | None = None,
         model_extras: Sequence[Path] = (),
         expected_champion: int | None | object = _ANY,
+        expected_fingerprint: str | None = None,
     ) -> VersionInfo:
         """Store ``model_dir`` as the next version and make it the champion, atomically.
 
@@ -336,6 +338,13 @@ class ModelRegistry:
         another run promoted meanwhile, this promotion is refused instead of replacing a model it
         was never compared with. ``model_extras`` are files that belong with the model but were made
         after it (e.g. its retrieval index): they are copied into the version's ``model/`` folder.
+
+        ``expected_fingerprint`` (optional, the candidate's recorded
+        :func:`~domainflow.fingerprint.path_fingerprint`) guards against promoting other bytes than
+        the ones the gate judged: output folders can be rewritten after evaluation (another run or
+        code version building the same folder). The folder is fingerprinted before the copy and the
+        copy again before anything becomes visible (that catches a change during the copy); a
+        mismatch raises ``RegistryError`` and leaves versions, champion and history as they were.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -344,6 +353,9 @@ class ModelRegistry:
             raise RegistryError(f"cannot promote {model_dir}: the model directory is empty")
         if model_card is not None and not Path(model_card).is_file():
             raise RegistryError(f"model card {model_card} does not exist")
+        if expected_fingerprint is not None:
+            # Checked before the lock as well, so a stale candidate is refused without waiting for writers.
+            self._check_fingerprint(model_dir, model_dir, expected_fingerprint)
 
         with self._locked():
             previous = self.champion_pointer()
@@ -360,7 +372,11 @@ class ModelRegistry:
             if final.exists():  # a stray non-directory with that name
                 raise RegistryError(f"cannot create version {version}: {final} already exists")
             created_at = _now()
-            full_lineage = {**lineage, "version": version, "previous_champion": previous_version, "created_at": created_at}
+            full_lineage = {
+                **lineage, "version": version, "previous_champion": previous_version, "created_at": created_at
+            }
+            if expected_fingerprint is not None:
+                full_lineage["verified_fingerprint"] = expected_fingerprint
 
             self.versions_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.versions_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
@@ -368,6 +384,8 @@ class ModelRegistry:
             try:
                 tmp.mkdir()
                 _copy_tree(model_dir, tmp / "model")
+                if expected_fingerprint is not None:  # before the extras: they are not part of the candidate
+                    self._check_fingerprint(model_dir, tmp / "model", expected_fingerprint)
                 for extra in model_extras:
                     _copy_file(str(extra), str(tmp / "model" / Path(extra).name))
                 _write_json_atomic(tmp / "metrics.json", metrics)
@@ -404,6 +422,17 @@ class ModelRegistry:
                 }
             )
             return self.get(version)
+
+    def _check_fingerprint(self, candidate: Path, folder: Path, expected: str) -> None:
+        """``RegistryError`` unless ``folder`` (the candidate or its copy) hashes to ``expected``."""
+        actual = path_fingerprint(folder)
+        if actual != expected:
+            where = "" if folder == candidate else f" (found while copying it into {self.versions_dir})"
+            raise RegistryError(
+                f"{self.domain}: candidate folder {candidate} changed after evaluation{where}: "
+                f"fingerprint {actual}, expected {expected}; nothing was promoted. "
+                "Run the pipeline again so the gate judges the model that is there now."
+            )
 
     def _remove_stale_temp_dirs(self) -> None:
         """Temp dirs are only created under the lock, so any found while holding it were left by a
@@ -449,7 +478,8 @@ class ModelRegistry:
                 stack = self._champion_stack(current)
                 if len(stack) < 2:
                     raise RegistryError(
-                        f"{self.domain}: no earlier champion to roll back to from v{current} (history: {self.history_file})"
+                        f"{self.domain}: no earlier champion to roll back to from v{current} "
+                        f"(history: {self.history_file})"
                     )
                 target, mode = stack[-2], "undo"
             else:
@@ -462,5 +492,7 @@ class ModelRegistry:
                 self.champion_file,
                 {"version": target, "promoted_at": at, "previous": current, "event": "rollback", "reason": reason},
             )
-            self._append_history({"event": "rollback", "at": at, "from": current, "to": target, "mode": mode, "reason": reason})
+            self._append_history(
+                {"event": "rollback", "at": at, "from": current, "to": target, "mode": mode, "reason": reason}
+            )
             return info

@@ -1,38 +1,16 @@
-"""Business domains. Each module builds a :class:`~domains.base.DomainSpec` and registers it."""
+"""The shipped domains, as domain files (``*.toml`` beside this file).
+
+They reach the catalog the way a user's installed domains do: through the ``domainflow.domains``
+entry point (see pyproject.toml), so the core names none of them.
+"""
 
 from __future__ import annotations
 
-import importlib
+from pathlib import Path
 
-from domains.base import (
-    CompressionDefaults,
-    DataSource,
-    DomainSpec,
-    QualityGates,
-    RetrievalFallback,
-    TrainingDefaults,
-    get_domain,
-    list_domains,
-    register,
-)
-
-BUILTIN_DOMAIN_MODULES = ("domains.customer_service", "domains.finance_sentiment", "domains.recommendation")
-
-__all__ = [
-    "CompressionDefaults",
-    "DataSource",
-    "DomainSpec",
-    "QualityGates",
-    "RetrievalFallback",
-    "TrainingDefaults",
-    "get_domain",
-    "list_domains",
-    "register",
-    "load_builtin_domains",
-]
+FOLDER = Path(__file__).resolve().parent
 
 
-def load_builtin_domains() -> None:
-    """Import the shipped domain modules (each registers itself on import)."""
-    for module in BUILTIN_DOMAIN_MODULES:
-        importlib.import_module(module)
+def builtin_domain_files() -> list[Path]:
+    """customer_service, finance_sentiment and recommendation."""
+    return sorted(FOLDER.glob("*.toml"))

@@ -6,9 +6,11 @@ so a fresh clone needs no running services.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 from domainflow.settings import configure_environment
@@ -18,19 +20,47 @@ configure_environment()  # before Prefect / Hugging Face read their settings
 import typer  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from flows.console import make_console  # noqa: E402
+from domainflow.catalog import MODULES_ENV, add_domain_modules  # noqa: E402
+from domainflow.domain_files import DomainFileError, looks_like_domain_file  # noqa: E402
+from domainflow.spec import DomainSpec  # noqa: E402
+from flows.console import EXIT_BAD_DATA, EXIT_NOT_PROMOTED, domain_name, fail, make_console  # noqa: E402
 
-app = typer.Typer(help="domainflow: turn a pretrained transformer into a deployed model for a business domain, as Prefect flows.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(help="domainflow: turn a pretrained transformer into a deployed model for a business domain, as Prefect flows.\n\n"
+                  "Every command takes the domain as its DOMAIN argument: a registered name (`domainflow domains`) or a domain file (path/to/domain.toml).\n\n"
+                  "Exit codes: 0 ok; 2 usage error, unknown domain or bad domain file; 3 the data failed validation; 4 nothing promoted (with --require-promotion).",
+                  no_args_is_help=True, add_completion=False)
 registry_app = typer.Typer(help="Inspect the model registry and roll back a domain's champion.", no_args_is_help=True)
+domains_app = typer.Typer(help="List the known domains; add your own domain file; show a domain's fields.", invoke_without_command=True)
 app.add_typer(registry_app, name="registry")
+app.add_typer(domains_app, name="domains")
 console = make_console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"domainflow {version('domainflow')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    domain_module: Optional[list[str]] = typer.Option(
+        None, "--domain-module", help=f"Python module to import first that defines domains (repeatable; also read from {MODULES_ENV}, comma-separated, which child processes inherit)."
+    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Options that hold for every command."""
+    if domain_module:
+        add_domain_modules(domain_module)
 
 
 @app.command()
 def run(
-    domain: str = typer.Argument(..., help="Domain to run (see `domainflow domains`)."),
+    domain: str = typer.Argument(..., help="Domain to run: a registered name or a domain file (path/to/domain.toml)."),
     model: Optional[str] = typer.Option(None, help="Base encoder: 'minilm' (default, offline), a local folder, or a hub name (needs DOMAINFLOW_ONLINE=1)."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the domain's train/test files (default: the shipped data)."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder with the domain's train/test files (default: the domain's own files)."),
     train_file: Optional[str] = typer.Option(None, help="Explicit training file (CSV, JSON/JSONL or Parquet); needs --test-file."),
     test_file: Optional[str] = typer.Option(None, help="Explicit test file; needs --train-file."),
     max_train_samples: Optional[int] = typer.Option(None, min=1, help="Stratified subsample of the training data (quick runs)."),
@@ -39,32 +69,48 @@ def run(
     seed: int = typer.Option(42, help="Seed for sampling, splitting and training."),
     num_layers: Optional[int] = typer.Option(None, min=1, help="Keep only the first N encoder layers (quick runs)."),
     refresh_cache: bool = typer.Option(False, "--refresh-cache", help="Recompute every step instead of reusing cached results."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="When another run of this domain holds its lock: wait for it (default) or exit at once."),
+    require_promotion: bool = typer.Option(False, "--require-promotion", help=f"Exit with {EXIT_NOT_PROMOTED} when the run promotes nothing (for CI and schedulers)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (candidates, decision) as JSON on stdout instead of tables."),
 ) -> None:
     """Run ingest → fine-tune → compress → evaluate → deploy for DOMAIN and print the candidates and the gate's decision."""
-    from flows.pipeline import pipeline_for
-    from tasks.ingest import DataValidationError
+    from domainflow.data.validation import DataValidationError
+    from domainflow.kinds import kind_of, resolve
+    from domainflow.runlock import DomainBusyError
 
-    _domain_spec(domain)
+    spec = _domain_spec(domain)
     started = time.perf_counter()
+    # With --json, stdout carries the summary alone: progress that libraries print goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        summary = pipeline_for(domain)(
-            domain=domain,
-            model=model,
-            data_dir=data_dir,
-            train_file=train_file,
-            test_file=test_file,
-            max_train_samples=max_train_samples,
-            max_test_samples=max_test_samples,
-            epochs=epochs,
-            seed=seed,
-            num_layers=num_layers,
-            refresh_cache=refresh_cache,
-        )
+        with quiet:
+            summary = resolve(kind_of(spec).flow)(
+                domain=str(Path(domain).resolve()) if looks_like_domain_file(domain) else domain,
+                model=model,
+                data_dir=data_dir,
+                train_file=train_file,
+                test_file=test_file,
+                max_train_samples=max_train_samples,
+                max_test_samples=max_test_samples,
+                epochs=epochs,
+                seed=seed,
+                num_layers=num_layers,
+                refresh_cache=refresh_cache,
+                wait_for_lock=wait,
+            )
     except DataValidationError as exc:
-        _fail(f"data validation failed; nothing was trained and the registry is unchanged.\n{exc}")
+        fail(f"data validation failed; nothing was trained and the registry is unchanged.\n{exc}", EXIT_BAD_DATA)
+    except DomainBusyError as exc:
+        fail(str(exc))
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    _print_summary(summary, time.perf_counter() - started)
+        fail(str(exc))
+    seconds = time.perf_counter() - started
+    if as_json:
+        typer.echo(json.dumps({**summary, "seconds": round(seconds, 1)}, default=str))
+    else:
+        _print_summary(summary, seconds)
+    if require_promotion and summary.get("version") is None:
+        raise typer.Exit(code=EXIT_NOT_PROMOTED)
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
@@ -91,14 +137,60 @@ def _print_summary(summary: dict, seconds: float) -> None:
         console.print(f"champion: {summary['champion_dir']}", highlight=False)
 
 
-@app.command()
-def domains() -> None:
-    """List the registered domains."""
-    from domains import get_domain, list_domains
+@domains_app.callback()
+def domains(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of text.")) -> None:
+    """List the known domains (with no sub-command)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from domainflow.catalog import catalog
 
-    for name in list_domains():
-        spec = get_domain(name)
-        console.print(f"[bold]{name}[/bold]: {spec.description} ({spec.num_labels} labels; primary metric {spec.primary_metric})")
+    try:
+        entries = catalog()
+    except DomainFileError as exc:
+        fail(str(exc))
+    for name, entry in sorted(entries.items()):
+        spec = entry.spec
+        labels = getattr(spec, "label_names", None)
+        if as_json:
+            typer.echo(json.dumps({"name": name, "task_kind": spec.task_kind, "description": spec.description, "origin": entry.origin,
+                                   "labels": list(labels) if labels else None, "primary_metric": spec.primary_metric}))
+        else:
+            shown = f"{len(labels)} labels" if labels else ("labels from the data" if spec.task_kind == "text_classification" else spec.task_kind)
+            console.print(f"[bold]{name}[/bold]: {spec.description} ({shown}; primary metric {spec.primary_metric}; from {entry.origin})", highlight=False)
+
+
+@domains_app.command("add")
+def domains_add(
+    file: Path = typer.Argument(..., help="A domain file (TOML)."),
+    replace: bool = typer.Option(False, "--replace", help="Take the name even if another domain has it."),
+) -> None:
+    """Record a domain file under DOMAINFLOW_HOME, so every command and scheduled run knows it by name."""
+    from domainflow.catalog import add_domain_file
+
+    try:
+        spec = add_domain_file(file, replace=replace)
+    except DomainFileError as exc:
+        fail(str(exc))
+    console.print(f"added {spec.name} ({spec.task_kind}) from {file.resolve()}: try `domainflow run {spec.name}`", highlight=False)
+
+
+@domains_app.command("remove")
+def domains_remove(name: str = typer.Argument(..., help="A domain added with `domains add`.")) -> None:
+    """Forget an added domain (its file, models and registry stay where they are)."""
+    from domainflow.catalog import UnknownDomainError, remove_domain
+
+    try:
+        path = remove_domain(name)
+    except UnknownDomainError as exc:
+        fail(str(exc))
+    console.print(f"removed {name} (its file {path} is untouched)", highlight=False)
+
+
+@domains_app.command("show")
+def domains_show(domain: str = typer.Argument(..., help="A domain name or file.")) -> None:
+    """Every field of a domain, defaults filled in, as JSON."""
+    spec = _domain_spec(domain)
+    typer.echo(json.dumps(spec.model_dump(mode="json", by_alias=True), indent=2))
 
 
 @app.command()
@@ -108,20 +200,22 @@ def predict(
     top_k: int = typer.Option(3, min=1, help="Labels to show per text."),
 ) -> None:
     """Classify TEXTS with the domain's champion and show what the domain would do with each prediction."""
+    from domainflow.kinds import kind_of
     from domainflow.modeling import load_classifier
     from domainflow.registry import ModelRegistry, RegistryError
     from domainflow.retrieval import QuestionIndex
     from serving.inference import prediction_record, score_texts
 
     spec = _domain_spec(domain)
-    if spec.task_kind != "text_classification":
-        _fail(f"{domain} is a {spec.task_kind} domain: use `domainflow recommend --domain {domain} ITEM_ID ...`")
+    domain = spec.name
+    if kind_of(spec).cli_verb != "predict":
+        fail(f"{domain} is a {spec.task_kind} domain: use `{kind_of(spec).usage.format(domain=domain)}`")
     try:
         champion = ModelRegistry(domain).champion()
     except RegistryError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if champion is None:
-        _fail(f"no champion for {domain}: run `domainflow run {domain}` first")
+        fail(f"no champion for {domain}: run `domainflow run {domain}` first")
     loaded = load_classifier(champion.model_dir)
     index = QuestionIndex.load(champion.model_dir) if spec.retrieval is not None else None
     results = [
@@ -133,43 +227,57 @@ def predict(
 
 @app.command()
 def recommend(
+    domain: str = typer.Argument(..., help="A ranking domain (a name or a domain file), e.g. recommendation."),
     history: Optional[list[str]] = typer.Argument(None, help="Item ids the user interacted with, oldest first."),
     text: Optional[list[str]] = typer.Option(None, "--text", help="Free text about what the user liked, read as the most recent history (repeatable)."),
     candidate: Optional[list[str]] = typer.Option(None, "--candidate", help="An item id to rank (repeatable; default: every item not in the history)."),
     top_k: int = typer.Option(10, min=1, max=100, help="How many items to show."),
-    domain: str = typer.Option("recommendation", help="A ranking domain."),
 ) -> None:
     """Rank items for a history with the domain's champion: the same answer as POST /v1/DOMAIN/rank."""
+    from domainflow.kinds import kind_of
     from domainflow.recsys.bundle import Recommender
     from domainflow.registry import ModelRegistry, RegistryError
-    from domains import get_domain
-    from serving.ranking import RANKING_TASKS, rank_record
+    from serving.ranking import rank_record
 
+    spec = _domain_spec(domain)
+    domain = spec.name
+    if kind_of(spec).cli_verb != "recommend":
+        fail(f"{domain} is a {spec.task_kind} domain: use `{kind_of(spec).usage.format(domain=domain)}`")
     try:
-        spec = get_domain(domain)
         champion = ModelRegistry(domain).champion()
-    except (KeyError, RegistryError) as exc:
-        _fail(str(exc).strip("'\""))
-    if spec.task_kind not in RANKING_TASKS:
-        _fail(f"{domain} is a {spec.task_kind} domain: use `domainflow predict {domain} TEXT`")
+    except RegistryError as exc:
+        fail(str(exc))
     if champion is None:
-        _fail(f"no champion for {domain}: run `domainflow run {domain}` first")
+        fail(f"no champion for {domain}: run `domainflow run {domain}` first")
     recommender = Recommender(champion.model_dir, spec.history_text)
     try:
         items = recommender.recommend(history=history or [], texts=text or [], candidates=candidate or None, k=top_k)
     except ValueError as exc:  # empty history, unknown item ids
-        _fail(str(exc))
+        fail(str(exc))
     console.print_json(json.dumps(rank_record(domain, champion.version, recommender.scorer_for(history or []), items, ndigits=4)))
 
 
 @registry_app.command("list")
-def registry_list(domain: str = typer.Argument(..., help="Domain.")) -> None:
+def registry_list(
+    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per version instead of a table."),
+) -> None:
     """List a domain's versions; the champion is marked."""
-    from domainflow.registry import ModelRegistry
+    from domainflow.registry import ModelRegistry, RegistryError
 
+    domain = domain_name(domain)
     registry = ModelRegistry(domain)
-    champion = registry.champion()
-    versions = registry.versions()
+    try:
+        champion = registry.champion()
+        versions = registry.versions()
+    except RegistryError as exc:
+        fail(str(exc))
+    if as_json:
+        for info in versions:
+            record = {"version": info.version, "champion": bool(champion and champion.version == info.version), "candidate": info.lineage.get("candidate"),
+                      "created_at": info.created_at, "metrics": info.metrics, "path": str(info.path)}
+            typer.echo(json.dumps(record, default=str))
+        return
     if not versions:
         console.print(f"no versions registered for {domain}")
         return
@@ -184,58 +292,65 @@ def registry_list(domain: str = typer.Argument(..., help="Domain.")) -> None:
 
 
 @registry_app.command("show")
-def registry_show(domain: str = typer.Argument(..., help="Domain."), version: Optional[int] = typer.Option(None, help="Version (default: the champion).")) -> None:
-    """Show one version's metrics, lineage and location."""
+def registry_show(
+    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."), version: Optional[int] = typer.Option(None, help="Version (default: the champion).")
+) -> None:
+    """Show one version's metrics, lineage and location as JSON."""
     from domainflow.registry import ModelRegistry, RegistryError
 
+    domain = domain_name(domain)
     registry = ModelRegistry(domain)
     try:
         info = registry.get(version) if version is not None else registry.champion()
     except RegistryError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if info is None:
-        _fail(f"no champion for {domain}")
-    console.print_json(json.dumps({"version": info.version, "path": str(info.path), "created_at": info.created_at, "metrics": info.metrics, "lineage": info.lineage}, default=str))
+        fail(f"no champion for {domain}")
+    typer.echo(json.dumps({"version": info.version, "path": str(info.path), "created_at": info.created_at, "metrics": info.metrics, "lineage": info.lineage}, indent=2, default=str))
 
 
 @registry_app.command("history")
-def registry_history(domain: str = typer.Argument(..., help="Domain.")) -> None:
+def registry_history(
+    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line (JSON lines), for tools."),
+) -> None:
     """Every promotion, rejection and rollback, oldest first."""
-    from domainflow.registry import ModelRegistry
+    from domainflow.registry import ModelRegistry, RegistryError
 
-    for event in ModelRegistry(domain).history():
-        console.print_json(json.dumps(event, default=str))
+    domain = domain_name(domain)
+    try:
+        events = ModelRegistry(domain).history()
+    except RegistryError as exc:
+        fail(str(exc))
+    for event in events:
+        if as_json:
+            typer.echo(json.dumps(event, default=str))
+        else:
+            console.print_json(json.dumps(event, default=str))
 
 
 @registry_app.command("rollback")
 def registry_rollback(
-    domain: str = typer.Argument(..., help="Domain."),
+    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."),
     to: Optional[int] = typer.Option(None, "--to", help="Version to restore (default: the previous champion)."),
     reason: str = typer.Option("manual rollback", help="Why, for the history."),
 ) -> None:
     """Make an earlier version the champion again (atomic; recorded in the history)."""
     from domainflow.registry import ModelRegistry, RegistryError
 
+    domain = domain_name(domain)
     try:
         info = ModelRegistry(domain).rollback(to, reason=reason)
     except RegistryError as exc:
-        _fail(str(exc))
-    console.print(f"{domain}: champion is now version {info.version} ({info.path})")
+        fail(str(exc))
+    console.print(f"{domain}: champion is now version {info.version} ({info.path})", highlight=False)
 
 
-def _domain_spec(domain: str):  # noqa: ANN202 - DomainSpec, imported lazily to keep --help fast
-    """The registered domain, or a clear error listing the known ones."""
-    from domains import get_domain
+def _domain_spec(domain: str) -> DomainSpec:
+    """The domain a command was given (a name or a file; a file's domain is then known by name here)."""
+    from domainflow.catalog import get_domain
 
-    try:
-        return get_domain(domain)
-    except KeyError as exc:
-        _fail(str(exc).strip("'\""))
-
-
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code=2)
+    return get_domain(domain_name(domain))
 
 
 def _register_operations() -> None:

@@ -90,7 +90,7 @@ class SurgeScan(BaseModel):
 
 def resolve_config(domain: str, config: dict[str, Any] | None = None, config_file: str | None = None) -> MonitorConfig:
     """The domain's monitoring defaults, then the config file, then ``config`` (parameters) on top."""
-    from domains import get_domain
+    from domainflow.catalog import get_domain
 
     spec = get_domain(domain)
     defaults = getattr(spec, "monitoring", None)
@@ -296,7 +296,7 @@ def monitor_batch(
         config_file: a TOML or JSON file of overrides (applied before ``config``).
         store_path: the SQLite store (default ``<home>/monitoring/<domain>/scores.sqlite``).
     """
-    from domains import get_domain
+    from domainflow.catalog import get_domain
 
     log = get_run_logger()
     settings_ = resolve_config(domain, config, config_file)
@@ -409,7 +409,7 @@ def replay(
 
     from domainflow import settings
     from domainflow.monitoring.replay import build_replay
-    from domains import get_domain
+    from domainflow.catalog import get_domain
 
     spec = get_domain(domain)
     source = source or str(spec.source.resolve()["test"])

@@ -17,7 +17,7 @@ configure_environment()  # before Prefect / Hugging Face read their settings
 
 import typer  # noqa: E402
 
-from flows.console import make_console  # noqa: E402
+from flows.console import domain_name, make_console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 monitor_app = typer.Typer(help="Sentiment monitoring: score new items with the champion, watch topics, alert on surges.", no_args_is_help=True, add_completion=False)
@@ -66,8 +66,8 @@ def _print_alerts(alerts: list[dict[str, Any]], title: str) -> None:
 
 @monitor_app.command()
 def score(
+    domain: str = typer.Argument(..., help="Domain whose champion scores the items (a name or a domain file), e.g. finance_sentiment."),
     path: Path = typer.Argument(..., help="A batch file (CSV, JSON/JSONL, Parquet: timestamp, text[, topic, id]) or a folder of them."),
-    domain: str = typer.Option("finance_sentiment", help="Domain whose champion scores the items."),
     config: Optional[Path] = typer.Option(None, help="TOML or JSON file of monitoring settings (keywords, surge rule, webhook)."),
     window: Optional[str] = typer.Option(None, help="Aggregation window, e.g. 15min, 1h, 1D (default: the domain's)."),
     baseline_windows: Optional[int] = typer.Option(None, min=1, help="Previous windows forming each topic's baseline."),
@@ -77,6 +77,7 @@ def score(
     store: Optional[Path] = typer.Option(None, help="SQLite store (default: <home>/monitoring/DOMAIN/scores.sqlite)."),
 ) -> None:
     """Score new items with the champion, store them (idempotent), and alert on topic surges."""
+    domain = domain_name(domain)
     from flows.monitor import monitor_batch, monitor_inbox
 
     overrides = _overrides(window, baseline_windows, k, min_count, webhook_url) or None
@@ -98,7 +99,7 @@ def score(
 
 @monitor_app.command("replay")
 def replay_command(
-    domain: str = typer.Option("finance_sentiment", help="Domain whose champion scores the stream."),
+    domain: str = typer.Argument(..., help="Domain whose champion scores the stream (a name or a domain file), e.g. finance_sentiment."),
     source: Optional[Path] = typer.Option(None, help="File to replay (default: the domain's test file, for finance the valid split)."),
     ticker: Optional[str] = typer.Option(None, help="Ticker of the injected surge (default: the file's most frequent cashtag)."),
     window: str = typer.Option("1h", help="Window length."),
@@ -111,6 +112,7 @@ def replay_command(
     out_dir: Optional[Path] = typer.Option(None, help="Folder for the stream files and the replay's own store (default: a fresh folder under the home)."),
 ) -> None:
     """Replay a labelled file as a timed stream with one injected negative surge; exit 1 unless exactly that alert is raised."""
+    domain = domain_name(domain)
     from flows.monitor import replay
 
     try:
@@ -128,11 +130,12 @@ def replay_command(
 
 @monitor_app.command()
 def alerts(
-    domain: str = typer.Option("finance_sentiment", help="Domain."),
+    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."),
     store: Optional[Path] = typer.Option(None, help="SQLite store (default: <home>/monitoring/DOMAIN/scores.sqlite)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the alerts recorded in the store, oldest first."""
+    domain = domain_name(domain)
     from flows.monitor import store_for
 
     path = Path(store) if store else None
@@ -147,8 +150,8 @@ def alerts(
 
 @monitor_app.command()
 def schedule(
+    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."),
     inbox: Path = typer.Option(..., help="Folder the schedule scans for new batch files."),
-    domain: str = typer.Option("finance_sentiment", help="Domain."),
     cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "*/15 * * * *".'),
     every: Optional[float] = typer.Option(None, min=1.0, help="Or: run every N seconds."),
     timezone: str = typer.Option("UTC", help="IANA time zone of a cron schedule."),
@@ -156,6 +159,7 @@ def schedule(
     api_url: Optional[str] = typer.Option(None, help=f"Prefect API (default: PREFECT_API_URL, else http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api)."),
 ) -> None:
     """Create a monitor-DOMAIN deployment that scans INBOX on a schedule, and run it when due (keeps running)."""
+    domain = domain_name(domain)
     import httpx
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -55,7 +55,7 @@ def _is_loopback(host: str) -> bool:
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the service to the network (keys still required)."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port."),
-    domain: Optional[list[str]] = typer.Option(None, "--domain", "-d", help="Domain to serve (repeatable; default: every registered domain)."),
+    domain: Optional[list[str]] = typer.Argument(None, help="Domains to serve: names or domain files (default: every known domain)."),
     api_keys_file: Optional[Path] = typer.Option(None, help="File with one API key per line (else DOMAINFLOW_API_KEYS / DOMAINFLOW_API_KEYS_FILE)."),
     max_batch: int = typer.Option(64, min=1, help="Most texts per model call (micro-batching)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest a request waits for others to join its batch; 0 and --max-batch 1 disable batching."),
@@ -160,13 +160,10 @@ def build_retrain_deployments(
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    from domains import get_domain
+    from domainflow.catalog import get_domain
     from flows.retrain import domain_data_folder, import_domain_modules, retrain, training_files
 
-    try:
-        import_domain_modules(domain_modules)
-    except ImportError as exc:
-        raise ValueError(f"cannot import domain module: {exc}") from None
+    import_domain_modules(domain_modules)  # a missing module: ValueError naming it
     try:
         Cron(cron, timezone=timezone)  # Prefect checks the cron string, raising ValueError naming it
     except ValueError as exc:
@@ -181,6 +178,8 @@ def build_retrain_deployments(
             spec = get_domain(domain)
         except KeyError as exc:
             raise ValueError(str(exc).strip("'\"")) from None
+        if Path(domain).expanduser().is_file():
+            domain = str(Path(domain).expanduser().resolve())  # the run starts in another process and folder
         folder = domain_data_folder(domain, data_dir).resolve()
         if not training_files(folder):
             logging.getLogger("domainflow.schedule").warning("%s: no train* file in %s yet: runs fail until one is dropped there", domain, folder)
@@ -189,11 +188,13 @@ def build_retrain_deployments(
         parameters = {"domain": domain, "data_dir": str(folder) if data_dir else None, "model": model, "epochs": epochs, "max_train_samples": max_train_samples, "max_test_samples": max_test_samples, "num_layers": num_layers, "domain_modules": list(domain_modules) if domain_modules else None}
         deployments.append(
             retrain.to_deployment(
-                name=f"retrain-{domain}",
+                name=f"retrain-{spec.name}",
                 schedule=Cron(cron, timezone=timezone),
                 parameters={k: v for k, v in parameters.items() if v is not None},
-                description=f"Retrain {domain} ({spec.description}) on the newest train* file in {folder}; the gates decide on promotion.",
-                tags=["domainflow", "retrain", domain],
+                description=f"Retrain {spec.name} ({spec.description}) on the newest train* file in {folder}; the gates decide on promotion.",
+                tags=["domainflow", "retrain", spec.name],
+                # one run of a domain at a time: a run due while the last is still going waits for its slot
+                concurrency_limit=1,
                 entrypoint_type=EntrypointType.MODULE_PATH,
             )
         )
@@ -201,7 +202,7 @@ def build_retrain_deployments(
 
 
 def schedule(
-    domain: list[str] = typer.Option(..., "--domain", "-d", help="Domain to retrain (repeatable)."),
+    domain: list[str] = typer.Argument(..., help="Domains to retrain: registered names or domain files."),
     cron: str = typer.Option(..., help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).'),
     timezone: str = typer.Option("UTC", help="IANA time zone of the cron schedule."),
     data_dir: Optional[str] = typer.Option(None, help="The domain's data folder (default: the folder of its shipped train file); the newest train* file in it is used."),

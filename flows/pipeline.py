@@ -14,12 +14,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from domainflow.catalog import get_domain
+from domainflow.data.validation import DataValidationError
 from domainflow.compression import RECIPES
-from domainflow.gates import select_reference
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
+from domainflow.gates import select_reference
+from domainflow.kinds import kind_of, resolve
 from domainflow.records import DatasetRef, ModelRef
 from domainflow.registry import ModelRegistry
-from domains import get_domain
+from domainflow.runlock import domain_run_lock
+from domainflow.spec import ClassificationSpec, CompressionDefaults, DomainSpec
 from tasks.compress import distill, prune_ffn, prune_magnitude, quantize
 from tasks.deploy import candidate_rows, champion_metrics_for, deploy
 from tasks.evaluate import evaluate
@@ -29,9 +33,8 @@ from tasks.report import report
 from tasks.speed import measure_speed
 
 
-def resolve_data_files(domain: str, data_dir: str | None, train_file: str | None, test_file: str | None) -> tuple[Path, Path]:
+def resolve_data_files(spec: ClassificationSpec, data_dir: str | None, train_file: str | None, test_file: str | None) -> tuple[Path, Path]:
     """Explicit files win; else the domain's files, under ``data_dir`` when given."""
-    spec = get_domain(domain)
     if train_file or test_file:
         if not (train_file and test_file):
             raise ValueError("give both --train-file and --test-file, or neither")
@@ -40,9 +43,26 @@ def resolve_data_files(domain: str, data_dir: str | None, train_file: str | None
     return paths["train"], paths["test"]
 
 
-def compress_candidates(methods: tuple[str, ...], reference: ModelRef, dataset: DatasetRef, config: Any, options: dict) -> list[ModelRef]:
+def check_labels_match_champion(spec: ClassificationSpec, dataset: DatasetRef, registry: ModelRegistry) -> None:
+    """A domain without a label list takes its labels from the data (sorted); a later run whose data holds
+    another label set would silently re-number the classes, so it stops here with both lists instead."""
+    if spec.label_names is not None:
+        return
+    champion = registry.champion()
+    trained = champion.lineage.get("labels") if champion is not None else None
+    if trained and list(trained) != list(dataset.label_names):
+        new, gone = sorted(set(dataset.label_names) - set(trained)), sorted(set(trained) - set(dataset.label_names))
+        raise DataValidationError(
+            f"{spec.name}: the training data's labels differ from those champion v{champion.version} was trained with "
+            f"(new: {new or 'none'}; missing: {gone or 'none'}). The domain file lists no labels, so they come from the data; "
+            "to change the label set on purpose, list `labels = [...]` in the domain file (a new label list starts a new model line)."
+        )
+
+
+def compress_candidates(settings: CompressionDefaults, reference: ModelRef, dataset: DatasetRef, config: Any, options: dict) -> list[ModelRef]:
     """The domain's compression methods applied to the best fp32 model (a distilled student is also quantized
     with every int8 recipe the domain asks for)."""
+    methods = settings.methods
     known = set(RECIPES) | {"magnitude_prune", "ffn_prune", "distill"}
     unknown = set(methods) - known
     if unknown:
@@ -52,31 +72,25 @@ def compress_candidates(methods: tuple[str, ...], reference: ModelRef, dataset: 
     for recipe in int8_recipes:
         candidates.append(quantize.with_options(**options)(reference, dataset.domain, recipe))
     if "magnitude_prune" in methods:
-        candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain))
+        candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain, settings.sparsity))
     if "ffn_prune" in methods:
-        candidates.append(prune_ffn.with_options(**options)(reference, dataset, config))
+        candidates.append(prune_ffn.with_options(**options)(reference, dataset, config, settings.ffn_keep_ratio, settings.recovery_epochs))
     depth = json.loads((Path(reference.path) / "config.json").read_text())["num_hidden_layers"]
-    student_layers = get_domain(dataset.domain).compression.student_layers
+    student_layers = settings.student_layers
     if "distill" in methods and student_layers >= depth:
         get_run_logger().warning("distillation skipped: the student needs fewer than the teacher's %d layers, the domain asks for %d", depth, student_layers)
     elif "distill" in methods:
-        student = distill.with_options(**options)(reference, dataset, config)
+        epochs = settings.distill_epochs if settings.distill_epochs is not None else config.epochs
+        student = distill.with_options(**options)(reference, dataset, config, student_layers, epochs, settings.distill_temperature, settings.distill_alpha)
         candidates.append(student)
         for recipe in int8_recipes:
             candidates.append(quantize.with_options(**options)(student, dataset.domain, recipe))
     return candidates
 
 
-def pipeline_for(domain: str) -> Any:
-    """The flow that trains ``domain``, chosen by its task kind (never by its name)."""
-    kind = get_domain(domain).task_kind
-    if kind == "ranking":
-        from flows.ranking import ranking_pipeline
-
-        return ranking_pipeline
-    if kind == "text_classification":
-        return domain_pipeline
-    raise ValueError(f"{domain}: no pipeline for task kind {kind!r}")
+def pipeline_for(spec: DomainSpec) -> Any:
+    """The flow that trains ``spec``'s domain, chosen by its task kind (never by its name)."""
+    return resolve(kind_of(spec).flow)
 
 
 @flow(name="domain-pipeline", log_prints=True)
@@ -92,11 +106,12 @@ def domain_pipeline(
     seed: int = 42,
     num_layers: int | None = None,
     refresh_cache: bool = False,
+    wait_for_lock: bool = True,
 ) -> dict[str, Any]:
     """Train, compress, evaluate and (behind the domain's gates) deploy a model for ``domain``.
 
     Args:
-        domain: a registered domain (``domainflow domains`` lists them).
+        domain: a registered domain (``domainflow domains`` lists them) or a domain file's path.
         model: base encoder: ``minilm`` (default, shipped offline), a folder, or a hub name.
         data_dir: folder holding the domain's train/test files (default: the shipped data).
         train_file / test_file: explicit data files (CSV, JSON/JSONL, Parquet), both or neither.
@@ -105,38 +120,68 @@ def domain_pipeline(
         seed: seeds sampling, splitting and training.
         num_layers: keep only the first N encoder layers (quick runs and tests).
         refresh_cache: recompute every step even if a cached result exists.
+        wait_for_lock: when another run of the domain is going, wait for it (else fail at once).
     """
     log = get_run_logger()
     spec = get_domain(domain)
+    if not isinstance(spec, ClassificationSpec):
+        raise ValueError(f"{spec.name} is a {spec.task_kind} domain; this pipeline trains text classification domains")
+    with domain_run_lock(spec.name, wait=wait_for_lock, on_wait=log.warning, description=f"domain-pipeline run of {spec.name}"):
+        return _train_and_deploy(spec, model, data_dir, train_file, test_file, max_train_samples, max_test_samples, epochs, seed, num_layers, refresh_cache)
+
+
+def _train_and_deploy(
+    spec: ClassificationSpec,
+    model: str | None,
+    data_dir: str | None,
+    train_file: str | None,
+    test_file: str | None,
+    max_train_samples: int | None,
+    max_test_samples: int | None,
+    epochs: float | None,
+    seed: int,
+    num_layers: int | None,
+    refresh_cache: bool,
+) -> dict[str, Any]:
+    """The pipeline's steps, run while holding the domain's run lock."""
+    log = get_run_logger()
+    domain = spec.name
+    registry = ModelRegistry(domain)
     options = {"refresh_cache": True} if refresh_cache else {}
 
-    train_path, test_path = resolve_data_files(domain, data_dir, train_file, test_file)
+    train_path, test_path = resolve_data_files(spec, data_dir, train_file, test_file)
     source_fingerprint = value_fingerprint(path_fingerprint(train_path), path_fingerprint(test_path))
     dataset: DatasetRef = ingest.with_options(**options)(
-        domain, str(train_path), str(test_path), source_fingerprint, max_train_samples=max_train_samples, max_test_samples=max_test_samples, seed=seed
+        spec.data_slice(), domain, str(train_path), str(test_path), source_fingerprint,
+        max_train_samples=max_train_samples, max_test_samples=max_test_samples, seed=seed,
     )
     log.info("dataset %s: %s", dataset.fingerprint, dataset.num_rows)
+    check_labels_match_champion(spec, dataset, registry)
+    if spec.label_names is None:
+        spec = spec.with_labels(tuple(dataset.label_names))
+        log.info("%s: %d labels taken from the training data: %s", domain, spec.num_labels, ", ".join(spec.label_names or ()))
 
-    config = make_train_config(domain, model, epochs=epochs, seed=seed, num_layers=num_layers)
+    config = make_train_config(spec, model, epochs=epochs, seed=seed, num_layers=num_layers)
     probe: ModelRef = linear_probe.with_options(**options)(dataset, config)
     tuned: ModelRef = finetune.with_options(**options)(dataset, probe, config)
-    fp32 = [evaluate.with_options(**options)(candidate, dataset) for candidate in (probe, tuned)]
+    measured = spec.evaluation_slice()
+    fp32 = [evaluate.with_options(**options)(candidate, dataset, measured) for candidate in (probe, tuned)]
 
     reference = select_reference(fp32, spec.primary_metric).candidate  # the gate's own choice
-    compressed = compress_candidates(spec.compression.methods, reference, dataset, config, options)
-    evaluations = fp32 + [evaluate.with_options(**options)(candidate, dataset) for candidate in compressed]
+    compressed = compress_candidates(spec.compression, reference, dataset, config, options)
+    evaluations = fp32 + [evaluate.with_options(**options)(candidate, dataset, measured) for candidate in compressed]
     evaluations = measure_speed.with_options(**options)(evaluations, dataset)
-    report(evaluations, dataset)
+    report(evaluations, dataset, spec)
 
     champion_metrics = champion_metrics_for(domain, dataset.test_fingerprint)
-    champion = ModelRegistry(domain).champion()
+    champion = registry.champion()
     if champion is not None and champion_metrics is None:
         log.info("champion v%d was measured on another test set: re-evaluating it on this one", champion.version)
         champion_ref = ModelRef(name=f"champion-v{champion.version}", path=str(champion.model_dir), fingerprint=path_fingerprint(champion.model_dir))
-        champion_metrics = evaluate(champion_ref, dataset).test_metrics
+        champion_metrics = evaluate(champion_ref, dataset, measured).test_metrics
 
     run_config = {"model": model, "data_files": [str(train_path), str(test_path)], "max_train_samples": max_train_samples, "max_test_samples": max_test_samples, "train_config": config.model_dump()}
-    decision = deploy(domain, evaluations, champion_metrics, dataset.fingerprint, dataset.test_fingerprint, run_config)
+    decision = deploy(spec, evaluations, champion_metrics, dataset.fingerprint, dataset.test_fingerprint, run_config, labels=list(dataset.label_names))
 
     rows = candidate_rows(decision, evaluations)
     for row, evaluation in zip(rows, evaluations):

@@ -21,14 +21,13 @@ and the gate sees a tie and keeps the champion. Write drops atomically (copy to
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Sequence
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from domains import get_domain
+from domainflow.catalog import add_domain_modules, catalog, get_domain
 from tasks.artifacts import artifact_key
 
 TRAIN_GLOB = "train*"
@@ -36,13 +35,14 @@ DATA_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 
 
 def import_domain_modules(modules: Sequence[str] | None) -> None:
-    """Import modules that register extra domains (kept outside ``domains/``, e.g. private ones).
+    """Make domains defined in Python modules known (kept outside the package, e.g. private ones).
 
-    A scheduled run executes in a fresh process started by the Prefect runner, which knows only
-    the built-in domains; a domain registered elsewhere must be imported there again.
+    A scheduled run executes in a fresh process started by the Prefect runner; the modules are
+    recorded in its environment and imported now, so a missing one fails here, by name.
     """
-    for module in modules or ():
-        importlib.import_module(module)
+    if modules:
+        add_domain_modules(modules)
+        catalog()
 
 
 def domain_data_folder(domain: str, data_dir: str | Path | None = None) -> Path:
@@ -87,7 +87,7 @@ def retrain(
     """Retrain ``domain`` on the newest training file in its data folder; the gates decide on promotion.
 
     Args:
-        domain: a registered domain.
+        domain: a registered domain, or the absolute path of a domain file.
         data_dir: the domain's data folder (default: the folder of the spec's train file).
         model / epochs / max_train_samples / max_test_samples / num_layers / seed: as for
             ``domain_pipeline`` (defaults: the domain's).
@@ -96,14 +96,15 @@ def retrain(
     from flows.pipeline import domain_pipeline  # here, so the file-picking helpers work without the ML stack
 
     import_domain_modules(domain_modules)
+    name = get_domain(domain).name  # ``domain`` may be a domain file's path
 
     log = get_run_logger()
     train_file, test_file, older = pick_data_files(domain, data_dir)
     log.info("%s: training on %s (newest of %d), testing on %s", domain, train_file, len(older) + 1, test_file)
     ignored = "".join(f"\n- `{p.name}`" for p in older[:20]) or "\n- none"
     create_markdown_artifact(
-        f"## {domain}: retraining data\n\nTrain: `{train_file}`\n\nTest: `{test_file}`\n\nOlder training files left aside:{ignored}",
-        key=artifact_key(domain, "retrain-data"),
+        f"## {name}: retraining data\n\nTrain: `{train_file}`\n\nTest: `{test_file}`\n\nOlder training files left aside:{ignored}",
+        key=artifact_key(name, "retrain-data"),
         description="Which data file this scheduled retraining used",
     )
     summary = domain_pipeline(

@@ -26,25 +26,27 @@ from fastapi.responses import JSONResponse, Response
 
 from domainflow.recsys.bundle import UnknownItemsError
 from domainflow.registry import VersionInfo
-from domains.base import get_domain, list_domains
+from domainflow.catalog import get_domain, list_domains
+from domainflow.kinds import KINDS, kind_of, resolve
 from serving.auth import ApiKeyMiddleware, ApiKeys, require_api_key
 from serving.batching import BatcherClosedError, MicroBatcher, QueueFullError
 from serving.config import ServingConfig
 from serving.inference import NoModelError, batch_function, prediction_record
 from serving.metrics import MetricsMiddleware, ServingMetrics
-from serving.model_store import DomainSlot, ModelStore, ServedModel, load_served_model
-from serving.ranking import RANKING_TASKS, RankResponse, load_recommender, rank, rank_request_model, unknown_items_detail
+from serving.model_store import DomainSlot, ModelStore, ServedModel
+from serving.ranking import RankResponse, rank, rank_request_model, unknown_items_detail
 from serving.schemas import DomainsResponse, DomainStatus, PredictResponse, request_model
 
 log = logging.getLogger("domainflow.serving")
 
-CLASSIFICATION_TASKS = ("text_classification",)
-SERVABLE_TASKS = CLASSIFICATION_TASKS + RANKING_TASKS
-
 
 def _load_champion(slot: DomainSlot, info: VersionInfo) -> ServedModel:
-    """A classifier or a recommender, by the domain's task kind."""
-    return load_recommender(slot, info) if slot.spec.task_kind in RANKING_TASKS else load_served_model(slot, info)
+    """A classifier or a recommender: the loader the domain's task kind names (``domainflow.kinds``)."""
+    return resolve(kind_of(slot.spec).serving_loader)(slot, info)
+
+
+def _endpoint(spec: Any) -> str:
+    return kind_of(spec).endpoint
 
 
 
@@ -117,14 +119,14 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     keys = api_keys if api_keys is not None else ApiKeys.from_environment()
     try:
         if config.domains:
-            specs = {name: get_domain(name) for name in config.domains}
+            specs = {spec.name: spec for spec in map(get_domain, config.domains)}  # a name or a domain file
         else:  # every registered domain of a kind this service knows how to serve
-            specs = {name: spec for name in list_domains() if (spec := get_domain(name)).task_kind in SERVABLE_TASKS}
+            specs = {name: spec for name in list_domains() if (spec := get_domain(name)).task_kind in KINDS}
     except KeyError as exc:
         raise ValueError(str(exc).strip("'\"")) from None
-    other = sorted(name for name, spec in specs.items() if spec.task_kind not in SERVABLE_TASKS)
+    other = sorted(name for name, spec in specs.items() if spec.task_kind not in KINDS)
     if other:
-        raise ValueError(f"cannot serve {', '.join(other)}: only {', '.join(SERVABLE_TASKS)} domains are served")
+        raise ValueError(f"cannot serve {', '.join(other)}: only {', '.join(KINDS)} domains are served")
     if not specs:
         raise ValueError("no servable domain is registered")
     names = tuple(specs)
@@ -140,7 +142,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="domainflow-inference")
     batchers: dict[str, MicroBatcher] = {}
     for name, slot in store.slots.items():
-        if slot.spec.task_kind not in CLASSIFICATION_TASKS:
+        if _endpoint(slot.spec) != "predict":
             continue
         batchers[name] = MicroBatcher(
             batch_function(slot, config.max_top_k),
@@ -183,12 +185,12 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     PredictRequest = request_model(config)
     RankRequest = rank_request_model(config)
 
-    def _served_slot(domain: str, kinds: tuple[str, ...]) -> DomainSlot:
+    def _served_slot(domain: str, endpoint: str) -> DomainSlot:
         """The domain's slot with a model loaded: 404 when it is not served at this endpoint, 503 when it has no model yet."""
         slot = store.slots.get(domain)
-        if slot is None or slot.spec.task_kind not in kinds:
-            served = ", ".join(name for name, s in store.slots.items() if s.spec.task_kind in kinds) or "none"
-            hint = f"; {domain} is a {slot.spec.task_kind} domain: use /v1/{domain}/{'rank' if slot.spec.task_kind in RANKING_TASKS else 'predict'}" if slot else ""
+        if slot is None or _endpoint(slot.spec) != endpoint:
+            served = ", ".join(name for name, s in store.slots.items() if _endpoint(s.spec) == endpoint) or "none"
+            hint = f"; {domain} is a {slot.spec.task_kind} domain: use /v1/{domain}/{_endpoint(slot.spec)}" if slot else ""
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown domain {domain!r} for this endpoint; served: {served}{hint}")
         if slot.current is None:
             reason = slot.last_error or f"no champion yet: run `domainflow run {domain}`"
@@ -231,7 +233,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     @app.post("/v1/{domain}/predict", response_model=PredictResponse, dependencies=authenticated, tags=["predict"], responses=errors)
     async def predict(domain: str, body: PredictRequest) -> JSONResponse:  # type: ignore[valid-type]
         """Label, score and top-k labels per text, plus what the domain does with it (customer_service: the reply, or an escalation under its confidence threshold)."""
-        slot = _served_slot(domain, CLASSIFICATION_TASKS)
+        slot = _served_slot(domain, "predict")
         texts: list[str] = body.texts  # type: ignore[attr-defined]
         try:
             served, scores = await batchers[domain].submit(texts)
@@ -251,7 +253,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     @app.post("/v1/{domain}/rank", response_model=RankResponse, dependencies=authenticated, tags=["rank"], responses=errors)
     async def rank_items(domain: str, body: RankRequest) -> JSONResponse:  # type: ignore[valid-type]
         """The top-k catalogue items for a history of item ids and/or free texts (ranking domains: recommendation)."""
-        served = _served_slot(domain, RANKING_TASKS).current
+        served = _served_slot(domain, "rank").current
         try:
             answer = await rank(served, body, executor)
         except UnknownItemsError as exc:

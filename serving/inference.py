@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from domainflow.modeling import LoadedClassifier, predict_proba
 from domainflow.retrieval import Nearest, QuestionIndex, normalized_embeddings
-from domains.base import DomainSpec
+from domainflow.spec import DomainSpec
 from serving.model_store import DomainSlot, ServedModel
 
 

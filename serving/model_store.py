@@ -28,7 +28,7 @@ from typing import Any, Callable
 from domainflow.modeling import LoadedClassifier, load_classifier, predict_proba
 from domainflow.registry import ModelRegistry, VersionInfo
 from domainflow.retrieval import QuestionIndex
-from domains.base import DomainSpec
+from domainflow.spec import DomainSpec
 
 log = logging.getLogger("domainflow.serving")
 
@@ -99,7 +99,8 @@ def _pointer_signature(path: Path) -> Signature | None:
 def load_served_model(slot: DomainSlot, info: VersionInfo) -> ServedModel:
     """Load a version, check it fits the domain, and run one prediction (blocking: call in a thread)."""
     loaded = load_classifier(info.model_dir)
-    unknown = sorted(set(loaded.label_names) - set(slot.spec.label_names))
+    declared = slot.spec.label_names  # None: the domain takes its labels from its data, and the model carries them
+    unknown = sorted(set(loaded.label_names) - set(declared)) if declared is not None else []
     if unknown:
         raise ValueError(f"{slot.domain} v{info.version}: labels unknown to the domain: {unknown[:5]}")
     probabilities = predict_proba(loaded, ["warm-up: is this model able to predict?"])

@@ -26,7 +26,6 @@ from domainflow.registry import VersionInfo
 from serving.config import ServingConfig
 from serving.schemas import _check_text
 
-RANKING_TASKS = ("ranking",)
 MAX_HISTORY = 200
 MAX_CANDIDATES = 5000
 MAX_TOP_K = 100

@@ -47,13 +47,13 @@ from domainflow.modeling import (
     write_metadata,
 )
 from domainflow.records import DatasetRef, ModelRef
-from domains import get_domain
-from tasks.caching import CODE_AND_INPUTS
-from tasks.finetune import TrainConfig, _finish_atomically, train_classifier
+from tasks.caching import CODE_AND_INPUTS, step_dir
+from tasks.finetune import TrainConfig, finish_atomically, train_classifier
 
 
-def _target(domain: str, name: str, *parts: object) -> Path:
-    return settings.runs_dir() / domain / "models" / f"{name}-{value_fingerprint(*parts)}"
+def _target(domain: str, name: str, task_fn: object, *inputs: object) -> Path:
+    """A candidate's folder, named by the step's code and its inputs."""
+    return step_dir(settings.runs_dir() / domain / "models", name, task_fn, *inputs)
 
 
 def _root_parent(model: ModelRef) -> str:
@@ -93,7 +93,7 @@ def quantize_model(parent: ModelRef, out_dir: Path, recipe: str = "dynamic_int8"
 
 def compress_model(parent: ModelRef, recipe: str, out_dir: Path) -> ModelRef:
     """Back-compatible name for a recipe candidate, written atomically."""
-    return _finish_atomically(lambda out: quantize_model(parent, out, recipe), out_dir)
+    return finish_atomically(lambda out: quantize_model(parent, out, recipe), out_dir)
 
 
 def _rewrite_weights(parent: ModelRef, out_dir: Path, change: Callable[[torch.nn.Module], dict], name: str, compression: str) -> ModelRef:
@@ -151,32 +151,28 @@ def distill_model(teacher: ModelRef, dataset: DatasetRef, config: TrainConfig, o
 def quantize(parent: ModelRef, domain: str, recipe: str = "onnx_int8") -> ModelRef:
     """int8 dynamic quantization of ``parent`` with ``recipe`` (``onnx_int8`` or ``dynamic_int8``)."""
     name = f"{parent.name}-{CANDIDATE_SUFFIX.get(recipe, recipe)}"
-    return compress_model(parent, recipe, _target(domain, name, parent.fingerprint, recipe))
+    return compress_model(parent, recipe, _target(domain, name, quantize, parent.fingerprint, recipe))
 
 
 @task(name="prune-magnitude", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def prune_magnitude(parent: ModelRef, domain: str) -> ModelRef:
+def prune_magnitude(parent: ModelRef, domain: str, sparsity: float) -> ModelRef:
     """Unstructured magnitude pruning at the domain's sparsity."""
-    sparsity = get_domain(domain).compression.sparsity
-    target = _target(domain, f"{parent.name}-sparse", parent.fingerprint, sparsity)
-    return _finish_atomically(lambda out: magnitude_prune_model(parent, out, sparsity), target)
+    target = _target(domain, f"{parent.name}-sparse", prune_magnitude, parent.fingerprint, sparsity)
+    return finish_atomically(lambda out: magnitude_prune_model(parent, out, sparsity), target)
 
 
 @task(name="prune-ffn", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def prune_ffn(parent: ModelRef, dataset: DatasetRef, config: TrainConfig) -> ModelRef:
+def prune_ffn(parent: ModelRef, dataset: DatasetRef, config: TrainConfig, keep_ratio: float, recovery_epochs: float) -> ModelRef:
     """Structured feed-forward pruning plus recovery training."""
-    spec = get_domain(dataset.domain).compression
-    target = _target(dataset.domain, f"{parent.name}-ffn", parent.fingerprint, dataset.fingerprint, config.model_dump(), spec.ffn_keep_ratio, spec.recovery_epochs)
-    return _finish_atomically(lambda out: ffn_prune_model(parent, dataset, config, out, spec.ffn_keep_ratio, spec.recovery_epochs), target)
+    target = _target(dataset.domain, f"{parent.name}-ffn", prune_ffn, parent.fingerprint, dataset.fingerprint, config, keep_ratio, recovery_epochs)
+    return finish_atomically(lambda out: ffn_prune_model(parent, dataset, config, out, keep_ratio, recovery_epochs), target)
 
 
 @task(name="distill", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def distill(teacher: ModelRef, dataset: DatasetRef, config: TrainConfig) -> ModelRef:
+def distill(teacher: ModelRef, dataset: DatasetRef, config: TrainConfig, student_layers: int, epochs: float, temperature: float, alpha: float) -> ModelRef:
     """Knowledge distillation of ``teacher`` into a shallower student."""
-    spec = get_domain(dataset.domain).compression
-    epochs = spec.distill_epochs if spec.distill_epochs is not None else config.epochs
-    target = _target(dataset.domain, "distilled", teacher.fingerprint, dataset.fingerprint, config.model_dump(), spec.student_layers, epochs, spec.distill_temperature, spec.distill_alpha)
-    return _finish_atomically(
-        lambda out: distill_model(teacher, dataset, config, out, student_layers=spec.student_layers, epochs=epochs, temperature=spec.distill_temperature, alpha=spec.distill_alpha),
+    target = _target(dataset.domain, "distilled", distill, teacher.fingerprint, dataset.fingerprint, config, student_layers, epochs, temperature, alpha)
+    return finish_atomically(
+        lambda out: distill_model(teacher, dataset, config, out, student_layers=student_layers, epochs=epochs, temperature=temperature, alpha=alpha),
         target,
     )

@@ -24,7 +24,7 @@ from domainflow.logs import run_logger
 from domainflow.records import Evaluation
 from domainflow.registry import ModelRegistry, RegistryError
 from domainflow.retrieval import INDEX_FILES
-from domains.base import DomainSpec
+from domainflow.spec import DomainSpec
 from tasks.artifacts import artifact_key
 from tasks.evaluate import RETRIEVAL_DIR
 
@@ -77,14 +77,14 @@ def champion_metrics_for(domain: str, test_fingerprint: str, *, registry: ModelR
 
 
 def apply_decision(
-    domain: str,
+    spec: DomainSpec,
     evaluations: list[Evaluation],
     champion_metrics: dict[str, float] | None,
     dataset_fingerprint: str,
     test_fingerprint: str,
     run_config: dict,
     *,
-    spec: DomainSpec | None = None,
+    labels: list[str] | None = None,
     registry: ModelRegistry | None = None,
     decide_fn: Callable[..., GateDecision] = decide,
 ) -> dict[str, Any]:
@@ -101,10 +101,7 @@ def apply_decision(
     Returns the decision dict plus ``version`` (the new version, or None), ``champion_dir`` (the
     champion's model dir after this step, or None), ``previous_champion`` and ``decision_file``.
     """
-    if spec is None:
-        from domains import get_domain
-
-        spec = get_domain(domain)
+    domain = spec.name
     registry = registry or ModelRegistry(domain)
     evaluations = _as_evaluations(evaluations)
 
@@ -142,6 +139,8 @@ def apply_decision(
             "dataset_fingerprint": dataset_fingerprint,
             "test_fingerprint": test_fingerprint,
             "run_config": run_config,
+            # the label ids the model answers with: a domain whose labels come from its data keeps them
+            "labels": labels,
             "git_commit": git_commit(),
             "decision_file": str(decision_file.relative_to(registry.root)),
         }
@@ -153,6 +152,7 @@ def apply_decision(
             model_card=card if card.is_file() else None,
             model_extras=[Path(chosen.report_dir) / RETRIEVAL_DIR / name for name in INDEX_FILES if (Path(chosen.report_dir) / RETRIEVAL_DIR / name).is_file()],
             expected_champion=champion_version,
+            expected_fingerprint=chosen.candidate.fingerprint,  # the folder must be what was evaluated
         )
         version = info.version
         champion_dir = str(info.model_dir)
@@ -287,17 +287,19 @@ def publish_artifacts(result: dict[str, Any], evaluations: list[Evaluation]) -> 
 
 @task(name="deploy", persist_result=False, cache_policy=NO_CACHE)  # registry state changes; never cache
 def deploy(
-    domain: str,
+    spec: DomainSpec,
     evaluations: list[Evaluation],
     champion_metrics: dict | None,
     dataset_fingerprint: str,
     test_fingerprint: str,
     run_config: dict,
+    labels: list[str] | None = None,
 ) -> dict:
     """Gate the candidates against the champion, promote if they pass, and show why either way."""
     log = run_logger(__name__)
+    domain = spec.name
     evaluations = _as_evaluations(evaluations)
-    result = apply_decision(domain, evaluations, champion_metrics, dataset_fingerprint, test_fingerprint, run_config)
+    result = apply_decision(spec, evaluations, champion_metrics, dataset_fingerprint, test_fingerprint, run_config, labels=labels)
     log.info("%s", result["summary"])
     if result["version"] is not None:
         log.info("%s: promoted %s as v%s -> %s", domain, result["chosen"], result["version"], result["champion_dir"])

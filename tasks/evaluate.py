@@ -32,9 +32,9 @@ from domainflow.modeling import (
 from domainflow.onnxrt import OnnxClassifier
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.retrieval import build_index, fallback_policy
-from domains import RetrievalFallback, get_domain
+from domainflow.spec import EvaluationSlice, RetrievalFallback
 from tasks.artifacts import artifact_key, png_data_uri
-from tasks.caching import CODE_AND_INPUTS
+from tasks.caching import CODE_AND_INPUTS, step_dir
 
 RETRIEVAL_DIR = "retrieval"  # the candidate's known-question index, inside its report folder
 
@@ -107,11 +107,10 @@ def plot_confusion_matrix(label_names: Sequence[str], predictions: np.ndarray, r
     return path
 
 
-def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) -> Evaluation:
+def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: EvaluationSlice, out_dir: Path) -> Evaluation:
     """Measure one candidate and write its report folder (pure: no Prefect needed)."""
     from datasets import load_from_disk
 
-    spec = get_domain(dataset.domain)
     log = run_logger(__name__)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = load_from_disk(dataset.path)
@@ -139,7 +138,7 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, out_dir: Path) 
 
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     _write_csv(out_dir / "per_class.csv", results["per_class"])
-    plot_confusion_matrix(dataset.label_names, predictions["test"], test_labels, out_dir / "confusion_matrix.png", f"{spec.name}: {candidate.name} (test)")
+    plot_confusion_matrix(dataset.label_names, predictions["test"], test_labels, out_dir / "confusion_matrix.png", f"{dataset.domain}: {candidate.name} (test)")
     log.info("%s: test %s", candidate.name, ", ".join(f"{k}={v:.4f}" for k, v in results["test"].items()))
     return Evaluation(
         candidate=candidate,
@@ -198,9 +197,10 @@ def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
 
 
 @task(name="evaluate", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def evaluate(candidate: ModelRef, dataset: DatasetRef) -> Evaluation:
-    """Quality and size of a candidate on the dataset's test and validation splits; cached on both fingerprints."""
-    out_dir = settings.runs_dir() / dataset.domain / "reports" / f"{candidate.name}-{value_fingerprint(candidate.fingerprint, dataset.fingerprint)}"
-    evaluation = evaluate_candidate(candidate, dataset, out_dir)
+def evaluate(candidate: ModelRef, dataset: DatasetRef, spec: EvaluationSlice) -> Evaluation:
+    """Quality and size of a candidate on the dataset's test and validation splits; cached on both fingerprints
+    and on the metrics and retrieval settings asked for."""
+    out_dir = step_dir(settings.runs_dir() / dataset.domain / "reports", candidate.name, evaluate, candidate.fingerprint, dataset.fingerprint, spec)
+    evaluation = evaluate_candidate(candidate, dataset, spec, out_dir)
     publish_evaluation_artifacts(evaluation, dataset.domain)
     return evaluation

@@ -16,7 +16,6 @@ Both candidates are saved as model directories (see ``domainflow.modeling``).
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -40,8 +39,9 @@ from domainflow.modeling import (
     save_classifier,
 )
 from domainflow.records import DatasetRef, ModelRef
-from domains import get_domain
-from tasks.caching import CODE_AND_INPUTS
+from domainflow.atomic import build_atomically
+from domainflow.spec import ClassificationSpec
+from tasks.caching import CODE_AND_INPUTS, step_dir
 
 LINEAR_PROBE = "linear_probe"
 FINETUNED = "finetuned"
@@ -54,6 +54,7 @@ class TrainConfig(BaseModel):
     base_fingerprint: str
     num_layers: int | None = None
     max_length: int = 128
+    primary_metric: str = "accuracy"  # picks the best epoch
     epochs: float = 3.0
     batch_size: int = 32
     encoder_lr: float = 8e-5
@@ -67,19 +68,21 @@ class TrainConfig(BaseModel):
     seed: int = 42
 
 
-def make_train_config(domain: str, model: str | None, *, epochs: float | None = None, seed: int = 42, num_layers: int | None = None) -> TrainConfig:
-    """The domain's training defaults, overridden by the user's choices."""
-    spec = get_domain(domain)
+def make_train_config(spec: ClassificationSpec, model: str | None, *, epochs: float | None = None, seed: int = 42, num_layers: int | None = None) -> TrainConfig:
+    """The domain's training recipe, overridden by the user's choices: every knob a trained model depends on."""
     base = resolve_base_model(model or spec.default_model)
     base_fingerprint = path_fingerprint(base) if Path(base).exists() else base
-    recipe = dataclasses.asdict(spec.training)
+    recipe = spec.training.model_dump()
     if epochs is not None:
         recipe["epochs"] = epochs
-    return TrainConfig(base_model=base, base_fingerprint=base_fingerprint, num_layers=num_layers, max_length=spec.max_length, seed=seed, **recipe)
+    return TrainConfig(
+        base_model=base, base_fingerprint=base_fingerprint, num_layers=num_layers, max_length=spec.max_length, primary_metric=spec.primary_metric, seed=seed, **recipe
+    )
 
 
-def _model_dir(dataset: DatasetRef, name: str, fingerprint: str) -> Path:
-    return settings.runs_dir() / dataset.domain / "models" / f"{name}-{fingerprint}"
+def model_dir(dataset: DatasetRef, name: str, task_fn: Any, *inputs: Any) -> Path:
+    """A candidate's folder, named by the step's code and inputs (two code versions never share one)."""
+    return step_dir(settings.runs_dir() / dataset.domain / "models", name, task_fn, dataset.fingerprint, *inputs)
 
 
 def _class_weights(labels: np.ndarray, num_labels: int) -> np.ndarray:
@@ -151,9 +154,9 @@ class _ProgressToLogger:
         return Callback()
 
 
-def finetune_classifier(dataset: DatasetRef, init_dir: Path, config: TrainConfig, out_dir: Path) -> ModelRef:
+def finetune_classifier(dataset: DatasetRef, init_dir: Path, config: TrainConfig, out_dir: Path, checkpoints: Path | None = None) -> ModelRef:
     """Full fine-tuning from the probe with the Trainer; resumes from its last checkpoint after a crash."""
-    return train_classifier(dataset, init_dir, config, out_dir, name=FINETUNED, parent=LINEAR_PROBE)
+    return train_classifier(dataset, init_dir, config, out_dir, name=FINETUNED, parent=LINEAR_PROBE, checkpoints=checkpoints)
 
 
 def train_classifier(
@@ -170,6 +173,7 @@ def train_classifier(
     distill_temperature: float = 2.0,
     distill_alpha: float = 0.5,
     extra_metadata: dict[str, Any] | None = None,
+    checkpoints: Path | None = None,
 ) -> ModelRef:
     """Train the model in ``init_dir`` on the dataset with the Trainer and save it to ``out_dir``.
 
@@ -190,7 +194,7 @@ def train_classifier(
 
     log = run_logger(__name__)
     started = time.perf_counter()
-    primary = get_domain(dataset.domain).primary_metric
+    primary = config.primary_metric
     set_seed(config.seed)
     loaded = load_classifier(init_dir)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -226,7 +230,8 @@ def train_classifier(
             {"params": head, "lr": config.head_lr, "weight_decay": 0.0},
         ]
     )
-    checkpoints = out_dir.parent / f"{out_dir.name}.checkpoints"
+    # Checkpoints sit beside the final folder (not the private build folder), so a crashed run's next try resumes.
+    checkpoints = checkpoints or out_dir.parent / f"{out_dir.name}.checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=config.epochs if epochs is None else epochs,
@@ -284,27 +289,26 @@ def train_classifier(
     return ModelRef(name=name, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=parent, compression=compression, train_seconds=seconds)
 
 
-def _finish_atomically(build: Any, target: Path) -> ModelRef:
-    """Train into ``<target>.partial`` and rename when complete, so a crash never leaves a model that looks finished."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.parent / f"{target.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    ref = build(partial)
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    return ref.model_copy(update={"path": str(target)})
+def finish_atomically(build: Any, target: Path) -> ModelRef:
+    """Build a candidate in a private folder and publish it at ``target`` (see ``domainflow.atomic``)."""
+    ref = build_atomically(target, build)
+    # re-read: when another run published this key first, its folder (not ours) is the candidate
+    return ref.model_copy(update={"path": str(target), "fingerprint": path_fingerprint(target)})
+
+
+def checkpoints_for(target: Path) -> Path:
+    return target.parent / f"{target.name}.checkpoints"
 
 
 @task(name="linear-probe", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def linear_probe(dataset: DatasetRef, config: TrainConfig) -> ModelRef:
     """Candidate (a): the frozen-encoder baseline."""
-    target = _model_dir(dataset, LINEAR_PROBE, value_fingerprint(dataset.fingerprint, config.model_dump()))
-    return _finish_atomically(lambda out: train_linear_probe(dataset, config, out), target)
+    target = model_dir(dataset, LINEAR_PROBE, linear_probe, config)
+    return finish_atomically(lambda out: train_linear_probe(dataset, config, out), target)
 
 
 @task(name="finetune", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def finetune(dataset: DatasetRef, init: ModelRef, config: TrainConfig) -> ModelRef:
     """Candidate (b): full fine-tuning initialised from the probe."""
-    target = _model_dir(dataset, FINETUNED, value_fingerprint(dataset.fingerprint, init.fingerprint, config.model_dump()))
-    return _finish_atomically(lambda out: finetune_classifier(dataset, Path(init.path), config, out), target)
+    target = model_dir(dataset, FINETUNED, finetune, init.fingerprint, config)
+    return finish_atomically(lambda out: finetune_classifier(dataset, Path(init.path), config, out, checkpoints_for(target)), target)

@@ -20,11 +20,10 @@ from prefect import task
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.recsys.bundle import METADATA_FILE, Recommender
 from domainflow.records import ModelRef
-from domains import get_domain
+from domainflow.recsys.spec import RankingSpec
 from tasks.caching import CODE_AND_INPUTS
 from tasks.rank_train import _out_dir, _publish
 
-CACHE_DEPENDS_ON = ("domainflow/recsys",)
 RECIPE = "dynamic_int8"
 
 
@@ -40,10 +39,9 @@ def quantized_copy(source: Path, out: Path, render_history) -> None:
 
 
 @task(name="quantize-user-tower", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def quantize_user_tower(domain: str, reference: ModelRef) -> ModelRef:
+def quantize_user_tower(spec: RankingSpec, reference: ModelRef) -> ModelRef:
     """``<reference>-int8``: same weights and tables, user tower quantized at load time."""
-    spec = get_domain(domain)
     name = f"{reference.name}-int8"
-    target = _out_dir(domain, "models", name, value_fingerprint(reference.fingerprint, RECIPE))
+    target = _out_dir(spec.name, "models", name, quantize_user_tower, reference.fingerprint, RECIPE, spec.history_items)
     _publish(target, lambda out: quantized_copy(Path(reference.path), out, spec.history_text))
     return ModelRef(name=name, path=str(target), fingerprint=path_fingerprint(target), parent=reference.name, compression=RECIPE, train_seconds=reference.train_seconds)

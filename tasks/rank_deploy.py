@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from domainflow.logs import run_logger
 from domainflow.recsys.gate import decide_ranking
 from domainflow.records import Evaluation
+from domainflow.spec import DomainSpec
 from tasks.artifacts import artifact_key
 from tasks.deploy import apply_decision, decision_outcome
 from tasks.rank_report import _as_evaluations, markdown_table, model_rows
@@ -50,7 +51,7 @@ def decision_markdown(result: dict[str, Any], rows: list[dict[str, Any]]) -> str
 
 @task(name="deploy-ranking", persist_result=False, cache_policy=NO_CACHE)  # registry state changes; never cache
 def deploy_ranking(
-    domain: str,
+    spec: DomainSpec,
     candidates: list[Evaluation],
     baselines: list[Evaluation],
     champion_metrics: dict | None,
@@ -60,8 +61,9 @@ def deploy_ranking(
 ) -> dict:
     """Gate the candidates against the champion and the baselines; promote if they pass; show why."""
     log = run_logger(__name__)
+    domain = spec.name
     candidates, baselines = _as_evaluations(candidates), _as_evaluations(baselines)
-    result = apply_decision(domain, candidates, champion_metrics, dataset_fingerprint, test_fingerprint, run_config, decide_fn=partial(decide_ranking, baselines=baselines))
+    result = apply_decision(spec, candidates, champion_metrics, dataset_fingerprint, test_fingerprint, run_config, decide_fn=partial(decide_ranking, baselines=baselines))
     rows = model_rows(baselines, candidates, result)
     result["rows"] = rows
     log.info("%s", result["summary"])

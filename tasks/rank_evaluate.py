@@ -29,8 +29,8 @@ from domainflow.recsys.dataset import RankingData, StageRows
 from domainflow.recsys.protocol import ranking_metrics, target_ranks
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.records import Evaluation, ModelRef
-from domains import get_domain
-from tasks.caching import CODE_AND_INPUTS
+from domainflow.recsys.spec import RankingSpec
+from tasks.caching import CODE_AND_INPUTS, code_fingerprint
 from tasks.evaluate import weights_bytes
 
 CACHE_DEPENDS_ON = ("domainflow/recsys",)
@@ -44,7 +44,7 @@ def stage_result(scores: np.ndarray, rows: StageRows, metrics: tuple[str, ...]) 
 
 
 def write_report(domain: str, name: str, fingerprint: str, results: dict[str, tuple[dict[str, float], list[int]]]) -> Path:
-    out = settings.runs_dir() / domain / "reports" / f"{name}-{fingerprint}"
+    out = settings.runs_dir() / domain / "reports" / f"{name}-{value_fingerprint(fingerprint, code_fingerprint(__name__))}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({stage: metrics for stage, (metrics, _) in results.items()}, indent=2))
     (out / "ranks.json").write_text(json.dumps({stage: ranks for stage, (_, ranks) in results.items()}))
@@ -64,11 +64,10 @@ def _evaluation(candidate: ModelRef, results: dict, report_dir: Path, size_bytes
 
 
 @task(name="evaluate-baselines", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def evaluate_baselines(dataset: RankingDatasetRef, baselines: BaselinesRef) -> list[Evaluation]:
+def evaluate_baselines(spec: RankingSpec, dataset: RankingDatasetRef, baselines: BaselinesRef) -> list[Evaluation]:
     """Popularity (train positives per item) and BPR (its trained user factors) under the protocol."""
     from safetensors.numpy import load_file
 
-    spec = get_domain(dataset.domain)
     data = RankingData.load(dataset.path)
     arrays = load_file(str(Path(baselines.path) / "baselines.safetensors"))
     scorers = {
@@ -81,15 +80,14 @@ def evaluate_baselines(dataset: RankingDatasetRef, baselines: BaselinesRef) -> l
         for stage in STAGES:
             rows = data.stage(stage)
             results[stage] = stage_result(score(rows.users), rows, spec.metrics)
-        report = write_report(dataset.domain, name, value_fingerprint(dataset.fingerprint, baselines.fingerprint), results)
+        report = write_report(dataset.domain, name, value_fingerprint(dataset.fingerprint, baselines.fingerprint, spec.metrics), results)
         ref = ModelRef(name=name, path=baselines.path, fingerprint=baselines.fingerprint, train_seconds=seconds)
         evaluations.append(_evaluation(ref, results, report, sum(arrays[k].nbytes for k in keys), sum(arrays[k].size for k in keys)))
     return evaluations
 
 
-def evaluate_bundles(dataset: RankingDatasetRef, bundles: list[ModelRef], log: Any) -> list[Evaluation]:
+def evaluate_bundles(spec: RankingSpec, dataset: RankingDatasetRef, bundles: list[ModelRef], log: Any) -> list[Evaluation]:
     """Each bundle on both stages; bundles sharing a user tower (encoder + compression) share its embeddings."""
-    spec = get_domain(dataset.domain)
     data = RankingData.load(dataset.path)
     stages = {stage: data.stage(stage) for stage in STAGES}
     shared: dict[tuple, np.ndarray] = {}
@@ -106,7 +104,7 @@ def evaluate_bundles(dataset: RankingDatasetRef, bundles: list[ModelRef], log: A
                 shared[key] = recommender.user_embeddings(rows.histories)
                 log.info("%s: %d %s histories encoded in %.1f s", bundle.name, len(rows.histories), stage, time.perf_counter() - started)
             results[stage] = stage_result(recommender.score_histories(rows.histories, shared[key]), rows, spec.metrics)
-        report = write_report(dataset.domain, bundle.name, value_fingerprint(dataset.fingerprint, bundle.fingerprint), results)
+        report = write_report(dataset.domain, bundle.name, value_fingerprint(dataset.fingerprint, bundle.fingerprint, spec.metrics), results)
         size = weights_bytes(recommender.model) + recommender.tables.item_embeddings.nbytes
         evaluations.append(_evaluation(bundle, results, report, size, count_parameters(recommender.model)))
         log.info("%s: test %s", bundle.name, {k: round(v, 4) for k, v in results["test"][0].items()})
@@ -114,9 +112,9 @@ def evaluate_bundles(dataset: RankingDatasetRef, bundles: list[ModelRef], log: A
 
 
 @task(name="evaluate-recommenders", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def evaluate_recommenders(dataset: RankingDatasetRef, bundles: list[ModelRef]) -> list[Evaluation]:
+def evaluate_recommenders(spec: RankingSpec, dataset: RankingDatasetRef, bundles: list[ModelRef]) -> list[Evaluation]:
     """The candidate bundles under the protocol, loaded from disk as serving loads them."""
-    return evaluate_bundles(dataset, bundles, run_logger(__name__))
+    return evaluate_bundles(spec, dataset, bundles, run_logger(__name__))
 
 
 # ------------------------------------------------------------------------------------- speed
@@ -157,10 +155,9 @@ def speed_figures(recommenders: dict[str, Recommender], histories: list[list[int
 
 
 @task(name="measure-rank-speed", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def measure_rank_speed(dataset: RankingDatasetRef, evaluations: list[Evaluation]) -> list[Evaluation]:
+def measure_rank_speed(spec: RankingSpec, dataset: RankingDatasetRef, evaluations: list[Evaluation]) -> list[Evaluation]:
     """The evaluations with their speed fields filled ("texts" here are user histories)."""
     log = run_logger(__name__)
-    spec = get_domain(dataset.domain)
     evaluations = [e if isinstance(e, Evaluation) else Evaluation.model_validate(e) for e in evaluations]
     histories = [h for h in RankingData.load(dataset.path).stage("valid").histories if h]
     recommenders = {e.candidate.name: Recommender(Path(e.candidate.path), spec.history_text) for e in evaluations}

@@ -4,14 +4,15 @@ The files are checked by :func:`domainflow.recsys.data.validate` (every problem 
 file and row before anything trains), optionally reduced to a seeded sample of users (quick
 runs), split by the domain's protocol (:func:`domainflow.recsys.protocol.leave_last_out`) and
 written with the item texts the item tower reads. The folder is named by a fingerprint of the
-source bytes and the recipe, and published with one rename: a folder that exists is complete.
+source bytes, the recipe and the code of this module with everything it imports (so two code
+versions never share a folder), and published with :func:`domainflow.atomic.build_atomically`:
+a folder that exists is complete, and two runs building it at once do not clobber each other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -19,18 +20,16 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from domainflow import settings
+from domainflow.atomic import build_atomically
 from domainflow.fingerprint import value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.recsys.data import RankingDataError, validate
 from domainflow.recsys.dataset import RankingData, sample_users, write_dataset
 from domainflow.recsys.protocol import leave_last_out
 from domainflow.recsys.records import RankingDatasetRef
-from domains import get_domain
+from domainflow.catalog import get_domain
 from tasks.artifacts import artifact_key
-from tasks.caching import CODE_AND_INPUTS
-
-CACHE_DEPENDS_ON = ("domainflow/recsys",)
-RECIPE_VERSION = 1
+from tasks.caching import CODE_AND_INPUTS, code_fingerprint
 
 
 def frame_digest(*frames: pd.DataFrame) -> str:
@@ -42,7 +41,9 @@ def frame_digest(*frames: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def ingest_ranking(domain: str, files: dict[str, str], out_dir: Path, *, fingerprint: str, max_users: int | None, seed: int) -> RankingDatasetRef:
+def ingest_ranking(
+    domain: str, files: dict[str, str], out_dir: Path, *, fingerprint: str, max_users: int | None, seed: int
+) -> RankingDatasetRef:
     """Read, validate, sample, split and write; returns the record (``path`` = ``out_dir``)."""
     spec = get_domain(domain)
     interactions, items, sources = spec.read_source({k: Path(v) for k, v in files.items()})
@@ -50,8 +51,12 @@ def ingest_ranking(domain: str, files: dict[str, str], out_dir: Path, *, fingerp
     clean = sample_users(clean, max_users, seed)
     split = leave_last_out(clean, spec.positive_threshold, spec.min_positives)
     if split.holdout.empty:
-        raise RankingDataError(f"{sources['interactions']}: no user has {spec.min_positives} positive interactions, so nobody can be evaluated")
-    clean_items["text"] = [spec.item_text(t, y, g) for t, y, g in zip(clean_items["title"], clean_items["year"], clean_items["genres"])]
+        raise RankingDataError(
+            f"{sources['interactions']}: no user has {spec.min_positives} positive interactions, "
+            f"so nobody can be evaluated"
+        )
+    item_fields = zip(clean_items["title"], clean_items["year"], clean_items["genres"])
+    clean_items["text"] = [spec.item_text(title, year, genres) for title, year, genres in item_fields]
     report = {
         "sources": sources,
         "repairs": repairs,
@@ -80,14 +85,17 @@ def ingest_ranking(domain: str, files: dict[str, str], out_dir: Path, *, fingerp
 
 
 def summary_markdown(ref: RankingDatasetRef, report: dict) -> str:
+    sources = ", ".join(f"{k} `{v}`" for k, v in report["sources"].items())
     return "\n".join(
         [
             f"# Dataset: {ref.domain}",
             "",
-            f"- {ref.num_users} users, {ref.num_items} items, {ref.num_interactions} interactions ({report['positives']} positives)",
+            f"- {ref.num_users} users, {ref.num_items} items, {ref.num_interactions} interactions "
+            f"({report['positives']} positives)",
             f"- evaluated users: {ref.evaluated_users}; ranker fit users: {ref.fit_users}",
-            f"- sources: {', '.join(f'{k} `{v}`' for k, v in report['sources'].items())}; repairs: {report['repairs']}",
-            f"- user sample: {report['max_users'] or 'all'} (seed {report['seed']}); fingerprint `{ref.fingerprint}`, test `{ref.test_fingerprint}`",
+            f"- sources: {sources}; repairs: {report['repairs']}",
+            f"- user sample: {report['max_users'] or 'all'} (seed {report['seed']}); "
+            f"fingerprint `{ref.fingerprint}`, test `{ref.test_fingerprint}`",
             "",
             f"**Protocol.** {report['protocol']}",
         ]
@@ -95,19 +103,22 @@ def summary_markdown(ref: RankingDatasetRef, report: dict) -> str:
 
 
 @task(name="ingest-interactions", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def ingest_interactions(domain: str, files: dict[str, str], source_fingerprint: str, max_users: int | None = None, seed: int = 42) -> RankingDatasetRef:
+def ingest_interactions(
+    domain: str, files: dict[str, str], source_fingerprint: str, max_users: int | None = None, seed: int = 42
+) -> RankingDatasetRef:
     """Validated, split dataset folder under ``runs/<domain>/datasets/`` (content-addressed)."""
     log = run_logger(__name__)
-    fingerprint = value_fingerprint(source_fingerprint, max_users, seed, RECIPE_VERSION)
+    fingerprint = value_fingerprint(source_fingerprint, max_users, seed, code_fingerprint(__name__))
     target = settings.runs_dir() / domain / "datasets" / f"ranking-{fingerprint}"
-    partial = target.parent / f"{target.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    ref = ingest_ranking(domain, files, partial, fingerprint=fingerprint, max_users=max_users, seed=seed)
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    ref = ref.model_copy(update={"path": str(target)})
+
+    def build(folder: Path) -> RankingDatasetRef:
+        return ingest_ranking(domain, files, folder, fingerprint=fingerprint, max_users=max_users, seed=seed)
+
+    # The record names the private folder it was built in; point it at the published one.
+    ref = build_atomically(target, build).model_copy(update={"path": str(target)})
     report = json.loads((target / "report.json").read_text())
-    log.info("%s: %d users, %d items, %d interactions; %d evaluated", domain, ref.num_users, ref.num_items, ref.num_interactions, ref.evaluated_users)
-    create_markdown_artifact(markdown=summary_markdown(ref, report), key=artifact_key(domain, "dataset"), description=f"{domain} dataset and protocol")
+    log.info("%s: %d users, %d items, %d interactions; %d evaluated",
+             domain, ref.num_users, ref.num_items, ref.num_interactions, ref.evaluated_users)
+    create_markdown_artifact(markdown=summary_markdown(ref, report), key=artifact_key(domain, "dataset"),
+                             description=f"{domain} dataset and protocol")
     return ref

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from domainflow.logs import run_logger
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.records import Evaluation
-from domains import get_domain
+from domainflow.recsys.spec import RankingSpec
 from tasks.artifacts import artifact_key
 
 METRIC_COLUMNS = ("test_hit_rate_at_10", "test_ndcg_at_10", "test_mrr", "validation_ndcg_at_10")
@@ -135,10 +135,9 @@ def model_card(spec: Any, dataset: RankingDatasetRef, baselines_ref: BaselinesRe
 
 
 @task(name="rank-report")
-def rank_report(dataset: RankingDatasetRef, baselines_ref: BaselinesRef, baselines: list[Evaluation], candidates: list[Evaluation]) -> list[dict[str, Any]]:
+def rank_report(spec: RankingSpec, dataset: RankingDatasetRef, baselines_ref: BaselinesRef, baselines: list[Evaluation], candidates: list[Evaluation]) -> list[dict[str, Any]]:
     """Write each candidate's model card; publish the metrics table and the cards as artifacts."""
     log = run_logger(__name__)
-    spec = get_domain(dataset.domain)
     baselines, candidates = _as_evaluations(baselines), _as_evaluations(candidates)
     rows = model_rows(baselines, candidates)
     for evaluation in candidates:

@@ -18,7 +18,6 @@ looks finished; outputs are content-addressed by their inputs and code.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -44,10 +43,10 @@ from domainflow.recsys.ranker import sample_groups
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.two_tower import TwoTower, encode, train_two_tower, training_pairs
 from domainflow.records import ModelRef
-from domains import get_domain
-from tasks.caching import CODE_AND_INPUTS
+from domainflow.atomic import build_atomically
+from domainflow.recsys.spec import RankingSpec
+from tasks.caching import CODE_AND_INPUTS, step_dir
 
-CACHE_DEPENDS_ON = ("domainflow/recsys",)
 TWO_TOWER = "two_tower"
 RANKER = "ranker"
 
@@ -71,11 +70,10 @@ class TwoTowerConfig(BaseModel):
     seed: int = 42
 
 
-def make_two_tower_config(domain: str, model: str | None, *, epochs: float | None = None, seed: int = 42, num_layers: int | None = None, max_pairs: int | None = None) -> TwoTowerConfig:
+def make_two_tower_config(spec: RankingSpec, model: str | None, *, epochs: float | None = None, seed: int = 42, num_layers: int | None = None, max_pairs: int | None = None) -> TwoTowerConfig:
     """The domain's two-tower defaults, overridden by the user's choices."""
-    spec = get_domain(domain)
     base = resolve_base_model(model or spec.default_model)
-    recipe = dataclasses.asdict(spec.two_tower)
+    recipe = spec.two_tower.model_dump()
     if epochs is not None:
         recipe["epochs"] = epochs
     if max_pairs is not None:
@@ -92,21 +90,14 @@ def make_two_tower_config(domain: str, model: str | None, *, epochs: float | Non
     )
 
 
-def _out_dir(domain: str, kind: str, name: str, fingerprint: str) -> Path:
-    return settings.runs_dir() / domain / kind / f"{name}-{fingerprint}"
+def _out_dir(domain: str, kind: str, name: str, task_fn: Any, *inputs: Any) -> Path:
+    """A step's folder, named by its code and inputs (see ``tasks.caching.step_dir``)."""
+    return step_dir(settings.runs_dir() / domain / kind, name, task_fn, *inputs)
 
 
 def _publish(target: Path, build: Callable[[Path], Any]) -> Any:
-    """Build into ``<target>.partial`` and rename into place when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.parent / f"{target.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    result = build(partial)
-    if target.exists():
-        shutil.rmtree(target)
-    partial.rename(target)
-    return result
+    """Build in a private folder and rename it into place when complete (``domainflow.atomic``)."""
+    return build_atomically(target, build)
 
 
 # ------------------------------------------------------------------------------- baselines
@@ -147,13 +138,12 @@ def fit_baselines(data: RankingData, spec: Any, seed: int, out_dir: Path) -> Bas
 
 
 @task(name="train-baselines", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def train_baselines(dataset: RankingDatasetRef, seed: int = 42) -> BaselinesRef:
+def train_baselines(spec: RankingSpec, dataset: RankingDatasetRef, seed: int = 42) -> BaselinesRef:
     """Popularity and BPR (epochs chosen on validation)."""
     log = run_logger(__name__)
-    spec = get_domain(dataset.domain)
-    target = _out_dir(dataset.domain, "baselines", "popularity-bpr", value_fingerprint(dataset.fingerprint, dataclasses.asdict(spec.bpr), seed))
+    target = _out_dir(dataset.domain, "baselines", "popularity-bpr", train_baselines, dataset.fingerprint, spec.bpr, seed)
     ref = _publish(target, lambda out: fit_baselines(RankingData.load(dataset.path), spec, seed, out))
-    ref = ref.model_copy(update={"path": str(target)})
+    ref = ref.model_copy(update={"path": str(target), "fingerprint": path_fingerprint(target)})
     log.info("baselines: BPR best epoch %d (validation NDCG@10 curve %s), %.1f s", ref.bpr_best_epoch, ref.bpr_valid_curve, ref.train_seconds["bpr"])
     return ref
 
@@ -183,11 +173,10 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
 
 
 @task(name="finetune-two-tower", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def finetune_two_tower(dataset: RankingDatasetRef, config: TwoTowerConfig) -> ModelRef:
+def finetune_two_tower(spec: RankingSpec, dataset: RankingDatasetRef, config: TwoTowerConfig) -> ModelRef:
     """The trained encoder directory (both towers)."""
     log = run_logger(__name__)
-    spec = get_domain(dataset.domain)
-    target = _out_dir(dataset.domain, "models", "two_tower_encoder", value_fingerprint(dataset.fingerprint, config.model_dump()))
+    target = _out_dir(dataset.domain, "models", "two_tower_encoder", finetune_two_tower, dataset.fingerprint, config, spec.history_items)
     ref = _publish(target, lambda out: train_text_model(RankingData.load(dataset.path), spec, config, out, log))
     return ref.model_copy(update={"path": str(target), "fingerprint": path_fingerprint(target)})
 
@@ -224,10 +213,9 @@ def catalogue(data: RankingData) -> dict[str, list[str]]:
 
 
 @task(name="build-item-tables", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def build_item_tables(dataset: RankingDatasetRef, encoder: ModelRef, baselines: BaselinesRef, config: TwoTowerConfig) -> ModelRef:
+def build_item_tables(spec: RankingSpec, dataset: RankingDatasetRef, encoder: ModelRef, baselines: BaselinesRef, config: TwoTowerConfig) -> ModelRef:
     """The ``two_tower`` candidate bundle: precomputed item embeddings + the ranker's item tables."""
-    spec = get_domain(dataset.domain)
-    target = _out_dir(dataset.domain, "models", TWO_TOWER, value_fingerprint(dataset.fingerprint, encoder.fingerprint, baselines.bpr_best_epoch, config.model_dump()))
+    target = _out_dir(dataset.domain, "models", TWO_TOWER, build_item_tables, dataset.fingerprint, encoder.fingerprint, baselines.bpr_best_epoch, config, spec)
 
     def build(out: Path) -> None:
         data = RankingData.load(dataset.path)
@@ -250,11 +238,10 @@ def fit_features(data: RankingData, recommender: Recommender, negatives: int, se
 
 
 @task(name="fit-ranker", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def fit_ranker(dataset: RankingDatasetRef, two_tower: ModelRef, config: TwoTowerConfig) -> ModelRef:
+def fit_ranker(spec: RankingSpec, dataset: RankingDatasetRef, two_tower: ModelRef, config: TwoTowerConfig) -> ModelRef:
     """The ``ranker`` candidate: the ``two_tower`` bundle plus a conditional logit over its features."""
     log = run_logger(__name__)
-    spec = get_domain(dataset.domain)
-    target = _out_dir(dataset.domain, "models", RANKER, value_fingerprint(dataset.fingerprint, two_tower.fingerprint, config.ranker_negatives, config.seed))
+    target = _out_dir(dataset.domain, "models", RANKER, fit_ranker, dataset.fingerprint, two_tower.fingerprint, config.ranker_negatives, config.seed, spec.history_items)
 
     def build(out: Path) -> None:
         data = RankingData.load(dataset.path)

@@ -19,7 +19,7 @@ from domainflow import settings
 from domainflow.fingerprint import value_fingerprint
 from domainflow.modeling import read_metadata
 from domainflow.records import DatasetRef, Evaluation
-from domains import DomainSpec, get_domain
+from domainflow.spec import ClassificationSpec
 from tasks.artifacts import artifact_key, png_data_uri
 
 
@@ -99,7 +99,7 @@ def plot_latency_vs_quality(rows: Sequence[dict[str, Any]], primary: str, path: 
     return path
 
 
-def model_card(spec: DomainSpec, ev: Evaluation, dataset: DatasetRef, compression_table: str) -> str:
+def model_card(spec: ClassificationSpec, ev: Evaluation, dataset: DatasetRef, compression_table: str) -> str:
     """A Markdown model card: what the model is, how it was made, how well and how fast it works."""
     candidate = ev.candidate
     metadata = read_metadata(candidate.path)
@@ -145,7 +145,7 @@ def model_card(spec: DomainSpec, ev: Evaluation, dataset: DatasetRef, compressio
     return "\n".join(lines) + "\n"
 
 
-def answer_policy_lines(spec: DomainSpec, ev: Evaluation) -> list[str]:
+def answer_policy_lines(spec: ClassificationSpec, ev: Evaluation) -> list[str]:
     """The retrieval fallback's figures on test, for a domain that declares one."""
     policy = ev.answer_policy
     if spec.retrieval is None or not policy:
@@ -163,9 +163,8 @@ def answer_policy_lines(spec: DomainSpec, ev: Evaluation) -> list[str]:
     ]
 
 
-def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef) -> Path:
+def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef, spec: ClassificationSpec) -> Path:
     """Model cards into each candidate's report folder, and the run's compression report; returns its folder."""
-    spec = get_domain(dataset.domain)
     rows = compression_rows(evaluations)
     table = markdown_table(rows)
     out = settings.runs_dir() / dataset.domain / "reports" / f"compression-{value_fingerprint([e.candidate.fingerprint for e in evaluations], dataset.fingerprint)}"
@@ -179,7 +178,7 @@ def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef) -> Path
 
 
 @task(name="report")
-def report(evaluations: list[Evaluation], dataset: DatasetRef) -> str:
+def report(evaluations: list[Evaluation], dataset: DatasetRef, spec: ClassificationSpec) -> str:
     """Write model cards and the compression report, and show them in the Prefect UI."""
     from prefect.artifacts import (
         create_image_artifact,
@@ -187,7 +186,7 @@ def report(evaluations: list[Evaluation], dataset: DatasetRef) -> str:
         create_table_artifact,
     )
 
-    out = write_report(evaluations, dataset)
+    out = write_report(evaluations, dataset, spec)
     domain = dataset.domain
     create_table_artifact(json.loads((out / "compression_report.json").read_text()), key=artifact_key(domain, "compression-report"), description="Size, memory, speed and quality of every candidate; deltas against the fp32 parent")
     create_image_artifact(png_data_uri(out / "speed_vs_quality.png"), key=artifact_key(domain, "speed-vs-quality"), description="Throughput vs test quality of this run's candidates")

@@ -25,7 +25,8 @@ configure_environment()
 
 import pytest  # noqa: E402
 
-from domains import QualityGates, TrainingDefaults, get_domain, register  # noqa: E402
+from domainflow.catalog import get_domain, register  # noqa: E402
+from domainflow.spec import QualityGates, TrainingDefaults  # noqa: E402
 from tests.data_helpers import banking77_slice, write_csv  # noqa: E402
 
 TINY_DOMAIN = "cs_tiny"

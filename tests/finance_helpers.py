@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from domains import get_domain, register
+from domainflow.catalog import get_domain, register
 
 FINANCE_DIR = Path(__file__).resolve().parent.parent / "data" / "twitter_financial_news_sentiment"
 TINY_FINANCE = "fin_tiny"

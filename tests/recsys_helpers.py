@@ -84,7 +84,7 @@ def register_series_domain() -> str:
     """The recommendation domain with a recipe sized for tests: few pairs, a higher learning rate, short BPR."""
     from dataclasses import replace
 
-    from domains import get_domain, register
+    from domainflow.catalog import get_domain, register
 
     spec = get_domain("recommendation")
     register(

@@ -31,7 +31,7 @@ from domainflow.modeling import (
 )
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.retrieval import normalized_embeddings
-from domains import get_domain
+from domainflow.catalog import get_domain
 from tasks.compress import distill_model, ffn_prune_model, magnitude_prune_model, quantize_model
 from tasks.evaluate import evaluate_candidate, weights_bytes, zero_fraction
 from tasks.finetune import TrainConfig, make_train_config, train_linear_probe

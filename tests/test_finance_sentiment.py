@@ -15,7 +15,7 @@ import pytest
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import load_classifier, predict_proba
 from domainflow.registry import ModelRegistry
-from domains import get_domain, list_domains
+from domainflow.catalog import get_domain, list_domains
 from domains.finance_sentiment import BEARISH_RECALL
 from tests.finance_helpers import LABELS, finance_rows, finance_slice, tiny_finance  # noqa: F401  (fixture)
 

@@ -8,7 +8,7 @@ import pytest
 
 from domainflow.gates import GateDecision, decide
 from domainflow.records import Evaluation, ModelRef
-from domains.base import DataSource, DomainSpec, QualityGates
+from domainflow.spec import ClassificationSpec as DomainSpec, DataSource, QualityGates
 
 GATES = QualityGates(min_metrics={"accuracy": 0.90, "macro_f1": 0.85}, tie_tolerance=0.001, max_compression_drop=0.01, min_compression_speedup=1.3)
 

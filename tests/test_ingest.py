@@ -1,4 +1,5 @@
-"""tasks.ingest on real Banking77 rows: what a good slice produces, and how each kind of bad data is reported."""
+"""Ingest (domainflow.data and the tasks.ingest wrapper) on real Banking77 rows: what a good slice produces,
+how each kind of bad data is reported, labels taken from the data, and how output folders are keyed."""
 
 from __future__ import annotations
 
@@ -12,19 +13,16 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_fro
 from prefect.serializers import JSONSerializer
 from prefect.states import Failed
 
-import tasks.ingest as ingest_module
-from domains import get_domain
-from tasks.ingest import (
-    DataValidationError,
-    _allocate,
-    _retry_unless_invalid_data,
-    dataset_summary_markdown,
-    ingest,
-    ingest_dataset,
-    ingest_hub_dataset,
-    read_ingest_report,
-    read_table,
-)
+from domainflow.catalog import get_domain
+from domainflow.data import tables
+from domainflow.data.dataset import dataset_summary_markdown, ingest_dataset, read_ingest_report
+from domainflow.data.hub import ingest_hub_dataset
+from domainflow.data.problems import DataValidationError
+from domainflow.data.splitting import allocate
+from domainflow.data.tables import read_table
+from domainflow.spec import DataSlice
+from tasks.caching import code_fingerprint
+from tasks.ingest import _retry_unless_invalid_data, ingest
 
 try:  # tests/ on sys.path (pytest's default while tests/ is no package)
     from data_helpers import (
@@ -68,7 +66,14 @@ def test_rows():
 
 
 def run(spec, out_dir: Path, train: Path, test: Path, **kwargs):
-    return ingest_dataset(spec, out_dir, train_path=train, test_path=test, **kwargs)
+    """Ingest with the spec's data slice (or a DataSlice given directly) under the spec's name."""
+    data, domain = (spec, "customer_service") if isinstance(spec, DataSlice) else (spec.data_slice(), spec.name)
+    return ingest_dataset(data, domain, out_dir, train_path=train, test_path=test, **kwargs)
+
+
+def slice_of(spec, **changes) -> DataSlice:
+    """The spec's data slice with some fields changed (validated afresh, as a domain file would be)."""
+    return DataSlice.model_validate({**spec.data_slice().model_dump(), **changes})
 
 
 def contents(ref) -> dict[str, list[tuple[str, int]]]:
@@ -158,7 +163,7 @@ def test_finished_dataset_is_reused_without_reading(spec, tmp_path, monkeypatch)
     def fail(path):
         raise AssertionError(f"read {path} although the dataset exists")
 
-    monkeypatch.setattr(ingest_module, "read_table", fail)
+    monkeypatch.setattr(tables, "read_table", fail)
     assert run(spec, tmp_path / "out", train, test) == first
 
 
@@ -202,34 +207,39 @@ def test_jsonl_json_and_parquet_give_the_same_splits_as_csv(spec, tmp_path, trai
 
 
 def test_integer_label_ids_are_accepted(spec, tmp_path, train_rows, test_rows):
-    by_name = run(spec, tmp_path / "out", write_csv(tmp_path / "n" / "train.csv", train_rows), write_csv(tmp_path / "n" / "test.csv", test_rows))
+    by_name = run(spec, tmp_path / "out", write_csv(tmp_path / "n" / "train.csv", train_rows),
+                  write_csv(tmp_path / "n" / "test.csv", test_rows))
 
     def as_ids(rows):
         return [{"text": row["text"], "category": spec.label_index(row["category"])} for row in rows]
 
-    csv_ids = run(spec, tmp_path / "out", write_csv(tmp_path / "i" / "train.csv", as_ids(train_rows)), write_csv(tmp_path / "i" / "test.csv", as_ids(test_rows)))
-    jsonl_ids = run(spec, tmp_path / "out", write_jsonl(tmp_path / "j" / "train.jsonl", as_ids(train_rows)), write_jsonl(tmp_path / "j" / "test.jsonl", as_ids(test_rows)))
+    csv_ids = run(spec, tmp_path / "out", write_csv(tmp_path / "i" / "train.csv", as_ids(train_rows)),
+                  write_csv(tmp_path / "i" / "test.csv", as_ids(test_rows)))
+    jsonl_ids = run(spec, tmp_path / "out", write_jsonl(tmp_path / "j" / "train.jsonl", as_ids(train_rows)),
+                    write_jsonl(tmp_path / "j" / "test.jsonl", as_ids(test_rows)))
     assert contents(csv_ids) == contents(by_name) == contents(jsonl_ids)
 
 
 def test_near_duplicates_of_test_rows_are_dropped_from_train_and_counted(spec, tmp_path, train_rows, test_rows):
     variant = "  " + "  ".join(test_rows[1]["text"].upper().split()) + "\n"
     train_rows.append({"text": variant, "category": test_rows[1]["category"]})
-    ref = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows), write_csv(tmp_path / "test.csv", test_rows))
+    ref = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows),
+              write_csv(tmp_path / "test.csv", test_rows))
 
     report = read_ingest_report(ref.path)
     assert report["dropped_near_duplicates"] == 1
     assert report["near_duplicates"][0]["train"] == f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)}"
     assert report["near_duplicates"][0]["test"] == "test.csv line 3"
     output = contents(ref)
-    assert variant not in {text for split in ("train", "validation") for text, _ in output["train"] + output["validation"]}
+    assert variant not in {text for text, _ in output["train"] + output["validation"]}
     assert ref.num_rows["train"] + ref.num_rows["validation"] == len(LABELS) * PER_CLASS_TRAIN
     assert [text for text, _ in output["test"]] == [row["text"] for row in test_rows]  # test is untouched
 
 
 def test_exact_duplicates_with_the_same_label_are_dropped(spec, tmp_path, train_rows, test_rows):
     train_rows.append(dict(train_rows[0]))
-    ref = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows), write_csv(tmp_path / "test.csv", test_rows))
+    ref = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows),
+              write_csv(tmp_path / "test.csv", test_rows))
     assert read_ingest_report(ref.path)["dropped_exact_duplicates"] == 1
     assert ref.num_rows["train"] + ref.num_rows["validation"] == len(LABELS) * PER_CLASS_TRAIN
 
@@ -241,16 +251,17 @@ def test_limits_take_stratified_subsamples(spec, tmp_path):
     assert ref.num_rows["train"] + ref.num_rows["validation"] == 30
     assert ref.num_rows["test"] == 10
     expected = {spec.label_index(name) for name in LABELS}
-    assert Counter(list(dataset["train"]["label"]) + list(dataset["validation"]["label"])) == {label: 6 for label in expected}
+    train_labels = list(dataset["train"]["label"]) + list(dataset["validation"]["label"])
+    assert Counter(train_labels) == {label: 6 for label in expected}
     assert set(dataset["validation"]["label"]) == expected
     assert Counter(dataset["test"]["label"]) == {label: 2 for label in expected}
 
 
 def test_allocation_keeps_two_per_class_where_the_budget_allows():
-    quotas = _allocate({0: 100, 1: 3, 2: 1}, 10)
+    quotas = allocate({0: 100, 1: 3, 2: 1}, 10)
     assert sum(quotas.values()) == 10
     assert quotas[1] >= 2 and quotas[2] == 1
-    tight = _allocate({0: 50, 1: 50, 2: 50}, 4)
+    tight = allocate({0: 50, 1: 50, 2: 50}, 4)
     assert sum(tight.values()) == 4 and min(tight.values()) >= 1
 
 
@@ -272,7 +283,8 @@ def test_hub_path_maps_class_ids_by_name(spec, tmp_path, monkeypatch, train_rows
     features = Features({"text": Value("string"), "label": ClassLabel(names=hub_names)})
 
     def as_hub(rows):
-        return Dataset.from_dict({"text": [r["text"] for r in rows], "label": [hub_names.index(r["category"]) for r in rows]}, features=features)
+        columns = {"text": [r["text"] for r in rows], "label": [hub_names.index(r["category"]) for r in rows]}
+        return Dataset.from_dict(columns, features=features)
 
     calls = []
 
@@ -283,20 +295,133 @@ def test_hub_path_maps_class_ids_by_name(spec, tmp_path, monkeypatch, train_rows
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.setenv("DOMAINFLOW_ONLINE", "0")
     with pytest.raises(RuntimeError, match="DOMAINFLOW_ONLINE"):
-        ingest_hub_dataset(spec, tmp_path / "out")
+        ingest_hub_dataset(spec.data_slice(), spec.source, spec.name, tmp_path / "out")
     monkeypatch.setenv("DOMAINFLOW_ONLINE", "1")
-    hub = ingest_hub_dataset(spec, tmp_path / "out")
+    hub = ingest_hub_dataset(spec.data_slice(), spec.source, spec.name, tmp_path / "out")
     assert calls == [(spec.source.hf_dataset, spec.source.hf_config)]
-    files = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows), write_csv(tmp_path / "test.csv", test_rows))
+    files = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows),
+                write_csv(tmp_path / "test.csv", test_rows))
     assert contents(hub) == contents(files)
     assert hub.test_fingerprint == files.test_fingerprint
+
+
+# --------------------------------------------------------------------------- labels taken from the data
+
+
+def test_labels_are_taken_from_the_training_data_when_the_domain_lists_none(spec, tmp_path, train_rows, test_rows):
+    data = slice_of(spec, label_names=None)
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    ref = run(data, tmp_path / "out", train, write_csv(tmp_path / "test.csv", test_rows))
+    assert ref.label_names == sorted(LABELS)  # sorted, not in order of appearance
+    dataset = load_from_disk(ref.path)
+    source = {row["text"]: row["category"] for row in train_rows + test_rows}
+    for split in dataset.values():
+        assert split.features["label"].names == sorted(LABELS)
+        assert all(ref.label_names[label] == source[text] for text, label in zip(split["text"], split["label"]))
+    report = read_ingest_report(ref.path)
+    assert report["label_names"] == sorted(LABELS) and report["labels_inferred_from"] == "train.csv"
+    assert "taken from `train.csv`" in dataset_summary_markdown(report)
+    # the same rows with the domain's own list: same texts, same names, different ids and folder
+    listed = run(spec, tmp_path / "out", train, tmp_path / "test.csv")
+    assert listed.fingerprint != ref.fingerprint
+    assert listed.test_fingerprint == ref.test_fingerprint  # (text, label name) pairs are the same
+
+
+def test_integer_labels_from_the_data_sort_numerically(spec, tmp_path, train_rows, test_rows):
+    codes = dict(zip(LABELS, [10, 2, 33, 1, 100]))
+
+    def coded(rows):
+        return [{"text": row["text"], "category": codes[row["category"]]} for row in rows]
+
+    data = slice_of(spec, label_names=None)
+    csv_ref = run(data, tmp_path / "out", write_csv(tmp_path / "c" / "train.csv", coded(train_rows)),
+                  write_csv(tmp_path / "c" / "test.csv", coded(test_rows)))
+    assert csv_ref.label_names == ["1", "2", "10", "33", "100"]
+    jsonl_ref = run(data, tmp_path / "out", write_jsonl(tmp_path / "j" / "train.jsonl", coded(train_rows)),
+                    write_jsonl(tmp_path / "j" / "test.jsonl", coded(test_rows)))
+    assert contents(jsonl_ref) == contents(csv_ref)  # 10 in JSON and "10" in CSV are one label
+    assert sorted(["b", "a", "10", "9"]) == run(
+        data, tmp_path / "out",
+        write_csv(tmp_path / "m" / "train.csv", [{"text": r["text"], "category": ["b", "a", "10", "9", "a"][i % 5]}
+                                                  for i, r in enumerate(train_rows)]),
+        write_csv(tmp_path / "m" / "test.csv", [{"text": r["text"], "category": "a"} for r in test_rows]),
+    ).label_names  # mixed names and digits sort as strings
+
+
+def test_a_label_only_in_test_is_rejected_with_file_and_line(spec, tmp_path, train_rows, test_rows):
+    data = slice_of(spec, label_names=None)
+    test_rows[7]["category"] = "brand_new_intent"
+    test = write_csv(tmp_path / "test.csv", test_rows)
+    expect_error(data, tmp_path, write_csv(tmp_path / "train.csv", train_rows), test,
+                 "test.csv", "column 'category'", "label not in the training data",
+                 f"line {csv_line_of(test_rows, 7)} ('brand_new_intent')", "found in train.csv", "'age_limit'")
+
+
+def test_inferred_labels_are_names_not_ids(spec, tmp_path, train_rows, test_rows):
+    """With labels from the data, a test value 0 is the label named "0", which train lacks: no id lookup."""
+    data = slice_of(spec, label_names=None)
+    test_rows[2]["category"] = 0
+    expect_error(data, tmp_path, write_csv(tmp_path / "train.csv", train_rows),
+                 write_jsonl(tmp_path / "test.jsonl", test_rows),
+                 "test.jsonl", "label not in the training data", "line 3 (0)")
+
+
+def test_inferred_labels_need_two_classes(spec, tmp_path, train_rows, test_rows):
+    data = slice_of(spec, label_names=None)
+    one = [{"text": row["text"], "category": "card_arrival"} for row in train_rows]
+    expect_error(data, tmp_path, write_csv(tmp_path / "train.csv", one),
+                 write_csv(tmp_path / "test.csv", [dict(r, category="card_arrival") for r in test_rows]),
+                 "train.csv", "fewer than two labels", "'card_arrival'")
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def test_a_changed_data_slice_or_code_gives_another_folder(spec, tmp_path):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    first = run(spec, tmp_path / "out", train, test)
+    wider = run(slice_of(spec, validation_fraction=0.2), tmp_path / "out", train, test)
+    assert wider.fingerprint != first.fingerprint and wider.path != first.path
+    assert wider.num_rows["validation"] == 2 * first.num_rows["validation"]  # the new value shows in the output
+    more_labels = run(slice_of(spec, label_names=(*spec.label_names, "new_intent")), tmp_path / "out", train, test)
+    assert more_labels.fingerprint != first.fingerprint and len(more_labels.label_names) == spec.num_labels + 1
+    stricter = run(slice_of(spec, min_examples_per_class=6), tmp_path / "out", train, test)
+    assert stricter.fingerprint != first.fingerprint
+    other_code = run(spec, tmp_path / "out", train, test, code_key="another-version")
+    assert other_code.fingerprint != first.fingerprint
+    assert read_ingest_report(other_code.path)["recipe"]["code"] == "another-version"
+    assert run(spec, tmp_path / "out", train, test) == first  # nothing changed: the same folder
+    assert len(list((tmp_path / "out").iterdir())) == 5
+
+
+def test_two_builds_of_the_same_key_do_not_clobber_each_other(spec, tmp_path, monkeypatch):
+    """A second run publishes the same folder while the first is still writing its own private copy:
+    the first keeps the published folder, deletes only its own copy, and both get the same record."""
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    original = DatasetDict.save_to_disk
+    inner: list = []
+
+    def save_while_another_run_publishes(self, path, *args, **kwargs):
+        original(self, path, *args, **kwargs)
+        if not inner:  # the outer build has written its copy; now a concurrent run completes
+            inner.append(None)
+            inner[0] = run(spec, tmp_path / "out", train, test)
+            assert Path(path).is_dir(), "the other run deleted this run's private folder"
+
+    monkeypatch.setattr(DatasetDict, "save_to_disk", save_while_another_run_publishes)
+    outer = run(spec, tmp_path / "out", train, test)
+    assert inner[0] == outer
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [outer.fingerprint], "a private folder was left behind"
+    assert read_ingest_report(outer.path)["fingerprint"] == outer.fingerprint
+    assert load_from_disk(outer.path)["test"].num_rows == outer.num_rows["test"]
 
 
 # --------------------------------------------------------------------------- bad data
 
 
 def test_missing_column(spec, tmp_path, train_rows, test_rows):
-    train = write_csv(tmp_path / "train.csv", [{"text": r["text"], "intent": r["category"]} for r in train_rows], columns=("text", "intent"))
+    renamed = [{"text": r["text"], "intent": r["category"]} for r in train_rows]
+    train = write_csv(tmp_path / "train.csv", renamed, columns=("text", "intent"))
     test = write_csv(tmp_path / "test.csv", test_rows)
     expect_error(spec, tmp_path, train, test, "train.csv", "missing column", "'category'", "'intent'", "line 1")
 
@@ -305,7 +430,8 @@ def test_empty_text(spec, tmp_path, train_rows, test_rows):
     train_rows[3]["text"] = "   "
     train = write_csv(tmp_path / "train.csv", train_rows)
     message = expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
-                           "train.csv", "column 'text'", "empty or whitespace-only text", f"line {csv_line_of(train_rows, 3)}")
+                           "train.csv", "column 'text'", "empty or whitespace-only text",
+                           f"line {csv_line_of(train_rows, 3)}")
     assert "header being line 1" in message  # says which numbering it uses
 
 
@@ -313,7 +439,8 @@ def test_line_numbers_follow_multiline_csv_cells(spec, tmp_path, train_rows, tes
     train_rows[0]["text"] = "first line\nsecond line of the same text"
     train_rows[2]["text"] = ""
     train = write_csv(tmp_path / "train.csv", train_rows)
-    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows), "train.csv", "empty or whitespace-only text (1 found): line 5\n")
+    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
+                 "train.csv", "empty or whitespace-only text (1 found): line 5\n")
     assert csv_line_of(train_rows, 2) == 5
 
 
@@ -333,14 +460,16 @@ def test_non_text_values_in_jsonl(spec, tmp_path, train_rows, test_rows):
     train_rows[6]["text"] = ["a", "list"]
     train = write_jsonl(tmp_path / "train.jsonl", train_rows)
     expect_error(spec, tmp_path, train, write_jsonl(tmp_path / "test.jsonl", test_rows),
-                 "train.jsonl", "column 'text'", "non-text value", "line 2 (12345, int)", "line 5 (null)", "line 7 (['a', 'list'], list)")
+                 "train.jsonl", "column 'text'", "non-text value", "line 2 (12345, int)", "line 5 (null)",
+                 "line 7 (['a', 'list'], list)")
 
 
 def test_unknown_label(spec, tmp_path, train_rows, test_rows):
     test_rows[7]["category"] = "not_an_intent"
     test = write_csv(tmp_path / "test.csv", test_rows)
     expect_error(spec, tmp_path, write_csv(tmp_path / "train.csv", train_rows), test,
-                 "test.csv", "column 'category'", "unknown label", f"line {csv_line_of(test_rows, 7)} ('not_an_intent')",
+                 "test.csv", "column 'category'", "unknown label",
+                 f"line {csv_line_of(test_rows, 7)} ('not_an_intent')",
                  "'card_arrival'", "ids 0-76")
 
 
@@ -348,7 +477,8 @@ def test_train_test_leakage(spec, tmp_path, train_rows, test_rows):
     train_rows.append(dict(test_rows[2]))
     train = write_csv(tmp_path / "train.csv", train_rows)
     expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows), "leakage",
-                 f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)} = test.csv line {csv_line_of(test_rows, 2)}")
+                 f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)} "
+                 f"= test.csv line {csv_line_of(test_rows, 2)}")
 
 
 def test_conflicting_duplicate_labels(spec, tmp_path, train_rows, test_rows):
@@ -381,7 +511,8 @@ def test_zero_byte_file(spec, tmp_path, test_rows):
 
 def test_unknown_suffix(spec, tmp_path, train_rows, test_rows):
     train = write_csv(tmp_path / "train.txt", train_rows)
-    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows), "train.txt", "unsupported file suffix '.txt'")
+    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
+                 "train.txt", "unsupported file suffix '.txt'")
 
 
 def test_malformed_jsonl_line(spec, tmp_path, train_rows, test_rows):
@@ -389,11 +520,13 @@ def test_malformed_jsonl_line(spec, tmp_path, train_rows, test_rows):
     lines = train.read_text().splitlines()
     lines[2] = lines[2][:-1]  # drop the closing brace
     train.write_text("\n".join(lines) + "\n")
-    expect_error(spec, tmp_path, train, write_jsonl(tmp_path / "test.jsonl", test_rows), "train.jsonl", "invalid JSON", "line 3")
+    expect_error(spec, tmp_path, train, write_jsonl(tmp_path / "test.jsonl", test_rows),
+                 "train.jsonl", "invalid JSON", "line 3")
 
 
 def test_missing_file(spec, tmp_path, test_rows):
-    expect_error(spec, tmp_path, tmp_path / "absent.csv", write_csv(tmp_path / "test.csv", test_rows), "absent.csv", "no such file")
+    expect_error(spec, tmp_path, tmp_path / "absent.csv", write_csv(tmp_path / "test.csv", test_rows),
+                 "absent.csv", "no such file")
 
 
 def test_read_table_keeps_empty_csv_cells_as_empty_strings(tmp_path):
@@ -422,12 +555,24 @@ def test_task_options():
     assert ingest.cache_policy is not None
 
 
-def test_task_body_writes_under_the_runs_dir_outside_a_flow(tmp_path, monkeypatch):
+def test_task_body_writes_under_the_runs_dir_outside_a_flow(spec, tmp_path, monkeypatch):
     monkeypatch.setenv("DOMAINFLOW_HOME", str(tmp_path / "home"))
     train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
-    ref = ingest.fn("customer_service", str(train), str(test), "any-source-fingerprint", max_train_samples=50)
+    ref = ingest.fn(spec.data_slice(), "customer_service", str(train), str(test), "any-source-fingerprint",
+                    max_train_samples=50)
     assert Path(ref.path).parent == tmp_path / "home" / "runs" / "customer_service" / "datasets"
     assert ref.num_rows["train"] + ref.num_rows["validation"] == 50
+    # the folder is keyed by the task module's code (and all it imports), not a hand-bumped version
+    assert read_ingest_report(ref.path)["recipe"]["code"] == code_fingerprint("tasks.ingest")
+
+
+def test_task_needs_no_domain_lookup(spec, tmp_path, monkeypatch):
+    """Everything comes from the DataSlice: a domain name nobody registered ingests fine."""
+    monkeypatch.setenv("DOMAINFLOW_HOME", str(tmp_path / "home"))
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    data = slice_of(spec, label_names=None)
+    ref = ingest.fn(data, "not_registered_anywhere", str(train), str(test), "fp")
+    assert ref.domain == "not_registered_anywhere" and ref.label_names == sorted(LABELS)
 
 
 def test_summary_markdown(spec, tmp_path):

@@ -25,7 +25,7 @@ from domainflow.monitoring.replay import build_replay
 from domainflow.monitoring.store import ScoreStore
 from domainflow.monitoring.surge import detect_surges
 from domainflow.monitoring.topics import TopicExtractor, cashtags
-from domains import get_domain
+from domainflow.catalog import get_domain
 from flows.monitor import MonitorError, alert_key, monitor_batch, replay
 from flows.monitor_cli import monitor_app
 from tests.finance_helpers import tiny_finance  # noqa: F401  (fixture)

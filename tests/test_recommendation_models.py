@@ -19,7 +19,7 @@ from domainflow.recsys.gate import decide_ranking
 from domainflow.recsys.ranker import LinearRanker, fit_ranker, sample_groups
 from domainflow.records import Evaluation, ModelRef
 from domainflow.registry import ModelRegistry
-from domains import get_domain
+from domainflow.catalog import get_domain
 from tasks.deploy import apply_decision
 from tests.test_recommendation_protocol import ITEMS, SOURCES, hand_made
 

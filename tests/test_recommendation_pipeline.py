@@ -26,7 +26,7 @@ from domainflow.recsys.dataset import RankingData
 from domainflow.recsys.protocol import ranking_metrics, target_ranks
 from domainflow.recsys.two_tower import TwoTower, encode
 from domainflow.registry import ModelRegistry
-from domains import get_domain
+from domainflow.catalog import get_domain
 from flows.cli import app
 from flows.pipeline import pipeline_for
 from serving import ApiKeys, ServingConfig, create_app

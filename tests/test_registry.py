@@ -16,7 +16,7 @@ import pytest
 import domainflow.registry as registry_module
 from domainflow.records import Evaluation, ModelRef
 from domainflow.registry import ModelRegistry, RegistryError, VersionInfo
-from domains.base import DataSource, DomainSpec, QualityGates
+from domainflow.spec import ClassificationSpec as DomainSpec, DataSource, QualityGates
 from tasks.deploy import apply_decision, artifact_key, candidate_rows, champion_metrics_for, decision_markdown
 
 DECISION = {"promote": True, "chosen": "finetuned", "summary": "test promotion"}

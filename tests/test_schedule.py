@@ -43,7 +43,7 @@ TIMEZONE = "Europe/Paris"
 PLUGIN = '''
 from dataclasses import replace
 
-from domains import get_domain, register
+from domainflow.catalog import get_domain, register
 
 _spec = get_domain("customer_service")
 register(

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from domainflow.modeling import TextClassifier, load_classifier, load_encoder, predict_proba, save_classifier
 from domainflow.registry import ModelRegistry
-from domains import get_domain
+from domainflow.catalog import get_domain
 from domains.customer_service import ESCALATION_REPLY
 from domains.customer_service_replies import REPLY_TEMPLATES
 from serving import ApiKeys, AuthConfigError, ServingConfig, create_app

@@ -22,6 +22,8 @@ from typing import Any
 
 import pandas as pd
 
+from domainflow.data.problems import DataValidationError
+from domainflow.data.tables import read_table  # the project's one reader: formats, line numbers, UTF-8 checks
 from domainflow.monitoring.topics import TopicExtractor, parse_given_topics
 
 TIMESTAMP, TEXT, TOPIC, ID = "timestamp", "text", "topic", "id"
@@ -42,14 +44,17 @@ class BatchItem:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def parse_timestamp(value: Any) -> pd.Timestamp:
     """ISO 8601 text or epoch seconds (a number, or digits) as a UTC timestamp; naive times are taken as UTC."""
     if isinstance(value, bool):
         raise ValueError("a boolean is not a time")
-    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit()):
+    numeric_text = isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit()
+    if isinstance(value, (int, float)) or numeric_text:
         stamp = pd.Timestamp(float(value), unit="s", tz="UTC")
     elif isinstance(value, pd.Timestamp):
         stamp = value
@@ -73,8 +78,6 @@ def read_batch(path: str | Path, extractor: TopicExtractor) -> tuple[list[BatchI
 
     Raises :class:`BatchValidationError` listing every bad row.
     """
-    from tasks.ingest import DataValidationError, read_table  # the project's one reader: formats, line numbers, UTF-8 checks
-
     path = Path(path)
     try:
         frame = read_table(path)
@@ -83,8 +86,11 @@ def read_batch(path: str | Path, extractor: TopicExtractor) -> tuple[list[BatchI
     unit = str(frame.index.name or "row")
     missing = [c for c in (TIMESTAMP, TEXT) if c not in frame.columns]
     if missing:
-        raise BatchValidationError(f"{path.name}: missing column(s) {missing}; the file has columns {[str(c) for c in frame.columns]} "
-                                   f"(a batch needs '{TIMESTAMP}' and '{TEXT}', optionally '{TOPIC}' and '{ID}'); file: {path}")
+        columns = [str(c) for c in frame.columns]
+        raise BatchValidationError(
+            f"{path.name}: missing column(s) {missing}; the file has columns {columns} "
+            f"(a batch needs '{TIMESTAMP}' and '{TEXT}', optionally '{TOPIC}' and '{ID}'); file: {path}"
+        )
     if frame.empty:
         raise BatchValidationError(f"{path.name}: no data rows; file: {path}")
 
@@ -94,7 +100,8 @@ def read_batch(path: str | Path, extractor: TopicExtractor) -> tuple[list[BatchI
     duplicates = 0
     topics_col = frame[TOPIC].tolist() if TOPIC in frame.columns else [None] * len(frame)
     ids_col = frame[ID].tolist() if ID in frame.columns else [None] * len(frame)
-    for location, stamp_raw, text, topic_raw, explicit in zip(frame.index, frame[TIMESTAMP].tolist(), frame[TEXT].tolist(), topics_col, ids_col):
+    rows = zip(frame.index, frame[TIMESTAMP].tolist(), frame[TEXT].tolist(), topics_col, ids_col)
+    for location, stamp_raw, text, topic_raw, explicit in rows:
         where = f"{unit} {location}"
         bad = False
         if not isinstance(text, str) or not text.strip():
@@ -106,7 +113,8 @@ def read_batch(path: str | Path, extractor: TopicExtractor) -> tuple[list[BatchI
         try:
             stamp = parse_timestamp(stamp_raw)
         except (ValueError, TypeError, OverflowError):
-            problems.setdefault(f"column '{TIMESTAMP}': not an ISO 8601 time or epoch seconds", []).append(f"{where} ({str(stamp_raw)[:40]!r})")
+            kind = f"column '{TIMESTAMP}': not an ISO 8601 time or epoch seconds"
+            problems.setdefault(kind, []).append(f"{where} ({str(stamp_raw)[:40]!r})")
             continue
         if bad:
             continue
@@ -115,13 +123,20 @@ def read_batch(path: str | Path, extractor: TopicExtractor) -> tuple[list[BatchI
         if key in seen:
             first_where, first_text = seen[key]
             if first_text != text:
-                problems.setdefault(f"column '{ID}': one id for two different texts", []).append(f"{where} and {first_where} ({key})")
+                kind = f"column '{ID}': one id for two different texts"
+                problems.setdefault(kind, []).append(f"{where} and {first_where} ({key})")
             duplicates += 1
             continue
         seen[key] = (where, text)
         items.append(BatchItem(key, stamp, text, given or extractor(text), f"{path.name} {where}"))
     if problems:
-        lines = [f"{kind} ({len(where)} found): {'; '.join(where[:MAX_LISTED])}" + (f"; … and {len(where) - MAX_LISTED} more" if len(where) > MAX_LISTED else "")
-                 for kind, where in problems.items()]
-        raise BatchValidationError(f"{path.name}: " + ("\n- ".join([f"{len(lines)} kind(s) of problems:", *lines]) if len(lines) > 1 else lines[0]) + f"\n(file: {path})")
+        lines = [_describe(kind, where) for kind, where in problems.items()]
+        body = "\n- ".join([f"{len(lines)} kind(s) of problems:", *lines]) if len(lines) > 1 else lines[0]
+        raise BatchValidationError(f"{path.name}: {body}\n(file: {path})")
     return items, duplicates
+
+
+def _describe(kind: str, where: list[str]) -> str:
+    """One kind of problem: its count and the first few places."""
+    more = f"; … and {len(where) - MAX_LISTED} more" if len(where) > MAX_LISTED else ""
+    return f"{kind} ({len(where)} found): {'; '.join(where[:MAX_LISTED])}{more}"

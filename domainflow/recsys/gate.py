@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from domainflow.gates import CandidateVerdict, GateDecision, decide
 from domainflow.records import Evaluation
-from domains.base import DomainSpec
+from domainflow.spec import DomainSpec
 
 
 def decide_ranking(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from domainflow import settings
+from domainflow.atomic import build_atomically
 
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 WHEEL_FOLDER = "recbole/dataset_example/ml-100k/"
@@ -48,8 +49,9 @@ def is_present(target: Path | None = None) -> bool:
 def fetch_movielens(target: Path | None = None, *, quiet: bool = False) -> Path:
     """Download the recbole wheel with pip (no dependencies) and extract the ml-100k folder into ``target``.
 
-    Idempotent; the folder is assembled next to the target and renamed into place, so a crash
-    never leaves a half-extracted dataset that looks complete.
+    Idempotent; the folder is assembled in a private folder and renamed into place
+    (:func:`domainflow.atomic.build_atomically`), so a crash never leaves a half-extracted dataset
+    that looks complete, and two processes fetching at once do not clobber each other.
     """
     target = Path(target) if target else default_dir()
     if not quiet:
@@ -58,33 +60,42 @@ def fetch_movielens(target: Path | None = None, *, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="recbole-wheel-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", RECBOLE_REQUIREMENT, "-d", tmp]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+                   RECBOLE_REQUIREMENT, "-d", tmp]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         wheels = sorted(Path(tmp).glob("recbole-*.whl"))
         if done.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {RECBOLE_REQUIREMENT} ({' '.join(command)}): {done.stderr.strip()[-800:]}")
-        staging = target.parent / f".{target.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            members = [n for n in wheel.namelist() if n.startswith(WHEEL_FOLDER) and not n.endswith("/")]
-            missing = [name for name in FILES if WHEEL_FOLDER + name not in members]
-            if missing:
-                raise RuntimeError(f"{wheels[0].name} lacks {missing} under {WHEEL_FOLDER}")
-            for member in members:
-                (staging / Path(member).name).write_bytes(wheel.read(member))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+            raise RuntimeError(
+                f"could not download {RECBOLE_REQUIREMENT} ({' '.join(command)}): {done.stderr.strip()[-800:]}"
+            )
+
+        def extract(folder: Path) -> None:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                members = [n for n in wheel.namelist() if n.startswith(WHEEL_FOLDER) and not n.endswith("/")]
+                missing = [name for name in FILES if WHEEL_FOLDER + name not in members]
+                if missing:
+                    raise RuntimeError(f"{wheels[0].name} lacks {missing} under {WHEEL_FOLDER}")
+                for member in members:
+                    (folder / Path(member).name).write_bytes(wheel.read(member))
+
+        if target.exists() and not is_present(target):
+            shutil.rmtree(target)  # incomplete (not published by build_atomically): unusable
+        build_atomically(target, extract)
     if not quiet:
         print(f"MovieLens-100K extracted to {target}")
     return target
 
 
 def read_atomic(path: Path) -> pd.DataFrame:
-    """A recbole atomic file as a frame; ``name:type`` headers become ``name`` (types: token, float, token_seq)."""
+    """A recbole atomic file as a frame; ``name:type`` headers become ``name`` (types: token, float, token_seq).
+
+    Not read by :func:`domainflow.data.tables.read_table`: this is recbole's own tab-separated
+    format (unquoted, typed headers), not a user file. The index holds file lines (header = line 1),
+    as the shared reader's does, so validation errors point at the same lines.
+    """
     frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3, encoding="utf-8")
     frame.columns = [c.split(":", 1)[0] for c in frame.columns]
+    frame.index = pd.RangeIndex(2, len(frame) + 2, name="line")
     return frame
 
 
@@ -97,7 +108,10 @@ def load_frames(source: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame,
     """
     source = Path(source) if source else default_dir()
     if not is_present(source):
-        raise FileNotFoundError(f"MovieLens-100K is not in {source}: run `python scripts/fetch_movielens.py` (or `domainflow run recommendation`, which fetches it)")
+        raise FileNotFoundError(
+            f"MovieLens-100K is not in {source}: run `python scripts/fetch_movielens.py` "
+            f"(or `domainflow run recommendation`, which fetches it)"
+        )
     inter_path, item_path = source / "ml-100k.inter", source / "ml-100k.item"
     inter = read_atomic(inter_path)[["user_id", "item_id", "rating", "timestamp"]]
     raw = read_atomic(item_path)
@@ -107,6 +121,7 @@ def load_frames(source: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame,
             "title": raw["movie_title"].str.strip(),
             "year": raw["release_year"],
             "genres": raw["class"].str.split().str.join("|"),
-        }
+        },
+        index=raw.index,
     )
     return inter, items, {"interactions": str(inter_path), "items": str(item_path)}

@@ -1,0 +1,253 @@
+"""Ingest: turn a domain's raw train/test files into a validated, content-addressed ``DatasetDict``.
+
+Why content-addressed: every later step names its inputs by fingerprint, so the dataset folder
+is named by everything that decides what is in it: the source bytes (never their paths: moving
+a file changes nothing, editing one byte makes a new dataset), the data slice of the domain
+spec (columns, labels, validation fraction…), the limits and seed, and the code that ingests
+(``code_key``): a changed validation rule or a changed label list never reuses an old folder.
+The fingerprint is computed before reading, so a folder that exists is returned without any
+work; folders are published with :func:`domainflow.atomic.build_atomically`, so one that exists
+is complete, and two runs building the same key at once do not clobber each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pyarrow as pa
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value
+from datasets.table import InMemoryTable
+
+from domainflow.atomic import build_atomically
+from domainflow.data import tables
+from domainflow.data.labels import Labels
+from domainflow.data.splitting import SPLITS, split
+from domainflow.data.tables import Table, format_of
+from domainflow.data.validation import Prepared, Rows, absent_classes, validate
+from domainflow.fingerprint import file_digest, value_fingerprint
+from domainflow.logs import run_logger
+from domainflow.records import DatasetRef
+from domainflow.spec import DataSlice
+
+__all__ = ["REPORT_NAME", "dataset_summary_markdown", "ingest_dataset", "read_ingest_report"]
+
+REPORT_NAME = "ingest_report.json"
+
+Loader = Callable[[], tuple[Table, Table]]
+Sources = Callable[[Table, Table], dict[str, dict[str, Any]]]
+
+
+def package_code_key() -> str:
+    """Hash of this package's sources: the code part of the key when the caller gives none.
+
+    The Prefect task passes a wider key (every project module it imports); a direct caller
+    (a test, a benchmark) still gets a new folder when the ingest code changes.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ingest_recipe(data: DataSlice, domain: str, max_train: int | None, max_test: int | None, seed: int,
+           code_key: str | None) -> dict[str, Any]:
+    """Everything besides the source bytes that changes what ingest writes."""
+    return {
+        "code": code_key or package_code_key(),
+        "domain": domain,
+        "data": data.model_dump(mode="json"),
+        "max_train_samples": max_train,
+        "max_test_samples": max_test,
+        "seed": seed,
+    }
+
+
+def check_limits(max_train: int | None, max_test: int | None) -> None:
+    for name, value in (("max_train_samples", max_train), ("max_test_samples", max_test)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def _test_fingerprint(labels: Labels, rows: Rows) -> str:
+    """Hash of the test split's (text, label name) rows alone: two models are comparable iff it matches."""
+    pairs = [[text, labels.names[label]] for text, label in zip(rows.texts, rows.labels)]
+    return value_fingerprint("test-split", pairs)
+
+
+def _dataset_dict(labels: Labels, splits: Mapping[str, Rows], fingerprint: str) -> DatasetDict:
+    """Explicit features: ``text`` as ``string`` (not pandas' large_string) and ``label`` as a ClassLabel,
+    i.e. an int index that carries the label names with it.
+
+    Each split gets a fingerprint derived from ours: left to itself, ``datasets`` hashes the
+    whole table with dill, which costs time and, under Prefect's ``log_prints``, dumps the
+    bytecode dill disassembles into the run's log.
+    """
+    features = Features({"text": Value("string"), "label": ClassLabel(names=list(labels.names))})
+    schema = features.arrow_schema
+    return DatasetDict(
+        {
+            name: Dataset(
+                InMemoryTable(pa.Table.from_pydict({"text": rows.texts, "label": rows.labels}, schema=schema)),
+                info=DatasetInfo(features=features),
+                split=name,
+                fingerprint=value_fingerprint(fingerprint, name),
+            )
+            for name, rows in splits.items()
+        }
+    )
+
+
+def _label_counts(labels: Labels, rows: Rows) -> dict[str, int]:
+    counts = Counter(rows.labels)
+    return {labels.names[label]: counts[label] for label in sorted(counts)}
+
+
+def _report(domain: str, fingerprint: str, recipe: dict[str, Any], sources: dict[str, dict[str, Any]],
+            prepared: Prepared, splits: Mapping[str, Rows]) -> dict[str, Any]:
+    labels = prepared.labels
+    return {
+        "domain": domain,
+        "fingerprint": fingerprint,
+        "test_fingerprint": _test_fingerprint(labels, splits["test"]),
+        "recipe": recipe,
+        "sources": sources,
+        "num_rows": {name: len(rows.texts) for name, rows in splits.items()},
+        "label_names": list(labels.names),
+        "labels_inferred_from": labels.inferred_from,
+        "label_counts": {name: _label_counts(labels, rows) for name, rows in splits.items()},
+        "absent_classes": {name: absent_classes(labels, rows) for name, rows in splits.items()},
+        "dropped_exact_duplicates": prepared.dropped_exact_duplicates,
+        "dropped_near_duplicates": len(prepared.near_duplicates),
+        "near_duplicates": prepared.near_duplicates[:50],
+    }
+
+
+def read_ingest_report(dataset_dir: str | Path) -> dict[str, Any]:
+    """The ``ingest_report.json`` of a dataset folder written by :func:`ingest_dataset`."""
+    return json.loads((Path(dataset_dir) / REPORT_NAME).read_text())
+
+
+def _ref_from_report(report: Mapping[str, Any], path: Path) -> DatasetRef:
+    return DatasetRef(
+        domain=report["domain"],
+        path=str(path),
+        fingerprint=report["fingerprint"],
+        test_fingerprint=report["test_fingerprint"],
+        num_rows=dict(report["num_rows"]),
+        label_names=list(report["label_names"]),
+    )
+
+
+def _finished(target: Path) -> bool:
+    """A published folder always has its report: it is written last, before the rename."""
+    return (target / REPORT_NAME).is_file()
+
+
+def build_dataset(data: DataSlice, domain: str, out_root: Path, fingerprint: str, recipe: dict[str, Any],
+                  load: Loader, sources: Sources, max_train: int | None, max_test: int | None,
+                  seed: int) -> DatasetRef:
+    """Shared by files and hub: reuse a finished folder, else validate, split, write, publish."""
+    target = Path(out_root) / fingerprint
+    log = run_logger(__name__)
+    if _finished(target):
+        log.info("dataset %s already ingested at %s", fingerprint, target)
+        return _ref_from_report(read_ingest_report(target), target)
+    train, test = load()
+    prepared = validate(data, domain, train, test)
+    splits = split(prepared.train, prepared.test, data.validation_fraction, max_train, max_test, seed)
+    report = _report(domain, fingerprint, recipe, sources(train, test), prepared, splits)
+
+    def write(folder: Path) -> None:
+        _dataset_dict(prepared.labels, splits, fingerprint).save_to_disk(str(folder))
+        (folder / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+    if target.exists() and not _finished(target):
+        # Not published by build_atomically (which renames whole folders), so no run is using it.
+        shutil.rmtree(target)
+    build_atomically(target, write)
+    if not _finished(target):
+        raise RuntimeError(f"{target} was published without its {REPORT_NAME}")
+    log.info("ingested %s: %s rows -> %s", domain, report["num_rows"], target)
+    return _ref_from_report(read_ingest_report(target), target)
+
+
+def ingest_dataset(
+    data: DataSlice,
+    domain: str,
+    out_root: Path,
+    *,
+    train_path: str | Path,
+    test_path: str | Path,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    seed: int = 42,
+    code_key: str | None = None,
+) -> DatasetRef:
+    """Validate the two files and write ``out_root / <fingerprint>`` (a DatasetDict plus ``ingest_report.json``).
+
+    ``max_train_samples`` bounds train + validation (a stratified subsample taken before
+    validation is carved); ``max_test_samples`` bounds test. ``code_key`` identifies the code
+    that ingests (default: this package's sources). When ``data.label_names`` is None the labels
+    are the training file's values, sorted (see :mod:`domainflow.data.labels`), and the returned
+    record's ``label_names`` holds them. Raises :class:`DataValidationError` for any data problem.
+    """
+    check_limits(max_train_samples, max_test_samples)
+    paths = {"train": Path(train_path), "test": Path(test_path)}
+    formats = {name: format_of(path) for name, path in paths.items()}  # checked before hashing
+    digests = {name: file_digest(path) for name, path in paths.items()}
+    plan = ingest_recipe(data, domain, max_train_samples, max_test_samples, seed, code_key)
+    fingerprint = value_fingerprint("ingest", digests, formats, plan)
+
+    def table(name: str) -> Table:
+        path = paths[name]
+        return Table(name=path.name, source=str(path.resolve()), fmt=formats[name], frame=tables.read_table(path))
+
+    def load() -> tuple[Table, Table]:
+        return table("train"), table("test")
+
+    def sources(train: Table, test: Table) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"path": table.source, "format": table.fmt, "sha256": digests[name], "rows": len(table.frame)}
+            for name, table in (("train", train), ("test", test))
+        }
+
+    return build_dataset(data, domain, out_root, fingerprint, plan, load, sources,
+                         max_train_samples, max_test_samples, seed)
+
+
+def dataset_summary_markdown(report: Mapping[str, Any], *, extremes: int = 5) -> str:
+    """The artifact text: sizes, class balance at both ends, repairs made, fingerprints."""
+    counts = report["label_counts"]["train"]
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    total = len(report["label_names"])
+    lines = [
+        f"# Dataset `{report['domain']}`",
+        "",
+        "| split | rows | classes |",
+        "|---|---:|---:|",
+    ]
+    for name in SPLITS:
+        lines.append(f"| {name} | {report['num_rows'][name]} | {len(report['label_counts'][name])} / {total} |")
+    lines += ["", "**Most frequent classes (train):** " + ", ".join(f"`{n}` {c}" for n, c in ranked[:extremes])]
+    lines += ["**Least frequent classes (train):** " + ", ".join(f"`{n}` {c}" for n, c in ranked[-extremes:][::-1])]
+    absent = report.get("absent_classes", {}).get("train", [])
+    if absent:
+        lines += [f"**Classes with no training rows:** {len(absent)}"]
+    if report.get("labels_inferred_from"):
+        lines += [f"**Labels** taken from `{report['labels_inferred_from']}` (the domain lists none)"]
+    lines += [
+        "",
+        f"- dropped exact duplicates (train): {report['dropped_exact_duplicates']}",
+        f"- dropped near-duplicates of test rows (train): {report['dropped_near_duplicates']}",
+        f"- fingerprint: `{report['fingerprint']}`",
+        f"- test fingerprint: `{report['test_fingerprint']}`",
+    ]
+    for name, source in report.get("sources", {}).items():
+        lines.append(f"- {name} source: `{source.get('path')}` ({source.get('format')}, {source.get('rows')} rows)")
+    return "\n".join(lines) + "\n"

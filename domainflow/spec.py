@@ -1,0 +1,297 @@
+"""The domain spec: everything the pipeline needs to know about one business use case, as data.
+
+A domain says *what* (data, labels, metrics, gates, business policy); the core knows *how*.
+Specs are frozen pydantic models for three reasons:
+
+* a domain file (TOML) is validated field by field, with errors that name the field;
+* the sub-records (``training``, ``compression``, ``gates``…) travel into Prefect tasks as
+  inputs, so a task's cache key changes whenever the part of the spec it uses does;
+* every field carries its default and its help text, which the README's field list is made from.
+
+Each task kind (text classification, ranking) has its own spec class, a subclass of
+:class:`DomainSpec`; :mod:`domainflow.kinds` maps a kind's name to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from domainflow import settings
+from domainflow.monitoring.config import MonitorConfig
+
+if TYPE_CHECKING:
+    from domainflow.retrieval import Nearest
+
+
+class Record(BaseModel):
+    """A frozen, strict record: unknown fields are errors (a typo in a domain file must not be ignored)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataSource(Record):
+    """Where a domain's labelled data comes from.
+
+    ``train``/``test`` are files (CSV, JSON/JSONL or Parquet). A relative path is resolved against
+    ``base_dir`` (a domain file's own folder), else against the data directory. ``hf_dataset`` names
+    a Hugging Face dataset instead; it is used only when the network is on (``DOMAINFLOW_ONLINE=1``).
+    """
+
+    train: str | None = Field(None, description="training file (CSV, JSON/JSONL or Parquet)")
+    test: str | None = Field(None, description="test file; its rows are never trained on")
+    base_dir: str | None = Field(None, description="folder relative paths are resolved against (set by the domain file loader)")
+    hf_dataset: str | None = Field(None, description="a Hugging Face dataset, used instead when DOMAINFLOW_ONLINE=1")
+    hf_config: str | None = Field(None, description="the hub dataset's configuration")
+    hf_train_split: str = Field("train", description="the hub dataset's training split")
+    hf_test_split: str = Field("test", description="the hub dataset's test split")
+    hf_column_map: dict[str, str] = Field(default_factory=dict, description="hub column -> spec column")
+    licence: str = Field("", description="the data's licence, shown in model cards")
+    attribution: str = Field("", description="who made the data, shown in model cards")
+
+    def resolve(self, data_dir: str | Path | None = None) -> dict[str, Path]:
+        """Absolute paths of the train and test files; ``data_dir`` overrides the base folder."""
+        if self.train is None or self.test is None:
+            raise ValueError("this data source names no local files (hf_dataset only)")
+        if data_dir:
+            base = Path(data_dir)
+        else:
+            base = Path(self.base_dir) if self.base_dir else settings.data_dir()
+        resolved = {}
+        for split, name in (("train", self.train), ("test", self.test)):
+            path = Path(name)
+            if data_dir and not path.is_absolute():
+                path = Path(path.name)  # an override folder holds train/test files directly
+            resolved[split] = path if path.is_absolute() else (base / path).resolve()
+        return resolved
+
+
+class QualityGates(Record):
+    """Thresholds a challenger must meet before it may replace the champion."""
+
+    min_metrics: dict[str, float] = Field(default_factory=dict, description="absolute floors on the test set, e.g. {accuracy = 0.9}")
+    tie_tolerance: float = Field(0.001, ge=0.0, description="a challenger within this of the champion's primary metric is a tie, and a tie keeps the champion")
+    max_compression_drop: float = Field(0.01, ge=0.0, description="a compressed model may lose at most this much of its fp32 parent's primary metric")
+    min_compression_speedup: float = Field(1.3, ge=0.0, description="and must be at least this much faster (texts/s at batch 32, measured side by side)")
+
+
+class TrainingDefaults(Record):
+    """Fine-tuning recipe tuned for a 2-core CPU (see tasks/finetune.py for why)."""
+
+    epochs: float = Field(3.0, gt=0.0, description="fine-tuning epochs")
+    batch_size: int = Field(32, ge=1, description="training batch size")
+    encoder_lr: float = Field(8e-5, gt=0.0, description="learning rate of the encoder")
+    head_lr: float = Field(1e-3, gt=0.0, description="learning rate of the classification head")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.06, ge=0.0, le=1.0, description="share of steps spent warming the learning rate up")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
+    early_stopping_patience: int = Field(1, ge=0, description="epochs without validation gain before training stops")
+    probe_c: float = Field(1.0, gt=0.0, description="inverse L2 strength of the linear probe (scikit-learn's C)")
+    class_weighting: bool = Field(False, description="weigh the loss by inverse class frequency (imbalanced domains)")
+
+
+class CompressionDefaults(Record):
+    """Which compressed candidates a run builds from its best fp32 model, and how."""
+
+    methods: tuple[str, ...] = Field(
+        ("onnx_int8", "magnitude_prune", "ffn_prune", "distill"),
+        description="candidates to build: onnx_int8, dynamic_int8, magnitude_prune, ffn_prune, distill",
+    )
+    sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of encoder weights zeroed by magnitude pruning")
+    ffn_keep_ratio: float = Field(0.5, gt=0.0, le=1.0, description="fraction of feed-forward neurons kept by structured pruning")
+    recovery_epochs: float = Field(1.0, ge=0.0, description="training epochs after structured pruning")
+    student_layers: int = Field(3, ge=1, description="encoder layers of the distilled student")
+    distill_epochs: float | None = Field(None, gt=0.0, description="distillation epochs (default: the fine-tuning epochs)")
+    distill_temperature: float = Field(2.0, gt=0.0, description="softening of the teacher's labels")
+    distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's labels against the true ones")
+
+
+class RetrievalFallback(Record):
+    """Answer an unsure prediction from the nearest known question (a training text) when it is close enough.
+
+    The similarity threshold is calibrated per model on the validation split (see
+    ``domainflow.retrieval``) so that such answers are right ``target_precision`` of the time.
+    """
+
+    consult_below: float = Field(0.5, ge=0.0, le=1.0, description="top-class probability under which the nearest known question is consulted")
+    target_precision: float = Field(0.9, gt=0.0, le=1.0, description="how often an answer taken from the nearest known question must be right")
+
+
+class AnswerPolicy(Record):
+    """What the business does with a prediction: fields per label, and for intent domains a reply.
+
+    With ``replies`` a confident prediction (score >= ``confidence_threshold``) gets its label's
+    reply; an unsure one the reply of the nearest known question when the domain has a retrieval
+    fallback and it is close enough; otherwise the ``escalation_reply``. ``tags`` adds fixed fields
+    to every answer of a label (e.g. ``bearish = {signal = "negative"}``).
+    """
+
+    replies: dict[str, str] = Field(default_factory=dict, description="label -> reply text (or give replies_file)")
+    replies_file: str | None = Field(None, description="CSV with columns label,reply (relative to the domain file)")
+    confidence_threshold: float = Field(0.5, ge=0.0, le=1.0, description="a prediction scored below this is not answered with its own reply")
+    escalation_reply: str = Field(
+        "Thanks for your message: a colleague will pick it up and reply shortly.",
+        description="sent when no reply is trusted",
+    )
+    tags: dict[str, dict[str, str]] = Field(default_factory=dict, description="label -> fields added to every answer of that label")
+
+    def respond(self, label: str, score: float, nearest: Nearest | None = None) -> dict[str, Any]:
+        answer: dict[str, Any] = dict(self.tags.get(label, {}))
+        if not self.replies:
+            return answer
+        if score >= self.confidence_threshold and label in self.replies:
+            return {**answer, "action": "reply", "reply": self.replies[label]}
+        if nearest is not None and nearest.close_enough and nearest.label in self.replies:
+            return {**answer, "action": "reply_from_similar_question", "reply": self.replies[nearest.label], "nearest_question": nearest.as_dict()}
+        answer.update(action="escalate", reply=self.escalation_reply)
+        if nearest is not None:
+            answer["nearest_question"] = nearest.as_dict()  # a hint for the agent who picks it up
+        return answer
+
+
+class DomainSpec(Record):
+    """What every domain declares, whatever its task kind."""
+
+    name: str = Field(description="the domain's name: registry folder, URL path, CLI argument", pattern=r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+    description: str = Field("", description="one line shown by `domainflow domains` and in model cards")
+    task_kind: str = Field("text_classification", description="text_classification or ranking")
+    source: DataSource = Field(default_factory=DataSource, description="where the data comes from")
+    text_column: str = Field("text", description="column holding the text")
+    label_column: str = Field("label", description="column holding the label (a name or an integer id)")
+    primary_metric: str = Field("accuracy", description="the metric gates and champion comparisons use")
+    metrics: tuple[str, ...] = Field(("accuracy", "macro_f1"), description="metrics computed on validation and test")
+    gates: QualityGates = Field(default_factory=QualityGates, description="promotion thresholds")
+    default_model: str = Field("minilm", description="base encoder: minilm (shipped), a folder, or a hub name")
+    max_length: int = Field(128, ge=8, le=4096, description="tokens per text")
+
+    @model_validator(mode="after")
+    def _primary_is_computed(self) -> DomainSpec:
+        if self.primary_metric not in self.metrics:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is not among metrics {list(self.metrics)}")
+        return self
+
+
+class ClassificationSpec(DomainSpec):
+    """A text classification domain (intents, sentiment, …)."""
+
+    label_names: tuple[str, ...] | None = Field(
+        None,
+        alias="labels",
+        description="the labels in id order; absent: taken from the training data (sorted) and then fixed by the champion's lineage",
+    )
+    training: TrainingDefaults = Field(default_factory=TrainingDefaults, description="fine-tuning recipe")
+    compression: CompressionDefaults = Field(default_factory=CompressionDefaults, description="compressed candidates")
+    retrieval: RetrievalFallback | None = Field(None, description="answer unsure predictions from the nearest known question")
+    answers: AnswerPolicy = Field(default_factory=AnswerPolicy, description="replies, escalation and per-label tags")
+    monitoring: MonitorConfig | None = Field(None, description="topic tracking and surge alerts (`domainflow monitor`)")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of train held out for early stopping and model choice")
+    min_examples_per_class: int = Field(5, ge=1, description="fewest training rows a class present in train may have")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    _name_to_index: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._name_to_index = {name: i for i, name in enumerate(self.label_names or ())}
+
+    @field_validator("label_names")
+    @classmethod
+    def _labels_unique(cls, labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if labels is None:
+            return None
+        if not labels or any(not str(label).strip() for label in labels):
+            raise ValueError("labels must be a non-empty list of non-empty names")
+        duplicated = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicated:
+            raise ValueError(f"labels are listed twice: {duplicated}")
+        return labels
+
+    @model_validator(mode="after")
+    def _policy_names_known_labels(self) -> ClassificationSpec:
+        if self.label_names is None:
+            return self
+        known = set(self.label_names)
+        for what, names in (("answers.replies", self.answers.replies), ("answers.tags", self.answers.tags)):
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(f"{what} names labels the domain does not have: {unknown}")
+        if self.monitoring is not None and self.monitoring.negative_label not in known:
+            raise ValueError(f"monitoring.negative_label {self.monitoring.negative_label!r} is not a label")
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names or ())
+
+    def with_labels(self, labels: tuple[str, ...]) -> ClassificationSpec:
+        """The same spec with a fixed label list (inferred from the data, or from the champion's lineage)."""
+        return type(self).model_validate({**self.model_dump(by_alias=True), "labels": list(labels)})
+
+    def label_index(self, value: Any) -> int | None:
+        """Map a raw label (its name, or its integer id) to an index; None when unknown."""
+        return label_index(self._name_to_index, value)
+
+    def respond(self, label: str, score: float, nearest: Nearest | None = None) -> dict[str, Any]:
+        """What the business does with a prediction (reply, escalation, tags). A Python domain may override it."""
+        return self.answers.respond(label, score, nearest)
+
+    # -- the slices tasks receive (so their cache keys follow the spec) ---------------------------
+
+    def data_slice(self) -> DataSlice:
+        return DataSlice(
+            text_column=self.text_column,
+            label_column=self.label_column,
+            label_names=self.label_names,
+            validation_fraction=self.validation_fraction,
+            min_examples_per_class=self.min_examples_per_class,
+        )
+
+    def evaluation_slice(self) -> EvaluationSlice:
+        return EvaluationSlice(metrics=self.metrics, primary_metric=self.primary_metric, retrieval=self.retrieval)
+
+
+class DataSlice(Record):
+    """What ingest reads of a classification spec."""
+
+    text_column: str
+    label_column: str
+    label_names: tuple[str, ...] | None
+    validation_fraction: float
+    min_examples_per_class: int
+    _name_to_index: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._name_to_index = {name: i for i, name in enumerate(self.label_names or ())}
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names or ())
+
+    def label_index(self, value: Any) -> int | None:
+        """Map a raw label (its name, or its integer id) to an index; None when unknown."""
+        return label_index(self._name_to_index, value)
+
+
+class EvaluationSlice(Record):
+    """What evaluation reads of a spec."""
+
+    metrics: tuple[str, ...]
+    primary_metric: str
+    retrieval: RetrievalFallback | None = None
+
+
+def label_index(name_to_index: dict[str, int], value: Any) -> int | None:
+    """A raw label (a name, or an integer id given as int, float or digits) as an index; None when unknown."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text in name_to_index:
+            return name_to_index[text]
+        if not text.lstrip("-").isdigit():
+            return None
+        value = int(text)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(name_to_index):
+        return value
+    return None
