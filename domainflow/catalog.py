@@ -48,9 +48,9 @@ class Entry:
 _registered: dict[str, Entry] = {}  # filled by register() while modules import
 
 
-def register(spec: DomainSpec) -> DomainSpec:
-    """Make a spec known by name (for Python domain modules, on import)."""
-    _registered[spec.name] = Entry(spec, "module")
+def register(spec: DomainSpec, origin: str = "module") -> DomainSpec:
+    """Make a spec known by name in this process (Python domain modules call it on import)."""
+    _registered[spec.name] = Entry(spec, origin)
     return spec
 
 
@@ -63,10 +63,17 @@ def domain_modules() -> list[str]:
 
 
 def add_domain_modules(modules: Iterable[str]) -> None:
-    """Record modules in the environment, so this process and its children import them."""
-    names = domain_modules() + [m for m in modules if m not in domain_modules()]
-    if names:
-        os.environ[MODULES_ENV] = ",".join(names)
+    """Import modules that define domains, then record them in the environment, so this process and
+    its children (scheduled runs) know them too. A module that cannot be imported is an error naming
+    it, and nothing is recorded."""
+    new = [module for module in modules if module not in domain_modules()]
+    for module in new:
+        try:
+            import_module(module)
+        except ImportError as exc:
+            raise DomainFileError(f"cannot import domain module {module!r} (from --domain-module / {MODULES_ENV}): {exc}") from None
+    if new:
+        os.environ[MODULES_ENV] = ",".join(domain_modules() + new)
 
 
 def catalog() -> dict[str, Entry]:

@@ -31,6 +31,10 @@ class Record(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed, validated like a domain file (``dataclasses.replace`` for records)."""
+        return type(self).model_validate({**dict(self), **changes})
+
 
 class DataSource(Record):
     """Where a domain's labelled data comes from.

@@ -53,7 +53,10 @@ def main_options(
 ) -> None:
     """Options that hold for every command."""
     if domain_module:
-        add_domain_modules(domain_module)
+        try:
+            add_domain_modules(domain_module)
+        except DomainFileError as exc:
+            fail(str(exc))
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from rich.console import Console
@@ -49,5 +50,5 @@ def domain_name(name_or_file: str) -> str:
     except (UnknownDomainError, DomainFileError) as exc:
         fail(str(exc))
     if looks_like_domain_file(name_or_file):
-        register(spec)  # deeper layers look the domain up by name
+        register(spec, origin=f"file {Path(name_or_file).expanduser().resolve()}")  # deeper layers look it up by name
     return spec.name

@@ -88,8 +88,9 @@ def compress_candidates(settings: CompressionDefaults, reference: ModelRef, data
     return candidates
 
 
-def pipeline_for(spec: DomainSpec) -> Any:
-    """The flow that trains ``spec``'s domain, chosen by its task kind (never by its name)."""
+def pipeline_for(domain: str | DomainSpec) -> Any:
+    """The flow that trains a domain (a name, a file or a spec), chosen by its task kind (never by its name)."""
+    spec = get_domain(domain) if isinstance(domain, str) else domain
     return resolve(kind_of(spec).flow)
 
 

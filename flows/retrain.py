@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from domainflow.catalog import add_domain_modules, catalog, get_domain
+from domainflow.catalog import add_domain_modules, get_domain
 from tasks.artifacts import artifact_key
 
 TRAIN_GLOB = "train*"
@@ -42,7 +42,6 @@ def import_domain_modules(modules: Sequence[str] | None) -> None:
     """
     if modules:
         add_domain_modules(modules)
-        catalog()
 
 
 def domain_data_folder(domain: str, data_dir: str | Path | None = None) -> Path:

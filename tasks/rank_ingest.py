@@ -27,7 +27,7 @@ from domainflow.recsys.data import RankingDataError, validate
 from domainflow.recsys.dataset import RankingData, sample_users, write_dataset
 from domainflow.recsys.protocol import leave_last_out
 from domainflow.recsys.records import RankingDatasetRef
-from domainflow.catalog import get_domain
+from domainflow.recsys.spec import RankingSpec
 from tasks.artifacts import artifact_key
 from tasks.caching import CODE_AND_INPUTS, code_fingerprint
 
@@ -42,10 +42,10 @@ def frame_digest(*frames: pd.DataFrame) -> str:
 
 
 def ingest_ranking(
-    domain: str, files: dict[str, str], out_dir: Path, *, fingerprint: str, max_users: int | None, seed: int
+    spec: RankingSpec, files: dict[str, str], out_dir: Path, *, fingerprint: str, max_users: int | None, seed: int
 ) -> RankingDatasetRef:
     """Read, validate, sample, split and write; returns the record (``path`` = ``out_dir``)."""
-    spec = get_domain(domain)
+    domain = spec.name
     interactions, items, sources = spec.read_source({k: Path(v) for k, v in files.items()})
     clean, clean_items, repairs = validate(interactions, items, sources)
     clean = sample_users(clean, max_users, seed)
@@ -104,15 +104,17 @@ def summary_markdown(ref: RankingDatasetRef, report: dict) -> str:
 
 @task(name="ingest-interactions", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def ingest_interactions(
-    domain: str, files: dict[str, str], source_fingerprint: str, max_users: int | None = None, seed: int = 42
+    spec: RankingSpec, files: dict[str, str], source_fingerprint: str, max_users: int | None = None, seed: int = 42
 ) -> RankingDatasetRef:
-    """Validated, split dataset folder under ``runs/<domain>/datasets/`` (content-addressed)."""
+    """Validated, split dataset folder under ``runs/<domain>/datasets/`` (content-addressed; the spec's
+    protocol knobs and item-text rules are in the key)."""
     log = run_logger(__name__)
-    fingerprint = value_fingerprint(source_fingerprint, max_users, seed, code_fingerprint(__name__))
+    domain = spec.name
+    fingerprint = value_fingerprint(source_fingerprint, max_users, seed, code_fingerprint(__name__), spec.model_dump(mode="json", exclude={"description"}))
     target = settings.runs_dir() / domain / "datasets" / f"ranking-{fingerprint}"
 
     def build(folder: Path) -> RankingDatasetRef:
-        return ingest_ranking(domain, files, folder, fingerprint=fingerprint, max_users=max_users, seed=seed)
+        return ingest_ranking(spec, files, folder, fingerprint=fingerprint, max_users=max_users, seed=seed)
 
     # The record names the private folder it was built in; point it at the published one.
     ref = build_atomically(target, build).model_copy(update={"path": str(target)})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import replace
+from tests.data_helpers import replace
 from pathlib import Path
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="domainflow-tests-"))

@@ -82,3 +82,8 @@ def csv_line_of(rows: Sequence[Mapping[str, Any]], index: int, columns: Sequence
     """
     newlines = sum(str(row.get(column) or "").count("\n") for row in rows[:index] for column in columns)
     return 2 + index + newlines
+
+
+def replace(record, **changes):  # noqa: ANN001, ANN201 - any spec record
+    """``dataclasses.replace`` for the pydantic spec records: a validated copy with some fields changed."""
+    return record.replace(**changes)

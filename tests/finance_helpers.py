@@ -8,7 +8,7 @@ whichever module asks first: the summary is kept here, and the registry holds th
 from __future__ import annotations
 
 import csv
-from dataclasses import replace
+from tests.data_helpers import replace
 from pathlib import Path
 from typing import Any
 

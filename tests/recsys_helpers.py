@@ -82,7 +82,7 @@ SERIES_DOMAIN = "rec_series"
 
 def register_series_domain() -> str:
     """The recommendation domain with a recipe sized for tests: few pairs, a higher learning rate, short BPR."""
-    from dataclasses import replace
+    from tests.data_helpers import replace
 
     from domainflow.catalog import get_domain, register
 

@@ -63,12 +63,12 @@ def reloads_identically(model_dir: str | Path, texts: list[str]) -> torch.Tensor
 @pytest.fixture(scope="module")
 def dataset(tiny_domain: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
     spec = get_domain(tiny_domain)
-    return ingest_dataset(spec, tmp_path_factory.mktemp("datasets"), train_path=tiny_data_dir / "train.csv", test_path=tiny_data_dir / "test.csv", seed=7)
+    return ingest_dataset(spec.data_slice(), spec.name, tmp_path_factory.mktemp("datasets"), train_path=tiny_data_dir / "train.csv", test_path=tiny_data_dir / "test.csv", seed=7)
 
 
 @pytest.fixture(scope="module")
 def config(tiny_domain: str, tiny_model_dir: Path) -> TrainConfig:
-    return make_train_config(tiny_domain, str(tiny_model_dir), epochs=1.0, seed=7)
+    return make_train_config(get_domain(tiny_domain), str(tiny_model_dir), epochs=1.0, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def judged(parent: ModelRef, dataset: DatasetRef, tmp_path_factory: pytest.TempP
     collapsed = _variant(parent, root / "collapsed", f"{parent.name}-collapsed", _collapse_to(first_test_label))
     slower = _variant(parent, root / "slower", f"{parent.name}-deeper", _repeat_layers)
     candidates = [parent, collapsed, slower]
-    evaluations = [evaluate_candidate(c, dataset, root / "reports" / c.name) for c in candidates]
+    evaluations = [evaluate_candidate(c, dataset, get_domain(dataset.domain).evaluation_slice(), root / "reports" / c.name) for c in candidates]
     evaluations = measure_speeds(evaluations, dataset)
     decision = decide(get_domain(dataset.domain), evaluations, champion_metrics=None)
     return evaluations, decision
@@ -236,7 +236,7 @@ def test_gate_rejects_a_collapsed_candidate_and_a_slower_one(judged, parent: Mod
 
 def test_compression_report_has_every_figure(judged, dataset: DatasetRef, parent: ModelRef) -> None:
     evaluations, _ = judged
-    out = write_report(evaluations, dataset)
+    out = write_report(evaluations, dataset, get_domain(dataset.domain))
     rows = {row["candidate"]: row for row in json.loads((out / "compression_report.json").read_text())}
     figures = ["parameters", "weights_mb", "disk_mb", "peak_rss_mb", "texts_per_s_b1", "texts_per_s_b32", "p50_ms", "p95_ms", "test_accuracy", "test_macro_f1"]
     deltas = ["delta_accuracy", "delta_macro_f1", "speedup_b32", "speedup_b1", "disk_ratio"]

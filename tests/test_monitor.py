@@ -226,16 +226,16 @@ def test_cli_scores_a_file_once_lists_alerts_and_names_bad_rows(tiny_finance: di
     store = str(tmp_path / "cli.sqlite")
     config = tmp_path / "monitor.toml"
     config.write_text('[surge]\nbaseline_windows = 12\nmin_history = 6\n\n[keywords]\nacme = ["acme corp"]\n')
-    first = runner.invoke(monitor_app, ["score", str(batch), "--domain", domain, "--store", store, "--config", str(config)])
+    first = runner.invoke(monitor_app, ["score", domain, str(batch), "--store", store, "--config", str(config)])
     assert first.exit_code == 0, first.output
     assert f"{plan.items} item(s), {plan.items} new, 0 already stored" in first.output and "$ACME" in first.output
-    second = runner.invoke(monitor_app, ["score", str(batch), "--domain", domain, "--store", store, "--config", str(config)])
+    second = runner.invoke(monitor_app, ["score", domain, str(batch), "--store", store, "--config", str(config)])
     assert second.exit_code == 0 and "already processed" in second.output
-    listed = runner.invoke(monitor_app, ["alerts", "--domain", domain, "--store", store, "--json"])
+    listed = runner.invoke(monitor_app, ["alerts", domain, "--store", store, "--json"])
     assert [a["topic"] for a in json.loads(listed.output)] == ["$ACME"]
     bad = tmp_path / "bad.csv"
     bad.write_text("timestamp,text\n2024-03-04T10:00:00Z,ok\nnot a time,$ACME falls\n")
-    failed = runner.invoke(monitor_app, ["score", str(bad), "--domain", domain, "--store", store])
+    failed = runner.invoke(monitor_app, ["score", domain, str(bad), "--store", store])
     assert failed.exit_code == 2 and "bad.csv" in failed.output and "line 3" in failed.output
 
 
@@ -368,7 +368,7 @@ def test_replay_raises_exactly_the_injected_alert(tiny_finance: dict, tmp_path: 
     monkeypatch.setattr(prefect.events, "emit_event", recording_emit)
     result = CliRunner().invoke(
         monitor_app,
-        ["replay", "--domain", domain, "--windows", "10", "--surge-window", "8", "--windows-per-batch", "5", "--limit", "300", "--out-dir", str(tmp_path / "replay")],
+        ["replay", domain, "--windows", "10", "--surge-window", "8", "--windows-per-batch", "5", "--limit", "300", "--out-dir", str(tmp_path / "replay")],
     )
     assert result.exit_code == 0, result.output
     assert "OK: exactly the injected surge was detected" in result.output

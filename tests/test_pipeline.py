@@ -177,7 +177,7 @@ def test_bad_data_stops_before_training_and_leaves_registry(run_args: dict, tmp_
 
     result = CliRunner().invoke(app, ["run", domain, "--model", run_args["model"], "--train-file", str(bad_train), "--test-file", str(test_file)])
 
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output  # bad data
     assert "data validation failed" in result.output
     assert expected in result.output and "train.csv" in result.output
     assert _registry_snapshot(session_home / "registry" / domain) == before

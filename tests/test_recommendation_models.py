@@ -5,7 +5,7 @@ the bundle's answers and errors, and the ranking gate with its baseline rule."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from tests.data_helpers import replace
 from pathlib import Path
 
 import numpy as np
@@ -202,7 +202,7 @@ def test_ranking_gate_by_hand(tmp_path: Path) -> None:
     registry = ModelRegistry("rec_gate_test", root=tmp_path / "registry")
     from functools import partial
 
-    result = apply_decision("recommendation", candidates, None, "data-fp", "test-fp", {}, spec=spec, registry=registry, decide_fn=partial(decide_ranking, baselines=close))
+    result = apply_decision(spec, candidates, None, "data-fp", "test-fp", {}, registry=registry, decide_fn=partial(decide_ranking, baselines=close))
     assert result["version"] is None and registry.champion() is None
     stored = json.loads(Path(result["decision_file"]).read_text())
     assert stored["promote"] is False and stored["gates"]["baselines"]["bpr"] == 0.0695

@@ -148,7 +148,7 @@ def test_bad_data_stops_before_training(first_run: dict[str, Any], series: dict[
     (bad / "interactions.csv").write_text("\n".join(rows) + "\n")
     before = _snapshot(settings.registry_dir() / series["domain"])
     result = CliRunner().invoke(app, ["run", series["domain"], "--model", series["model"], "--data-dir", str(bad)])
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # bad data
     assert "item_id not found in" in result.output and "line 4 ('m99')" in result.output
     assert _snapshot(settings.registry_dir() / series["domain"]) == before
     ignored = CliRunner().invoke(app, ["run", series["domain"], "--train-file", "x.csv", "--test-file", "y.csv"])
@@ -204,10 +204,10 @@ def test_rank_endpoint_answers_like_the_cli(rank_server: Any, series: dict[str, 
         status = client.get("/v1/domains").json()["domains"]
         assert [(s["domain"], s["status"], s["version"]) for s in status] == [(domain, "serving", 1)]
 
-    cli = CliRunner().invoke(app, ["recommend", *history, "--top-k", "3", "--domain", domain])
+    cli = CliRunner().invoke(app, ["recommend", domain, *history, "--top-k", "3"])
     assert cli.exit_code == 0, cli.output
     printed = json.loads(cli.stdout)
     assert [i["item_id"] for i in printed["items"]] == [i["item_id"] for i in items]
     assert [i["score"] for i in printed["items"]] == pytest.approx([i["score"] for i in items], abs=1e-4)
-    unknown = CliRunner().invoke(app, ["recommend", "zz9", "--domain", domain])
+    unknown = CliRunner().invoke(app, ["recommend", domain, "zz9"])
     assert unknown.exit_code == 2 and "unknown item id(s) 'zz9'" in unknown.output

@@ -16,6 +16,7 @@ import pytest
 import domainflow.registry as registry_module
 from domainflow.records import Evaluation, ModelRef
 from domainflow.registry import ModelRegistry, RegistryError, VersionInfo
+from domainflow.fingerprint import path_fingerprint
 from domainflow.spec import ClassificationSpec as DomainSpec, DataSource, QualityGates
 from tasks.deploy import apply_decision, artifact_key, candidate_rows, champion_metrics_for, decision_markdown
 
@@ -332,7 +333,7 @@ def evaluation(tmp_path: Path, name: str, accuracy: float, *, tps: float = 100.0
     if card:
         (report / "model_card.md").write_text(f"# {name}\n")
     return Evaluation(
-        candidate=ModelRef(name=name, path=str(model), fingerprint=f"fp-{name}", parent=parent, compression=compression),
+        candidate=ModelRef(name=name, path=str(model), fingerprint=path_fingerprint(model), parent=parent, compression=compression),
         test_metrics={"accuracy": accuracy, "macro_f1": accuracy - 0.01},
         validation_metrics={"accuracy": accuracy},
         texts_per_second_batch1=tps / 4,
@@ -347,9 +348,7 @@ def evaluation(tmp_path: Path, name: str, accuracy: float, *, tps: float = 100.0
 
 
 def deploy_once(tmp_path, registry, evaluations, champion_metrics=None, test_fp="test-fp"):
-    return apply_decision(
-        "toy", evaluations, champion_metrics, "data-fp", test_fp, {"epochs": 1}, spec=SPEC, registry=registry
-    )
+    return apply_decision(SPEC, evaluations, champion_metrics, "data-fp", test_fp, {"epochs": 1}, registry=registry)
 
 
 def test_apply_decision_promotes_then_records_a_failed_gate_without_touching_the_champion(tmp_path, registry):

@@ -41,20 +41,17 @@ TIMEZONE = "Europe/Paris"
 # A domain registered outside domains/, as a user's private domain would be: the scheduled run
 # executes in a fresh process and must import it again (--domain-module).
 PLUGIN = '''
-from dataclasses import replace
-
 from domainflow.catalog import get_domain, register
 
 _spec = get_domain("customer_service")
 register(
-    replace(
-        _spec,
+    _spec.replace(
         name="cs_sched",
         description="Banking77, six intents (scheduled retraining test)",
-        gates=replace(_spec.gates, min_metrics={"accuracy": 0.5}),
-        training=replace(_spec.training, epochs=1.0, batch_size=16),
+        gates=_spec.gates.replace(min_metrics={"accuracy": 0.5}),
+        training=_spec.training.replace(epochs=1.0, batch_size=16),
         min_examples_per_class=3,
-        **({"compression": replace(_spec.compression, methods=("dynamic_int8",))} if hasattr(_spec, "compression") else {}),
+        compression=_spec.compression.replace(methods=("dynamic_int8",)),
     )
 )
 '''
@@ -175,13 +172,13 @@ def test_retraining_picks_the_newest_training_file(tiny_domain: str, tmp_path: P
         (["--cron", "61 * * * *"], "Invalid cron string"),
         (["--cron", "every day"], "Invalid cron string"),
         (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "unknown time zone 'Mars/Olympus'"),
-        (["--cron", "0 3 * * *", "--domain", "no_such_domain"], "unknown domain 'no_such_domain'"),
+        (["--cron", "0 3 * * *", "no_such_domain"], "unknown domain 'no_such_domain'"),
         (["--cron", "0 3 * * *", "--domain-module", "no_such_module_xyz"], "cannot import domain module"),
         (["--cron", "0 3 * * *", "--api-url", "http://127.0.0.1:9/api"], "no Prefect server answers at http://127.0.0.1:9/api"),
     ],
 )
 def test_schedule_rejects_bad_input_before_serving(tiny_domain: str, args: list[str], message: str) -> None:
-    domain = [] if "--domain" in args else ["--domain", tiny_domain]
+    domain = [] if "no_such_domain" in args else [tiny_domain]
     result = CliRunner().invoke(ops_app, ["schedule", *domain, *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -231,7 +228,7 @@ def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(prefe
     env = clean_env(home, PYTHONPATH=os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])), PREFECT_RUNNER_POLL_FREQUENCY="1")
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.ops_cli", "schedule", "--domain", SCHEDULED_DOMAIN, "--cron", CRON, "--timezone", TIMEZONE,
+            [sys.executable, "-m", "flows.ops_cli", "schedule", SCHEDULED_DOMAIN, "--cron", CRON, "--timezone", TIMEZONE,
              "--data-dir", str(data), "--model", str(tiny_model_dir), "--domain-module", "df_test_domains", "--api-url", prefect_server.api],
             cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )

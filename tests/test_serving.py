@@ -32,8 +32,8 @@ from typer.testing import CliRunner
 from domainflow.modeling import TextClassifier, load_classifier, load_encoder, predict_proba, save_classifier
 from domainflow.registry import ModelRegistry
 from domainflow.catalog import get_domain
-from domains.customer_service import ESCALATION_REPLY
-from domains.customer_service_replies import REPLY_TEMPLATES
+ESCALATION_REPLY = get_domain("customer_service").answers.escalation_reply
+REPLY_TEMPLATES = get_domain("customer_service").answers.replies
 from serving import ApiKeys, AuthConfigError, ServingConfig, create_app
 from serving.auth import read_keys_file
 from serving.batching import MicroBatcher, QueueFullError
@@ -253,7 +253,7 @@ def test_predictions_are_the_models_with_replies_and_escalations(served: Threade
         assert [p.label for p in prediction.top_k] == [TINY_LABELS[i] for i in indices.tolist()]
         assert [p.score for p in prediction.top_k] == pytest.approx(scores.tolist(), abs=1e-4)
         assert (prediction.label, prediction.score) == (prediction.top_k[0].label, prediction.top_k[0].score)
-        escalate = prediction.score < spec.confidence_threshold
+        escalate = prediction.score < spec.answers.confidence_threshold
         assert prediction.action == ("escalate" if escalate else "reply")
         assert prediction.reply == (ESCALATION_REPLY if escalate else REPLY_TEMPLATES[prediction.label])
         assert prediction.nearest_question is None  # these versions were registered without a retrieval index
@@ -490,7 +490,7 @@ def test_serve_command_serves_customer_service(tiny_model_dir: Path, tmp_path: P
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DOMAINFLOW_"))}
     env.update(DOMAINFLOW_HOME=str(home), DOMAINFLOW_API_KEYS=KEY)
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.ops_cli", "serve", "--port", str(port), "--domain", "customer_service"],
+        [sys.executable, "-m", "flows.ops_cli", "serve", "customer_service", "--port", str(port)],
         cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -526,9 +526,8 @@ def test_serve_command_serves_customer_service(tiny_model_dir: Path, tmp_path: P
 
 def test_domains_are_served_by_task_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Text classification behind /predict (micro-batched), ranking behind /rank; other kinds are refused."""
-    from dataclasses import replace
-
-    import domains.base
+    from domainflow import catalog
+    from tests.data_helpers import replace
 
     keys = ApiKeys([KEY])
     default = create_app(ServingConfig(registry_root=tmp_path), api_keys=keys)
@@ -536,7 +535,8 @@ def test_domains_are_served_by_task_kind(tmp_path: Path, monkeypatch: pytest.Mon
     assert {"customer_service", "recommendation"} <= served_domains
     assert {get_domain(name).task_kind for name in served_domains} == {"text_classification", "ranking"}
     assert "recommendation" not in default.state.batchers and "customer_service" in default.state.batchers
-    monkeypatch.setitem(domains.base._DOMAINS, "cs_summaries", replace(get_domain("customer_service"), name="cs_summaries", task_kind="summarization"))
+    summaries = replace(get_domain("customer_service"), name="cs_summaries", task_kind="summarization")
+    monkeypatch.setitem(catalog._registered, "cs_summaries", catalog.Entry(summaries, "module"))
     with pytest.raises(ValueError, match="cannot serve cs_summaries"):
         create_app(ServingConfig(registry_root=tmp_path, domains=("customer_service", "cs_summaries")), api_keys=keys)
     with pytest.raises(ValueError, match="unknown domain 'nope'"):
@@ -546,9 +546,8 @@ def test_domains_are_served_by_task_kind(tmp_path: Path, monkeypatch: pytest.Mon
 def test_a_domain_with_a_retrieval_fallback_returns_the_nearest_question(tiny_domain: str) -> None:
     """An unsure prediction with a close known question is answered from it; without one it is escalated
     with the question as a hint; a confident one ignores retrieval. Extra keys of a response go to ``details``."""
-    from dataclasses import dataclass, replace
-
     from domainflow.retrieval import Nearest
+    from tests.data_helpers import replace
     from serving.inference import TextScores, prediction_record
     from serving.schemas import Prediction
 
@@ -567,12 +566,11 @@ def test_a_domain_with_a_retrieval_fallback_returns_the_nearest_question(tiny_do
     confident = Prediction.model_validate(prediction_record(base, "where is my card", TextScores(("card_arrival", "pin_blocked"), (0.9, 0.1)), top_k=2))
     assert confident.action == "reply" and confident.nearest_question is None and [p.label for p in confident.top_k] == ["card_arrival", "pin_blocked"]
 
-    @dataclass(frozen=True)
     class WithTicketQueue(type(base)):  # type: ignore[misc]
         def respond(self, label: str, score: float, nearest: Nearest | None = None) -> dict[str, Any]:
             return {**super().respond(label, score, nearest), "ticket_queue": "cards"}
 
-    spec = WithTicketQueue(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    spec = WithTicketQueue.model_validate(dict(base))
     record = Prediction.model_validate(prediction_record(spec, "where is my card", TextScores(*unsure, far), top_k=1))
     assert record.details == {"ticket_queue": "cards"} and record.action == "escalate"
     assert Prediction.model_validate(prediction_record(replace(base), "x", TextScores(*unsure), top_k=2)).nearest_question is None
