@@ -10,14 +10,16 @@ def labelled_test_texts(domain: str, max_texts: int | None, seed: int) -> tuple[
     the domain's own test file with the pipeline's reader (CSV, JSON/JSONL or Parquet)."""
     from domainflow.catalog import get_domain
     from domainflow.data.tables import read_table
+    from domainflow.spec import ClassificationSpec
 
-    spec = get_domain(domain)
+    spec = get_domain(domain).as_kind(ClassificationSpec)
     frame = read_table(spec.source.resolve()["test"])
     texts = [str(t) for t in frame[spec.text_column]]
-    labels = [spec.label_index(v) for v in frame[spec.label_column]]
-    if any(label is None for label in labels):
+    indices = [spec.label_index(v) for v in frame[spec.label_column]]
+    labels = [index for index in indices if index is not None]
+    if len(labels) != len(indices):
         raise SystemExit(f"{domain}: the test file has labels the domain does not know")
-    rows = list(zip(texts, labels))
+    rows = list(zip(texts, labels, strict=True))
     if max_texts is not None and max_texts < len(rows):
         rows = random.Random(seed).sample(rows, max_texts)
-    return [t for t, _ in rows], [int(y) for _, y in rows]
+    return [t for t, _ in rows], [y for _, y in rows]

@@ -33,9 +33,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TypedDict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this script belongs to, not another installed copy
@@ -56,6 +57,18 @@ Make one (about 30-60 minutes on 2 busy cores) and run this again:
 or point at model folders: --champion-dir DIR --fp32-dir DIR"""
 
 
+class SideSummary(TypedDict):
+    """One side's figures, as reported."""
+
+    name: str
+    model_dir: str
+    texts_per_second_batch32: float
+    texts_per_second_batch1: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    accuracy: float
+
+
 @dataclass
 class SideResult:
     """What one side measured: speed figures (medians over rounds) and its batch-32 predictions."""
@@ -66,7 +79,7 @@ class SideResult:
     latencies_s: list[float] = field(default_factory=list)
     predictions: list[int] = field(default_factory=list, repr=False)
 
-    def summary(self, texts: int, labels: Sequence[int]) -> dict[str, float | str]:
+    def summary(self, texts: int, labels: Sequence[int]) -> SideSummary:
         ordered = sorted(self.latencies_s)
         return {
             "name": self.name,
@@ -75,7 +88,7 @@ class SideResult:
             "texts_per_second_batch1": len(ordered) / sum(ordered),
             "latency_ms_p50": 1000 * statistics.median(ordered),
             "latency_ms_p95": 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-            "accuracy": sum(p == y for p, y in zip(self.predictions, labels)) / len(labels),
+            "accuracy": sum(p == y for p, y in zip(self.predictions, labels, strict=True)) / len(labels),
         }
 
 
@@ -90,7 +103,9 @@ def resolve_models(domain: str, champion_dir: str | None, fp32_dir: str | None) 
         if champion is None:
             raise SystemExit(NO_CHAMPION_HELP.format(domain=domain, home=settings.home()))
         champion_path = champion.model_dir
-        parent_path = champion.lineage.get("parent_path") if champion.lineage.get("compression") else str(champion.model_dir)
+        parent_path = (
+            champion.lineage.get("parent_path") if champion.lineage.get("compression") else str(champion.model_dir)
+        )
     else:
         champion_path, parent_path = Path(champion_dir), None
     if fp32_dir is not None:
@@ -98,11 +113,19 @@ def resolve_models(domain: str, champion_dir: str | None, fp32_dir: str | None) 
     elif parent_path is None and not read_metadata(champion_path).get("compression"):
         parent_path = str(champion_path)
     if parent_path is None or not Path(parent_path).is_dir():
-        raise SystemExit(f"cannot find the fp32 parent of {champion_path} (lineage gives {parent_path!r}); pass --fp32-dir DIR")
+        raise SystemExit(
+            f"cannot find the fp32 parent of {champion_path} (lineage gives {parent_path!r}); pass --fp32-dir DIR"
+        )
     return Path(champion_path), Path(parent_path)
 
 
-def measure(sides: dict[str, tuple[Callable[[list[str]], list[int]], Callable[[str], object]]], results: dict[str, SideResult], texts: list[str], singles: list[str], rounds: int) -> None:
+def measure(
+    sides: Mapping[str, tuple[Callable[[list[str]], list[int]], Callable[[str], object]]],
+    results: dict[str, SideResult],
+    texts: list[str],
+    singles: list[str],
+    rounds: int,
+) -> None:
     """Interleaved rounds: each side classifies all ``texts`` at batch 32, then its share of one-text requests."""
     names = list(sides)
     per_round = [singles[i::rounds] for i in range(rounds)]
@@ -112,7 +135,7 @@ def measure(sides: dict[str, tuple[Callable[[list[str]], list[int]], Callable[[s
         for text in singles[:4]:
             single(text)
     for round_index in range(rounds):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             batch, single = sides[name]
             started = time.perf_counter()
@@ -124,7 +147,11 @@ def measure(sides: dict[str, tuple[Callable[[list[str]], list[int]], Callable[[s
                 started = time.perf_counter()
                 single(text)
                 results[name].latencies_s.append(time.perf_counter() - started)
-            print(f"  round {round_index + 1}/{rounds}: {name} {len(texts) / results[name].batch32_seconds[-1]:.1f} texts/s at batch 32", flush=True)
+            print(
+                f"  round {round_index + 1}/{rounds}: {name} {len(texts) / results[name].batch32_seconds[-1]:.1f} "
+                "texts/s at batch 32",
+                flush=True,
+            )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -142,9 +169,14 @@ def run(args: argparse.Namespace) -> dict:
     pipe = text_classification_pipeline(fp32_dir)
     label2id = pipe.model.config.label2id
     tokenizer_kwargs = {"truncation": True, "max_length": fp32.max_length}
-    print(f"champion {champion_dir} ({champion.metadata.get('candidate')}, {champion.metadata.get('compression') or 'fp32'})")
+    print(
+        f"champion {champion_dir} ({champion.metadata.get('candidate')}, "
+        f"{champion.metadata.get('compression') or 'fp32'})"
+    )
     print(f"baseline {fp32_dir} ({fp32.metadata.get('candidate')}) behind transformers.pipeline('text-classification')")
-    print(f"{len(texts)} texts, {len(singles)} one-text requests, {args.rounds} rounds, {torch.get_num_threads()} threads")
+    print(
+        f"{len(texts)} texts, {len(singles)} one-text requests, {args.rounds} rounds, {torch.get_num_threads()} threads"
+    )
 
     def pipeline_batch(batch: list[str]) -> list[int]:
         return [label2id[out["label"]] for out in pipe(batch, batch_size=THROUGHPUT_BATCH, **tokenizer_kwargs)]
@@ -160,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
     measure(sides, results, texts, singles, args.rounds)
 
     ours_fp32 = predict_proba(fp32, texts, batch_size=THROUGHPUT_BATCH).argmax(dim=1).tolist()
-    agreement = sum(a == b for a, b in zip(results["pipeline_fp32"].predictions, ours_fp32)) / len(texts)
+    agreement = sum(a == b for a, b in zip(results["pipeline_fp32"].predictions, ours_fp32, strict=True)) / len(texts)
     base = results["pipeline_fp32"].summary(len(texts), labels)
     best = results["champion"].summary(len(texts), labels)
     report = {
@@ -175,9 +207,14 @@ def run(args: argparse.Namespace) -> dict:
         "latency_p50_ratio": base["latency_ms_p50"] / best["latency_ms_p50"],
         "latency_p95_ratio": base["latency_ms_p95"] / best["latency_ms_p95"],
         "accuracy_drop_points": 100 * (base["accuracy"] - best["accuracy"]),
-        "champion_agreement_with_fp32": sum(a == b for a, b in zip(results["champion"].predictions, ours_fp32)) / len(texts),
+        "champion_agreement_with_fp32": sum(
+            a == b for a, b in zip(results["champion"].predictions, ours_fp32, strict=True)
+        )
+        / len(texts),
     }
-    report["goal_met"] = report["speedup_batch32"] >= GOAL_SPEEDUP and report["accuracy_drop_points"] <= GOAL_MAX_DROP_POINTS
+    report["goal_met"] = (
+        report["speedup_batch32"] >= GOAL_SPEEDUP and report["accuracy_drop_points"] <= GOAL_MAX_DROP_POINTS
+    )
     return report
 
 
@@ -195,28 +232,55 @@ def print_report(report: dict) -> None:
     for label, key, fmt in rows:
         print(f"{label:28s} {fmt.format(base[key]):>14s} {fmt.format(best[key]):>14s}")
     print()
-    print(f"pipeline agrees with our fp32 inference on {100 * report['pipeline_agreement_with_our_fp32']:.2f}% of texts; "
-          f"champion agrees with fp32 on {100 * report['champion_agreement_with_fp32']:.2f}%")
-    print(f"throughput ratio champion / pipeline: {report['speedup_batch32']:.2f}x at batch 32, {report['speedup_batch1']:.2f}x at batch 1")
-    print(f"latency ratio pipeline / champion: p50 {report['latency_p50_ratio']:.2f}x, p95 {report['latency_p95_ratio']:.2f}x")
-    print(f"accuracy: {100 * base['accuracy']:.2f}% -> {100 * best['accuracy']:.2f}% ({100 * (best['accuracy'] - base['accuracy']):+.2f} points)")
+    print(
+        f"pipeline agrees with our fp32 inference on {100 * report['pipeline_agreement_with_our_fp32']:.2f}% of texts; "
+        f"champion agrees with fp32 on {100 * report['champion_agreement_with_fp32']:.2f}%"
+    )
+    print(
+        f"throughput ratio champion / pipeline: {report['speedup_batch32']:.2f}x at batch 32, "
+        f"{report['speedup_batch1']:.2f}x at batch 1"
+    )
+    print(
+        f"latency ratio pipeline / champion: p50 {report['latency_p50_ratio']:.2f}x, p95 "
+        f"{report['latency_p95_ratio']:.2f}x"
+    )
+    print(
+        f"accuracy: {100 * base['accuracy']:.2f}% -> {100 * best['accuracy']:.2f}% "
+        f"({100 * (best['accuracy'] - base['accuracy']):+.2f} points)"
+    )
     verdict = "met" if report["goal_met"] else "NOT met"
     print(f"goal (>= {GOAL_SPEEDUP:.0f}x batch-32 throughput, <= {GOAL_MAX_DROP_POINTS:.0f} point lost): {verdict}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--domain", default="customer_service", help="registered domain whose champion and test split are used")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--domain", default="customer_service", help="registered domain whose champion and test split are used"
+    )
     parser.add_argument("--champion-dir", help="model folder to benchmark instead of the registry's champion")
-    parser.add_argument("--fp32-dir", help="fp32 model behind the pipeline (default: the champion's parent, from its lineage)")
-    parser.add_argument("--max-texts", type=int, default=None, help="a seeded sample of this many test texts (default: all)")
-    parser.add_argument("--latency-requests", type=int, default=300, help="one-text requests per side, spread over the rounds")
+    parser.add_argument(
+        "--fp32-dir", help="fp32 model behind the pipeline (default: the champion's parent, from its lineage)"
+    )
+    parser.add_argument(
+        "--max-texts", type=int, default=None, help="a seeded sample of this many test texts (default: all)"
+    )
+    parser.add_argument(
+        "--latency-requests", type=int, default=300, help="one-text requests per side, spread over the rounds"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (figures are medians over rounds)")
-    parser.add_argument("--threads", type=int, default=None, help="threads for both sides (default: torch's default, one per core)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for both sides (default: torch's default, one per core)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-texts sample")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.latency_requests < args.rounds or (args.max_texts is not None and args.max_texts < THROUGHPUT_BATCH):
+    if (
+        args.rounds < 1
+        or args.latency_requests < args.rounds
+        or (args.max_texts is not None and args.max_texts < THROUGHPUT_BATCH)
+    ):
         parser.error(f"need --rounds >= 1, --latency-requests >= --rounds, --max-texts >= {THROUGHPUT_BATCH}")
     return args
 

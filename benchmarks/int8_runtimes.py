@@ -35,11 +35,17 @@ import torch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--fp32-dir", required=True, help="an fp32 domainflow model folder (safetensors)")
     parser.add_argument("--domain", default="customer_service", help="domain whose test split is used")
-    parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: one per core)")
-    parser.add_argument("--speed-texts", type=int, default=512, help="texts timed at batch 32 each round (the pipeline uses 512)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: one per core)"
+    )
+    parser.add_argument(
+        "--speed-texts", type=int, default=512, help="texts timed at batch 32 each round (the pipeline uses 512)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -60,17 +66,35 @@ def main(argv: list[str] | None = None) -> int:
             dirs[recipe] = quantize_model(parent, Path(scratch) / recipe, recipe).path
             print(f"built {recipe} in {time.perf_counter() - started:.1f} s")
         sample = speed_texts(texts, max(LATENCY_REQUESTS, args.speed_texts))
-        print(f"measuring {list(dirs)} on {len(sample)} texts, {args.rounds} rounds, {torch.get_num_threads()} threads ...", flush=True)
+        print(
+            f"measuring {list(dirs)} on {len(sample)} texts, {args.rounds} rounds, {torch.get_num_threads()} threads "
+            "...",
+            flush=True,
+        )
         speeds = measure_side_by_side(dirs, sample, rounds=args.rounds)
-        predictions = {name: predict_proba(load_classifier(path), texts, batch_size=32).argmax(dim=1) for name, path in dirs.items()}
+        predictions = {
+            name: predict_proba(load_classifier(path), texts, batch_size=32).argmax(dim=1)
+            for name, path in dirs.items()
+        }
     truth = torch.tensor(labels)
     results = {
-        name: {**speeds[name], "accuracy": float((predictions[name] == truth).float().mean()), "agreement_with_fp32": float((predictions[name] == predictions["fp32"]).float().mean())}
+        name: {
+            **speeds[name],
+            "accuracy": float((predictions[name] == truth).float().mean()),
+            "agreement_with_fp32": float((predictions[name] == predictions["fp32"]).float().mean()),
+        }
         for name in dirs
     }
-    print(f"\n{'':14s} {'b32 texts/s':>12s} {'b1 texts/s':>11s} {'p50 ms':>8s} {'p95 ms':>8s} {'accuracy':>9s} {'= fp32':>7s}")
+    print(
+        f"\n{'':14s} {'b32 texts/s':>12s} {'b1 texts/s':>11s} {'p50 ms':>8s} {'p95 ms':>8s} {'accuracy':>9s} "
+        f"{'= fp32':>7s}"
+    )
     for name, r in results.items():
-        print(f"{name:14s} {r['texts_per_second_batch32']:12.1f} {r['texts_per_second_batch1']:11.1f} {r['latency_ms_p50']:8.2f} {r['latency_ms_p95']:8.2f} {r['accuracy']:9.4f} {r['agreement_with_fp32']:7.3f}")
+        print(
+            f"{name:14s} {r['texts_per_second_batch32']:12.1f} {r['texts_per_second_batch1']:11.1f} "
+            f"{r['latency_ms_p50']:8.2f} {r['latency_ms_p95']:8.2f} {r['accuracy']:9.4f} "
+            f"{r['agreement_with_fp32']:7.3f}"
+        )
     ratios = {}
     for name in ("dynamic_int8", "onnx_int8"):
         for key in ("texts_per_second_batch32", "texts_per_second_batch1"):
@@ -81,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, value in ratios.items():
         print(f"{label}: {value:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results, "ratios": ratios}, indent=2))
+        args.json.write_text(
+            json.dumps({"threads": torch.get_num_threads(), "results": results, "ratios": ratios}, indent=2)
+        )
     return 0
 
 

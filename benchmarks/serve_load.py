@@ -89,9 +89,9 @@ class PhaseResult:
 def require_loopback(url: str) -> None:
     host = urlsplit(url).hostname or ""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except socket.gaierror as exc:
-        raise SystemExit(f"cannot resolve {host!r}: {exc}")
+        raise SystemExit(f"cannot resolve {host!r}: {exc}") from None
     if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
         raise SystemExit(f"refusing to load {url}: {host} is not a loopback address ({', '.join(sorted(addresses))})")
 
@@ -107,7 +107,9 @@ def batch_stats(metrics_text: str, domain: str) -> tuple[float, float]:
     """(sum, count) of the server's batch-size histogram for ``domain``."""
     values = {}
     for kind in ("sum", "count"):
-        match = re.search(rf'^domainflow_batch_size_texts_{kind}\{{domain="{re.escape(domain)}"\}} ([0-9.e+]+)$', metrics_text, re.M)
+        match = re.search(
+            rf'^domainflow_batch_size_texts_{kind}\{{domain="{re.escape(domain)}"\}} ([0-9.e+]+)$', metrics_text, re.M
+        )
         values[kind] = float(match.group(1)) if match else 0.0
     return values["sum"], values["count"]
 
@@ -120,7 +122,18 @@ async def scrape_batches(client: httpx.AsyncClient, base: str, domain: str) -> t
         return None
 
 
-async def run_phase(name: str, base: str, domain: str, key: str, texts: list[str], requests: int, concurrency: int, per_request: int, max_seconds: float, offset: int = 0) -> PhaseResult:
+async def run_phase(
+    name: str,
+    base: str,
+    domain: str,
+    key: str,
+    texts: list[str],
+    requests: int,
+    concurrency: int,
+    per_request: int,
+    max_seconds: float,
+    offset: int = 0,
+) -> PhaseResult:
     result = PhaseResult(name, requests, concurrency, per_request)
     url = f"{base}/v1/{domain}/predict"
     headers = {"X-API-Key": key}
@@ -168,10 +181,16 @@ async def run_phase(name: str, base: str, domain: str, key: str, texts: list[str
 def print_phase(r: PhaseResult) -> None:
     s = r.summary()
     timed = " (stopped by --max-seconds)" if r.stopped_by_time else ""
-    print(f"\n[{r.name}] {r.sent}/{r.requests_planned} requests at concurrency {r.concurrency}, {r.texts_per_request} text(s) each, {r.seconds:.1f} s{timed}")
+    print(
+        f"\n[{r.name}] {r.sent}/{r.requests_planned} requests at concurrency {r.concurrency}, {r.texts_per_request} "
+        f"text(s) each, {r.seconds:.1f} s{timed}"
+    )
     print(f"  throughput   {s['throughput_requests_per_s']:.1f} req/s  ({s['throughput_texts_per_s']:.1f} texts/s)")
     print(f"  latency ms   p50 {s['p50_ms']:.1f}  p95 {s['p95_ms']:.1f}  p99 {s['p99_ms']:.1f}  max {s['max_ms']}")
-    print(f"  errors       5xx {r.server_errors}  4xx {r.client_errors}  transport {r.transport_errors}   statuses {r.status_counts}")
+    print(
+        f"  errors       5xx {r.server_errors}  4xx {r.client_errors}  transport {r.transport_errors}   statuses "
+        f"{r.status_counts}"
+    )
     if r.mean_batch_size is not None:
         print(f"  server mean batch size {r.mean_batch_size} texts per model call")
 
@@ -181,7 +200,11 @@ async def main_async(args: argparse.Namespace) -> dict:
     baseline_base = (args.baseline_url or args.url).rstrip("/")
     for url in {base, baseline_base}:
         require_loopback(url)
-    key = args.api_key or os.environ.get("DOMAINFLOW_API_KEY") or os.environ.get("DOMAINFLOW_API_KEYS", "").split(",")[0].strip()
+    key = (
+        args.api_key
+        or os.environ.get("DOMAINFLOW_API_KEY")
+        or os.environ.get("DOMAINFLOW_API_KEYS", "").split(",")[0].strip()
+    )
     if not key:
         raise SystemExit("no API key: pass --api-key or set DOMAINFLOW_API_KEY (or DOMAINFLOW_API_KEYS)")
     texts = load_texts(Path(args.texts))
@@ -190,27 +213,69 @@ async def main_async(args: argparse.Namespace) -> dict:
             try:
                 ready = await client.get(f"{target}/readyz")
             except httpx.HTTPError as exc:
-                raise SystemExit(f"no service at {target}: {exc}")
+                raise SystemExit(f"no service at {target}: {exc}") from None
             if ready.status_code != 200:
                 raise SystemExit(f"{target} is not ready: {ready.text}")
 
-    await run_phase("warm-up", base, args.domain, key, texts, args.warmup, min(args.concurrency, 4), args.texts_per_request, args.max_seconds)
-    load = await run_phase("load", base, args.domain, key, texts, args.requests, args.concurrency, args.texts_per_request, args.max_seconds)
+    await run_phase(
+        "warm-up",
+        base,
+        args.domain,
+        key,
+        texts,
+        args.warmup,
+        min(args.concurrency, 4),
+        args.texts_per_request,
+        args.max_seconds,
+    )
+    load = await run_phase(
+        "load", base, args.domain, key, texts, args.requests, args.concurrency, args.texts_per_request, args.max_seconds
+    )
     print_phase(load)
     if baseline_base != base:
-        await run_phase("warm-up", baseline_base, args.domain, key, texts, args.warmup, min(args.concurrency, 4), args.texts_per_request, args.max_seconds)
+        await run_phase(
+            "warm-up",
+            baseline_base,
+            args.domain,
+            key,
+            texts,
+            args.warmup,
+            min(args.concurrency, 4),
+            args.texts_per_request,
+            args.max_seconds,
+        )
     baseline = await run_phase(
         "one-at-a-time" if args.baseline_concurrency == 1 else "no-batching",
-        baseline_base, args.domain, key, texts, args.baseline_requests, args.baseline_concurrency, args.texts_per_request, args.max_seconds, offset=7,
+        baseline_base,
+        args.domain,
+        key,
+        texts,
+        args.baseline_requests,
+        args.baseline_concurrency,
+        args.texts_per_request,
+        args.max_seconds,
+        offset=7,
     )
     print_phase(baseline)
     ratio = load.throughput_rps / baseline.throughput_rps if baseline.throughput_rps else float("nan")
-    print(f"\nmicro-batching ratio: {ratio:.2f}x the throughput of {baseline.name} inference ({load.throughput_rps:.1f} vs {baseline.throughput_rps:.1f} req/s)")
-    return {"load": load.summary(), "baseline": baseline.summary(), "ratio": round(ratio, 3), "url": base, "baseline_url": baseline_base, "domain": args.domain}
+    print(
+        f"\nmicro-batching ratio: {ratio:.2f}x the throughput of {baseline.name} inference ({load.throughput_rps:.1f} "
+        f"vs {baseline.throughput_rps:.1f} req/s)"
+    )
+    return {
+        "load": load.summary(),
+        "baseline": baseline.summary(),
+        "ratio": round(ratio, 3),
+        "url": base,
+        "baseline_url": baseline_base,
+        "domain": args.domain,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="The running service (loopback only).")
     parser.add_argument("--domain", default="customer_service")
     parser.add_argument("--requests", "-n", type=int, default=10_000, help="Requests in the load phase.")
@@ -218,10 +283,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--baseline-requests", type=int, default=500, help="Requests in the baseline phase.")
     parser.add_argument("--baseline-concurrency", type=int, default=1, help="1: one request at a time (default).")
-    parser.add_argument("--baseline-url", default=None, help="A second service started with --max-batch 1 (default: the same service).")
+    parser.add_argument(
+        "--baseline-url", default=None, help="A second service started with --max-batch 1 (default: the same service)."
+    )
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--max-seconds", type=float, default=600.0, help="Time bound of each phase.")
-    parser.add_argument("--api-key", default=None, help="Default: DOMAINFLOW_API_KEY, else the first of DOMAINFLOW_API_KEYS.")
+    parser.add_argument(
+        "--api-key", default=None, help="Default: DOMAINFLOW_API_KEY, else the first of DOMAINFLOW_API_KEYS."
+    )
     parser.add_argument("--texts", default=str(DEFAULT_TEXTS), help="CSV with a 'text' column.")
     parser.add_argument("--json", default=None, help="Also write the results to this file.")
     args = parser.parse_args(argv)

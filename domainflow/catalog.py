@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -71,7 +71,9 @@ def add_domain_modules(modules: Iterable[str]) -> None:
         try:
             import_module(module)
         except ImportError as exc:
-            raise DomainFileError(f"cannot import domain module {module!r} (from --domain-module / {MODULES_ENV}): {exc}") from None
+            raise DomainFileError(
+                f"cannot import domain module {module!r} (from --domain-module / {MODULES_ENV}): {exc}"
+            ) from None
     if new:
         os.environ[MODULES_ENV] = ",".join(domain_modules() + new)
 
@@ -86,14 +88,18 @@ def catalog() -> dict[str, Entry]:
         try:
             loaded = import_module(module)
         except ImportError as exc:
-            raise DomainFileError(f"cannot import domain module {module!r} (from --domain-module / {MODULES_ENV}): {exc}") from None
+            raise DomainFileError(
+                f"cannot import domain module {module!r} (from --domain-module / {MODULES_ENV}): {exc}"
+            ) from None
         for spec in _specs_of(getattr(loaded, "DOMAINS", ()), f"module {module}"):
             entries[spec.name] = Entry(spec, f"module {module}")
     entries.update(_registered)
     for record in sorted(added_domains_dir().glob("*.json")):
         path = Path(json.loads(record.read_text())["file"])
         if not path.is_file():
-            raise DomainFileError(f"domain {record.stem!r} was added from {path}, which no longer exists; add it again or remove {record}")
+            raise DomainFileError(
+                f"domain {record.stem!r} was added from {path}, which no longer exists; add it again or remove {record}"
+            )
         spec = load_domain_file(path)
         entries[spec.name] = Entry(spec, f"file {path}")
     return entries
@@ -125,7 +131,9 @@ def get_domain(name_or_file: str) -> DomainSpec:
     if looks_like_domain_file(name_or_file):
         raise DomainFileError(f"{name_or_file}: no such domain file")
     known = ", ".join(sorted(entries)) or "none"
-    raise UnknownDomainError(f"unknown domain {name_or_file!r}; known domains: {known} (or give a domain file: path/to/domain.toml)")
+    raise UnknownDomainError(
+        f"unknown domain {name_or_file!r}; known domains: {known} (or give a domain file: path/to/domain.toml)"
+    )
 
 
 def list_domains() -> list[str]:
@@ -142,10 +150,12 @@ def add_domain_file(path: str | Path, *, replace: bool = False) -> DomainSpec:
     spec = load_domain_file(path)
     current = catalog().get(spec.name)
     if current is not None and current.origin != f"file {path}" and not replace:
-        raise DomainFileError(f"a domain named {spec.name!r} is known already ({current.origin}); rename yours or pass --replace")
+        raise DomainFileError(
+            f"a domain named {spec.name!r} is known already ({current.origin}); rename yours or pass --replace"
+        )
     folder = added_domains_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"file": str(path), "added_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {"file": str(path), "added_at": datetime.now(UTC).isoformat(timespec="seconds")}
     temporary = folder / f".{spec.name}.json.tmp"
     temporary.write_text(json.dumps(record, indent=2))
     temporary.replace(folder / f"{spec.name}.json")
@@ -156,7 +166,9 @@ def remove_domain(name: str) -> Path:
     """Forget a domain added with :func:`add_domain_file` (its file, models and registry stay)."""
     record = added_domains_dir() / f"{name}.json"
     if not record.exists():
-        raise UnknownDomainError(f"{name!r} was not added with `domainflow domains add` (only such domains can be removed)")
+        raise UnknownDomainError(
+            f"{name!r} was not added with `domainflow domains add` (only such domains can be removed)"
+        )
     path = Path(json.loads(record.read_text())["file"])
     record.unlink()
     return path

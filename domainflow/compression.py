@@ -21,18 +21,23 @@
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+from domainflow.modeling import TextClassifier, encoder_layers, replace_encoder_layers
 
 TORCH_RECIPES = ("dynamic_int8",)  # re-applied to the stored fp32 safetensors at load time
 ONNX_RECIPES = ("onnx_int8",)  # stored as an ONNX graph, run by ONNX Runtime
 RECIPES = TORCH_RECIPES + ONNX_RECIPES
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
-def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """int8 dynamic quantization of every ``nn.Linear``."""
+
+def quantize_dynamic_int8(model: ModuleT) -> ModuleT:
+    """int8 dynamic quantization of every ``nn.Linear`` (a copy of the model, of the same class)."""
     with warnings.catch_warnings():
         # torch 2.13 points to torchao, whose int8 path measured ~20x slower on this CPU.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -40,7 +45,7 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
-def apply_recipe(model: nn.Module, recipe: str) -> nn.Module:
+def apply_recipe(model: ModuleT, recipe: str) -> ModuleT:
     """Re-apply a load-time torch recipe (the only kind of compression that is not stored as weights)."""
     if recipe == "dynamic_int8":
         return quantize_dynamic_int8(model)
@@ -49,7 +54,11 @@ def apply_recipe(model: nn.Module, recipe: str) -> nn.Module:
 
 def encoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The encoder's Linear layers (the classification head is left alone: it is tiny and decisive)."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.startswith("encoder.")]
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("encoder.")
+    ]
 
 
 @torch.no_grad()
@@ -73,7 +82,7 @@ def prune_unstructured(model: nn.Module, sparsity: float) -> float:
 
 
 @torch.no_grad()
-def prune_ffn_neurons(model: nn.Module, keep_ratio: float) -> int:
+def prune_ffn_neurons(model: TextClassifier, keep_ratio: float) -> int:
     """Keep the most important ``keep_ratio`` of every layer's feed-forward neurons; return the new width.
 
     A neuron's importance is the product of the norms of its input row (in
@@ -83,17 +92,25 @@ def prune_ffn_neurons(model: nn.Module, keep_ratio: float) -> int:
     """
     if not 0.0 < keep_ratio < 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1), got {keep_ratio}")
-    layers = model.encoder.encoder.layer
-    width = layers[0].intermediate.dense.out_features
+    layers = encoder_layers(model.encoder)
+    width = _dense(layers[0], "intermediate").out_features
     keep = max(1, int(round(width * keep_ratio)))
     for layer in layers:
-        up, down = layer.intermediate.dense, layer.output.dense
+        up, down = _dense(layer, "intermediate"), _dense(layer, "output")
         importance = up.weight.norm(dim=1) * down.weight.norm(dim=0)
         kept = importance.topk(keep).indices.sort().values
-        layer.intermediate.dense = _slice_linear(up, rows=kept)
-        layer.output.dense = _slice_linear(down, cols=kept)
+        layer.get_submodule("intermediate").dense = _slice_linear(up, rows=kept)
+        layer.get_submodule("output").dense = _slice_linear(down, cols=kept)
     model.encoder.config.intermediate_size = keep
     return keep
+
+
+def _dense(layer: nn.Module, part: str) -> nn.Linear:
+    """A BERT layer's ``intermediate.dense`` (hidden -> FFN) or ``output.dense`` (FFN -> hidden)."""
+    linear = layer.get_submodule(f"{part}.dense")
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{part}.dense of {type(layer).__name__} is a {type(linear).__name__}, not a Linear")
+    return linear
 
 
 def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -110,13 +127,12 @@ def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: tor
     return sliced
 
 
-def keep_layers(model: nn.Module, layer_indices: Sequence[int]) -> None:
+def keep_layers(model: TextClassifier, layer_indices: Sequence[int]) -> None:
     """Keep only the given encoder layers, in order (a distillation student initialised from its teacher)."""
-    layers = model.encoder.encoder.layer
+    layers = encoder_layers(model.encoder)
     if not layer_indices or any(not 0 <= i < len(layers) for i in layer_indices):
         raise ValueError(f"layer indices must be in 0..{len(layers) - 1}, got {list(layer_indices)}")
-    model.encoder.encoder.layer = nn.ModuleList([layers[i] for i in layer_indices])
-    model.encoder.config.num_hidden_layers = len(layer_indices)
+    replace_encoder_layers(model.encoder, [layers[i] for i in layer_indices])
 
 
 def alternate_layers(num_layers: int, student_layers: int) -> list[int]:

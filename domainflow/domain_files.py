@@ -83,7 +83,11 @@ def describe_validation_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        found = f" (found {error['input']!r})" if error["type"] not in {"missing"} and not isinstance(error.get("input"), dict) else ""
+        found = (
+            f" (found {error['input']!r})"
+            if error["type"] not in {"missing"} and not isinstance(error.get("input"), dict)
+            else ""
+        )
         lines.append(f"  {where}: {error['msg']}{found}")
     return f"{exc.error_count()} problem(s):\n" + "\n".join(lines)
 
@@ -111,7 +115,10 @@ def _read_replies(path: Path) -> dict[str, str]:
     with handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"label", "reply"} <= set(reader.fieldnames):
-            raise DomainFileError(f"answers.replies_file {path}: the header must name columns 'label' and 'reply' (found {reader.fieldnames})")
+            raise DomainFileError(
+                f"answers.replies_file {path}: the header must name columns 'label' and 'reply' (found "
+                f"{reader.fieldnames})"
+            )
         for line, row in enumerate(reader, start=2):
             label, reply = (row["label"] or "").strip(), (row["reply"] or "").strip()
             if not label or not reply:
@@ -131,3 +138,49 @@ def _import_spec_class(reference: str, base: type[DomainSpec]) -> type[DomainSpe
     if not (isinstance(spec_type, type) and issubclass(spec_type, base)):
         raise DomainFileError(f"spec_class {reference!r} is not a subclass of {base.__name__}")
     return spec_type
+
+
+def field_rows(spec_type: type[DomainSpec]) -> list[tuple[str, str, str]]:
+    """(key, default, help) of every field a domain file of this spec type may set; tables as ``[table] key``.
+
+    The README's field list and ``domainflow domains fields`` are made from this, so they cannot drift
+    from the code.
+    """
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            if name == "base_dir":
+                continue  # set by the loader
+            key = info.alias or name
+            annotation = info.annotation
+            nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            if nested is None:  # `X | None` of a record
+                nested = next(
+                    (
+                        a
+                        for a in getattr(annotation, "__args__", ())
+                        if isinstance(a, type) and issubclass(a, BaseModel)
+                    ),
+                    None,
+                )
+            if nested is not None:
+                rows.append((f"[{prefix}{key}]", "" if info.default_factory else "absent", info.description or ""))
+                walk(nested, f"{prefix}{key}.")
+                continue
+            if info.default is PydanticUndefined and info.default_factory is None:
+                default = "required"
+            else:
+                value = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+                default = json.dumps(list(value) if isinstance(value, tuple) else value)
+            rows.append((f"{prefix}{key}", default, info.description or ""))
+
+    walk(spec_type, "")
+    extras = [
+        ("labels_file", "absent", "the labels in id order, a JSON list or one per line (instead of labels)"),
+        ("spec_class", "absent", '"module:Class", a subclass of the kind\'s spec adding behaviour (Python hook)'),
+    ]
+    return rows + extras

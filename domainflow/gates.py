@@ -25,9 +25,10 @@ The rules, in order (thresholds come from ``spec.gates``, a :class:`~domains.bas
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from domainflow.records import Evaluation
 from domainflow.spec import DomainSpec
@@ -85,6 +86,11 @@ def _metric(metrics: dict[str, float], name: str) -> float | None:
     return None if math.isnan(value) else value
 
 
+def _speed(evaluation: Evaluation) -> float:
+    """Texts per second at batch 32; 0 when not measured (a compressed child then cannot prove its speed-up)."""
+    return evaluation.texts_per_second_batch32 or 0.0
+
+
 def _floor_reasons(evaluation: Evaluation, floors: dict[str, float]) -> tuple[bool, list[str]]:
     ok, reasons = True, []
     for metric, floor in sorted(floors.items()):
@@ -116,7 +122,11 @@ def _rank_key(evaluation: Evaluation, primary: str) -> tuple:
     """Sort key for uncompressed candidates: best validation primary, then test primary, then name."""
     val = _metric(evaluation.validation_metrics, primary)
     test = _metric(evaluation.test_metrics, primary)
-    return (-(val if val is not None else -math.inf), -(test if test is not None else -math.inf), evaluation.candidate.name)
+    return (
+        -(val if val is not None else -math.inf),
+        -(test if test is not None else -math.inf),
+        evaluation.candidate.name,
+    )
 
 
 def select_reference(evaluations: Iterable[Evaluation], primary: str) -> Evaluation:
@@ -164,17 +174,23 @@ def decide(
         name = evaluation.candidate.name
         ok, reasons = _floor_reasons(evaluation, floors)
         floors_ok[name] = ok
-        verdicts[name] = CandidateVerdict(name=name, eligible=ok, reasons=reasons, numbers=_numbers(evaluation, primary))
+        verdicts[name] = CandidateVerdict(
+            name=name, eligible=ok, reasons=reasons, numbers=_numbers(evaluation, primary)
+        )
 
     # Rule 2: the reference among uncompressed candidates, chosen on validation.
-    uncompressed = sorted((e for e in evaluations if e.candidate.compression is None), key=lambda e: _rank_key(e, primary))
+    uncompressed = sorted(
+        (e for e in evaluations if e.candidate.compression is None), key=lambda e: _rank_key(e, primary)
+    )
     reference = uncompressed[0] if uncompressed else None
     if reference is not None:
         ref_name = reference.candidate.name
         ref_val = _metric(reference.validation_metrics, primary)
         ref_test = _metric(reference.test_metrics, primary)
         verdicts[ref_name].role = "reference"
-        verdicts[ref_name].reasons.append(f"reference: best validation {primary} {_fmt(ref_val)} among uncompressed candidates")
+        verdicts[ref_name].reasons.append(
+            f"reference: best validation {primary} {_fmt(ref_val)} among uncompressed candidates"
+        )
         for other in uncompressed[1:]:
             name = other.candidate.name
             val = _metric(other.validation_metrics, primary)
@@ -188,10 +204,13 @@ def decide(
                 verdict.reasons.append(f"lower validation {primary} than {ref_name} ({val:.4f} < {ref_val:.4f})")
             elif test is not None and ref_test is not None and test < ref_test:
                 verdict.reasons.append(
-                    f"ties {ref_name} on validation {primary} ({val:.4f}) but has lower test {primary} ({test:.4f} < {ref_test:.4f})"
+                    f"ties {ref_name} on validation {primary} ({val:.4f}) but has lower test {primary} ({test:.4f} < "
+                    f"{ref_test:.4f})"
                 )
             else:
-                verdict.reasons.append(f"ties {ref_name} on validation and test {primary} ({val:.4f}); tie broken by name")
+                verdict.reasons.append(
+                    f"ties {ref_name} on validation and test {primary} ({val:.4f}); tie broken by name"
+                )
 
     # Rule 3: compressed children against their parents.
     eligible_children: list[Evaluation] = []
@@ -204,7 +223,9 @@ def decide(
         parent = by_name.get(ref.parent) if ref.parent else None
         if parent is None or parent.candidate.compression is not None:
             verdict.eligible = False
-            verdict.reasons.append(f"parent {ref.parent!r} is not an uncompressed candidate in this run; cannot judge the compression")
+            verdict.reasons.append(
+                f"parent {ref.parent!r} is not an uncompressed candidate in this run; cannot judge the compression"
+            )
             continue
         ok = floors_ok[ref.name]
         parent_test = _metric(parent.test_metrics, primary)
@@ -217,20 +238,25 @@ def decide(
             verdict.numbers[f"{primary}_drop"] = drop
             if drop <= gates.max_compression_drop + _EPS:
                 verdict.reasons.append(
-                    f"{primary} drop {drop:.4f} <= budget {gates.max_compression_drop:.4f} vs parent {parent.candidate.name}"
+                    f"{primary} drop {drop:.4f} <= budget {gates.max_compression_drop:.4f} vs parent "
+                    f"{parent.candidate.name}"
                     f" ({child_test:.4f} vs {parent_test:.4f})"
                 )
             else:
                 ok = False
                 verdict.reasons.append(
-                    f"{primary} drop {drop:.4f} > budget {gates.max_compression_drop:.4f} vs parent {parent.candidate.name}"
+                    f"{primary} drop {drop:.4f} > budget {gates.max_compression_drop:.4f} vs parent "
+                    f"{parent.candidate.name}"
                     f" ({child_test:.4f} vs {parent_test:.4f})"
                 )
-        parent_speed = parent.texts_per_second_batch32
-        child_speed = evaluation.texts_per_second_batch32
+        parent_speed = _speed(parent)
+        child_speed = _speed(evaluation)
         if parent_speed <= 0:
             ok = False
-            verdict.reasons.append(f"parent {parent.candidate.name} has no measured speed ({parent_speed:.1f} texts/s); cannot judge the speed-up")
+            verdict.reasons.append(
+                f"parent {parent.candidate.name} has no measured speed ({parent_speed:.1f} texts/s); cannot judge the "
+                "speed-up"
+            )
         else:
             speedup = child_speed / parent_speed
             verdict.numbers["speedup"] = speedup
@@ -260,7 +286,7 @@ def decide(
     # Rule 4: the challenger.
     challenger: Evaluation | None = None
     if eligible_children:
-        eligible_children.sort(key=lambda e: (-e.texts_per_second_batch32, e.candidate.name))
+        eligible_children.sort(key=lambda e: (-_speed(e), e.candidate.name))
         challenger = eligible_children[0]
         for loser in eligible_children[1:]:
             verdicts[loser.candidate.name].reasons.append(
@@ -270,16 +296,23 @@ def decide(
         assert reference is not None
         verdicts[reference.candidate.name].reasons.append(
             f"its compressed child {challenger.candidate.name} is chosen instead "
-            f"({challenger.texts_per_second_batch32:.1f} vs {reference.texts_per_second_batch32:.1f} texts/s, within the {primary} budget)"
+            f"({challenger.texts_per_second_batch32:.1f} vs {reference.texts_per_second_batch32:.1f} texts/s, within "
+            f"the {primary} budget)"
         )
     elif reference is not None and floors_ok[reference.candidate.name]:
         if _metric(reference.test_metrics, primary) is None:
             verdicts[reference.candidate.name].eligible = False
-            verdicts[reference.candidate.name].reasons.append(f"test {primary} missing: cannot be compared with the champion")
+            verdicts[reference.candidate.name].reasons.append(
+                f"test {primary} missing: cannot be compared with the champion"
+            )
         else:
             challenger = reference
-        if any(e.candidate.compression is not None and e.candidate.parent == reference.candidate.name for e in evaluations):
-            verdicts[reference.candidate.name].reasons.append("no compressed child passes the gates; the reference itself is the challenger")
+        if any(
+            e.candidate.compression is not None and e.candidate.parent == reference.candidate.name for e in evaluations
+        ):
+            verdicts[reference.candidate.name].reasons.append(
+                "no compressed child passes the gates; the reference itself is the challenger"
+            )
 
     gate_table = {
         "min_metrics": floors,
@@ -287,7 +320,7 @@ def decide(
         "max_compression_drop": gates.max_compression_drop,
         "min_compression_speedup": gates.min_compression_speedup,
     }
-    decided_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    decided_at = datetime.now(UTC).isoformat(timespec="seconds")
 
     def finish(chosen: Evaluation | None, promote: bool, summary: str) -> GateDecision:
         return GateDecision(
@@ -313,7 +346,10 @@ def decide(
         else:
             failed = [r for r in verdicts[reference.candidate.name].reasons if "< floor" in r or "missing" in r]
             failed = failed or [f"test {primary} missing"]
-            why = f"reference {reference.candidate.name} fails the gates ({'; '.join(failed)}) and no compressed child passes"
+            why = (
+                f"reference {reference.candidate.name} fails the gates ({'; '.join(failed)}) "
+                "and no compressed child passes"
+            )
         keep = f"; {champion_label} stays" if champion_metrics is not None else ""
         return finish(None, False, f"Nothing promoted for {spec.name}: {why}{keep}.")
 
@@ -324,7 +360,12 @@ def decide(
     assert challenger_value is not None  # checked above for the reference, by the drop rule for a child
     if champion_metrics is None:
         verdict.reasons.append(f"no champion yet: first model (test {primary} {challenger_value:.4f})")
-        return finish(challenger, True, f"Promote {name} as the first model for {spec.name} (test {primary} {challenger_value:.4f}, all floors met).")
+        return finish(
+            challenger,
+            True,
+            f"Promote {name} as the first model for {spec.name} (test {primary} {challenger_value:.4f}, all floors "
+            "met).",
+        )
 
     champion_value = _metric(champion_metrics, primary)
     assert champion_value is not None
@@ -333,9 +374,19 @@ def decide(
     numbers = f"{primary} {challenger_value:.4f} vs {champion_label} {champion_value:.4f}, margin {margin:+.4f}"
     if margin > tol + _EPS:
         verdict.reasons.append(f"beats {champion_label}: {numbers} > tolerance {tol:.4f}")
-        return finish(challenger, True, f"Promote {name}: it beats {champion_label} on the same test set ({numbers} > tolerance {tol:.4f}).")
+        return finish(
+            challenger,
+            True,
+            f"Promote {name}: it beats {champion_label} on the same test set ({numbers} > tolerance {tol:.4f}).",
+        )
     if abs(margin) <= tol + _EPS:
         verdict.reasons.append(f"ties {champion_label}: {numbers} within tolerance {tol:.4f}; a tie keeps the champion")
-        return finish(challenger, False, f"Keep {champion_label}: challenger {name} ties it within tolerance ({numbers}, tolerance {tol:.4f}).")
+        return finish(
+            challenger,
+            False,
+            f"Keep {champion_label}: challenger {name} ties it within tolerance ({numbers}, tolerance {tol:.4f}).",
+        )
     verdict.reasons.append(f"worse than {champion_label}: {numbers}")
-    return finish(challenger, False, f"Keep {champion_label}: challenger {name} is worse on the same test set ({numbers}).")
+    return finish(
+        challenger, False, f"Keep {champion_label}: challenger {name} is worse on the same test set ({numbers})."
+    )

@@ -44,7 +44,9 @@ class MeanPoolForSequenceClassification(PreTrainedModel):
     ) -> SequenceClassifierOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)["logits"]
+        logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[
+            "logits"
+        ]
         return SequenceClassifierOutput(logits=logits)
 
 
@@ -59,7 +61,10 @@ def text_classification_pipeline(model_dir: str | Path) -> Any:
 
     loaded = load_classifier(model_dir, apply_compression=False)
     if not isinstance(loaded.model, TextClassifier) or loaded.metadata.get("compression"):
-        raise ValueError(f"{model_dir} is a compressed candidate ({loaded.metadata.get('compression')}); the pipeline baseline needs an fp32 model")
+        raise ValueError(
+            f"{model_dir} is a compressed candidate ({loaded.metadata.get('compression')}); the pipeline baseline "
+            "needs an fp32 model"
+        )
     model = MeanPoolForSequenceClassification(loaded.model).eval()
     model.config.id2label = dict(enumerate(loaded.label_names))
     model.config.label2id = {name: i for i, name in enumerate(loaded.label_names)}

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from domainflow.onnxrt import OnnxClassifier
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FORMAT_VERSION = 1
 METADATA_FILE = "domainflow.json"
@@ -70,7 +74,7 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 class TextClassifier(nn.Module):
     """Transformer encoder → mean pooling → dropout → linear layer over the labels."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+    def __init__(self, encoder: PreTrainedModel, num_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
@@ -118,19 +122,30 @@ class TextClassifier(nn.Module):
 class LoadedClassifier:
     """A model ready for inference, with what is needed to feed it."""
 
-    model: TextClassifier | nn.Module | OnnxClassifier
+    model: TextClassifier | OnnxClassifier  # a dynamically quantized model is still a TextClassifier
     tokenizer: Any
     label_names: list[str]
     max_length: int
     metadata: dict[str, Any]
 
+    @property
+    def torch_model(self) -> TextClassifier:
+        """The model as a torch ``TextClassifier`` (to train, prune or save it); an ONNX graph is an error."""
+        if not isinstance(self.model, TextClassifier):
+            raise TypeError(f"this model is an ONNX graph, not a torch classifier ({self.metadata.get('compression')})")
+        return self.model
 
-def load_encoder(name_or_path: str, num_layers: int | None = None) -> tuple[nn.Module, Any]:
+
+def load_encoder(name_or_path: str, num_layers: int | None = None) -> tuple[PreTrainedModel, Any]:
     """Load a pretrained encoder and its tokenizer; ``num_layers`` keeps only the first layers."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    encoder = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False) if _is_bert_like(name_or_path) else AutoModel.from_pretrained(name_or_path)
+    encoder = (
+        AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
+        if _is_bert_like(name_or_path)
+        else AutoModel.from_pretrained(name_or_path)
+    )
     if num_layers is not None:
         truncate_layers(encoder, num_layers)
     return encoder, tokenizer
@@ -142,13 +157,26 @@ def _is_bert_like(name_or_path: str) -> bool:
     return AutoConfig.from_pretrained(name_or_path).model_type in {"bert", "roberta", "xlm-roberta"}
 
 
-def truncate_layers(encoder: nn.Module, num_layers: int) -> None:
+def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
+    """The transformer layers of a BERT-style encoder (its ``encoder.layer`` list)."""
+    layers = encoder.get_submodule("encoder.layer")
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(encoder).__name__}.encoder.layer is not a layer list")
+    return layers
+
+
+def replace_encoder_layers(encoder: PreTrainedModel, layers: Iterable[nn.Module]) -> None:
+    """Make ``layers`` the encoder's layer list, and its config's depth."""
+    encoder.get_submodule("encoder").layer = nn.ModuleList(layers)
+    encoder.config.num_hidden_layers = len(encoder_layers(encoder))
+
+
+def truncate_layers(encoder: PreTrainedModel, num_layers: int) -> None:
     """Keep the first ``num_layers`` transformer layers (BERT-style ``encoder.layer`` lists)."""
-    layers = encoder.encoder.layer
+    layers = encoder_layers(encoder)
     if not 1 <= num_layers <= len(layers):
         raise ValueError(f"num_layers must be in 1..{len(layers)}, got {num_layers}")
-    encoder.encoder.layer = nn.ModuleList(list(layers)[:num_layers])
-    encoder.config.num_hidden_layers = num_layers
+    replace_encoder_layers(encoder, list(layers)[:num_layers])
 
 
 def save_classifier(
@@ -216,8 +244,11 @@ def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) ->
     recipe = metadata.get("compression")
     if recipe in ONNX_RECIPES:
         if not apply_compression:
-            raise ValueError(f"{model_dir} holds only an ONNX graph ({recipe}); its fp32 weights are in its parent {metadata.get('parent')!r}")
-        model: TextClassifier | nn.Module | OnnxClassifier = OnnxClassifier(model_dir / metadata["onnx_file"])
+            raise ValueError(
+                f"{model_dir} holds only an ONNX graph ({recipe}); its fp32 weights are in its parent "
+                f"{metadata.get('parent')!r}"
+            )
+        model: TextClassifier | OnnxClassifier = OnnxClassifier(model_dir / metadata["onnx_file"])
     else:
         model = _load_torch_classifier(model_dir, len(metadata["label_names"]))
         if apply_compression and recipe:
@@ -234,13 +265,19 @@ def _load_torch_classifier(model_dir: Path, num_labels: int) -> TextClassifier:
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(model_dir)
-    encoder = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type in {"bert", "roberta", "xlm-roberta"} else AutoModel.from_config(config)
+    encoder = (
+        AutoModel.from_config(config, add_pooling_layer=False)
+        if config.model_type in {"bert", "roberta", "xlm-roberta"}
+        else AutoModel.from_config(config)
+    )
     model = TextClassifier(encoder, num_labels=num_labels)
     state = load_file(str(model_dir / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing or unexpected:
-        raise ValueError(f"{model_dir}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{model_dir}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return model.eval()
 
 
@@ -260,7 +297,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterable[l
         yield order[start : start + batch_size]
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` (int64) for already tokenized sequences, padded to the longest.
 
     Padding ids we already have costs a fraction of a millisecond; re-running the tokenizer
@@ -276,7 +315,9 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
 
-def padded_batches(tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def padded_batches(
+    tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int
+) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(indices, input_ids, attention_mask) of length-sorted batches, from one tokenizer call."""
     encoded = encode_texts(tokenizer, texts, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -303,7 +344,9 @@ def predict_proba(loaded: LoadedClassifier, texts: Sequence[str], batch_size: in
 
 
 @torch.inference_mode()
-def embed_texts(model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+def embed_texts(
+    model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64
+) -> torch.Tensor:
     """Mean-pooled encoder embeddings (for the linear probe and retrieval), in the original order."""
     if isinstance(model, nn.Module):
         model.eval()
@@ -315,7 +358,7 @@ def embed_texts(model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: S
     return out
 
 
-def embedding_size(model: TextClassifier | nn.Module | OnnxClassifier) -> int:
+def embedding_size(model: TextClassifier | OnnxClassifier) -> int:
     """Width of the model's sentence embeddings."""
     if isinstance(model, OnnxClassifier):
         return model.embedding_size
@@ -330,8 +373,9 @@ def count_parameters(model: nn.Module | OnnxClassifier) -> int:
     for module in model.modules():
         packed = getattr(module, "_packed_params", None)
         if packed is not None and hasattr(module, "weight"):
-            weight = module.weight()
-            total += weight.numel() + (module.bias().numel() if module.bias() is not None else 0)
+            quantized: Any = module  # a dynamically quantized layer: weight() and bias() are methods
+            weight = quantized.weight()
+            total += weight.numel() + (quantized.bias().numel() if quantized.bias() is not None else 0)
     return total
 
 

@@ -25,11 +25,14 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from domainflow.modeling import TextClassifier  # modeling imports this module
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "logits"
@@ -57,7 +60,7 @@ class _LogitsAndEmbeddings(nn.Module):
     The head is applied to the pooled embedding directly: at inference ``TextClassifier``'s
     dropout is the identity, so this is the same function as its ``forward``."""
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: TextClassifier) -> None:
         super().__init__()
         self.classifier = classifier
 
@@ -66,7 +69,7 @@ class _LogitsAndEmbeddings(nn.Module):
         return self.classifier.classifier(embeddings), embeddings
 
 
-def export_onnx(model: nn.Module, tokenizer: Any, path: str | Path) -> Path:
+def export_onnx(model: TextClassifier, tokenizer: Any, path: str | Path) -> Path:
     """Export an fp32 ``TextClassifier`` to ONNX with dynamic batch and sequence axes.
 
     Uses the torch.export-based exporter (the default since torch 2.9; the TorchScript one is
@@ -76,7 +79,9 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | Path) -> Path:
     require_onnx()
     path = Path(path)
     model = model.eval()
-    example = tokenizer(["a short example", "a somewhat longer example sentence to trace"], padding=True, return_tensors="pt")
+    example = tokenizer(
+        ["a short example", "a somewhat longer example sentence to trace"], padding=True, return_tensors="pt"
+    )
     args = (example["input_ids"], example["attention_mask"])
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
@@ -87,8 +92,15 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | Path) -> Path:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _LogitsAndEmbeddings(model), args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME, EMBEDDINGS_NAME],
-                dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False,
+                _LogitsAndEmbeddings(model),
+                args,
+                str(path),
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME, EMBEDDINGS_NAME],
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
             )
     finally:
         quiet.setLevel(level)
@@ -131,7 +143,7 @@ class _DropLogRecord(logging.Filter):
         return self.fragment not in record.getMessage()
 
 
-def export_onnx_int8(model: nn.Module, tokenizer: Any, int8_path: str | Path) -> Path:
+def export_onnx_int8(model: TextClassifier, tokenizer: Any, int8_path: str | Path) -> Path:
     """Export to fp32 ONNX in a scratch folder, then write the int8 graph to ``int8_path``."""
     int8_path = Path(int8_path)
     with tempfile.TemporaryDirectory(dir=int8_path.parent) as scratch:
@@ -178,7 +190,10 @@ class OnnxClassifier:
     def embedding_size(self) -> int:
         """Width of the graph's sentence embeddings; a graph exported without them cannot embed."""
         if self._embedding_size is None:
-            raise ValueError(f"{self.path} has no '{EMBEDDINGS_NAME}' output (exported by an older domainflow); rerun the pipeline to re-export it")
+            raise ValueError(
+                f"{self.path} has no '{EMBEDDINGS_NAME}' output (exported by an older domainflow); rerun the pipeline "
+                "to re-export it"
+            )
         return int(self._embedding_size)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:

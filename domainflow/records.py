@@ -16,7 +16,9 @@ class DatasetRef(BaseModel):
     domain: str
     path: str
     fingerprint: str = Field(description="content hash of the source files and the split recipe")
-    test_fingerprint: str = Field(description="content hash of the test split alone: champion and challenger must share it")
+    test_fingerprint: str = Field(
+        description="content hash of the test split alone: champion and challenger must share it"
+    )
     num_rows: dict[str, int]
     label_names: list[str]
 
@@ -42,7 +44,9 @@ class Evaluation(BaseModel):
     candidate: ModelRef
     test_metrics: dict[str, float]
     validation_metrics: dict[str, float]
-    size_bytes: int = Field(description="bytes of the weights as loaded for inference (int8 layers count 1 byte per weight)")
+    size_bytes: int = Field(
+        description="bytes of the weights as loaded for inference (int8 layers count 1 byte per weight)"
+    )
     disk_bytes: int = Field(description="bytes of the model directory on disk")
     parameters: int
     zero_fraction: float = Field(0.0, description="fraction of encoder Linear weights that are exactly zero")
@@ -51,5 +55,13 @@ class Evaluation(BaseModel):
     texts_per_second_batch32: float | None = None
     latency_ms_p50: float | None = None
     latency_ms_p95: float | None = None
-    peak_rss_mb: float | None = Field(None, description="peak resident memory of a process that loads the model and classifies a batch")
-    answer_policy: dict[str, float] = Field(default_factory=dict, description="for a domain with a retrieval fallback: how test texts are answered (confidently, by the nearest known question, escalated) and how well")
+    peak_rss_mb: float | None = Field(
+        None, description="peak resident memory of a process that loads the model and classifies a batch"
+    )
+    answer_policy: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "for a domain with a retrieval fallback: how test texts are answered "
+            "(confidently, by the nearest known question, escalated) and how well"
+        ),
+    )

@@ -33,10 +33,11 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from domainflow import settings
 from domainflow.fingerprint import path_fingerprint
@@ -79,7 +80,7 @@ class VersionInfo:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _read_json(path: Path) -> Any:
@@ -297,7 +298,7 @@ class ModelRegistry:
         """
         with self._locked():
             self.decisions_dir.mkdir(parents=True, exist_ok=True)
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             candidate = _safe_name(str(decision.get("chosen") or "none"))
             path = self.decisions_dir / f"{stamp}-{candidate}.json"
             suffix = 1
@@ -373,7 +374,10 @@ class ModelRegistry:
                 raise RegistryError(f"cannot create version {version}: {final} already exists")
             created_at = _now()
             full_lineage = {
-                **lineage, "version": version, "previous_champion": previous_version, "created_at": created_at
+                **lineage,
+                "version": version,
+                "previous_champion": previous_version,
+                "created_at": created_at,
             }
             if expected_fingerprint is not None:
                 full_lineage["verified_fingerprint"] = expected_fingerprint

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,12 @@ class Nearest:
     close_enough: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {"question": self.question, "label": self.label, "similarity": round(self.similarity, 4), "close_enough": self.close_enough}
+        return {
+            "question": self.question,
+            "label": self.label,
+            "similarity": round(self.similarity, 4),
+            "close_enough": self.close_enough,
+        }
 
 
 def normalized_embeddings(loaded: LoadedClassifier, texts: Sequence[str]) -> torch.Tensor:
@@ -52,7 +58,9 @@ def normalized_embeddings(loaded: LoadedClassifier, texts: Sequence[str]) -> tor
     return torch.nn.functional.normalize(embed_texts(loaded.model, loaded.tokenizer, texts, loaded.max_length), dim=-1)
 
 
-def calibrate_threshold(similarities: np.ndarray, correct: np.ndarray, target_precision: float, min_support: int = 10) -> float | None:
+def calibrate_threshold(
+    similarities: np.ndarray, correct: np.ndarray, target_precision: float, min_support: int = 10
+) -> float | None:
     """Lowest similarity whose answers (all at or above it) are at least ``target_precision`` correct.
 
     ``min_support`` answers are required so that a threshold is never set by two lucky texts.
@@ -71,9 +79,18 @@ def calibrate_threshold(similarities: np.ndarray, correct: np.ndarray, target_pr
 class QuestionIndex:
     """Known questions and their embeddings under one model."""
 
-    def __init__(self, questions: list[str], labels: list[str], embeddings: torch.Tensor, threshold: float | None, calibration: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        questions: list[str],
+        labels: list[str],
+        embeddings: torch.Tensor,
+        threshold: float | None,
+        calibration: dict[str, Any],
+    ) -> None:
         if len(questions) != len(labels) or len(questions) != embeddings.shape[0]:
-            raise ValueError(f"index mismatch: {len(questions)} questions, {len(labels)} labels, {embeddings.shape[0]} embeddings")
+            raise ValueError(
+                f"index mismatch: {len(questions)} questions, {len(labels)} labels, {embeddings.shape[0]} embeddings"
+            )
         self.questions = questions
         self.labels = labels
         self.embeddings = embeddings.float()
@@ -88,7 +105,7 @@ class QuestionIndex:
         best, index = similarities.max(dim=1)
         return [
             Nearest(self.questions[i], self.labels[i], s, self.threshold is not None and s >= self.threshold)
-            for s, i in zip(best.tolist(), index.tolist())
+            for s, i in zip(best.tolist(), index.tolist(), strict=True)
         ]
 
     def save(self, out_dir: str | Path) -> None:
@@ -97,13 +114,18 @@ class QuestionIndex:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({"embeddings": self.embeddings.half().contiguous()}, str(out_dir / INDEX_WEIGHTS))
-        metadata = {"questions": self.questions, "labels": self.labels, "threshold": self.threshold, "calibration": self.calibration}
+        metadata = {
+            "questions": self.questions,
+            "labels": self.labels,
+            "threshold": self.threshold,
+            "calibration": self.calibration,
+        }
         tmp = out_dir / f"{INDEX_METADATA}.tmp"
         tmp.write_text(json.dumps(metadata, ensure_ascii=False))
         os.replace(tmp, out_dir / INDEX_METADATA)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "QuestionIndex | None":
+    def load(cls, directory: str | Path) -> QuestionIndex | None:
         """The index stored in ``directory``, or None when there is none."""
         from safetensors.torch import load_file
 
@@ -112,7 +134,13 @@ class QuestionIndex:
             return None
         metadata = json.loads((directory / INDEX_METADATA).read_text())
         embeddings = load_file(str(directory / INDEX_WEIGHTS))["embeddings"]
-        return cls(metadata["questions"], metadata["labels"], embeddings, metadata["threshold"], metadata.get("calibration", {}))
+        return cls(
+            metadata["questions"],
+            metadata["labels"],
+            embeddings,
+            metadata["threshold"],
+            metadata.get("calibration", {}),
+        )
 
 
 def build_index(
@@ -134,7 +162,7 @@ def build_index(
     index = QuestionIndex(list(known_texts), [names[i] for i in known_labels], known, None, {})
     nearest = index.nearest(normalized_embeddings(loaded, list(calibration_texts)))
     similarities = np.array([n.similarity for n in nearest])
-    correct = np.array([n.label == names[y] for n, y in zip(nearest, calibration_labels)])
+    correct = np.array([n.label == names[y] for n, y in zip(nearest, calibration_labels, strict=True)])
     index.threshold = calibrate_threshold(similarities, correct, target_precision)
     index.calibration = {
         "target_precision": target_precision,
@@ -158,20 +186,20 @@ def fallback_policy(
     ``escalated_without_retrieval`` is the escalation rate of the classifier alone, so the
     figures show what retrieval buys and what it costs in precision.
     """
-    references = np.asarray(references)
-    scores, predicted = probabilities.max(dim=1)
+    reference_ids = np.asarray(references)
+    scores, top = probabilities.max(dim=1)
     confident = (scores >= consult_below).numpy()
-    predicted = predicted.numpy()
+    predicted = top.numpy()
     unsure = np.nonzero(~confident)[0]
-    nearest = index.nearest(normalized_embeddings(loaded, [texts[i] for i in unsure]))
-    retrieved = np.zeros(len(references), dtype=bool)
-    retrieved_correct = np.zeros(len(references), dtype=bool)
-    for row, found in zip(unsure, nearest):
+    nearest = index.nearest(normalized_embeddings(loaded, [texts[int(i)] for i in unsure]))
+    retrieved = np.zeros(len(reference_ids), dtype=bool)
+    retrieved_correct = np.zeros(len(reference_ids), dtype=bool)
+    for row, found in zip(unsure, nearest, strict=True):
         if found.close_enough:
             retrieved[row] = True
-            retrieved_correct[row] = found.label == loaded.label_names[references[row]]
-    total = max(len(references), 1)
-    confident_correct = confident & (predicted == references)
+            retrieved_correct[row] = found.label == loaded.label_names[reference_ids[row]]
+    total = max(len(reference_ids), 1)
+    confident_correct = confident & (predicted == reference_ids)
     answered = confident | retrieved
     policy = {
         "answered_confidently": float(confident.sum() / total),

@@ -36,10 +36,10 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 from domainflow import settings
 
@@ -51,7 +51,7 @@ _READ_RETRIES = 20  # a holder writes its details just after taking the lock: gi
 _READ_RETRY_S = 0.025
 
 # Domains whose lock this logical call chain holds (see the module docstring, "Scope").
-_HELD: contextvars.ContextVar[tuple[tuple[str, "LockHolder"], ...]] = contextvars.ContextVar(
+_HELD: contextvars.ContextVar[tuple[tuple[str, LockHolder], ...]] = contextvars.ContextVar(
     "domainflow_run_locks", default=()
 )
 
@@ -234,7 +234,7 @@ def domain_run_lock(
         me = LockHolder(
             pid=os.getpid(),
             host=socket.gethostname(),
-            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
             description=description if description is not None else _default_description(),
         )
         # Write first, then cut off any longer leftover (a killed holder's record is never cleared by it).
@@ -253,4 +253,3 @@ def domain_run_lock(
                 os.ftruncate(fd, 0)  # a waiter reading before the next holder writes sees "not recorded yet"
     finally:
         os.close(fd)  # releases the lock (when taken): flock locks belong to the open file description
-

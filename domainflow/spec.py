@@ -15,7 +15,7 @@ Each task kind (text classification, ranking) has its own spec class, a subclass
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -46,7 +46,9 @@ class DataSource(Record):
 
     train: str | None = Field(None, description="training file (CSV, JSON/JSONL or Parquet)")
     test: str | None = Field(None, description="test file; its rows are never trained on")
-    base_dir: str | None = Field(None, description="folder relative paths are resolved against (set by the domain file loader)")
+    base_dir: str | None = Field(
+        None, description="folder relative paths are resolved against (set by the domain file loader)"
+    )
     hf_dataset: str | None = Field(None, description="a Hugging Face dataset, used instead when DOMAINFLOW_ONLINE=1")
     hf_config: str | None = Field(None, description="the hub dataset's configuration")
     hf_train_split: str = Field("train", description="the hub dataset's training split")
@@ -75,10 +77,20 @@ class DataSource(Record):
 class QualityGates(Record):
     """Thresholds a challenger must meet before it may replace the champion."""
 
-    min_metrics: dict[str, float] = Field(default_factory=dict, description="absolute floors on the test set, e.g. {accuracy = 0.9}")
-    tie_tolerance: float = Field(0.001, ge=0.0, description="a challenger within this of the champion's primary metric is a tie, and a tie keeps the champion")
-    max_compression_drop: float = Field(0.01, ge=0.0, description="a compressed model may lose at most this much of its fp32 parent's primary metric")
-    min_compression_speedup: float = Field(1.3, ge=0.0, description="and must be at least this much faster (texts/s at batch 32, measured side by side)")
+    min_metrics: dict[str, float] = Field(
+        default_factory=dict, description="absolute floors on the test set, e.g. {accuracy = 0.9}"
+    )
+    tie_tolerance: float = Field(
+        0.001,
+        ge=0.0,
+        description="a challenger within this of the champion's primary metric is a tie, and a tie keeps the champion",
+    )
+    max_compression_drop: float = Field(
+        0.01, ge=0.0, description="a compressed model may lose at most this much of its fp32 parent's primary metric"
+    )
+    min_compression_speedup: float = Field(
+        1.3, ge=0.0, description="and must be at least this much faster (texts/s at batch 32, measured side by side)"
+    )
 
 
 class TrainingDefaults(Record):
@@ -104,12 +116,18 @@ class CompressionDefaults(Record):
         description="candidates to build: onnx_int8, dynamic_int8, magnitude_prune, ffn_prune, distill",
     )
     sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of encoder weights zeroed by magnitude pruning")
-    ffn_keep_ratio: float = Field(0.5, gt=0.0, le=1.0, description="fraction of feed-forward neurons kept by structured pruning")
+    ffn_keep_ratio: float = Field(
+        0.5, gt=0.0, le=1.0, description="fraction of feed-forward neurons kept by structured pruning"
+    )
     recovery_epochs: float = Field(1.0, ge=0.0, description="training epochs after structured pruning")
     student_layers: int = Field(3, ge=1, description="encoder layers of the distilled student")
-    distill_epochs: float | None = Field(None, gt=0.0, description="distillation epochs (default: the fine-tuning epochs)")
+    distill_epochs: float | None = Field(
+        None, gt=0.0, description="distillation epochs (default: the fine-tuning epochs)"
+    )
     distill_temperature: float = Field(2.0, gt=0.0, description="softening of the teacher's labels")
-    distill_alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's labels against the true ones")
+    distill_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="weight of the teacher's labels against the true ones"
+    )
 
 
 class RetrievalFallback(Record):
@@ -119,8 +137,12 @@ class RetrievalFallback(Record):
     ``domainflow.retrieval``) so that such answers are right ``target_precision`` of the time.
     """
 
-    consult_below: float = Field(0.5, ge=0.0, le=1.0, description="top-class probability under which the nearest known question is consulted")
-    target_precision: float = Field(0.9, gt=0.0, le=1.0, description="how often an answer taken from the nearest known question must be right")
+    consult_below: float = Field(
+        0.5, ge=0.0, le=1.0, description="top-class probability under which the nearest known question is consulted"
+    )
+    target_precision: float = Field(
+        0.9, gt=0.0, le=1.0, description="how often an answer taken from the nearest known question must be right"
+    )
 
 
 class AnswerPolicy(Record):
@@ -134,12 +156,16 @@ class AnswerPolicy(Record):
 
     replies: dict[str, str] = Field(default_factory=dict, description="label -> reply text (or give replies_file)")
     replies_file: str | None = Field(None, description="CSV with columns label,reply (relative to the domain file)")
-    confidence_threshold: float = Field(0.5, ge=0.0, le=1.0, description="a prediction scored below this is not answered with its own reply")
+    confidence_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="a prediction scored below this is not answered with its own reply"
+    )
     escalation_reply: str = Field(
         "Thanks for your message: a colleague will pick it up and reply shortly.",
         description="sent when no reply is trusted",
     )
-    tags: dict[str, dict[str, str]] = Field(default_factory=dict, description="label -> fields added to every answer of that label")
+    tags: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="label -> fields added to every answer of that label"
+    )
 
     def respond(self, label: str, score: float, nearest: Nearest | None = None) -> dict[str, Any]:
         answer: dict[str, Any] = dict(self.tags.get(label, {}))
@@ -148,7 +174,12 @@ class AnswerPolicy(Record):
         if score >= self.confidence_threshold and label in self.replies:
             return {**answer, "action": "reply", "reply": self.replies[label]}
         if nearest is not None and nearest.close_enough and nearest.label in self.replies:
-            return {**answer, "action": "reply_from_similar_question", "reply": self.replies[nearest.label], "nearest_question": nearest.as_dict()}
+            return {
+                **answer,
+                "action": "reply_from_similar_question",
+                "reply": self.replies[nearest.label],
+                "nearest_question": nearest.as_dict(),
+            }
         answer.update(action="escalate", reply=self.escalation_reply)
         if nearest is not None:
             answer["nearest_question"] = nearest.as_dict()  # a hint for the agent who picks it up
@@ -158,7 +189,10 @@ class AnswerPolicy(Record):
 class DomainSpec(Record):
     """What every domain declares, whatever its task kind."""
 
-    name: str = Field(description="the domain's name: registry folder, URL path, CLI argument", pattern=r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+    name: str = Field(
+        description="the domain's name: registry folder, URL path, CLI argument",
+        pattern=r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$",
+    )
     description: str = Field("", description="one line shown by `domainflow domains` and in model cards")
     task_kind: str = Field("text_classification", description="text_classification or ranking")
     source: DataSource = Field(default_factory=DataSource, description="where the data comes from")
@@ -176,6 +210,15 @@ class DomainSpec(Record):
             raise ValueError(f"primary_metric {self.primary_metric!r} is not among metrics {list(self.metrics)}")
         return self
 
+    def as_kind(self, spec_type: type[SpecT]) -> SpecT:
+        """This spec as ``spec_type``, for code that handles one task kind; TypeError for a domain of another kind."""
+        if not isinstance(self, spec_type):
+            raise TypeError(f"domain {self.name!r} is a {self.task_kind} domain, not a {spec_type.__name__}")
+        return self
+
+
+SpecT = TypeVar("SpecT", bound=DomainSpec)
+
 
 class ClassificationSpec(DomainSpec):
     """A text classification domain (intents, sentiment, …)."""
@@ -183,14 +226,21 @@ class ClassificationSpec(DomainSpec):
     label_names: tuple[str, ...] | None = Field(
         None,
         alias="labels",
-        description="the labels in id order; absent: taken from the training data (sorted) and then fixed by the champion's lineage",
+        description=(
+            "the labels in id order; absent: taken from the training data (sorted) "
+            "and then fixed by the champion's lineage"
+        ),
     )
     training: TrainingDefaults = Field(default_factory=TrainingDefaults, description="fine-tuning recipe")
     compression: CompressionDefaults = Field(default_factory=CompressionDefaults, description="compressed candidates")
-    retrieval: RetrievalFallback | None = Field(None, description="answer unsure predictions from the nearest known question")
+    retrieval: RetrievalFallback | None = Field(
+        None, description="answer unsure predictions from the nearest known question"
+    )
     answers: AnswerPolicy = Field(default_factory=AnswerPolicy, description="replies, escalation and per-label tags")
     monitoring: MonitorConfig | None = Field(None, description="topic tracking and surge alerts (`domainflow monitor`)")
-    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of train held out for early stopping and model choice")
+    validation_fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, description="share of train held out for early stopping and model choice"
+    )
     min_examples_per_class: int = Field(5, ge=1, description="fewest training rows a class present in train may have")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

@@ -11,7 +11,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from domainflow.settings import configure_environment
 
@@ -22,15 +21,22 @@ from rich.table import Table  # noqa: E402
 
 from domainflow.catalog import MODULES_ENV, add_domain_modules  # noqa: E402
 from domainflow.domain_files import DomainFileError, looks_like_domain_file  # noqa: E402
-from domainflow.spec import DomainSpec  # noqa: E402
+from domainflow.spec import ClassificationSpec, DomainSpec  # noqa: E402
 from flows.console import EXIT_BAD_DATA, EXIT_NOT_PROMOTED, domain_name, fail, make_console  # noqa: E402
 
-app = typer.Typer(help="domainflow: turn a pretrained transformer into a deployed model for a business domain, as Prefect flows.\n\n"
-                  "Every command takes the domain as its DOMAIN argument: a registered name (`domainflow domains`) or a domain file (path/to/domain.toml).\n\n"
-                  "Exit codes: 0 ok; 2 usage error, unknown domain or bad domain file; 3 the data failed validation; 4 nothing promoted (with --require-promotion).",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="domainflow: turn a pretrained transformer into a deployed model for a business domain, as Prefect flows.\n\n"
+    "Every command takes the domain as its DOMAIN argument: a registered name (`domainflow domains`) or a domain file "
+    "(path/to/domain.toml).\n\n"
+    "Exit codes: 0 ok; 2 usage error, unknown domain or bad domain file; 3 the data failed validation; 4 nothing "
+    "promoted (with --require-promotion).",
+    no_args_is_help=True,
+    add_completion=False,
+)
 registry_app = typer.Typer(help="Inspect the model registry and roll back a domain's champion.", no_args_is_help=True)
-domains_app = typer.Typer(help="List the known domains; add your own domain file; show a domain's fields.", invoke_without_command=True)
+domains_app = typer.Typer(
+    help="List the known domains; add your own domain file; show a domain's fields.", invoke_without_command=True
+)
 app.add_typer(registry_app, name="registry")
 app.add_typer(domains_app, name="domains")
 console = make_console()
@@ -46,10 +52,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    domain_module: Optional[list[str]] = typer.Option(
-        None, "--domain-module", help=f"Python module to import first that defines domains (repeatable; also read from {MODULES_ENV}, comma-separated, which child processes inherit)."
+    domain_module: list[str] | None = typer.Option(
+        None,
+        "--domain-module",
+        help=(
+            "Python module to import first that defines domains (repeatable; also read from "
+            f"{MODULES_ENV}, comma-separated, which child processes inherit)."
+        ),
     ),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Options that hold for every command."""
     if domain_module:
@@ -62,21 +75,46 @@ def main_options(
 @app.command()
 def run(
     domain: str = typer.Argument(..., help="Domain to run: a registered name or a domain file (path/to/domain.toml)."),
-    model: Optional[str] = typer.Option(None, help="Base encoder: 'minilm' (default, offline), a local folder, or a hub name (needs DOMAINFLOW_ONLINE=1)."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the domain's train/test files (default: the domain's own files)."),
-    train_file: Optional[str] = typer.Option(None, help="Explicit training file (CSV, JSON/JSONL or Parquet); needs --test-file."),
-    test_file: Optional[str] = typer.Option(None, help="Explicit test file; needs --train-file."),
-    max_train_samples: Optional[int] = typer.Option(None, min=1, help="Stratified subsample of the training data (quick runs)."),
-    max_test_samples: Optional[int] = typer.Option(None, min=1, help="Stratified subsample of the test data (quick runs)."),
-    epochs: Optional[float] = typer.Option(None, min=0.01, help="Fine-tuning epochs (default: the domain's)."),
+    model: str | None = typer.Option(
+        None,
+        help="Base encoder: 'minilm' (default, offline), a local folder, or a hub name (needs DOMAINFLOW_ONLINE=1).",
+    ),
+    data_dir: str | None = typer.Option(
+        None, help="Folder with the domain's train/test files (default: the domain's own files)."
+    ),
+    train_file: str | None = typer.Option(
+        None, help="Explicit training file (CSV, JSON/JSONL or Parquet); needs --test-file."
+    ),
+    test_file: str | None = typer.Option(None, help="Explicit test file; needs --train-file."),
+    max_train_samples: int | None = typer.Option(
+        None, min=1, help="Stratified subsample of the training data (quick runs)."
+    ),
+    max_test_samples: int | None = typer.Option(
+        None, min=1, help="Stratified subsample of the test data (quick runs)."
+    ),
+    epochs: float | None = typer.Option(None, min=0.01, help="Fine-tuning epochs (default: the domain's)."),
     seed: int = typer.Option(42, help="Seed for sampling, splitting and training."),
-    num_layers: Optional[int] = typer.Option(None, min=1, help="Keep only the first N encoder layers (quick runs)."),
-    refresh_cache: bool = typer.Option(False, "--refresh-cache", help="Recompute every step instead of reusing cached results."),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="When another run of this domain holds its lock: wait for it (default) or exit at once."),
-    require_promotion: bool = typer.Option(False, "--require-promotion", help=f"Exit with {EXIT_NOT_PROMOTED} when the run promotes nothing (for CI and schedulers)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary (candidates, decision) as JSON on stdout instead of tables."),
+    num_layers: int | None = typer.Option(None, min=1, help="Keep only the first N encoder layers (quick runs)."),
+    refresh_cache: bool = typer.Option(
+        False, "--refresh-cache", help="Recompute every step instead of reusing cached results."
+    ),
+    wait: bool = typer.Option(
+        True,
+        "--wait/--no-wait",
+        help="When another run of this domain holds its lock: wait for it (default) or exit at once.",
+    ),
+    require_promotion: bool = typer.Option(
+        False,
+        "--require-promotion",
+        help=f"Exit with {EXIT_NOT_PROMOTED} when the run promotes nothing (for CI and schedulers).",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the summary (candidates, decision) as JSON on stdout instead of tables."
+    ),
 ) -> None:
-    """Run ingest → fine-tune → compress → evaluate → deploy for DOMAIN and print the candidates and the gate's decision."""
+    """Run ingest → fine-tune → compress → evaluate → deploy for DOMAIN.
+
+    Prints the candidates and the gate's decision."""
     from domainflow.data.validation import DataValidationError
     from domainflow.kinds import kind_of, resolve
     from domainflow.runlock import DomainBusyError
@@ -121,15 +159,40 @@ def _print_summary(summary: dict, seconds: float) -> None:
     rows = summary["candidates"]
     table = Table(title=f"{summary['domain']}: candidates (run took {seconds:.0f} s)")
     metric_columns = [c for c in (rows[0] if rows else {}) if c.startswith(("test_", "validation_"))]
-    columns = summary.get("columns") or ["candidate", *metric_columns, "size_mb", "texts_per_second_batch1", "texts_per_second_batch32", "latency_ms_p50", "train_seconds"]
-    headers = {"size_mb": "MB", "texts_per_second_batch1": "texts/s b1", "texts_per_second_batch32": "texts/s b32", "latency_ms_p50": "p50 ms", "train_seconds": "train s",
-               "histories_per_second_batch32": "histories/s b32"}
+    columns = summary.get("columns") or [
+        "candidate",
+        *metric_columns,
+        "size_mb",
+        "texts_per_second_batch1",
+        "texts_per_second_batch32",
+        "latency_ms_p50",
+        "train_seconds",
+    ]
+    headers = {
+        "size_mb": "MB",
+        "texts_per_second_batch1": "texts/s b1",
+        "texts_per_second_batch32": "texts/s b32",
+        "latency_ms_p50": "p50 ms",
+        "train_seconds": "train s",
+        "histories_per_second_batch32": "histories/s b32",
+    }
     for column in columns:
         table.add_column(headers.get(column, column), justify="left" if column == "candidate" else "right")
     table.add_column("gate")
     for row in rows:
-        cells = [f"{row[c]:.4f}" if c in metric_columns and row[c] is not None else ("–" if row[c] is None else str(row[c])) for c in columns]
-        gate = "[bold green]chosen[/]" if row["chosen"] else ("[green]eligible[/]" if row["eligible"] else ("baseline" if row.get("role") == "baseline" else "[red]rejected[/]"))
+        cells = [
+            f"{row[c]:.4f}" if c in metric_columns and row[c] is not None else ("–" if row[c] is None else str(row[c]))
+            for c in columns
+        ]
+        gate = (
+            "[bold green]chosen[/]"
+            if row["chosen"]
+            else (
+                "[green]eligible[/]"
+                if row["eligible"]
+                else ("baseline" if row.get("role") == "baseline" else "[red]rejected[/]")
+            )
+        )
         table.add_row(*cells, gate)
     console.print(table)
     for row in rows:
@@ -141,7 +204,9 @@ def _print_summary(summary: dict, seconds: float) -> None:
 
 
 @domains_app.callback()
-def domains(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of text.")) -> None:
+def domains(
+    ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of text.")
+) -> None:
     """List the known domains (with no sub-command)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -155,11 +220,29 @@ def domains(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", he
         spec = entry.spec
         labels = getattr(spec, "label_names", None)
         if as_json:
-            typer.echo(json.dumps({"name": name, "task_kind": spec.task_kind, "description": spec.description, "origin": entry.origin,
-                                   "labels": list(labels) if labels else None, "primary_metric": spec.primary_metric}))
+            typer.echo(
+                json.dumps(
+                    {
+                        "name": name,
+                        "task_kind": spec.task_kind,
+                        "description": spec.description,
+                        "origin": entry.origin,
+                        "labels": list(labels) if labels else None,
+                        "primary_metric": spec.primary_metric,
+                    }
+                )
+            )
         else:
-            shown = f"{len(labels)} labels" if labels else ("labels from the data" if spec.task_kind == "text_classification" else spec.task_kind)
-            console.print(f"[bold]{name}[/bold]: {spec.description} ({shown}; primary metric {spec.primary_metric}; from {entry.origin})", highlight=False)
+            shown = (
+                f"{len(labels)} labels"
+                if labels
+                else ("labels from the data" if hasattr(spec, "label_names") else spec.task_kind)
+            )
+            console.print(
+                f"[bold]{name}[/bold]: {spec.description} ({shown}; primary metric {spec.primary_metric}; from "
+                f"{entry.origin})",
+                highlight=False,
+            )
 
 
 @domains_app.command("add")
@@ -174,7 +257,9 @@ def domains_add(
         spec = add_domain_file(file, replace=replace)
     except DomainFileError as exc:
         fail(str(exc))
-    console.print(f"added {spec.name} ({spec.task_kind}) from {file.resolve()}: try `domainflow run {spec.name}`", highlight=False)
+    console.print(
+        f"added {spec.name} ({spec.task_kind}) from {file.resolve()}: try `domainflow run {spec.name}`", highlight=False
+    )
 
 
 @domains_app.command("remove")
@@ -187,6 +272,26 @@ def domains_remove(name: str = typer.Argument(..., help="A domain added with `do
     except UnknownDomainError as exc:
         fail(str(exc))
     console.print(f"removed {name} (its file {path} is untouched)", highlight=False)
+
+
+@domains_app.command("fields")
+def domains_fields(
+    kind: str = typer.Option("text_classification", help="Task kind: text_classification or ranking."),
+) -> None:
+    """Every key a domain file may set, with its default and meaning."""
+    from domainflow.domain_files import field_rows
+    from domainflow.kinds import UnknownKindError, kind_of
+
+    try:
+        spec_type = kind_of(kind).spec_type
+    except UnknownKindError as exc:
+        fail(str(exc))
+    table = Table(title=f"domain file keys ({kind})")
+    for column in ("key", "default", "meaning"):
+        table.add_column(column)
+    for key, default, meaning in field_rows(spec_type):
+        table.add_row(key, default, meaning)
+    console.print(table)
 
 
 @domains_app.command("show")
@@ -213,6 +318,7 @@ def predict(
     domain = spec.name
     if kind_of(spec).cli_verb != "predict":
         fail(f"{domain} is a {spec.task_kind} domain: use `{kind_of(spec).usage.format(domain=domain)}`")
+    spec = spec.as_kind(ClassificationSpec)
     try:
         champion = ModelRegistry(domain).champion()
     except RegistryError as exc:
@@ -223,7 +329,7 @@ def predict(
     index = QuestionIndex.load(champion.model_dir) if spec.retrieval is not None else None
     results = [
         {"text": text, **prediction_record(spec, text, scores, top_k, ndigits=4)}
-        for text, scores in zip(texts, score_texts(loaded, index, spec, list(texts), top_k))
+        for text, scores in zip(texts, score_texts(loaded, index, spec, list(texts), top_k), strict=True)
     ]
     console.print_json(json.dumps({"domain": domain, "version": champion.version, "predictions": results}))
 
@@ -231,14 +337,19 @@ def predict(
 @app.command()
 def recommend(
     domain: str = typer.Argument(..., help="A ranking domain (a name or a domain file), e.g. recommendation."),
-    history: Optional[list[str]] = typer.Argument(None, help="Item ids the user interacted with, oldest first."),
-    text: Optional[list[str]] = typer.Option(None, "--text", help="Free text about what the user liked, read as the most recent history (repeatable)."),
-    candidate: Optional[list[str]] = typer.Option(None, "--candidate", help="An item id to rank (repeatable; default: every item not in the history)."),
+    history: list[str] | None = typer.Argument(None, help="Item ids the user interacted with, oldest first."),
+    text: list[str] | None = typer.Option(
+        None, "--text", help="Free text about what the user liked, read as the most recent history (repeatable)."
+    ),
+    candidate: list[str] | None = typer.Option(
+        None, "--candidate", help="An item id to rank (repeatable; default: every item not in the history)."
+    ),
     top_k: int = typer.Option(10, min=1, max=100, help="How many items to show."),
 ) -> None:
     """Rank items for a history with the domain's champion: the same answer as POST /v1/DOMAIN/rank."""
     from domainflow.kinds import kind_of
     from domainflow.recsys.bundle import Recommender
+    from domainflow.recsys.spec import RankingSpec
     from domainflow.registry import ModelRegistry, RegistryError
     from serving.ranking import rank_record
 
@@ -246,6 +357,7 @@ def recommend(
     domain = spec.name
     if kind_of(spec).cli_verb != "recommend":
         fail(f"{domain} is a {spec.task_kind} domain: use `{kind_of(spec).usage.format(domain=domain)}`")
+    spec = spec.as_kind(RankingSpec)
     try:
         champion = ModelRegistry(domain).champion()
     except RegistryError as exc:
@@ -257,7 +369,9 @@ def recommend(
         items = recommender.recommend(history=history or [], texts=text or [], candidates=candidate or None, k=top_k)
     except ValueError as exc:  # empty history, unknown item ids
         fail(str(exc))
-    console.print_json(json.dumps(rank_record(domain, champion.version, recommender.scorer_for(history or []), items, ndigits=4)))
+    console.print_json(
+        json.dumps(rank_record(domain, champion.version, recommender.scorer_for(history or []), items, ndigits=4))
+    )
 
 
 @registry_app.command("list")
@@ -277,8 +391,14 @@ def registry_list(
         fail(str(exc))
     if as_json:
         for info in versions:
-            record = {"version": info.version, "champion": bool(champion and champion.version == info.version), "candidate": info.lineage.get("candidate"),
-                      "created_at": info.created_at, "metrics": info.metrics, "path": str(info.path)}
+            record = {
+                "version": info.version,
+                "champion": bool(champion and champion.version == info.version),
+                "candidate": info.lineage.get("candidate"),
+                "created_at": info.created_at,
+                "metrics": info.metrics,
+                "path": str(info.path),
+            }
             typer.echo(json.dumps(record, default=str))
         return
     if not versions:
@@ -290,13 +410,20 @@ def registry_list(
     for info in versions:
         metrics = info.metrics.get("test", info.metrics)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        table.add_row(str(info.version), "*" if champion and champion.version == info.version else "", str(info.lineage.get("candidate", "")), info.created_at, shown)
+        table.add_row(
+            str(info.version),
+            "*" if champion and champion.version == info.version else "",
+            str(info.lineage.get("candidate", "")),
+            info.created_at,
+            shown,
+        )
     console.print(table)
 
 
 @registry_app.command("show")
 def registry_show(
-    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."), version: Optional[int] = typer.Option(None, help="Version (default: the champion).")
+    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."),
+    version: int | None = typer.Option(None, help="Version (default: the champion)."),
 ) -> None:
     """Show one version's metrics, lineage and location as JSON."""
     from domainflow.registry import ModelRegistry, RegistryError
@@ -309,7 +436,19 @@ def registry_show(
         fail(str(exc))
     if info is None:
         fail(f"no champion for {domain}")
-    typer.echo(json.dumps({"version": info.version, "path": str(info.path), "created_at": info.created_at, "metrics": info.metrics, "lineage": info.lineage}, indent=2, default=str))
+    typer.echo(
+        json.dumps(
+            {
+                "version": info.version,
+                "path": str(info.path),
+                "created_at": info.created_at,
+                "metrics": info.metrics,
+                "lineage": info.lineage,
+            },
+            indent=2,
+            default=str,
+        )
+    )
 
 
 @registry_app.command("history")
@@ -335,7 +474,7 @@ def registry_history(
 @registry_app.command("rollback")
 def registry_rollback(
     domain: str = typer.Argument(..., help="Domain (a name or a domain file)."),
-    to: Optional[int] = typer.Option(None, "--to", help="Version to restore (default: the previous champion)."),
+    to: int | None = typer.Option(None, "--to", help="Version to restore (default: the previous champion)."),
     reason: str = typer.Option("manual rollback", help="Why, for the history."),
 ) -> None:
     """Make an earlier version the champion again (atomic; recorded in the history)."""
@@ -375,4 +514,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -95,12 +95,25 @@ def resolve_config(domain: str, config: dict[str, Any] | None = None, config_fil
     spec = get_domain(domain)
     defaults = getattr(spec, "monitoring", None)
     if not isinstance(defaults, MonitorConfig):
-        raise MonitorError(f"domain {domain!r} defines no monitoring (its spec has no `monitoring: MonitorConfig` field)")
+        raise MonitorError(
+            f"domain {domain!r} defines no monitoring (its spec has no `monitoring: MonitorConfig` field)"
+        )
     merged = build_config(defaults, read_config_file(config_file)) if config_file else defaults
     merged = build_config(merged, config) if config else merged
-    if merged.negative_label not in spec.label_names:
-        raise MonitorError(f"negative label {merged.negative_label!r} is not a label of {domain} ({', '.join(spec.label_names)})")
+    labels = domain_labels(domain)
+    if merged.negative_label not in labels:
+        raise MonitorError(f"negative label {merged.negative_label!r} is not a label of {domain} ({', '.join(labels)})")
     return merged
+
+
+def domain_labels(domain: str) -> list[str]:
+    """The labels a monitored domain declares (its monitoring settings name one of them as the negative label)."""
+    from domainflow.catalog import get_domain
+
+    labels = getattr(get_domain(domain), "label_names", None)
+    if labels is None:
+        raise MonitorError(f"domain {domain!r} declares no labels; monitoring needs them (`labels = [...]`)")
+    return list(labels)
 
 
 def store_for(domain: str, store_path: str | None) -> ScoreStore:
@@ -123,7 +136,10 @@ def champion_for(domain: str) -> ChampionRef:
     registry = ModelRegistry(domain)
     champion = registry.champion()
     if champion is None:
-        raise MonitorError(f"no champion for {domain!r} in {registry.root}: run `domainflow run {domain}` first (monitoring scores with the deployed model)")
+        raise MonitorError(
+            f"no champion for {domain!r} in {registry.root}: run `domainflow run {domain}` first (monitoring scores "
+            "with the deployed model)"
+        )
     return ChampionRef(domain=domain, version=champion.version, model_dir=str(champion.model_dir))
 
 
@@ -148,8 +164,23 @@ def prepare_batch(batch_file: str, config: MonitorConfig, fingerprint: str, stor
     os.replace(tmp, out)
     windows = sorted({w.isoformat() for w in frame["ts"].dt.floor(config.surge.window)})
     untagged = int(sum(1 for i in items if not i.topics))
-    get_run_logger().info("%s: %d items (%d duplicate rows dropped, %d without topic) in %d window(s)", source.name, len(items), duplicates, untagged, len(windows))
-    return BatchRef(source=str(source.resolve()), path=str(out), fingerprint=fingerprint, rows=len(items), duplicates_in_file=duplicates, windows=windows, untagged=untagged)
+    get_run_logger().info(
+        "%s: %d items (%d duplicate rows dropped, %d without topic) in %d window(s)",
+        source.name,
+        len(items),
+        duplicates,
+        untagged,
+        len(windows),
+    )
+    return BatchRef(
+        source=str(source.resolve()),
+        path=str(out),
+        fingerprint=fingerprint,
+        rows=len(items),
+        duplicates_in_file=duplicates,
+        windows=windows,
+        untagged=untagged,
+    )
 
 
 @task(name="score-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
@@ -161,15 +192,30 @@ def score_batch(batch: BatchRef, champion: ChampionRef, store_path: str, chunk_s
     store = ScoreStore(store_path)
     store.start_batch(batch.fingerprint, batch.source, batch.rows)
     items = pd.read_parquet(batch.path)
-    counts = score_frame(store, items, champion.model_dir, model_version=champion.version, batch=batch.fingerprint, chunk_size=chunk_size,
-                         progress=lambda done, total: log.info("scored %d/%d new items", done, total))
-    log.info("stored %d new items with champion v%d; %d were already stored", counts.inserted, champion.version, counts.already_stored)
+    counts = score_frame(
+        store,
+        items,
+        champion.model_dir,
+        model_version=champion.version,
+        batch=batch.fingerprint,
+        chunk_size=chunk_size,
+        progress=lambda done, total: log.info("scored %d/%d new items", done, total),
+    )
+    log.info(
+        "stored %d new items with champion v%d; %d were already stored",
+        counts.inserted,
+        champion.version,
+        counts.already_stored,
+    )
     return ScoreResult(inserted=counts.inserted, already_stored=counts.already_stored)
 
 
 @task(name="find-surges", cache_policy=NO_CACHE)
-def find_surges(store_path: str, windows: list[str], config: MonitorConfig, labels: list[str], fingerprint: str) -> SurgeScan:
-    """Counts per topic and window over the touched windows and their baselines; the surges among the touched windows."""
+def find_surges(
+    store_path: str, windows: list[str], config: MonitorConfig, labels: list[str], fingerprint: str
+) -> SurgeScan:
+    """Counts per topic and window over the touched windows and their baselines; the surges among the
+    touched windows."""
     store = ScoreStore(store_path)
     span = store.time_range()
     if span is None or not windows:
@@ -184,12 +230,19 @@ def find_surges(store_path: str, windows: list[str], config: MonitorConfig, labe
     out.parent.mkdir(parents=True, exist_ok=True)
     counts.to_parquet(out, index=False)
     surges = detect_surges(counts, touched, rule, config.negative_label) if len(counts) else []
-    get_run_logger().info("checked %d window(s) × %d topic(s) against %d-window baselines: %d surge(s)", len(touched), counts[TOPIC].nunique() if len(counts) else 0, rule.baseline_windows, len(surges))
+    get_run_logger().info(
+        "checked %d window(s) × %d topic(s) against %d-window baselines: %d surge(s)",
+        len(touched),
+        counts[TOPIC].nunique() if len(counts) else 0,
+        rule.baseline_windows,
+        len(surges),
+    )
     return SurgeScan(surges=surges, counts_path=str(out))
 
 
 def alert_key(domain: str, topic: str) -> str:
-    """Artifact key of a topic's alerts ('$BRK.B' -> 'finance-sentiment-surge-brk-b'); each new alert is a new version."""
+    """Artifact key of a topic's alerts ('$BRK.B' -> 'finance-sentiment-surge-brk-b'); each new alert is
+    a new version."""
     from tasks.artifacts import artifact_key
 
     return artifact_key(domain, "surge-" + re.sub(r"[^a-z0-9]+", "-", topic.lower()).strip("-"))
@@ -197,14 +250,27 @@ def alert_key(domain: str, topic: str) -> str:
 
 def alert_payload(domain: str, surge: Surge, champion: ChampionRef) -> dict[str, Any]:
     """What an alert says, the same in the event, the webhook and the store."""
-    payload = {"domain": domain, "model_version": champion.version, "summary": surge.summary(), **surge.model_dump(mode="json")}
+    payload = {
+        "domain": domain,
+        "model_version": champion.version,
+        "summary": surge.summary(),
+        **surge.model_dump(mode="json"),
+    }
     for key in ("window_start", "window_end"):  # one spelling everywhere: 2024-03-04T08:00:00+00:00
         payload[key] = pd.Timestamp(getattr(surge, key)).isoformat()
     return payload
 
 
 @task(name="announce-surge", cache_policy=NO_CACHE)
-def announce_surge(domain: str, surge: Surge, counts_path: str, labels: list[str], config: MonitorConfig, champion: ChampionRef, store_path: str) -> dict[str, Any]:
+def announce_surge(
+    domain: str,
+    surge: Surge,
+    counts_path: str,
+    labels: list[str],
+    config: MonitorConfig,
+    champion: ChampionRef,
+    store_path: str,
+) -> dict[str, Any]:
     """A Prefect event, and Markdown, table and trend-plot artifacts for one surge."""
     from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
     from prefect.events import emit_event
@@ -215,7 +281,11 @@ def announce_surge(domain: str, surge: Surge, counts_path: str, labels: list[str
     payload = alert_payload(domain, surge, champion)
     emit_event(
         event=SURGE_EVENT,
-        resource={"prefect.resource.id": f"domainflow.{domain}.topic.{surge.topic}", "prefect.resource.name": surge.topic, "domainflow.domain": domain},
+        resource={
+            "prefect.resource.id": f"domainflow.{domain}.topic.{surge.topic}",
+            "prefect.resource.name": surge.topic,
+            "domainflow.domain": domain,
+        },
         payload=payload,
     )
     counts = pd.read_parquet(counts_path)
@@ -223,37 +293,65 @@ def announce_surge(domain: str, surge: Surge, counts_path: str, labels: list[str
     key = alert_key(domain, surge.topic)
     stamp = pd.Timestamp(surge.window_start).strftime("%Y%m%dT%H%M")
     plot = plot_trend(rows, surge, labels, Path(store_path).parent / "alerts" / f"{key}-{stamp}.png")
-    create_markdown_artifact(alert_markdown(domain, surge, config, champion), key=key, description=f"{surge.negative_label} surge on {surge.topic}")
+    create_markdown_artifact(
+        alert_markdown(domain, surge, config, champion),
+        key=key,
+        description=f"{surge.negative_label} surge on {surge.topic}",
+    )
     table = [
-        {"window_start": pd.Timestamp(r[WINDOW]).isoformat(), "total": int(r[TOTAL]), **{label: int(r[label]) for label in labels},
-         f"share_{surge.negative_label}": None if pd.isna(r[share_column(surge.negative_label)]) else round(float(r[share_column(surge.negative_label)]), 3),
-         "surge": pd.Timestamp(r[WINDOW]) == pd.Timestamp(surge.window_start)}
+        {
+            "window_start": pd.Timestamp(r[WINDOW]).isoformat(),
+            "total": int(r[TOTAL]),
+            **{label: int(r[label]) for label in labels},
+            f"share_{surge.negative_label}": None
+            if pd.isna(r[share_column(surge.negative_label)])
+            else round(float(r[share_column(surge.negative_label)]), 3),
+            "surge": pd.Timestamp(r[WINDOW]) == pd.Timestamp(surge.window_start),
+        }
         for _, r in rows.iterrows()
     ]
-    create_table_artifact(table, key=f"{key}-windows", description=f"{surge.topic}: counts per window, baseline and surge window")
-    create_image_artifact(png_data_uri(plot), key=f"{key}-trend", description=f"{surge.topic}: trend with the threshold it crossed")
+    create_table_artifact(
+        table, key=f"{key}-windows", description=f"{surge.topic}: counts per window, baseline and surge window"
+    )
+    create_image_artifact(
+        png_data_uri(plot), key=f"{key}-trend", description=f"{surge.topic}: trend with the threshold it crossed"
+    )
     return payload
 
 
 def alert_markdown(domain: str, surge: Surge, config: MonitorConfig, champion: ChampionRef) -> str:
     rule = config.surge
-    share_line = (f"| {surge.negative_label} share | {surge.share:.0%} | {surge.baseline_share_mean:.0%} ± {surge.baseline_share_std:.0%} | {surge.share_threshold:.0%} |"
-                  if surge.share_threshold is not None else f"| {surge.negative_label} share | {surge.share:.0%} | – | – (too few windows with items) |")
-    return "\n".join([
-        f"# Surge: {surge.topic} ({domain})",
-        "",
-        f"**{surge.negative_count} {surge.negative_label}** of {surge.total} items in the window "
-        f"**{pd.Timestamp(surge.window_start):%Y-%m-%d %H:%M}–{pd.Timestamp(surge.window_end):%H:%M} UTC**; rule(s) fired: {', '.join(surge.rules)}.",
-        "",
-        "| measure | this window | baseline (mean ± std) | threshold |",
-        "|---|---:|---:|---:|",
-        f"| {surge.negative_label} count | {surge.negative_count} | {surge.baseline_mean:.2f} ± {surge.baseline_std:.2f} | {surge.count_threshold:.2f} |",
-        share_line,
-        "",
-        f"Baseline: the previous {surge.baseline_windows} windows of {rule.window} (silent windows count as 0). "
-        f"Rule: at least {rule.min_count} {surge.negative_label} items and count > mean + {rule.k:g}·std + {rule.min_excess:g}, "
-        f"or share > mean + {rule.k:g}·std + {rule.min_share_excess:g}. Scored by champion v{champion.version}.",
-    ]) + "\n"
+    share_line = (
+        f"| {surge.negative_label} share | {surge.share:.0%} | {surge.baseline_share_mean:.0%} ± "
+        f"{surge.baseline_share_std:.0%} | {surge.share_threshold:.0%} |"
+        if surge.share_threshold is not None
+        else f"| {surge.negative_label} share | {surge.share:.0%} | – | – (too few windows with items) |"
+    )
+    return (
+        "\n".join(
+            [
+                f"# Surge: {surge.topic} ({domain})",
+                "",
+                f"**{surge.negative_count} {surge.negative_label}** of {surge.total} items in the window "
+                f"**{pd.Timestamp(surge.window_start):%Y-%m-%d %H:%M}–{pd.Timestamp(surge.window_end):%H:%M} UTC**; "
+                f"rule(s) fired: {', '.join(surge.rules)}.",
+                "",
+                "| measure | this window | baseline (mean ± std) | threshold |",
+                "|---|---:|---:|---:|",
+                f"| {surge.negative_label} count | {surge.negative_count} | {surge.baseline_mean:.2f} ± "
+                f"{surge.baseline_std:.2f} | {surge.count_threshold:.2f} |",
+                share_line,
+                "",
+                f"Baseline: the previous {surge.baseline_windows} windows of {rule.window} (silent windows count as "
+                "0). "
+                f"Rule: at least {rule.min_count} {surge.negative_label} items and count > mean + {rule.k:g}·std + "
+                f"{rule.min_excess:g}, "
+                f"or share > mean + {rule.k:g}·std + {rule.min_share_excess:g}. Scored by champion "
+                f"v{champion.version}.",
+            ]
+        )
+        + "\n"
+    )
 
 
 @task(name="post-webhook", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
@@ -271,9 +369,19 @@ def _latest_overview(counts_path: str | None, negative: str, limit: int = 20) ->
     if counts.empty:
         return []
     latest = counts[counts[WINDOW] == counts[WINDOW].max()].sort_values([TOTAL, negative], ascending=False).head(limit)
-    return [{"topic": r[TOPIC], "window_start": pd.Timestamp(r[WINDOW]).isoformat(), "total": int(r[TOTAL]), negative: int(r[negative]),
-             f"share_{negative}": None if pd.isna(r[share_column(negative)]) else round(float(r[share_column(negative)]), 3)}
-            for _, r in latest.iterrows() if r[TOTAL] > 0]
+    return [
+        {
+            "topic": r[TOPIC],
+            "window_start": pd.Timestamp(r[WINDOW]).isoformat(),
+            "total": int(r[TOTAL]),
+            negative: int(r[negative]),
+            f"share_{negative}": None
+            if pd.isna(r[share_column(negative)])
+            else round(float(r[share_column(negative)]), 3),
+        }
+        for _, r in latest.iterrows()
+        if r[TOTAL] > 0
+    ]
 
 
 # ------------------------------------------------------------------------------ flows
@@ -296,20 +404,32 @@ def monitor_batch(
         config_file: a TOML or JSON file of overrides (applied before ``config``).
         store_path: the SQLite store (default ``<home>/monitoring/<domain>/scores.sqlite``).
     """
-    from domainflow.catalog import get_domain
 
     log = get_run_logger()
     settings_ = resolve_config(domain, config, config_file)
-    labels = list(get_domain(domain).label_names)
+    labels = domain_labels(domain)
     store = store_for(domain, store_path)
     source = Path(batch_file)
     if not source.is_file():
         raise MonitorError(f"batch file {source} does not exist")
     fingerprint = batch_fingerprint(source, settings_)
-    summary: dict[str, Any] = {"domain": domain, "batch": str(source), "fingerprint": fingerprint, "store": str(store.path)}
+    summary: dict[str, Any] = {
+        "domain": domain,
+        "batch": str(source),
+        "fingerprint": fingerprint,
+        "store": str(store.path),
+    }
     if store.batch_completed(fingerprint):
         log.info("%s was already processed completely (fingerprint %s): nothing to add", source.name, fingerprint)
-        return {**summary, "already_processed": True, "rows": 0, "inserted": 0, "already_stored": 0, "alerts": [], "known_alerts": []}
+        return {
+            **summary,
+            "already_processed": True,
+            "rows": 0,
+            "inserted": 0,
+            "already_stored": 0,
+            "alerts": [],
+            "known_alerts": [],
+        }
 
     champion = champion_for(domain)
     batch = prepare_batch(str(source), settings_, fingerprint, str(store.path))
@@ -322,17 +442,26 @@ def monitor_batch(
         if store.alert_exists(surge.topic, pd.Timestamp(surge.window_start)):
             known.append(surge.model_dump(mode="json"))
             continue
+        assert scan.counts_path is not None  # a scan that found surges has written its counts
         payload = announce_surge(domain, surge, scan.counts_path, labels, settings_, champion, str(store.path))
         print(f"SURGE {surge.summary()} (artifact {alert_key(domain, surge.topic)})")
         notified = "no webhook configured"
         if url:
             hook = settings_.webhook
-            state = post_webhook.with_options(retries=hook.retries, retry_delay_seconds=hook.retry_delay_seconds)(url, payload, hook.timeout_seconds, return_state=True)
+            state = post_webhook.with_options(retries=hook.retries, retry_delay_seconds=hook.retry_delay_seconds)(
+                url, payload, hook.timeout_seconds, return_state=True
+            )
             if state.is_completed():
                 notified = f"sent (HTTP {state.result()})"
             else:
                 notified = f"failed after {hook.retries + 1} tries: {state.message or state.name}"
-                log.error("webhook for the %s alert failed after %d tries; the alert is recorded and shown as an artifact: %s", surge.topic, hook.retries + 1, state.message)
+                log.error(
+                    "webhook for the %s alert failed after %d tries; the alert is recorded and shown as an artifact: "
+                    "%s",
+                    surge.topic,
+                    hook.retries + 1,
+                    state.message,
+                )
         store.record_alert(surge.topic, pd.Timestamp(surge.window_start), payload, notified)
         alerts.append({**payload, "artifact": alert_key(domain, surge.topic), "webhook": notified})
     store.complete_batch(fingerprint, scored.inserted)
@@ -343,11 +472,27 @@ def monitor_batch(
 
         from tasks.artifacts import artifact_key
 
-        create_table_artifact(overview, key=artifact_key(domain, "monitor-latest-window"), description=f"Busiest topics of the newest window after {source.name}")
-    log.info("%s: %d items, %d new in the store, %d new alert(s)", source.name, batch.rows, scored.inserted, len(alerts))
-    return {**summary, "already_processed": False, "champion_version": champion.version, "rows": batch.rows, "duplicates_in_file": batch.duplicates_in_file,
-            "untagged": batch.untagged, "inserted": scored.inserted, "already_stored": scored.already_stored, "windows": batch.windows,
-            "alerts": alerts, "known_alerts": known}
+        create_table_artifact(
+            overview,
+            key=artifact_key(domain, "monitor-latest-window"),
+            description=f"Busiest topics of the newest window after {source.name}",
+        )
+    log.info(
+        "%s: %d items, %d new in the store, %d new alert(s)", source.name, batch.rows, scored.inserted, len(alerts)
+    )
+    return {
+        **summary,
+        "already_processed": False,
+        "champion_version": champion.version,
+        "rows": batch.rows,
+        "duplicates_in_file": batch.duplicates_in_file,
+        "untagged": batch.untagged,
+        "inserted": scored.inserted,
+        "already_stored": scored.already_stored,
+        "windows": batch.windows,
+        "alerts": alerts,
+        "known_alerts": known,
+    }
 
 
 def inbox_files(inbox: str | Path) -> list[Path]:
@@ -355,7 +500,9 @@ def inbox_files(inbox: str | Path) -> list[Path]:
     folder = Path(inbox)
     if not folder.is_dir():
         raise MonitorError(f"inbox {folder} is not a folder")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES and not p.name.startswith(".")]
+    files = [
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES and not p.name.startswith(".")
+    ]
     return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
@@ -375,13 +522,17 @@ def monitor_inbox(
     results, failures = [], []
     for path in inbox_files(inbox):
         try:
-            results.append(monitor_batch(str(path), domain=domain, config=config, config_file=config_file, store_path=store_path))
+            results.append(
+                monitor_batch(str(path), domain=domain, config=config, config_file=config_file, store_path=store_path)
+            )
         except (BatchValidationError, MonitorError) as exc:
             log.error("%s: %s", path.name, exc)
             failures.append(str(exc) if path.name in str(exc) else f"{path.name}: {exc}")
     alerts = [a for r in results for a in r["alerts"]]
     if failures:
-        raise MonitorError(f"{len(failures)} of {len(failures) + len(results)} batch file(s) failed:\n- " + "\n- ".join(failures))
+        raise MonitorError(
+            f"{len(failures)} of {len(failures) + len(results)} batch file(s) failed:\n- " + "\n- ".join(failures)
+        )
     return {"inbox": inbox, "files": len(results), "new_items": sum(r["inserted"] for r in results), "alerts": alerts}
 
 
@@ -408,8 +559,8 @@ def replay(
     import tempfile
 
     from domainflow import settings
-    from domainflow.monitoring.replay import build_replay
     from domainflow.catalog import get_domain
+    from domainflow.monitoring.replay import build_replay
 
     spec = get_domain(domain)
     source = source or str(spec.source.resolve()["test"])
@@ -419,13 +570,27 @@ def replay(
         base = settings.home() / "monitoring" / domain
         base.mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix="replay-", dir=base))
-    plan = build_replay(source, run_dir / "stream", text_column=spec.text_column, ticker=ticker, window=window, windows=windows, surge_window=surge_window,
-                        surge_size=surge_size, windows_per_batch=windows_per_batch, limit=limit, seed=seed)
+    plan = build_replay(
+        source,
+        run_dir / "stream",
+        text_column=spec.text_column,
+        ticker=ticker,
+        window=window,
+        windows=windows,
+        surge_window=surge_window,
+        surge_size=surge_size,
+        windows_per_batch=windows_per_batch,
+        limit=limit,
+        seed=seed,
+    )
     store = str(Path(store_path) if store_path else run_dir / "replay.sqlite")
     overrides = dict(config or {})
     overrides["surge"] = {**overrides.get("surge", {}), "window": window}
-    print(f"replaying {plan.items} items from {source} over {windows} × {window} in {len(plan.files)} batch(es); "
-          f"injected: {plan.surge_items} {resolve_config(domain, overrides).negative_label} items on {plan.ticker} at {plan.surge_window.isoformat()}")
+    print(
+        f"replaying {plan.items} items from {source} over {windows} × {window} in {len(plan.files)} batch(es); "
+        f"injected: {plan.surge_items} {resolve_config(domain, overrides).negative_label} items on {plan.ticker} at "
+        f"{plan.surge_window.isoformat()}"
+    )
     raised = []
     for path in plan.files:
         result = monitor_batch(str(path), domain=domain, config=overrides, store_path=store)
@@ -433,23 +598,53 @@ def replay(
     got = {(a["topic"], pd.Timestamp(a["window_start"])) for a in raised}
     expected = plan.expected()
     matched = got == expected
-    verdict = "exactly the injected alert was raised" if matched else f"MISMATCH: expected {sorted((t, w.isoformat()) for t, w in expected)}"
+    verdict = (
+        "exactly the injected alert was raised"
+        if matched
+        else f"MISMATCH: expected {sorted((t, w.isoformat()) for t, w in expected)}"
+    )
     print(f"replay done: {len(raised)} alert(s) {sorted((t, w.isoformat()) for t, w in got)}; {verdict}")
-    return {"ticker": plan.ticker, "surge_window": plan.surge_window.isoformat(), "items": plan.items, "batches": len(plan.files),
-            "alerts": raised, "matched": matched, "store": store, "stream_dir": str(run_dir / "stream")}
+    return {
+        "ticker": plan.ticker,
+        "surge_window": plan.surge_window.isoformat(),
+        "items": plan.items,
+        "batches": len(plan.files),
+        "alerts": raised,
+        "matched": matched,
+        "store": store,
+        "stream_dir": str(run_dir / "stream"),
+    }
 
 
-def build_monitor_deployment(domain: str, inbox: str, *, cron: str | None = None, interval_seconds: float | None = None, timezone: str = "UTC",
-                             config_file: str | None = None, store_path: str | None = None) -> Any:
+def build_monitor_deployment(
+    domain: str,
+    inbox: str,
+    *,
+    cron: str | None = None,
+    interval_seconds: float | None = None,
+    timezone: str = "UTC",
+    config_file: str | None = None,
+    store_path: str | None = None,
+) -> Any:
     """A ``monitor-<domain>`` deployment of :func:`monitor_inbox` on a cron or an interval, like retraining's."""
     from prefect.deployments.runner import EntrypointType
-    from prefect.schedules import Cron, Interval
+    from prefect.schedules import Cron, Interval, Schedule
 
     if (cron is None) == (interval_seconds is None):
         raise ValueError("give exactly one of cron or interval_seconds")
     resolve_config(domain, None, config_file)  # fail now, not at 3 a.m.: unknown domain, no monitoring, bad config file
-    schedule = Cron(cron, timezone=timezone) if cron else Interval(interval_seconds, timezone=timezone)
-    parameters = {"inbox": str(Path(inbox).resolve()), "domain": domain, "config_file": str(Path(config_file).resolve()) if config_file else None, "store_path": store_path}
+    if cron:
+        schedule: Schedule = Cron(cron, timezone=timezone)
+    elif interval_seconds is not None:
+        schedule = Interval(interval_seconds, timezone=timezone)
+    else:
+        raise ValueError("give exactly one of cron or interval_seconds")
+    parameters = {
+        "inbox": str(Path(inbox).resolve()),
+        "domain": domain,
+        "config_file": str(Path(config_file).resolve()) if config_file else None,
+        "store_path": store_path,
+    }
     return monitor_inbox.to_deployment(
         name=f"monitor-{domain}",
         schedule=schedule,

@@ -1,4 +1,5 @@
-"""Operations commands: ``serve`` (the HTTP service), ``schedule`` (retraining deployments), ``ui`` (Prefect server + UI).
+"""Operations commands: ``serve`` (the HTTP service), ``schedule`` (retraining deployments),
+``ui`` (Prefect server + UI).
 
 Kept apart from ``flows/cli.py`` so they can be wired in as top-level commands::
 
@@ -17,7 +18,6 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from domainflow.settings import configure_environment
@@ -27,7 +27,11 @@ configure_environment()  # before Prefect / Hugging Face read their settings
 import typer  # noqa: E402
 
 DEFAULT_PREFECT_PORT = 4200
-ops_app = typer.Typer(help="Serve champions over HTTP, schedule retraining, run the Prefect UI.", no_args_is_help=True, add_completion=False)
+ops_app = typer.Typer(
+    help="Serve champions over HTTP, schedule retraining, run the Prefect UI.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 def _fail(message: str) -> None:
@@ -53,28 +57,55 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(
-    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the service to the network (keys still required)."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind; 0.0.0.0 exposes the service to the network (keys still required)."
+    ),
     port: int = typer.Option(8000, min=1, max=65535, help="Port."),
-    domain: Optional[list[str]] = typer.Argument(None, help="Domains to serve: names or domain files (default: every known domain)."),
-    api_keys_file: Optional[Path] = typer.Option(None, help="File with one API key per line (else DOMAINFLOW_API_KEYS / DOMAINFLOW_API_KEYS_FILE)."),
+    domain: list[str] | None = typer.Argument(
+        None, help="Domains to serve: names or domain files (default: every known domain)."
+    ),
+    api_keys_file: Path | None = typer.Option(
+        None, help="File with one API key per line (else DOMAINFLOW_API_KEYS / DOMAINFLOW_API_KEYS_FILE)."
+    ),
     max_batch: int = typer.Option(64, min=1, help="Most texts per model call (micro-batching)."),
-    max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest a request waits for others to join its batch; 0 and --max-batch 1 disable batching."),
+    max_wait_ms: float = typer.Option(
+        5.0, min=0.0, help="Longest a request waits for others to join its batch; 0 and --max-batch 1 disable batching."
+    ),
     max_texts: int = typer.Option(64, min=1, help="Most texts per request."),
     max_chars: int = typer.Option(2000, min=1, help="Most characters per text."),
-    poll_seconds: float = typer.Option(1.0, min=0.05, help="How often the registry's champion pointer is checked (hot swap)."),
-    torch_threads: Optional[int] = typer.Option(None, min=1, help="Threads for the model, torch's and ONNX Runtime's alike (default: torch's choice, one per core)."),
+    poll_seconds: float = typer.Option(
+        1.0, min=0.05, help="How often the registry's champion pointer is checked (hot swap)."
+    ),
+    torch_threads: int | None = typer.Option(
+        None,
+        min=1,
+        help="Threads for the model, torch's and ONNX Runtime's alike (default: torch's choice, one per core).",
+    ),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (costs throughput)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
-    """Serve each domain's champion over HTTP: POST /v1/DOMAIN/predict or, for ranking domains, /v1/DOMAIN/rank (key in X-API-Key), /v1/domains, /healthz, /readyz, /metrics, /docs."""
+    """Serve each domain's champion over HTTP.
+
+    POST /v1/DOMAIN/predict or, for ranking domains, /v1/DOMAIN/rank (key in X-API-Key),
+    /v1/domains, /healthz, /readyz, /metrics, /docs."""
     import uvicorn
 
     from serving import ApiKeys, AuthConfigError, ServingConfig, create_app
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         keys = ApiKeys.from_environment(keys_file=api_keys_file)
-        config = ServingConfig(domains=tuple(domain) if domain else None, max_batch_texts=max_batch, max_wait_ms=max_wait_ms, max_texts=max_texts, max_chars=max_chars, poll_seconds=poll_seconds)
+        config = ServingConfig(
+            domains=tuple(domain) if domain else None,
+            max_batch_texts=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_texts=max_texts,
+            max_chars=max_chars,
+            poll_seconds=poll_seconds,
+        )
         app = create_app(config, api_keys=keys)
     except (AuthConfigError, ValueError) as exc:
         _fail(str(exc))
@@ -85,8 +116,13 @@ def serve(
 
         torch.set_num_threads(torch_threads)
     if not _is_loopback(host):
-        typer.echo(f"warning: serving on {host}: reachable from the network; use TLS in front of it (a reverse proxy)", err=True)
-    typer.echo(f"serving {', '.join(app.state.store.slots)} from {config.registry_root} on http://{host}:{port} (docs: /docs)")
+        typer.echo(
+            f"warning: serving on {host}: reachable from the network; use TLS in front of it (a reverse proxy)",
+            err=True,
+        )
+    typer.echo(
+        f"serving {', '.join(app.state.store.slots)} from {config.registry_root} on http://{host}:{port} (docs: /docs)"
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=10)
 
 
@@ -107,21 +143,31 @@ def prefect_server_env(host: str, port: int, base: dict[str, str] | None = None)
 
 
 def ui(
-    host: str = typer.Option("127.0.0.1", help="Address to bind (the Prefect server has no authentication: keep it on loopback)."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind (the Prefect server has no authentication: keep it on loopback)."
+    ),
     port: int = typer.Option(DEFAULT_PREFECT_PORT, min=1, max=65535, help="Port of the API and the UI."),
 ) -> None:
     """Start a local Prefect server (SQLite under the domainflow home) with its UI; Ctrl-C stops it."""
     if not _port_free(host, port):
-        _fail(f"{host}:{port} is already in use: is a Prefect server already running? Try http://{host}:{port} or choose --port")
+        _fail(
+            f"{host}:{port} is already in use: is a Prefect server already running? Try http://{host}:{port} or "
+            "choose --port"
+        )
     env = prefect_server_env(host, port)
     api_url = env["PREFECT_SERVER_UI_API_URL"]
     typer.echo(f"Prefect UI: {api_url.removesuffix('/api')}   (state in {env.get('PREFECT_HOME')})")
-    typer.echo(f"In other shells:  export PREFECT_API_URL={api_url}   then `domainflow run ...` / `domainflow schedule ...` show up there.")
+    typer.echo(
+        f"In other shells:  export PREFECT_API_URL={api_url}   then `domainflow run ...` / `domainflow schedule ...` "
+        "show up there."
+    )
     if not _is_loopback(host):
         typer.echo("warning: the Prefect server has no authentication and is now reachable from the network", err=True)
     sys.stdout.flush()
     # exec: the server *is* this process, so Ctrl-C and SIGTERM reach it directly.
-    os.execve(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env)
+    os.execve(
+        sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env
+    )
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -136,7 +182,10 @@ def _check_prefect_api(api_url: str) -> None:
     except httpx.HTTPError:
         healthy = False
     if not healthy:
-        _fail(f"no Prefect server answers at {api_url}: start one with `domainflow ui` (or set PREFECT_API_URL / --api-url)")
+        _fail(
+            f"no Prefect server answers at {api_url}: start one with `domainflow ui` (or set PREFECT_API_URL / "
+            "--api-url)"
+        )
 
 
 def build_retrain_deployments(
@@ -167,7 +216,7 @@ def build_retrain_deployments(
     try:
         Cron(cron, timezone=timezone)  # Prefect checks the cron string, raising ValueError naming it
     except ValueError as exc:
-        raise ValueError(f"{exc}: five fields, minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\"") from None
+        raise ValueError(f'{exc}: five fields, minute hour day-of-month month day-of-week, e.g. "0 3 * * *"') from None
     try:
         ZoneInfo(timezone)  # Prefect accepts any string here and fails later, in the scheduler
     except (ZoneInfoNotFoundError, ValueError):
@@ -182,16 +231,30 @@ def build_retrain_deployments(
             domain = str(Path(domain).expanduser().resolve())  # the run starts in another process and folder
         folder = domain_data_folder(domain, data_dir).resolve()
         if not training_files(folder):
-            logging.getLogger("domainflow.schedule").warning("%s: no train* file in %s yet: runs fail until one is dropped there", domain, folder)
+            logging.getLogger("domainflow.schedule").warning(
+                "%s: no train* file in %s yet: runs fail until one is dropped there", domain, folder
+            )
         if model and Path(model).expanduser().exists():
             model = str(Path(model).expanduser().resolve())  # runs may start in another working directory
-        parameters = {"domain": domain, "data_dir": str(folder) if data_dir else None, "model": model, "epochs": epochs, "max_train_samples": max_train_samples, "max_test_samples": max_test_samples, "num_layers": num_layers, "domain_modules": list(domain_modules) if domain_modules else None}
+        parameters = {
+            "domain": domain,
+            "data_dir": str(folder) if data_dir else None,
+            "model": model,
+            "epochs": epochs,
+            "max_train_samples": max_train_samples,
+            "max_test_samples": max_test_samples,
+            "num_layers": num_layers,
+            "domain_modules": list(domain_modules) if domain_modules else None,
+        }
         deployments.append(
             retrain.to_deployment(
                 name=f"retrain-{spec.name}",
                 schedule=Cron(cron, timezone=timezone),
                 parameters={k: v for k, v in parameters.items() if v is not None},
-                description=f"Retrain {spec.name} ({spec.description}) on the newest train* file in {folder}; the gates decide on promotion.",
+                description=(
+                    f"Retrain {spec.name} ({spec.description}) on the newest train* file in {folder}; "
+                    "the gates decide on promotion."
+                ),
                 tags=["domainflow", "retrain", spec.name],
                 # one run of a domain at a time: a run due while the last is still going waits for its slot
                 concurrency_limit=1,
@@ -205,21 +268,47 @@ def schedule(
     domain: list[str] = typer.Argument(..., help="Domains to retrain: registered names or domain files."),
     cron: str = typer.Option(..., help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).'),
     timezone: str = typer.Option("UTC", help="IANA time zone of the cron schedule."),
-    data_dir: Optional[str] = typer.Option(None, help="The domain's data folder (default: the folder of its shipped train file); the newest train* file in it is used."),
-    model: Optional[str] = typer.Option(None, help="Base encoder (default: the domain's)."),
-    epochs: Optional[float] = typer.Option(None, min=0.01, help="Fine-tuning epochs (default: the domain's)."),
-    max_train_samples: Optional[int] = typer.Option(None, min=1, help="Stratified subsample of the training data."),
-    max_test_samples: Optional[int] = typer.Option(None, min=1, help="Stratified subsample of the test data."),
-    num_layers: Optional[int] = typer.Option(None, min=1, help="Keep only the first N encoder layers."),
-    domain_module: Optional[list[str]] = typer.Option(None, "--domain-module", help="Module to import first that registers extra domains (repeatable; must be importable by the runs too)."),
-    api_url: Optional[str] = typer.Option(None, help=f"Prefect API (default: PREFECT_API_URL, else http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api as started by `domainflow ui`)."),
+    data_dir: str | None = typer.Option(
+        None,
+        help=(
+            "The domain's data folder (default: the folder of its shipped train file); "
+            "the newest train* file in it is used."
+        ),
+    ),
+    model: str | None = typer.Option(None, help="Base encoder (default: the domain's)."),
+    epochs: float | None = typer.Option(None, min=0.01, help="Fine-tuning epochs (default: the domain's)."),
+    max_train_samples: int | None = typer.Option(None, min=1, help="Stratified subsample of the training data."),
+    max_test_samples: int | None = typer.Option(None, min=1, help="Stratified subsample of the test data."),
+    num_layers: int | None = typer.Option(None, min=1, help="Keep only the first N encoder layers."),
+    domain_module: list[str] | None = typer.Option(
+        None,
+        "--domain-module",
+        help="Module to import first that registers extra domains (repeatable; must be importable by the runs too).",
+    ),
+    api_url: str | None = typer.Option(
+        None,
+        help=(
+            f"Prefect API (default: PREFECT_API_URL, else http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api "
+            "as started by `domainflow ui`)."
+        ),
+    ),
 ) -> None:
-    """Create retraining deployments on a cron schedule and run them when due (keeps running; Ctrl-C or SIGTERM pauses the schedules and stops)."""
+    """Create retraining deployments on a cron schedule and run them when due.
+
+    Keeps running; Ctrl-C or SIGTERM pauses the schedules and stops."""
     api_url = api_url or os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api"
     try:
         deployments = build_retrain_deployments(
-            domain, cron, timezone=timezone, data_dir=data_dir, model=model, epochs=epochs, max_train_samples=max_train_samples,
-            max_test_samples=max_test_samples, num_layers=num_layers, domain_modules=domain_module,
+            domain,
+            cron,
+            timezone=timezone,
+            data_dir=data_dir,
+            model=model,
+            epochs=epochs,
+            max_train_samples=max_train_samples,
+            max_test_samples=max_test_samples,
+            num_layers=num_layers,
+            domain_modules=domain_module,
         )
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -229,7 +318,10 @@ def schedule(
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    typer.echo(f"scheduling {', '.join(d.name for d in deployments)} on {cron!r} ({timezone}) at {api_url}; UI: {api_url.removesuffix('/api')}/deployments")
+    typer.echo(
+        f"scheduling {', '.join(d.name for d in deployments)} on {cron!r} ({timezone}) at {api_url}; UI: "
+        f"{api_url.removesuffix('/api')}/deployments"
+    )
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         prefect_serve(*deployments)
 

@@ -15,8 +15,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from domainflow.catalog import get_domain
-from domainflow.data.validation import DataValidationError
 from domainflow.compression import RECIPES
+from domainflow.data.validation import DataValidationError
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.gates import select_reference
 from domainflow.kinds import kind_of, resolve
@@ -33,7 +33,9 @@ from tasks.report import report
 from tasks.speed import measure_speed
 
 
-def resolve_data_files(spec: ClassificationSpec, data_dir: str | None, train_file: str | None, test_file: str | None) -> tuple[Path, Path]:
+def resolve_data_files(
+    spec: ClassificationSpec, data_dir: str | None, train_file: str | None, test_file: str | None
+) -> tuple[Path, Path]:
     """Explicit files win; else the domain's files, under ``data_dir`` when given."""
     if train_file or test_file:
         if not (train_file and test_file):
@@ -49,17 +51,23 @@ def check_labels_match_champion(spec: ClassificationSpec, dataset: DatasetRef, r
     if spec.label_names is not None:
         return
     champion = registry.champion()
-    trained = champion.lineage.get("labels") if champion is not None else None
+    if champion is None:
+        return
+    trained = champion.lineage.get("labels")
     if trained and list(trained) != list(dataset.label_names):
         new, gone = sorted(set(dataset.label_names) - set(trained)), sorted(set(trained) - set(dataset.label_names))
         raise DataValidationError(
             f"{spec.name}: the training data's labels differ from those champion v{champion.version} was trained with "
-            f"(new: {new or 'none'}; missing: {gone or 'none'}). The domain file lists no labels, so they come from the data; "
-            "to change the label set on purpose, list `labels = [...]` in the domain file (a new label list starts a new model line)."
+            f"(new: {new or 'none'}; missing: {gone or 'none'}). The domain file lists no labels, so they come from "
+            "the data; "
+            "to change the label set on purpose, list `labels = [...]` in the domain file (a new label list starts a "
+            "new model line)."
         )
 
 
-def compress_candidates(settings: CompressionDefaults, reference: ModelRef, dataset: DatasetRef, config: Any, options: dict) -> list[ModelRef]:
+def compress_candidates(
+    settings: CompressionDefaults, reference: ModelRef, dataset: DatasetRef, config: Any, options: dict
+) -> list[ModelRef]:
     """The domain's compression methods applied to the best fp32 model (a distilled student is also quantized
     with every int8 recipe the domain asks for)."""
     methods = settings.methods
@@ -74,14 +82,24 @@ def compress_candidates(settings: CompressionDefaults, reference: ModelRef, data
     if "magnitude_prune" in methods:
         candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain, settings.sparsity))
     if "ffn_prune" in methods:
-        candidates.append(prune_ffn.with_options(**options)(reference, dataset, config, settings.ffn_keep_ratio, settings.recovery_epochs))
+        candidates.append(
+            prune_ffn.with_options(**options)(
+                reference, dataset, config, settings.ffn_keep_ratio, settings.recovery_epochs
+            )
+        )
     depth = json.loads((Path(reference.path) / "config.json").read_text())["num_hidden_layers"]
     student_layers = settings.student_layers
     if "distill" in methods and student_layers >= depth:
-        get_run_logger().warning("distillation skipped: the student needs fewer than the teacher's %d layers, the domain asks for %d", depth, student_layers)
+        get_run_logger().warning(
+            "distillation skipped: the student needs fewer than the teacher's %d layers, the domain asks for %d",
+            depth,
+            student_layers,
+        )
     elif "distill" in methods:
         epochs = settings.distill_epochs if settings.distill_epochs is not None else config.epochs
-        student = distill.with_options(**options)(reference, dataset, config, student_layers, epochs, settings.distill_temperature, settings.distill_alpha)
+        student = distill.with_options(**options)(
+            reference, dataset, config, student_layers, epochs, settings.distill_temperature, settings.distill_alpha
+        )
         candidates.append(student)
         for recipe in int8_recipes:
             candidates.append(quantize.with_options(**options)(student, dataset.domain, recipe))
@@ -127,8 +145,22 @@ def domain_pipeline(
     spec = get_domain(domain)
     if not isinstance(spec, ClassificationSpec):
         raise ValueError(f"{spec.name} is a {spec.task_kind} domain; this pipeline trains text classification domains")
-    with domain_run_lock(spec.name, wait=wait_for_lock, on_wait=log.warning, description=f"domain-pipeline run of {spec.name}"):
-        return _train_and_deploy(spec, model, data_dir, train_file, test_file, max_train_samples, max_test_samples, epochs, seed, num_layers, refresh_cache)
+    with domain_run_lock(
+        spec.name, wait=wait_for_lock, on_wait=log.warning, description=f"domain-pipeline run of {spec.name}"
+    ):
+        return _train_and_deploy(
+            spec,
+            model,
+            data_dir,
+            train_file,
+            test_file,
+            max_train_samples,
+            max_test_samples,
+            epochs,
+            seed,
+            num_layers,
+            refresh_cache,
+        )
 
 
 def _train_and_deploy(
@@ -148,19 +180,27 @@ def _train_and_deploy(
     log = get_run_logger()
     domain = spec.name
     registry = ModelRegistry(domain)
-    options = {"refresh_cache": True} if refresh_cache else {}
+    options: dict[str, Any] = {"refresh_cache": True} if refresh_cache else {}
 
     train_path, test_path = resolve_data_files(spec, data_dir, train_file, test_file)
     source_fingerprint = value_fingerprint(path_fingerprint(train_path), path_fingerprint(test_path))
     dataset: DatasetRef = ingest.with_options(**options)(
-        spec.data_slice(), domain, str(train_path), str(test_path), source_fingerprint,
-        max_train_samples=max_train_samples, max_test_samples=max_test_samples, seed=seed,
+        spec.data_slice(),
+        domain,
+        str(train_path),
+        str(test_path),
+        source_fingerprint,
+        max_train_samples=max_train_samples,
+        max_test_samples=max_test_samples,
+        seed=seed,
     )
     log.info("dataset %s: %s", dataset.fingerprint, dataset.num_rows)
     check_labels_match_champion(spec, dataset, registry)
     if spec.label_names is None:
         spec = spec.with_labels(tuple(dataset.label_names))
-        log.info("%s: %d labels taken from the training data: %s", domain, spec.num_labels, ", ".join(spec.label_names or ()))
+        log.info(
+            "%s: %d labels taken from the training data: %s", domain, spec.num_labels, ", ".join(spec.label_names or ())
+        )
 
     config = make_train_config(spec, model, epochs=epochs, seed=seed, num_layers=num_layers)
     probe: ModelRef = linear_probe.with_options(**options)(dataset, config)
@@ -178,15 +218,33 @@ def _train_and_deploy(
     champion = registry.champion()
     if champion is not None and champion_metrics is None:
         log.info("champion v%d was measured on another test set: re-evaluating it on this one", champion.version)
-        champion_ref = ModelRef(name=f"champion-v{champion.version}", path=str(champion.model_dir), fingerprint=path_fingerprint(champion.model_dir))
+        champion_ref = ModelRef(
+            name=f"champion-v{champion.version}",
+            path=str(champion.model_dir),
+            fingerprint=path_fingerprint(champion.model_dir),
+        )
         champion_metrics = evaluate(champion_ref, dataset, measured).test_metrics
 
-    run_config = {"model": model, "data_files": [str(train_path), str(test_path)], "max_train_samples": max_train_samples, "max_test_samples": max_test_samples, "train_config": config.model_dump()}
-    decision = deploy(spec, evaluations, champion_metrics, dataset.fingerprint, dataset.test_fingerprint, run_config, labels=list(dataset.label_names))
+    run_config = {
+        "model": model,
+        "data_files": [str(train_path), str(test_path)],
+        "max_train_samples": max_train_samples,
+        "max_test_samples": max_test_samples,
+        "train_config": config.model_dump(),
+    }
+    decision = deploy(
+        spec,
+        evaluations,
+        champion_metrics,
+        dataset.fingerprint,
+        dataset.test_fingerprint,
+        run_config,
+        labels=list(dataset.label_names),
+    )
 
     rows = candidate_rows(decision, evaluations)
-    for row, evaluation in zip(rows, evaluations):
-        row["texts_per_second_batch1"] = round(evaluation.texts_per_second_batch1, 1)
+    for row, evaluation in zip(rows, evaluations, strict=True):
+        row["texts_per_second_batch1"] = round(evaluation.texts_per_second_batch1 or 0.0, 1)
         row["train_seconds"] = round(evaluation.candidate.train_seconds, 1)
     summary = {
         "domain": domain,

@@ -18,10 +18,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from domainflow.catalog import get_domain
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.gates import select_reference
 from domainflow.records import ModelRef
-from domainflow.catalog import get_domain
 from domainflow.recsys.spec import RankingSpec
 from domainflow.registry import ModelRegistry
 from domainflow.runlock import domain_run_lock
@@ -65,23 +65,36 @@ def ranking_pipeline(
     if not isinstance(spec, RankingSpec):
         raise ValueError(f"{spec.name} is a {spec.task_kind} domain; the ranking pipeline trains ranking domains only")
     if train_file or test_file or max_test_samples:
-        raise ValueError("ranking domains read --data-dir (interactions.* and items.*) and sample users with --max-train-samples; "
-                         "--train-file, --test-file and --max-test-samples do not apply")
-    with domain_run_lock(spec.name, wait=wait_for_lock, on_wait=log.warning, description=f"ranking-pipeline run of {spec.name}"):
+        raise ValueError(
+            "ranking domains read --data-dir (interactions.* and items.*) and sample users with --max-train-samples; "
+            "--train-file, --test-file and --max-test-samples do not apply"
+        )
+    with domain_run_lock(
+        spec.name, wait=wait_for_lock, on_wait=log.warning, description=f"ranking-pipeline run of {spec.name}"
+    ):
         return _train_and_deploy(spec, model, data_dir, max_train_samples, epochs, seed, num_layers, refresh_cache)
 
 
 def _train_and_deploy(
-    spec: RankingSpec, model: str | None, data_dir: str | None, max_train_samples: int | None, epochs: float | None, seed: int, num_layers: int | None, refresh_cache: bool
+    spec: RankingSpec,
+    model: str | None,
+    data_dir: str | None,
+    max_train_samples: int | None,
+    epochs: float | None,
+    seed: int,
+    num_layers: int | None,
+    refresh_cache: bool,
 ) -> dict[str, Any]:
     """The ranking pipeline's steps, run while holding the domain's run lock."""
     log = get_run_logger()
     domain = spec.name
-    options = {"refresh_cache": True} if refresh_cache else {}
+    options: dict[str, Any] = {"refresh_cache": True} if refresh_cache else {}
 
     files = spec.source_files(data_dir)
     source_fingerprint = value_fingerprint(*(path_fingerprint(path) for path in files.values()))
-    dataset = ingest_interactions.with_options(**options)(spec, {k: str(v) for k, v in files.items()}, source_fingerprint, max_users=max_train_samples, seed=seed)
+    dataset = ingest_interactions.with_options(**options)(
+        spec, {k: str(v) for k, v in files.items()}, source_fingerprint, max_users=max_train_samples, seed=seed
+    )
 
     baselines_ref = train_baselines.with_options(**options)(spec, dataset, seed)
     config = make_two_tower_config(spec, model, epochs=epochs, seed=seed, num_layers=num_layers)
@@ -101,11 +114,22 @@ def _train_and_deploy(
     champion = ModelRegistry(domain).champion()
     if champion is not None and champion_metrics is None:
         log.info("champion v%d was measured on another test set: re-evaluating it on this one", champion.version)
-        champion_ref = ModelRef(name=f"champion-v{champion.version}", path=str(champion.model_dir), fingerprint=path_fingerprint(champion.model_dir))
+        champion_ref = ModelRef(
+            name=f"champion-v{champion.version}",
+            path=str(champion.model_dir),
+            fingerprint=path_fingerprint(champion.model_dir),
+        )
         champion_metrics = evaluate_recommenders(spec, dataset, [champion_ref])[0].test_metrics
 
-    run_config = {"model": model, "data_files": {k: str(v) for k, v in files.items()}, "max_users": max_train_samples, "two_tower_config": config.model_dump()}
-    decision = deploy_ranking(spec, evaluations, baselines, champion_metrics, dataset.fingerprint, dataset.test_fingerprint, run_config)
+    run_config = {
+        "model": model,
+        "data_files": {k: str(v) for k, v in files.items()},
+        "max_users": max_train_samples,
+        "two_tower_config": config.model_dump(),
+    }
+    decision = deploy_ranking(
+        spec, evaluations, baselines, champion_metrics, dataset.fingerprint, dataset.test_fingerprint, run_config
+    )
     return {
         "domain": domain,
         "dataset": dataset.model_dump(),
@@ -115,4 +139,3 @@ def _train_and_deploy(
         "champion_dir": decision.get("champion_dir"),
         "version": decision.get("version"),
     }
-

@@ -21,8 +21,9 @@ and the gate sees a tie and keeps the champion. Write drops atomically (copy to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -67,7 +68,9 @@ def pick_data_files(domain: str, data_dir: str | Path | None = None) -> tuple[Pa
         raise FileNotFoundError(f"{domain}: data folder {folder} does not exist")
     candidates = training_files(folder)
     if not candidates:
-        raise FileNotFoundError(f"{domain}: no training file ({TRAIN_GLOB} with suffix {', '.join(DATA_SUFFIXES)}) in {folder}")
+        raise FileNotFoundError(
+            f"{domain}: no training file ({TRAIN_GLOB} with suffix {', '.join(DATA_SUFFIXES)}) in {folder}"
+        )
     return candidates[0], resolved["test"], candidates[1:]
 
 
@@ -102,7 +105,8 @@ def retrain(
     log.info("%s: training on %s (newest of %d), testing on %s", domain, train_file, len(older) + 1, test_file)
     ignored = "".join(f"\n- `{p.name}`" for p in older[:20]) or "\n- none"
     create_markdown_artifact(
-        f"## {name}: retraining data\n\nTrain: `{train_file}`\n\nTest: `{test_file}`\n\nOlder training files left aside:{ignored}",
+        f"## {name}: retraining data\n\nTrain: `{train_file}`\n\nTest: `{test_file}`\n\nOlder training files left "
+        f"aside:{ignored}",
         key=artifact_key(name, "retrain-data"),
         description="Which data file this scheduled retraining used",
     )

@@ -1,6 +1,6 @@
 """Fetch MovieLens-100K into data/ml-100k/ (git-ignored) from the recbole==1.2.1 wheel; idempotent.
 
-    .venv/bin/python scripts/fetch_movielens.py [TARGET_DIR]
+.venv/bin/python scripts/fetch_movielens.py [TARGET_DIR]
 """
 
 from __future__ import annotations

@@ -16,18 +16,20 @@ run time in ``create_app`` as a real annotation.)
 """
 
 import logging
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from domainflow.recsys.bundle import UnknownItemsError
-from domainflow.registry import VersionInfo
 from domainflow.catalog import get_domain, list_domains
 from domainflow.kinds import KINDS, kind_of, resolve
+from domainflow.recsys.bundle import UnknownItemsError
+from domainflow.registry import VersionInfo
+from domainflow.spec import ClassificationSpec, DomainSpec
 from serving.auth import ApiKeyMiddleware, ApiKeys, require_api_key
 from serving.batching import BatcherClosedError, MicroBatcher, QueueFullError
 from serving.config import ServingConfig
@@ -49,7 +51,6 @@ def _endpoint(spec: Any) -> str:
     return kind_of(spec).endpoint
 
 
-
 class BodySizeLimit:
     """413 before parsing a body larger than any valid request could be (a declared length only:
     the JSON limits still bound a chunked body once parsed)."""
@@ -67,7 +68,10 @@ class BodySizeLimit:
                     except ValueError:
                         too_large = False
                     if too_large:
-                        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes; send fewer or shorter texts"}, status_code=413)
+                        response = JSONResponse(
+                            {"detail": f"request body over {self.max_bytes} bytes; send fewer or shorter texts"},
+                            status_code=413,
+                        )
                         await response(scope, receive, send)
                         return
                     break
@@ -91,7 +95,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     """422 with a one-line message plus the details, without echoing the input back (it can be
     64 texts of 2000 characters)."""
     errors = [{k: v for k, v in error.items() if k in ("type", "loc", "msg")} for error in exc.errors()]
-    return JSONResponse({"message": _validation_message(errors), "detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return JSONResponse(
+        {"message": _validation_message(errors), "detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
+    )
+
+
+def _declared_labels(spec: DomainSpec) -> int:
+    """How many labels a domain declares (0 for a kind without labels, such as ranking)."""
+    return spec.num_labels if isinstance(spec, ClassificationSpec) else 0
 
 
 def _domain_status(slot: DomainSlot) -> DomainStatus:
@@ -104,7 +115,7 @@ def _domain_status(slot: DomainSlot) -> DomainStatus:
         champion_version=slot.champion_version,
         candidate=current.candidate if current else None,
         loaded_at=current.loaded_at if current else None,
-        labels=len(current.label_names) if current else slot.spec.num_labels,
+        labels=len(current.label_names) if current else _declared_labels(slot.spec),
         last_error=slot.last_error,
     )
 
@@ -137,7 +148,14 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         metrics.model_loads.labels(slot.domain, "loaded" if succeeded else "failed").inc()
         metrics.model_version.labels(slot.domain).set(slot.current.version if slot.current else 0)
 
-    store = ModelStore.for_domains(specs, config.registry_root, poll_seconds=config.poll_seconds, retry_failed_load_seconds=config.retry_failed_load_seconds, on_load=on_load, loader=_load_champion)
+    store = ModelStore.for_domains(
+        specs,
+        config.registry_root,
+        poll_seconds=config.poll_seconds,
+        retry_failed_load_seconds=config.retry_failed_load_seconds,
+        on_load=on_load,
+        loader=_load_champion,
+    )
     # One inference thread for all domains: two model calls at once on a small CPU only slow each other.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="domainflow-inference")
     batchers: dict[str, MicroBatcher] = {}
@@ -186,17 +204,27 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     RankRequest = rank_request_model(config)
 
     def _served_slot(domain: str, endpoint: str) -> DomainSlot:
-        """The domain's slot with a model loaded: 404 when it is not served at this endpoint, 503 when it has no model yet."""
+        """The domain's slot with a model loaded: 404 when it is not served at this endpoint, 503 when it has
+        no model yet."""
         slot = store.slots.get(domain)
         if slot is None or _endpoint(slot.spec) != endpoint:
             served = ", ".join(name for name, s in store.slots.items() if _endpoint(s.spec) == endpoint) or "none"
-            hint = f"; {domain} is a {slot.spec.task_kind} domain: use /v1/{domain}/{_endpoint(slot.spec)}" if slot else ""
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown domain {domain!r} for this endpoint; served: {served}{hint}")
+            hint = (
+                f"; {domain} is a {slot.spec.task_kind} domain: use /v1/{domain}/{_endpoint(slot.spec)}" if slot else ""
+            )
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"unknown domain {domain!r} for this endpoint; served: {served}{hint}"
+            )
         if slot.current is None:
             reason = slot.last_error or f"no champion yet: run `domainflow run {domain}`"
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain} has no model loaded ({reason})", headers={"Retry-After": "5"})
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"{domain} has no model loaded ({reason})",
+                headers={"Retry-After": "5"},
+            )
         return slot
-    errors = {
+
+    errors: dict[int | str, dict[str, Any]] = {
         401: {"description": "Missing or invalid API key"},
         404: {"description": "Unknown domain"},
         413: {"description": "Body too large"},
@@ -213,7 +241,9 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     async def readyz() -> JSONResponse:
         """Ready when at least one domain is served and every domain with a champion has a model loaded."""
         statuses = {name: slot.status for name, slot in store.slots.items()}
-        waiting = [name for name, slot in store.slots.items() if slot.champion_version is not None and slot.current is None]
+        waiting = [
+            name for name, slot in store.slots.items() if slot.champion_version is not None and slot.current is None
+        ]
         ready = any(slot.current is not None for slot in store.slots.values()) and not waiting
         return JSONResponse({"ready": ready, "domains": statuses}, status_code=200 if ready else 503)
 
@@ -225,32 +255,52 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/domains", response_model=DomainsResponse, dependencies=authenticated, tags=["predict"], responses={401: errors[401]})
+    @app.get(
+        "/v1/domains",
+        response_model=DomainsResponse,
+        dependencies=authenticated,
+        tags=["predict"],
+        responses={401: errors[401]},
+    )
     async def served_domains() -> DomainsResponse:
         """What is served, which version, and the last load error if any."""
         return DomainsResponse(domains=[_domain_status(slot) for slot in store.slots.values()])
 
-    @app.post("/v1/{domain}/predict", response_model=PredictResponse, dependencies=authenticated, tags=["predict"], responses=errors)
+    @app.post(
+        "/v1/{domain}/predict",
+        response_model=PredictResponse,
+        dependencies=authenticated,
+        tags=["predict"],
+        responses=errors,
+    )
     async def predict(domain: str, body: PredictRequest) -> JSONResponse:  # type: ignore[valid-type]
-        """Label, score and top-k labels per text, plus what the domain does with it (customer_service: the reply, or an escalation under its confidence threshold)."""
+        """Label, score and top-k labels per text, plus what the domain does with it (customer_service:
+        the reply, or an escalation under its confidence threshold)."""
         slot = _served_slot(domain, "predict")
         texts: list[str] = body.texts  # type: ignore[attr-defined]
         try:
             served, scores = await batchers[domain].submit(texts)
         except (QueueFullError, BatcherClosedError) as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain}: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain}: {exc}; retry shortly", headers={"Retry-After": "1"}
+            ) from None
         except NoModelError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "5"}) from None
         except Exception as exc:
             metrics.errors.labels("/v1/{domain}/predict", domain, "inference").inc()
             log.exception("%s: inference failed", domain)
-            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, f"inference failed: {type(exc).__name__}") from None
+            raise HTTPException(
+                status.HTTP_500_INTERNAL_SERVER_ERROR, f"inference failed: {type(exc).__name__}"
+            ) from None
         top_k: int = body.top_k  # type: ignore[attr-defined]
-        predictions = [prediction_record(slot.spec, text, row, top_k) for text, row in zip(texts, scores)]
+        spec = slot.spec.as_kind(ClassificationSpec)
+        predictions = [prediction_record(spec, text, row, top_k) for text, row in zip(texts, scores, strict=True)]
         metrics.texts.labels(domain).inc(len(texts))
         return JSONResponse({"domain": domain, "version": served.version, "predictions": predictions})
 
-    @app.post("/v1/{domain}/rank", response_model=RankResponse, dependencies=authenticated, tags=["rank"], responses=errors)
+    @app.post(
+        "/v1/{domain}/rank", response_model=RankResponse, dependencies=authenticated, tags=["rank"], responses=errors
+    )
     async def rank_items(domain: str, body: RankRequest) -> JSONResponse:  # type: ignore[valid-type]
         """The top-k catalogue items for a history of item ids and/or free texts (ranking domains: recommendation)."""
         served = _served_slot(domain, "rank").current
@@ -261,7 +311,9 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         except Exception as exc:
             metrics.errors.labels("/v1/{domain}/rank", domain, "inference").inc()
             log.exception("%s: ranking failed", domain)
-            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, f"ranking failed: {type(exc).__name__}") from None
+            raise HTTPException(
+                status.HTTP_500_INTERNAL_SERVER_ERROR, f"ranking failed: {type(exc).__name__}"
+            ) from None
         return JSONResponse(answer)
 
     return app

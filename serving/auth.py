@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from fastapi import HTTPException, Security, status
 from fastapi.security import APIKeyHeader
@@ -58,14 +58,16 @@ class ApiKeys:
             )
         short = [k for k in keys if len(k) < MIN_KEY_LENGTH]
         if short:
-            raise AuthConfigError(f"{len(short)} API key(s) shorter than {MIN_KEY_LENGTH} characters: use long random keys")
+            raise AuthConfigError(
+                f"{len(short)} API key(s) shorter than {MIN_KEY_LENGTH} characters: use long random keys"
+            )
         self._digests = tuple(dict.fromkeys(_digest(k) for k in keys))
 
     def __len__(self) -> int:
         return len(self._digests)
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None, keys_file: str | Path | None = None) -> "ApiKeys":
+    def from_environment(cls, environ: Mapping[str, str] | None = None, keys_file: str | Path | None = None) -> ApiKeys:
         """Keys from ``DOMAINFLOW_API_KEYS`` and the keys file (``keys_file`` overrides the env variable)."""
         environ = os.environ if environ is None else environ
         keys = [k for k in environ.get(KEYS_ENV, "").split(",")]
@@ -97,7 +99,11 @@ def require_api_key(keys: ApiKeys):
 
     async def dependency(presented: str | None = Security(_header)) -> None:
         if presented is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"missing API key: send it in the {API_KEY_HEADER} header", headers={"WWW-Authenticate": "ApiKey"})
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                f"missing API key: send it in the {API_KEY_HEADER} header",
+                headers={"WWW-Authenticate": "ApiKey"},
+            )
         if not keys.accepts(presented):
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "ApiKey"})
 
@@ -125,8 +131,14 @@ class ApiKeyMiddleware:
             if presented is None or not self.keys.accepts(presented.decode("latin-1")):
                 from fastapi.responses import JSONResponse
 
-                detail = f"missing API key: send it in the {API_KEY_HEADER} header" if presented is None else "invalid API key"
-                response = JSONResponse({"detail": detail}, status_code=status.HTTP_401_UNAUTHORIZED, headers={"WWW-Authenticate": "ApiKey"})
+                detail = (
+                    f"missing API key: send it in the {API_KEY_HEADER} header"
+                    if presented is None
+                    else "invalid API key"
+                )
+                response = JSONResponse(
+                    {"detail": detail}, status_code=status.HTTP_401_UNAUTHORIZED, headers={"WWW-Authenticate": "ApiKey"}
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,18 @@ class MicroBatcher(Generic[M, R]):
                 pending.future.set_exception(exc)
         self._in_flight, self._carry = [], None
 
-    async def _next(self, timeout: float | None) -> _Pending[M, R] | None:
-        """The next request: the carried-over one first; None when none arrives in ``timeout``."""
+    async def _first(self) -> _Pending[M, R]:
+        """The next request, however long it takes: the carried-over one first."""
         if self._carry is not None:
             item, self._carry = self._carry, None
             return item
-        if timeout is None:
-            return await self._queue.get()
+        return await self._queue.get()
+
+    async def _next(self, timeout: float) -> _Pending[M, R] | None:
+        """The next request: the carried-over one first; None when none arrives in ``timeout`` seconds."""
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
         if timeout <= 0:
             try:
                 return self._queue.get_nowait()
@@ -144,7 +150,7 @@ class MicroBatcher(Generic[M, R]):
             return None
 
     async def _collect(self) -> list[_Pending[M, R]]:
-        first = await self._next(None)
+        first = await self._first()
         batch, size = [first], len(first.texts)
         deadline = first.enqueued + self.max_wait
         while size < self.max_batch_texts:
@@ -169,7 +175,9 @@ class MicroBatcher(Generic[M, R]):
             try:
                 meta, results = await loop.run_in_executor(self.executor, self.run_batch, texts)
                 if len(results) != len(texts):
-                    raise RuntimeError(f"{self.name}: batch function returned {len(results)} results for {len(texts)} texts")
+                    raise RuntimeError(
+                        f"{self.name}: batch function returned {len(results)} results for {len(texts)} texts"
+                    )
             except asyncio.CancelledError:
                 raise  # stop(): _fail_waiting answers this batch's callers
             except Exception as exc:  # every caller of the batch learns why; the worker lives on

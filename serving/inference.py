@@ -6,12 +6,13 @@ Split from the HTTP layer so that ``domainflow predict`` and the service can sha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from domainflow.modeling import LoadedClassifier, predict_proba
 from domainflow.retrieval import Nearest, QuestionIndex, normalized_embeddings
-from domainflow.spec import DomainSpec
+from domainflow.spec import ClassificationSpec
 from serving.model_store import DomainSlot, ServedModel
 
 
@@ -29,7 +30,9 @@ class NoModelError(RuntimeError):
     """The domain has no loaded champion (never promoted, or its only champion failed to load)."""
 
 
-def score_texts(loaded: LoadedClassifier, index: QuestionIndex | None, spec: DomainSpec, texts: list[str], max_top_k: int) -> list[TextScores]:
+def score_texts(
+    loaded: LoadedClassifier, index: QuestionIndex | None, spec: ClassificationSpec, texts: list[str], max_top_k: int
+) -> list[TextScores]:
     """Top-k labels per text; for the unsure ones (under the domain's ``consult_below``), the nearest known question.
 
     Retrieval costs a second pass over the unsure texts only, which a good model keeps few.
@@ -42,11 +45,11 @@ def score_texts(loaded: LoadedClassifier, index: QuestionIndex | None, spec: Dom
         unsure = [row for row, top in enumerate(scores[:, 0].tolist()) if top < spec.retrieval.consult_below]
         if unsure:
             found = index.nearest(normalized_embeddings(loaded, [texts[row] for row in unsure]))
-            nearest = dict(zip(unsure, found))
+            nearest = dict(zip(unsure, found, strict=True))
     names = loaded.label_names
     return [
         TextScores(tuple(names[i] for i in row_indices), tuple(row_scores), nearest.get(row))
-        for row, (row_scores, row_indices) in enumerate(zip(scores.tolist(), indices.tolist()))
+        for row, (row_scores, row_indices) in enumerate(zip(scores.tolist(), indices.tolist(), strict=True))
     ]
 
 
@@ -61,18 +64,23 @@ def batch_function(slot: DomainSlot, max_top_k: int) -> Callable[[list[str]], tu
         served = slot.current
         if served is None:
             raise NoModelError(f"no model loaded for {slot.domain}")
-        return served, score_texts(served.loaded, served.index, slot.spec, texts, max_top_k)
+        return served, score_texts(served.loaded, served.index, slot.spec.as_kind(ClassificationSpec), texts, max_top_k)
 
     return run
 
 
-def prediction_record(spec: DomainSpec, text: str, scores: TextScores, top_k: int, ndigits: int = 6) -> dict[str, Any]:
+def prediction_record(
+    spec: ClassificationSpec, text: str, scores: TextScores, top_k: int, ndigits: int = 6
+) -> dict[str, Any]:
     """One text's answer as a plain dict matching :class:`serving.schemas.Prediction`."""
     label, score = scores.labels[0], scores.scores[0]
     record: dict[str, Any] = {
         "label": label,
         "score": round(score, ndigits),
-        "top_k": [{"label": l, "score": round(s, ndigits)} for l, s in zip(scores.labels[:top_k], scores.scores[:top_k])],
+        "top_k": [
+            {"label": name, "score": round(s, ndigits)}
+            for name, s in zip(scores.labels[:top_k], scores.scores[:top_k], strict=True)
+        ],
     }
     response = dict(spec.respond(label, score, nearest=scores.nearest))
     for key in ("action", "reply"):

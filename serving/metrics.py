@@ -15,7 +15,8 @@ a scanner requesting random paths cannot blow up the number of time series.
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -30,13 +31,42 @@ class ServingMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.served_domains = frozenset(served_domains)
         r = self.registry
-        self.requests = Counter("domainflow_requests", "HTTP requests by endpoint, domain and status code.", ["endpoint", "domain", "method", "status"], registry=r)
-        self.latency = Histogram("domainflow_request_latency_seconds", "Time from request to last byte of the response.", ["endpoint", "domain"], buckets=LATENCY_BUCKETS, registry=r)
-        self.errors = Counter("domainflow_errors", "Failed requests: kind is client (4xx), server (5xx) or inference (the model raised).", ["endpoint", "domain", "kind"], registry=r)
+        self.requests = Counter(
+            "domainflow_requests",
+            "HTTP requests by endpoint, domain and status code.",
+            ["endpoint", "domain", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "domainflow_request_latency_seconds",
+            "Time from request to last byte of the response.",
+            ["endpoint", "domain"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "domainflow_errors",
+            "Failed requests: kind is client (4xx), server (5xx) or inference (the model raised).",
+            ["endpoint", "domain", "kind"],
+            registry=r,
+        )
         self.texts = Counter("domainflow_texts_predicted", "Texts classified.", ["domain"], registry=r)
-        self.batch_size = Histogram("domainflow_batch_size_texts", "Texts per model call: how much micro-batching merges concurrent requests.", ["domain"], buckets=BATCH_BUCKETS, registry=r)
-        self.model_version = Gauge("domainflow_model_version", "Registry version of the model being served (0: none loaded).", ["domain"], registry=r)
-        self.model_loads = Counter("domainflow_model_loads", "Champion loads by outcome (loaded, failed).", ["domain", "outcome"], registry=r)
+        self.batch_size = Histogram(
+            "domainflow_batch_size_texts",
+            "Texts per model call: how much micro-batching merges concurrent requests.",
+            ["domain"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "domainflow_model_version",
+            "Registry version of the model being served (0: none loaded).",
+            ["domain"],
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "domainflow_model_loads", "Champion loads by outcome (loaded, failed).", ["domain", "outcome"], registry=r
+        )
         self.queue_depth = Gauge("domainflow_queue_depth", "Requests waiting for the model.", ["domain"], registry=r)
         for domain in self.served_domains:
             self.model_version.labels(domain).set(0)

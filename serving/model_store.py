@@ -20,15 +20,16 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from domainflow.modeling import LoadedClassifier, load_classifier, predict_proba
 from domainflow.registry import ModelRegistry, VersionInfo
 from domainflow.retrieval import QuestionIndex
-from domainflow.spec import DomainSpec
+from domainflow.spec import ClassificationSpec, DomainSpec
 
 log = logging.getLogger("domainflow.serving")
 
@@ -52,7 +53,7 @@ class ServedModel:
         return list(getattr(self.loaded, "label_names", []))
 
     @classmethod
-    def of(cls, domain: str, info: VersionInfo, loaded: Any, index: QuestionIndex | None = None) -> "ServedModel":
+    def of(cls, domain: str, info: VersionInfo, loaded: Any, index: QuestionIndex | None = None) -> ServedModel:
         """A freshly loaded registry version, stamped with its version, candidate and load time."""
         return cls(
             domain=domain,
@@ -60,7 +61,7 @@ class ServedModel:
             candidate=info.lineage.get("candidate"),
             model_dir=info.model_dir,
             loaded=loaded,
-            loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
             index=index,
         )
 
@@ -98,15 +99,16 @@ def _pointer_signature(path: Path) -> Signature | None:
 
 def load_served_model(slot: DomainSlot, info: VersionInfo) -> ServedModel:
     """Load a version, check it fits the domain, and run one prediction (blocking: call in a thread)."""
+    spec = slot.spec.as_kind(ClassificationSpec)
     loaded = load_classifier(info.model_dir)
-    declared = slot.spec.label_names  # None: the domain takes its labels from its data, and the model carries them
+    declared = spec.label_names  # None: the domain takes its labels from its data, and the model carries them
     unknown = sorted(set(loaded.label_names) - set(declared)) if declared is not None else []
     if unknown:
         raise ValueError(f"{slot.domain} v{info.version}: labels unknown to the domain: {unknown[:5]}")
     probabilities = predict_proba(loaded, ["warm-up: is this model able to predict?"])
     if probabilities.shape != (1, len(loaded.label_names)) or not bool(probabilities.isfinite().all()):
         raise ValueError(f"{slot.domain} v{info.version}: warm-up prediction is not a finite probability row")
-    index = QuestionIndex.load(info.model_dir) if slot.spec.retrieval is not None else None
+    index = QuestionIndex.load(info.model_dir) if spec.retrieval is not None else None
     if index is not None and set(index.labels) - set(loaded.label_names):
         raise ValueError(f"{slot.domain} v{info.version}: its retrieval index names labels the model does not know")
     return ServedModel.of(slot.domain, info, loaded, index)
@@ -125,8 +127,11 @@ class ModelStore:
     _task: asyncio.Task | None = None
 
     @classmethod
-    def for_domains(cls, specs: dict[str, DomainSpec], registry_root: Path, **kwargs) -> "ModelStore":
-        slots = {name: DomainSlot(name, spec, ModelRegistry(name, root=Path(registry_root) / name)) for name, spec in specs.items()}
+    def for_domains(cls, specs: dict[str, DomainSpec], registry_root: Path, **kwargs) -> ModelStore:
+        slots = {
+            name: DomainSlot(name, spec, ModelRegistry(name, root=Path(registry_root) / name))
+            for name, spec in specs.items()
+        }
         return cls(slots, **kwargs)
 
     def get(self, domain: str) -> DomainSlot:
@@ -140,7 +145,11 @@ class ModelStore:
 
     async def _refresh_slot(self, slot: DomainSlot) -> None:
         signature = _pointer_signature(slot.registry.champion_file)
-        retry_due = slot.last_error is not None and slot.failed_at is not None and time.monotonic() - slot.failed_at >= self.retry_failed_load_seconds
+        retry_due = (
+            slot.last_error is not None
+            and slot.failed_at is not None
+            and time.monotonic() - slot.failed_at >= self.retry_failed_load_seconds
+        )
         if signature == slot.signature and not retry_due:
             return
         if signature is None:  # no pointer (never promoted, or removed by hand): keep whatever serves
@@ -157,7 +166,12 @@ class ModelStore:
             slot.signature, slot.last_error, slot.failed_at = signature, None, None
             return
         previous = slot.current.version if slot.current else None
-        log.info("%s: champion is now v%s (serving %s): loading it", slot.domain, version, f"v{previous}" if previous else "nothing")
+        log.info(
+            "%s: champion is now v%s (serving %s): loading it",
+            slot.domain,
+            version,
+            f"v{previous}" if previous else "nothing",
+        )
         try:
             info = await asyncio.to_thread(slot.registry.get, version)
             served = await asyncio.to_thread(self.loader, slot, info)

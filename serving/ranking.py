@@ -16,8 +16,9 @@ at a time on the shared inference thread (one user per request: there is nothing
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
@@ -37,17 +38,40 @@ def rank_request_model(config: ServingConfig) -> type[BaseModel]:
     ItemId = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
     class RankRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"history": ["50", "181", "172"], "top_k": 5}, {"history_texts": ["a space opera with rebels and an empire"], "top_k": 5}]})
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={
+                "examples": [
+                    {"history": ["50", "181", "172"], "top_k": 5},
+                    {"history_texts": ["a space opera with rebels and an empire"], "top_k": 5},
+                ]
+            },
+        )
 
-        history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY, description="Catalogue item ids the user interacted with, oldest first.")
-        history_texts: list[Text] = Field(default_factory=list, max_length=config.max_texts, description="Free texts describing what the user liked; read as the most recent history.")
-        candidates: list[ItemId] | None = Field(None, min_length=1, max_length=MAX_CANDIDATES, description="Item ids to rank (default: every catalogue item not in the history).")
+        history: list[ItemId] = Field(
+            default_factory=list,
+            max_length=MAX_HISTORY,
+            description="Catalogue item ids the user interacted with, oldest first.",
+        )
+        history_texts: list[Text] = Field(
+            default_factory=list,
+            max_length=config.max_texts,
+            description="Free texts describing what the user liked; read as the most recent history.",
+        )
+        candidates: list[ItemId] | None = Field(
+            None,
+            min_length=1,
+            max_length=MAX_CANDIDATES,
+            description="Item ids to rank (default: every catalogue item not in the history).",
+        )
         top_k: StrictInt = Field(10, ge=1, le=MAX_TOP_K, description="How many items to return.")
 
         @model_validator(mode="after")
-        def _some_history(self) -> "RankRequest":
+        def _some_history(self) -> RankRequest:
             if not self.history and not self.history_texts:
-                raise ValueError("history is empty: give at least one item id in 'history' or one text in 'history_texts'")
+                raise ValueError(
+                    "history is empty: give at least one item id in 'history' or one text in 'history_texts'"
+                )
             return self
 
     return RankRequest
@@ -62,13 +86,25 @@ class RankedItem(BaseModel):
 class RankResponse(BaseModel):
     domain: str
     version: int = Field(description="Registry version of the model that answered.")
-    scorer: str = Field(description="'ranker' (text score + collaborative features) or 'text' (two-tower cosine: a text-only model, or a history of free texts only).")
+    scorer: str = Field(
+        description=(
+            "'ranker' (text score + collaborative features) or 'text' "
+            "(two-tower cosine: a text-only model, or a history of free texts only)."
+        )
+    )
     items: list[RankedItem]
 
 
-def rank_record(domain: str, version: int, scorer: str, items: Sequence[Recommendation], ndigits: int = 6) -> dict[str, Any]:
+def rank_record(
+    domain: str, version: int, scorer: str, items: Sequence[Recommendation], ndigits: int = 6
+) -> dict[str, Any]:
     """A ranking answer as a plain dict matching :class:`RankResponse`."""
-    return {"domain": domain, "version": version, "scorer": scorer, "items": [{"item_id": r.item_id, "title": r.title, "score": round(r.score, ndigits)} for r in items]}
+    return {
+        "domain": domain,
+        "version": version,
+        "scorer": scorer,
+        "items": [{"item_id": r.item_id, "title": r.title, "score": round(r.score, ndigits)} for r in items],
+    }
 
 
 def load_recommender(slot: Any, info: VersionInfo) -> Any:
@@ -86,10 +122,18 @@ async def rank(served: Any, body: Any, executor: Executor) -> dict[str, Any]:
     """Run one ranking on the inference thread; :class:`UnknownItemsError` propagates for a 422."""
     recommender: Recommender = served.loaded
     loop = asyncio.get_running_loop()
-    items = await loop.run_in_executor(executor, lambda: recommender.recommend(history=body.history, texts=body.history_texts, candidates=body.candidates, k=body.top_k))
+    items = await loop.run_in_executor(
+        executor,
+        lambda: recommender.recommend(
+            history=body.history, texts=body.history_texts, candidates=body.candidates, k=body.top_k
+        ),
+    )
     return rank_record(served.domain, served.version, recommender.scorer_for(body.history), items)
 
 
 def unknown_items_detail(exc: UnknownItemsError) -> dict[str, Any]:
     """The 422 body for ids the model does not know, in the shape of the other validation errors."""
-    return {"message": str(exc), "detail": [{"type": "unknown_item", "loc": ["body", exc.field], "msg": str(exc), "unknown": exc.unknown[:50]}]}
+    return {
+        "message": str(exc),
+        "detail": [{"type": "unknown_item", "loc": ["body", exc.field], "msg": str(exc), "unknown": exc.unknown[:50]}],
+    }

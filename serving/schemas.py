@@ -29,8 +29,22 @@ def request_model(config: ServingConfig) -> type[BaseModel]:
     Text = Annotated[StrictStr, Field(min_length=1, max_length=config.max_chars), AfterValidator(_check_text)]
     return create_model(
         "PredictRequest",
-        __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": ["I still have not received my new card", "What is the exchange rate today?"], "top_k": 3}]}),
-        texts=(list[Text], Field(min_length=1, max_length=config.max_texts, description=f"1 to {config.max_texts} texts of 1 to {config.max_chars} characters.")),
+        __config__=ConfigDict(
+            extra="forbid",
+            json_schema_extra={
+                "examples": [
+                    {"texts": ["I still have not received my new card", "What is the exchange rate today?"], "top_k": 3}
+                ]
+            },
+        ),
+        texts=(
+            list[Text],
+            Field(
+                min_length=1,
+                max_length=config.max_texts,
+                description=f"1 to {config.max_texts} texts of 1 to {config.max_chars} characters.",
+            ),
+        ),
         top_k=(StrictInt, Field(3, ge=1, le=config.max_top_k, description="How many labels to return per text.")),
     )
 
@@ -47,14 +61,19 @@ class NearestQuestion(BaseModel):
     question: str
     label: str | None = None
     similarity: float | None = Field(None, description="Cosine similarity of the text to the known question.")
-    close_enough: bool | None = Field(None, description="Whether it passed the model's calibrated threshold, so its reply was used.")
+    close_enough: bool | None = Field(
+        None, description="Whether it passed the model's calibrated threshold, so its reply was used."
+    )
 
 
 class Prediction(BaseModel):
     label: str = Field(description="The most likely label.")
     score: float = Field(description="Its probability.")
     top_k: list[LabelScore] = Field(description="The best labels, best first.")
-    action: str | None = Field(None, description="What the domain does: for customer_service 'reply', 'reply_from_similar_question' or 'escalate'.")
+    action: str | None = Field(
+        None,
+        description="What the domain does: for customer_service 'reply', 'reply_from_similar_question' or 'escalate'.",
+    )
     reply: str | None = Field(None, description="The reply template, or the escalation message.")
     nearest_question: NearestQuestion | None = None
     details: dict[str, Any] | None = Field(None, description="Anything else the domain's response carries.")
@@ -69,7 +88,9 @@ class PredictResponse(BaseModel):
 class DomainStatus(BaseModel):
     domain: str
     description: str
-    status: str = Field(description="serving | serving_previous (a newer champion failed to load) | no_champion | load_failed")
+    status: str = Field(
+        description="serving | serving_previous (a newer champion failed to load) | no_champion | load_failed"
+    )
     version: int | None = Field(description="Version being served.")
     champion_version: int | None = Field(description="Version the registry's champion pointer names.")
     candidate: str | None = None

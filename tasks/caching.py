@@ -16,10 +16,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from prefect.cache_policies import INPUTS, CachePolicy
 
@@ -109,7 +110,9 @@ def code_fingerprint(module: str) -> str:
 class ModuleSource(CachePolicy):
     """The code part of a key: the task's own name plus :func:`code_fingerprint` of its module."""
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> Optional[str]:
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         fn = task_ctx.task.fn
         # Tasks of one module share its code: the task's own name keeps their keys apart.
         return value_fingerprint(f"{fn.__module__}.{fn.__qualname__}", code_fingerprint(fn.__module__))
@@ -121,7 +124,7 @@ CODE_AND_INPUTS = INPUTS + ModuleSource()
 def step_dir(base: Path, name: str, task_fn: Callable[..., Any], *inputs: Any) -> Path:
     """``base/<name>-<key>``: a step's output folder, named by its code and its inputs."""
     module = getattr(task_fn, "__module__", None) or getattr(getattr(task_fn, "fn", None), "__module__", "")
-    key = value_fingerprint(code_fingerprint(module), [_plain(value) for value in inputs])
+    key = value_fingerprint(code_fingerprint(str(module)), [_plain(value) for value in inputs])
     return base / f"{name}-{key}"
 
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-import torch
 from prefect import task
 
 from domainflow import settings
@@ -37,21 +37,22 @@ from domainflow.compression import (
     prune_ffn_neurons,
     prune_unstructured,
 )
-from domainflow.fingerprint import path_fingerprint, value_fingerprint
-from domainflow.onnxrt import INT8_FILE, export_onnx_int8
+from domainflow.fingerprint import path_fingerprint
 from domainflow.modeling import (
     WEIGHTS_FILE,
+    TextClassifier,
     load_classifier,
     read_metadata,
     save_classifier,
     write_metadata,
 )
+from domainflow.onnxrt import INT8_FILE, export_onnx_int8
 from domainflow.records import DatasetRef, ModelRef
 from tasks.caching import CODE_AND_INPUTS, step_dir
 from tasks.finetune import TrainConfig, finish_atomically, train_classifier
 
 
-def _target(domain: str, name: str, task_fn: object, *inputs: object) -> Path:
+def _target(domain: str, name: str, task_fn: Callable[..., Any], *inputs: object) -> Path:
     """A candidate's folder, named by the step's code and its inputs."""
     return step_dir(settings.runs_dir() / domain / "models", name, task_fn, *inputs)
 
@@ -75,20 +76,36 @@ def quantize_model(parent: ModelRef, out_dir: Path, recipe: str = "dynamic_int8"
         raise ValueError(f"unknown compression recipe {recipe!r}; known: {', '.join(RECIPES)}")
     metadata = read_metadata(parent.path)
     if metadata.get("compression"):
-        raise ValueError(f"{parent.name} is already quantized ({metadata['compression']}); quantize its fp32 form instead")
+        raise ValueError(
+            f"{parent.name} is already quantized ({metadata['compression']}); quantize its fp32 form instead"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     if recipe in ONNX_RECIPES:
         loaded = load_classifier(parent.path, apply_compression=False)
-        export_onnx_int8(loaded.model, loaded.tokenizer, out_dir / INT8_FILE)
+        export_onnx_int8(loaded.torch_model, loaded.tokenizer, out_dir / INT8_FILE)
         metadata["onnx_file"] = INT8_FILE
     for item in Path(parent.path).iterdir():
         if not (recipe in ONNX_RECIPES and item.name == WEIGHTS_FILE):
             shutil.copy2(item, out_dir / item.name)
     name = f"{parent.name}-{CANDIDATE_SUFFIX[recipe]}"
-    metadata.update({"compression": recipe, "parent": _root_parent(parent), "parent_fingerprint": parent.fingerprint, "candidate": name})
+    metadata.update(
+        {
+            "compression": recipe,
+            "parent": _root_parent(parent),
+            "parent_fingerprint": parent.fingerprint,
+            "candidate": name,
+        }
+    )
     write_metadata(out_dir, metadata)
     steps = "+".join(filter(None, [parent.compression, recipe]))
-    return ModelRef(name=name, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=_root_parent(parent), compression=steps, train_seconds=parent.train_seconds)
+    return ModelRef(
+        name=name,
+        path=str(out_dir),
+        fingerprint=path_fingerprint(out_dir),
+        parent=_root_parent(parent),
+        compression=steps,
+        train_seconds=parent.train_seconds,
+    )
 
 
 def compress_model(parent: ModelRef, recipe: str, out_dir: Path) -> ModelRef:
@@ -96,53 +113,131 @@ def compress_model(parent: ModelRef, recipe: str, out_dir: Path) -> ModelRef:
     return finish_atomically(lambda out: quantize_model(parent, out, recipe), out_dir)
 
 
-def _rewrite_weights(parent: ModelRef, out_dir: Path, change: Callable[[torch.nn.Module], dict], name: str, compression: str) -> ModelRef:
+def _rewrite_weights(
+    parent: ModelRef, out_dir: Path, change: Callable[[TextClassifier], dict], name: str, compression: str
+) -> ModelRef:
     """Load ``parent`` in fp32, apply ``change`` to its weights, save a normal model directory."""
     loaded = load_classifier(parent.path, apply_compression=False)
-    details = change(loaded.model)
-    metadata = {k: v for k, v in loaded.metadata.items() if k not in {"compression", "format_version", "architecture", "label_names", "max_length"}}
-    metadata.update({"candidate": name, "parent": parent.name, "parent_fingerprint": parent.fingerprint, "compression_details": details})
-    save_classifier(loaded.model, loaded.tokenizer, out_dir, label_names=loaded.label_names, max_length=loaded.max_length, extra_metadata=metadata)
-    return ModelRef(name=name, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=parent.name, compression=compression, train_seconds=parent.train_seconds)
+    model = loaded.torch_model
+    details = change(model)
+    metadata = {
+        k: v
+        for k, v in loaded.metadata.items()
+        if k not in {"compression", "format_version", "architecture", "label_names", "max_length"}
+    }
+    metadata.update(
+        {
+            "candidate": name,
+            "parent": parent.name,
+            "parent_fingerprint": parent.fingerprint,
+            "compression_details": details,
+        }
+    )
+    save_classifier(
+        model,
+        loaded.tokenizer,
+        out_dir,
+        label_names=loaded.label_names,
+        max_length=loaded.max_length,
+        extra_metadata=metadata,
+    )
+    return ModelRef(
+        name=name,
+        path=str(out_dir),
+        fingerprint=path_fingerprint(out_dir),
+        parent=parent.name,
+        compression=compression,
+        train_seconds=parent.train_seconds,
+    )
 
 
 def magnitude_prune_model(parent: ModelRef, out_dir: Path, sparsity: float) -> ModelRef:
     name = f"{parent.name}-sparse{round(sparsity * 100)}"
-    return _rewrite_weights(parent, out_dir, lambda m: {"sparsity": prune_unstructured(m, sparsity)}, name, f"magnitude_prune_{sparsity:g}")
+    return _rewrite_weights(
+        parent, out_dir, lambda m: {"sparsity": prune_unstructured(m, sparsity)}, name, f"magnitude_prune_{sparsity:g}"
+    )
 
 
-def ffn_prune_model(parent: ModelRef, dataset: DatasetRef, config: TrainConfig, out_dir: Path, keep_ratio: float, recovery_epochs: float) -> ModelRef:
+def ffn_prune_model(
+    parent: ModelRef, dataset: DatasetRef, config: TrainConfig, out_dir: Path, keep_ratio: float, recovery_epochs: float
+) -> ModelRef:
     """Structured FFN pruning, then ``recovery_epochs`` of training to win back what was cut."""
     name = f"{parent.name}-ffn{round(keep_ratio * 100)}"
     compression = f"ffn_prune_{keep_ratio:g}"
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
-        pruned = _rewrite_weights(parent, Path(scratch) / "pruned", lambda m: {"intermediate_size": prune_ffn_neurons(m, keep_ratio)}, name, compression)
+        pruned = _rewrite_weights(
+            parent,
+            Path(scratch) / "pruned",
+            lambda m: {"intermediate_size": prune_ffn_neurons(m, keep_ratio)},
+            name,
+            compression,
+        )
         if recovery_epochs <= 0:
             shutil.copytree(pruned.path, out_dir)
             return pruned.model_copy(update={"path": str(out_dir), "fingerprint": path_fingerprint(out_dir)})
         ref = train_classifier(
-            dataset, Path(pruned.path), config, out_dir, name=name, parent=parent.name, compression=compression, epochs=recovery_epochs,
-            extra_metadata={"parent": parent.name, "compression_details": {"keep_ratio": keep_ratio, "recovery_epochs": recovery_epochs}},
+            dataset,
+            Path(pruned.path),
+            config,
+            out_dir,
+            name=name,
+            parent=parent.name,
+            compression=compression,
+            epochs=recovery_epochs,
+            extra_metadata={
+                "parent": parent.name,
+                "compression_details": {"keep_ratio": keep_ratio, "recovery_epochs": recovery_epochs},
+            },
         )
     return ref.model_copy(update={"train_seconds": parent.train_seconds + ref.train_seconds})
 
 
-def distill_model(teacher: ModelRef, dataset: DatasetRef, config: TrainConfig, out_dir: Path, *, student_layers: int, epochs: float, temperature: float, alpha: float) -> ModelRef:
+def distill_model(
+    teacher: ModelRef,
+    dataset: DatasetRef,
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    student_layers: int,
+    epochs: float,
+    temperature: float,
+    alpha: float,
+) -> ModelRef:
     """A student with ``student_layers`` of the teacher's layers (spread evenly), trained on soft + true labels."""
     loaded = load_classifier(teacher.path, apply_compression=False)
-    depth = loaded.model.config.num_hidden_layers
+    student = loaded.torch_model
+    depth = student.config.num_hidden_layers
     if student_layers >= depth:
         raise ValueError(f"a student needs fewer layers than its teacher ({depth}), got {student_layers}")
     layers = alternate_layers(depth, student_layers)
-    keep_layers(loaded.model, layers)
+    keep_layers(student, layers)
     name = f"distilled-l{student_layers}"
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
         init = Path(scratch) / "student-init"
-        save_classifier(loaded.model, loaded.tokenizer, init, label_names=loaded.label_names, max_length=loaded.max_length, extra_metadata={"base_model": loaded.metadata.get("base_model")})
+        save_classifier(
+            student,
+            loaded.tokenizer,
+            init,
+            label_names=loaded.label_names,
+            max_length=loaded.max_length,
+            extra_metadata={"base_model": loaded.metadata.get("base_model")},
+        )
         ref = train_classifier(
-            dataset, init, config, out_dir, name=name, parent=teacher.name, compression=f"distill_l{student_layers}", epochs=epochs,
-            teacher_dir=Path(teacher.path), distill_temperature=temperature, distill_alpha=alpha,
-            extra_metadata={"parent": teacher.name, "compression_details": {"teacher_layers_kept": layers, "temperature": temperature, "alpha": alpha}},
+            dataset,
+            init,
+            config,
+            out_dir,
+            name=name,
+            parent=teacher.name,
+            compression=f"distill_l{student_layers}",
+            epochs=epochs,
+            teacher_dir=Path(teacher.path),
+            distill_temperature=temperature,
+            distill_alpha=alpha,
+            extra_metadata={
+                "parent": teacher.name,
+                "compression_details": {"teacher_layers_kept": layers, "temperature": temperature, "alpha": alpha},
+            },
         )
     return ref
 
@@ -162,17 +257,58 @@ def prune_magnitude(parent: ModelRef, domain: str, sparsity: float) -> ModelRef:
 
 
 @task(name="prune-ffn", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def prune_ffn(parent: ModelRef, dataset: DatasetRef, config: TrainConfig, keep_ratio: float, recovery_epochs: float) -> ModelRef:
+def prune_ffn(
+    parent: ModelRef, dataset: DatasetRef, config: TrainConfig, keep_ratio: float, recovery_epochs: float
+) -> ModelRef:
     """Structured feed-forward pruning plus recovery training."""
-    target = _target(dataset.domain, f"{parent.name}-ffn", prune_ffn, parent.fingerprint, dataset.fingerprint, config, keep_ratio, recovery_epochs)
-    return finish_atomically(lambda out: ffn_prune_model(parent, dataset, config, out, keep_ratio, recovery_epochs), target)
+    target = _target(
+        dataset.domain,
+        f"{parent.name}-ffn",
+        prune_ffn,
+        parent.fingerprint,
+        dataset.fingerprint,
+        config,
+        keep_ratio,
+        recovery_epochs,
+    )
+    return finish_atomically(
+        lambda out: ffn_prune_model(parent, dataset, config, out, keep_ratio, recovery_epochs), target
+    )
 
 
 @task(name="distill", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def distill(teacher: ModelRef, dataset: DatasetRef, config: TrainConfig, student_layers: int, epochs: float, temperature: float, alpha: float) -> ModelRef:
+def distill(
+    teacher: ModelRef,
+    dataset: DatasetRef,
+    config: TrainConfig,
+    student_layers: int,
+    epochs: float,
+    temperature: float,
+    alpha: float,
+) -> ModelRef:
     """Knowledge distillation of ``teacher`` into a shallower student."""
-    target = _target(dataset.domain, "distilled", distill, teacher.fingerprint, dataset.fingerprint, config, student_layers, epochs, temperature, alpha)
+    target = _target(
+        dataset.domain,
+        "distilled",
+        distill,
+        teacher.fingerprint,
+        dataset.fingerprint,
+        config,
+        student_layers,
+        epochs,
+        temperature,
+        alpha,
+    )
     return finish_atomically(
-        lambda out: distill_model(teacher, dataset, config, out, student_layers=student_layers, epochs=epochs, temperature=temperature, alpha=alpha),
+        lambda out: distill_model(
+            teacher,
+            dataset,
+            config,
+            out,
+            student_layers=student_layers,
+            epochs=epochs,
+            temperature=temperature,
+            alpha=alpha,
+        ),
         target,
     )

@@ -12,8 +12,9 @@ cached: it changes registry state, and a cached "promoted v3" replayed after a r
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -33,7 +34,12 @@ def git_commit() -> str | None:
     """The project's commit for lineage, or None when git or a commit is unavailable."""
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=settings.PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=False
+            ["git", "rev-parse", "HEAD"],
+            cwd=settings.PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -57,11 +63,17 @@ def stored_metrics(evaluation: Evaluation) -> dict[str, Any]:
             "latency_ms_p50": evaluation.latency_ms_p50,
             "latency_ms_p95": evaluation.latency_ms_p95,
         },
-        "size": {"size_bytes": evaluation.size_bytes, "disk_bytes": evaluation.disk_bytes, "parameters": evaluation.parameters},
+        "size": {
+            "size_bytes": evaluation.size_bytes,
+            "disk_bytes": evaluation.disk_bytes,
+            "parameters": evaluation.parameters,
+        },
     }
 
 
-def champion_metrics_for(domain: str, test_fingerprint: str, *, registry: ModelRegistry | None = None) -> dict[str, float] | None:
+def champion_metrics_for(
+    domain: str, test_fingerprint: str, *, registry: ModelRegistry | None = None
+) -> dict[str, float] | None:
     """The champion's stored test metrics when they were measured on this very test set.
 
     ``None`` means either no champion, or a champion measured on a different test set: in the
@@ -132,8 +144,11 @@ def apply_decision(
             "model_fingerprint": chosen.candidate.fingerprint,
             "source_path": chosen.candidate.path,
             "parent": chosen.candidate.parent,
-            # where the fp32 parent lives, so a compressed champion can be compared with it later (benchmarks/inference.py)
-            "parent_path": next((e.candidate.path for e in evaluations if e.candidate.name == chosen.candidate.parent), None),
+            # where the fp32 parent lives, so a compressed champion can be compared with it later
+            # (benchmarks/inference.py)
+            "parent_path": next(
+                (e.candidate.path for e in evaluations if e.candidate.name == chosen.candidate.parent), None
+            ),
             "compression": chosen.candidate.compression,
             "train_seconds": chosen.candidate.train_seconds,
             "dataset_fingerprint": dataset_fingerprint,
@@ -150,7 +165,11 @@ def apply_decision(
             lineage=lineage,
             decision={**decision, "decision_file": lineage["decision_file"]},
             model_card=card if card.is_file() else None,
-            model_extras=[Path(chosen.report_dir) / RETRIEVAL_DIR / name for name in INDEX_FILES if (Path(chosen.report_dir) / RETRIEVAL_DIR / name).is_file()],
+            model_extras=[
+                Path(chosen.report_dir) / RETRIEVAL_DIR / name
+                for name in INDEX_FILES
+                if (Path(chosen.report_dir) / RETRIEVAL_DIR / name).is_file()
+            ],
             expected_champion=champion_version,
             expected_fingerprint=chosen.candidate.fingerprint,  # the folder must be what was evaluated
         )
@@ -197,8 +216,8 @@ def candidate_rows(result: dict[str, Any], evaluations: list[Evaluation]) -> lis
         for metric in metrics:
             row[f"test_{metric}"] = evaluation.test_metrics.get(metric)
         row[f"validation_{primary}"] = evaluation.validation_metrics.get(primary)
-        row["texts_per_second_batch32"] = round(evaluation.texts_per_second_batch32, 1)
-        row["latency_ms_p50"] = round(evaluation.latency_ms_p50, 2)
+        row["texts_per_second_batch32"] = round(evaluation.texts_per_second_batch32 or 0.0, 1)
+        row["latency_ms_p50"] = round(evaluation.latency_ms_p50 or 0.0, 2)
         row["size_mb"] = round(evaluation.size_bytes / 1e6, 1)
         row["disk_mb"] = round(evaluation.disk_bytes / 1e6, 1)
         row["eligible"] = bool(verdict["eligible"])
@@ -212,7 +231,9 @@ def decision_outcome(result: dict[str, Any]) -> str:
     """The decision's first line in Markdown: what was promoted, or that the champion stays."""
     if result.get("version") is not None:
         return f"**Promoted `{result['chosen']}` as v{result['version']}.**"
-    return "**No promotion.**" + (f" Champion stays v{result['previous_champion']}." if result.get("previous_champion") else "")
+    return "**No promotion.**" + (
+        f" Champion stays v{result['previous_champion']}." if result.get("previous_champion") else ""
+    )
 
 
 def decision_markdown(result: dict[str, Any], evaluations: list[Evaluation]) -> str:
@@ -245,7 +266,18 @@ def decision_markdown(result: dict[str, Any], evaluations: list[Evaluation]) -> 
     ]
     if rows:
         metric_cols = [k for k in rows[0] if k.startswith("test_") or k.startswith("validation_")]
-        header = ["candidate", "role", "compression", *metric_cols, "texts/s b32", "p50 ms", "size MB", "disk MB", "verdict", "reasons"]
+        header = [
+            "candidate",
+            "role",
+            "compression",
+            *metric_cols,
+            "texts/s b32",
+            "p50 ms",
+            "size MB",
+            "disk MB",
+            "verdict",
+            "reasons",
+        ]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for row in rows:
@@ -299,7 +331,9 @@ def deploy(
     log = run_logger(__name__)
     domain = spec.name
     evaluations = _as_evaluations(evaluations)
-    result = apply_decision(spec, evaluations, champion_metrics, dataset_fingerprint, test_fingerprint, run_config, labels=labels)
+    result = apply_decision(
+        spec, evaluations, champion_metrics, dataset_fingerprint, test_fingerprint, run_config, labels=labels
+    )
     log.info("%s", result["summary"])
     if result["version"] is not None:
         log.info("%s: promoted %s as v%s -> %s", domain, result["chosen"], result["version"], result["champion_dir"])

@@ -11,15 +11,15 @@ is written once both are known (``tasks/report.py``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from prefect import task
 
 from domainflow import settings
-from domainflow.fingerprint import value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import (
@@ -47,8 +47,11 @@ def weights_bytes(model: torch.nn.Module | OnnxClassifier) -> int:
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     for module in model.modules():
         if getattr(module, "_packed_params", None) is not None and callable(getattr(module, "weight", None)):
-            weight, bias = module.weight(), module.bias()
-            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+            quantized: Any = module  # a dynamically quantized layer: weight() and bias() are methods
+            weight, bias = quantized.weight(), quantized.bias()
+            total += weight.numel() * weight.element_size() + (
+                bias.numel() * bias.element_size() if bias is not None else 0
+            )
     return total
 
 
@@ -64,7 +67,9 @@ def zero_fraction(model: torch.nn.Module | OnnxClassifier) -> float:
     return sum(int((m.weight == 0).sum()) for m in layers) / total if total else 0.0
 
 
-def per_class_report(spec_labels: Sequence[str], predictions: np.ndarray, references: np.ndarray) -> list[dict[str, Any]]:
+def per_class_report(
+    spec_labels: Sequence[str], predictions: np.ndarray, references: np.ndarray
+) -> list[dict[str, Any]]:
     """Precision, recall, F1 and support per label (rows for labels with support or predictions)."""
     rows = []
     for index, name in enumerate(spec_labels):
@@ -76,11 +81,21 @@ def per_class_report(spec_labels: Sequence[str], predictions: np.ndarray, refere
         precision = hits / predicted if predicted else 0.0
         recall = hits / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"label": name, "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "support": support})
+        rows.append(
+            {
+                "label": name,
+                "precision": round(precision, 4),
+                "recall": round(recall, 4),
+                "f1": round(f1, 4),
+                "support": support,
+            }
+        )
     return rows
 
 
-def plot_confusion_matrix(label_names: Sequence[str], predictions: np.ndarray, references: np.ndarray, path: Path, title: str) -> Path:
+def plot_confusion_matrix(
+    label_names: Sequence[str], predictions: np.ndarray, references: np.ndarray, path: Path, title: str
+) -> Path:
     """Row-normalised confusion matrix as a PNG (readable up to ~100 labels)."""
     import matplotlib
 
@@ -126,8 +141,14 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: Evaluatio
         predictions[split] = probabilities[split].argmax(dim=1).numpy()
         results[split] = compute_metrics(spec.metrics, predictions[split], references)
     if spec.retrieval is not None:
-        results["answer_policy"] = build_retrieval_fallback(spec.retrieval, loaded, splits, probabilities, out_dir / RETRIEVAL_DIR)
-        log.info("%s: answer policy on test %s", candidate.name, ", ".join(f"{k}={v:.3f}" for k, v in results["answer_policy"].items()))
+        results["answer_policy"] = build_retrieval_fallback(
+            spec.retrieval, loaded, splits, probabilities, out_dir / RETRIEVAL_DIR
+        )
+        log.info(
+            "%s: answer policy on test %s",
+            candidate.name,
+            ", ".join(f"{k}={v:.3f}" for k, v in results["answer_policy"].items()),
+        )
     test_labels = np.asarray(splits["test"]["label"])
     results["parameters"] = count_parameters(loaded.model)
     results["size_bytes"] = weights_bytes(loaded.model)
@@ -138,7 +159,13 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: Evaluatio
 
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     _write_csv(out_dir / "per_class.csv", results["per_class"])
-    plot_confusion_matrix(dataset.label_names, predictions["test"], test_labels, out_dir / "confusion_matrix.png", f"{dataset.domain}: {candidate.name} (test)")
+    plot_confusion_matrix(
+        dataset.label_names,
+        predictions["test"],
+        test_labels,
+        out_dir / "confusion_matrix.png",
+        f"{dataset.domain}: {candidate.name} (test)",
+    )
     log.info("%s: test %s", candidate.name, ", ".join(f"{k}={v:.4f}" for k, v in results["test"].items()))
     return Evaluation(
         candidate=candidate,
@@ -153,7 +180,13 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: Evaluatio
     )
 
 
-def build_retrieval_fallback(fallback: RetrievalFallback, loaded: LoadedClassifier, splits: Any, probabilities: dict[str, torch.Tensor], out_dir: Path) -> dict[str, float]:
+def build_retrieval_fallback(
+    fallback: RetrievalFallback,
+    loaded: LoadedClassifier,
+    splits: Any,
+    probabilities: dict[str, torch.Tensor],
+    out_dir: Path,
+) -> dict[str, float]:
     """Index the training texts as known questions, calibrate on the unsure validation texts, save
     the index beside the report (deploy ships it with the model), and measure the policy on test."""
     unsure = np.nonzero((probabilities["validation"].max(dim=1).values < fallback.consult_below).numpy())[0].tolist()
@@ -167,7 +200,14 @@ def build_retrieval_fallback(fallback: RetrievalFallback, loaded: LoadedClassifi
         target_precision=fallback.target_precision,
     )
     index.save(out_dir)
-    return fallback_policy(index, loaded, list(splits["test"]["text"]), probabilities["test"], list(splits["test"]["label"]), fallback.consult_below)
+    return fallback_policy(
+        index,
+        loaded,
+        list(splits["test"]["text"]),
+        probabilities["test"],
+        list(splits["test"]["label"]),
+        fallback.consult_below,
+    )
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -191,8 +231,14 @@ def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
     report = Path(evaluation.report_dir)
     key = artifact_key(domain, evaluation.candidate.name)
     per_class = json.loads((report / "metrics.json").read_text())["per_class"]
-    create_table_artifact(per_class, key=f"{key}-per-class", description=f"Per-class test report of {evaluation.candidate.name}")
-    create_image_artifact(png_data_uri(report / "confusion_matrix.png"), key=f"{key}-confusion-matrix", description=f"Confusion matrix of {evaluation.candidate.name} (test)")
+    create_table_artifact(
+        per_class, key=f"{key}-per-class", description=f"Per-class test report of {evaluation.candidate.name}"
+    )
+    create_image_artifact(
+        png_data_uri(report / "confusion_matrix.png"),
+        key=f"{key}-confusion-matrix",
+        description=f"Confusion matrix of {evaluation.candidate.name} (test)",
+    )
     create_link_artifact(report.as_uri(), link_text=str(report), key=f"{key}-report", description="Report folder")
 
 
@@ -200,7 +246,14 @@ def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
 def evaluate(candidate: ModelRef, dataset: DatasetRef, spec: EvaluationSlice) -> Evaluation:
     """Quality and size of a candidate on the dataset's test and validation splits; cached on both fingerprints
     and on the metrics and retrieval settings asked for."""
-    out_dir = step_dir(settings.runs_dir() / dataset.domain / "reports", candidate.name, evaluate, candidate.fingerprint, dataset.fingerprint, spec)
+    out_dir = step_dir(
+        settings.runs_dir() / dataset.domain / "reports",
+        candidate.name,
+        evaluate,
+        candidate.fingerprint,
+        dataset.fingerprint,
+        spec,
+    )
     evaluation = evaluate_candidate(candidate, dataset, spec, out_dir)
     publish_evaluation_artifacts(evaluation, dataset.domain)
     return evaluation

@@ -27,6 +27,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from domainflow import settings
+from domainflow.atomic import build_atomically
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
@@ -39,7 +40,6 @@ from domainflow.modeling import (
     save_classifier,
 )
 from domainflow.records import DatasetRef, ModelRef
-from domainflow.atomic import build_atomically
 from domainflow.spec import ClassificationSpec
 from tasks.caching import CODE_AND_INPUTS, step_dir
 
@@ -68,7 +68,14 @@ class TrainConfig(BaseModel):
     seed: int = 42
 
 
-def make_train_config(spec: ClassificationSpec, model: str | None, *, epochs: float | None = None, seed: int = 42, num_layers: int | None = None) -> TrainConfig:
+def make_train_config(
+    spec: ClassificationSpec,
+    model: str | None,
+    *,
+    epochs: float | None = None,
+    seed: int = 42,
+    num_layers: int | None = None,
+) -> TrainConfig:
     """The domain's training recipe, overridden by the user's choices: every knob a trained model depends on."""
     base = resolve_base_model(model or spec.default_model)
     base_fingerprint = path_fingerprint(base) if Path(base).exists() else base
@@ -76,7 +83,13 @@ def make_train_config(spec: ClassificationSpec, model: str | None, *, epochs: fl
     if epochs is not None:
         recipe["epochs"] = epochs
     return TrainConfig(
-        base_model=base, base_fingerprint=base_fingerprint, num_layers=num_layers, max_length=spec.max_length, primary_metric=spec.primary_metric, seed=seed, **recipe
+        base_model=base,
+        base_fingerprint=base_fingerprint,
+        num_layers=num_layers,
+        max_length=spec.max_length,
+        primary_metric=spec.primary_metric,
+        seed=seed,
+        **recipe,
     )
 
 
@@ -149,14 +162,20 @@ class _ProgressToLogger:
             def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
                 if logs:
                     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
-                    log.info("step %d/%d (epoch %.2f): %s", state.global_step, state.max_steps, state.epoch or 0.0, shown)
+                    log.info(
+                        "step %d/%d (epoch %.2f): %s", state.global_step, state.max_steps, state.epoch or 0.0, shown
+                    )
 
         return Callback()
 
 
-def finetune_classifier(dataset: DatasetRef, init_dir: Path, config: TrainConfig, out_dir: Path, checkpoints: Path | None = None) -> ModelRef:
+def finetune_classifier(
+    dataset: DatasetRef, init_dir: Path, config: TrainConfig, out_dir: Path, checkpoints: Path | None = None
+) -> ModelRef:
     """Full fine-tuning from the probe with the Trainer; resumes from its last checkpoint after a crash."""
-    return train_classifier(dataset, init_dir, config, out_dir, name=FINETUNED, parent=LINEAR_PROBE, checkpoints=checkpoints)
+    return train_classifier(
+        dataset, init_dir, config, out_dir, name=FINETUNED, parent=LINEAR_PROBE, checkpoints=checkpoints
+    )
 
 
 def train_classifier(
@@ -197,14 +216,18 @@ def train_classifier(
     primary = config.primary_metric
     set_seed(config.seed)
     loaded = load_classifier(init_dir)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = loaded.torch_model, loaded.tokenizer
     model.train()
     splits = load_from_disk(dataset.path)
     if teacher_dir is not None:
         teacher = load_classifier(teacher_dir)
         log.info("distillation: scoring %d training texts with the teacher %s", splits["train"].num_rows, teacher_dir)
         logits = predict_logits(teacher, list(splits["train"]["text"]), batch_size=128)
-        splits["train"] = splits["train"].add_column("teacher_logits", logits.tolist(), new_fingerprint=f"teacher-{value_fingerprint(str(teacher_dir), dataset.fingerprint)}")
+        splits["train"] = splits["train"].add_column(
+            "teacher_logits",
+            logits.tolist(),
+            new_fingerprint=f"teacher-{value_fingerprint(str(teacher_dir), dataset.fingerprint)}",
+        )
         model.distill_temperature, model.distill_alpha = distill_temperature, distill_alpha
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
@@ -214,15 +237,29 @@ def train_classifier(
 
     # An explicit fingerprint stops `datasets` from hashing the closure (it dumps bytecode into the logs).
     recipe = value_fingerprint(dataset.fingerprint, config.max_length, tokenizer.name_or_path)
-    train = splits["train"].map(tokenize, batched=True, remove_columns=["text"], new_fingerprint=f"train-{recipe}-{teacher_dir is not None}").rename_column("label", "labels")
-    valid = splits["validation"].map(tokenize, batched=True, remove_columns=["text"], new_fingerprint=f"valid-{recipe}").rename_column("label", "labels")
+    train = (
+        splits["train"]
+        .map(
+            tokenize, batched=True, remove_columns=["text"], new_fingerprint=f"train-{recipe}-{teacher_dir is not None}"
+        )
+        .rename_column("label", "labels")
+    )
+    valid = (
+        splits["validation"]
+        .map(tokenize, batched=True, remove_columns=["text"], new_fingerprint=f"valid-{recipe}")
+        .rename_column("label", "labels")
+    )
     if config.class_weighting:
         weights = _class_weights(np.asarray(splits["train"]["label"]), len(dataset.label_names))
         model.class_weights = torch.tensor(weights, dtype=torch.float32)
 
     head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
-    no_decay = [p for n, p in model.named_parameters() if n.startswith("encoder.") and ("bias" in n or "LayerNorm" in n)]
-    decay = [p for n, p in model.named_parameters() if n.startswith("encoder.") and not ("bias" in n or "LayerNorm" in n)]
+    no_decay = [
+        p for n, p in model.named_parameters() if n.startswith("encoder.") and ("bias" in n or "LayerNorm" in n)
+    ]
+    decay = [
+        p for n, p in model.named_parameters() if n.startswith("encoder.") and not ("bias" in n or "LayerNorm" in n)
+    ]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "lr": config.encoder_lr, "weight_decay": config.weight_decay},
@@ -271,22 +308,59 @@ def train_classifier(
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=validation_metrics,
         optimizers=(optimizer, None),
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience), _ProgressToLogger(log)],
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
+            _ProgressToLogger(log),
+        ],
     )
     resume = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
     if resume:
         log.info("resuming fine-tuning from the last checkpoint in %s", checkpoints)
-    log.info("%s: training on %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)", name, len(train), args.num_train_epochs, config.batch_size, config.encoder_lr, config.head_lr)
+    log.info(
+        "%s: training on %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)",
+        name,
+        len(train),
+        args.num_train_epochs,
+        config.batch_size,
+        config.encoder_lr,
+        config.head_lr,
+    )
     trainer.train(resume_from_checkpoint=True if resume else None)
     model.eval()
     model.class_weights = None
     seconds = time.perf_counter() - started
-    metadata = {"candidate": name, "base_model": config.base_model, "init": str(init_dir), "train_seconds": seconds, f"best_validation_{primary}": trainer.state.best_metric}
+    metadata = {
+        "candidate": name,
+        "base_model": config.base_model,
+        "init": str(init_dir),
+        "train_seconds": seconds,
+        f"best_validation_{primary}": trainer.state.best_metric,
+    }
     metadata.update(extra_metadata or {})
-    save_classifier(model, tokenizer, out_dir, label_names=dataset.label_names, max_length=config.max_length, extra_metadata=metadata)
+    save_classifier(
+        model,
+        tokenizer,
+        out_dir,
+        label_names=dataset.label_names,
+        max_length=config.max_length,
+        extra_metadata=metadata,
+    )
     shutil.rmtree(checkpoints, ignore_errors=True)
-    log.info("%s trained in %.1f s; best validation %s %.4f", name, seconds, primary, trainer.state.best_metric or float("nan"))
-    return ModelRef(name=name, path=str(out_dir), fingerprint=path_fingerprint(out_dir), parent=parent, compression=compression, train_seconds=seconds)
+    log.info(
+        "%s trained in %.1f s; best validation %s %.4f",
+        name,
+        seconds,
+        primary,
+        trainer.state.best_metric or float("nan"),
+    )
+    return ModelRef(
+        name=name,
+        path=str(out_dir),
+        fingerprint=path_fingerprint(out_dir),
+        parent=parent,
+        compression=compression,
+        train_seconds=seconds,
+    )
 
 
 def finish_atomically(build: Any, target: Path) -> ModelRef:
@@ -311,4 +385,6 @@ def linear_probe(dataset: DatasetRef, config: TrainConfig) -> ModelRef:
 def finetune(dataset: DatasetRef, init: ModelRef, config: TrainConfig) -> ModelRef:
     """Candidate (b): full fine-tuning initialised from the probe."""
     target = model_dir(dataset, FINETUNED, finetune, init.fingerprint, config)
-    return finish_atomically(lambda out: finetune_classifier(dataset, Path(init.path), config, out, checkpoints_for(target)), target)
+    return finish_atomically(
+        lambda out: finetune_classifier(dataset, Path(init.path), config, out, checkpoints_for(target)), target
+    )

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from prefect import task
 
-from domainflow.fingerprint import path_fingerprint, value_fingerprint
-from domainflow.recsys.bundle import METADATA_FILE, Recommender
+from domainflow.fingerprint import path_fingerprint
 from domainflow.records import ModelRef
+from domainflow.recsys.bundle import METADATA_FILE, Recommender
 from domainflow.recsys.spec import RankingSpec
 from tasks.caching import CODE_AND_INPUTS
 from tasks.rank_train import _out_dir, _publish
@@ -44,4 +44,11 @@ def quantize_user_tower(spec: RankingSpec, reference: ModelRef) -> ModelRef:
     name = f"{reference.name}-int8"
     target = _out_dir(spec.name, "models", name, quantize_user_tower, reference.fingerprint, RECIPE, spec.history_items)
     _publish(target, lambda out: quantized_copy(Path(reference.path), out, spec.history_text))
-    return ModelRef(name=name, path=str(target), fingerprint=path_fingerprint(target), parent=reference.name, compression=RECIPE, train_seconds=reference.train_seconds)
+    return ModelRef(
+        name=name,
+        path=str(target),
+        fingerprint=path_fingerprint(target),
+        parent=reference.name,
+        compression=RECIPE,
+        train_seconds=reference.train_seconds,
+    )

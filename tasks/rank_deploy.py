@@ -15,8 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from domainflow.logs import run_logger
-from domainflow.recsys.gate import decide_ranking
 from domainflow.records import Evaluation
+from domainflow.recsys.gate import decide_ranking
 from domainflow.spec import DomainSpec
 from tasks.artifacts import artifact_key
 from tasks.deploy import apply_decision, decision_outcome
@@ -35,9 +35,16 @@ def decision_markdown(result: dict[str, Any], rows: list[dict[str, Any]]) -> str
         "",
         f"> {result['summary']}",
         "",
-        f"- decided at {result['decided_at']}; " + (f"champion v{result['previous_champion']} test {primary} {champion[primary]:.4f}" if champion else "no champion before this run"),
-        f"- baselines (test {primary}): {result['gates'].get('baselines')}; tie tolerance {result['gates']['tie_tolerance']}; "
-        f"compression budget {result['gates']['max_compression_drop']} / speed-up >= {result['gates']['min_compression_speedup']}x",
+        f"- decided at {result['decided_at']}; "
+        + (
+            f"champion v{result['previous_champion']} test {primary} {champion[primary]:.4f}"
+            if champion
+            else "no champion before this run"
+        ),
+        f"- baselines (test {primary}): {result['gates'].get('baselines')}; tie tolerance "
+        f"{result['gates']['tie_tolerance']}; "
+        f"compression budget {result['gates']['max_compression_drop']} / speed-up >= "
+        f"{result['gates']['min_compression_speedup']}x",
         f"- test set {result.get('test_fingerprint')}; decision file `{result.get('decision_file')}`",
         "",
         markdown_table(rows),
@@ -63,13 +70,27 @@ def deploy_ranking(
     log = run_logger(__name__)
     domain = spec.name
     candidates, baselines = _as_evaluations(candidates), _as_evaluations(baselines)
-    result = apply_decision(spec, candidates, champion_metrics, dataset_fingerprint, test_fingerprint, run_config, decide_fn=partial(decide_ranking, baselines=baselines))
+    result = apply_decision(
+        spec,
+        candidates,
+        champion_metrics,
+        dataset_fingerprint,
+        test_fingerprint,
+        run_config,
+        decide_fn=partial(decide_ranking, baselines=baselines),
+    )
     rows = model_rows(baselines, candidates, result)
     result["rows"] = rows
     log.info("%s", result["summary"])
     try:
-        create_markdown_artifact(markdown=decision_markdown(result, rows), key=artifact_key(domain, "gate-decision"), description=result["summary"])
-        create_table_artifact(table=rows, key=artifact_key(domain, "gate-candidates"), description=f"Models judged by the {domain} gate")
+        create_markdown_artifact(
+            markdown=decision_markdown(result, rows),
+            key=artifact_key(domain, "gate-decision"),
+            description=result["summary"],
+        )
+        create_table_artifact(
+            table=rows, key=artifact_key(domain, "gate-candidates"), description=f"Models judged by the {domain} gate"
+        )
     except Exception as exc:  # the decision is already on disk
         log.warning("could not publish the gate-decision artifacts for %s: %s", domain, exc)
     return result

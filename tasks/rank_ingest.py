@@ -55,7 +55,7 @@ def ingest_ranking(
             f"{sources['interactions']}: no user has {spec.min_positives} positive interactions, "
             f"so nobody can be evaluated"
         )
-    item_fields = zip(clean_items["title"], clean_items["year"], clean_items["genres"])
+    item_fields = zip(clean_items["title"], clean_items["year"], clean_items["genres"], strict=True)
     clean_items["text"] = [spec.item_text(title, year, genres) for title, year, genres in item_fields]
     report = {
         "sources": sources,
@@ -86,20 +86,23 @@ def ingest_ranking(
 
 def summary_markdown(ref: RankingDatasetRef, report: dict) -> str:
     sources = ", ".join(f"{k} `{v}`" for k, v in report["sources"].items())
-    return "\n".join(
-        [
-            f"# Dataset: {ref.domain}",
-            "",
-            f"- {ref.num_users} users, {ref.num_items} items, {ref.num_interactions} interactions "
-            f"({report['positives']} positives)",
-            f"- evaluated users: {ref.evaluated_users}; ranker fit users: {ref.fit_users}",
-            f"- sources: {sources}; repairs: {report['repairs']}",
-            f"- user sample: {report['max_users'] or 'all'} (seed {report['seed']}); "
-            f"fingerprint `{ref.fingerprint}`, test `{ref.test_fingerprint}`",
-            "",
-            f"**Protocol.** {report['protocol']}",
-        ]
-    ) + "\n"
+    return (
+        "\n".join(
+            [
+                f"# Dataset: {ref.domain}",
+                "",
+                f"- {ref.num_users} users, {ref.num_items} items, {ref.num_interactions} interactions "
+                f"({report['positives']} positives)",
+                f"- evaluated users: {ref.evaluated_users}; ranker fit users: {ref.fit_users}",
+                f"- sources: {sources}; repairs: {report['repairs']}",
+                f"- user sample: {report['max_users'] or 'all'} (seed {report['seed']}); "
+                f"fingerprint `{ref.fingerprint}`, test `{ref.test_fingerprint}`",
+                "",
+                f"**Protocol.** {report['protocol']}",
+            ]
+        )
+        + "\n"
+    )
 
 
 @task(name="ingest-interactions", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
@@ -110,7 +113,13 @@ def ingest_interactions(
     protocol knobs and item-text rules are in the key)."""
     log = run_logger(__name__)
     domain = spec.name
-    fingerprint = value_fingerprint(source_fingerprint, max_users, seed, code_fingerprint(__name__), spec.model_dump(mode="json", exclude={"description"}))
+    fingerprint = value_fingerprint(
+        source_fingerprint,
+        max_users,
+        seed,
+        code_fingerprint(__name__),
+        spec.model_dump(mode="json", exclude={"description"}),
+    )
     target = settings.runs_dir() / domain / "datasets" / f"ranking-{fingerprint}"
 
     def build(folder: Path) -> RankingDatasetRef:
@@ -119,8 +128,17 @@ def ingest_interactions(
     # The record names the private folder it was built in; point it at the published one.
     ref = build_atomically(target, build).model_copy(update={"path": str(target)})
     report = json.loads((target / "report.json").read_text())
-    log.info("%s: %d users, %d items, %d interactions; %d evaluated",
-             domain, ref.num_users, ref.num_items, ref.num_interactions, ref.evaluated_users)
-    create_markdown_artifact(markdown=summary_markdown(ref, report), key=artifact_key(domain, "dataset"),
-                             description=f"{domain} dataset and protocol")
+    log.info(
+        "%s: %d users, %d items, %d interactions; %d evaluated",
+        domain,
+        ref.num_users,
+        ref.num_items,
+        ref.num_interactions,
+        ref.evaluated_users,
+    )
+    create_markdown_artifact(
+        markdown=summary_markdown(ref, report),
+        key=artifact_key(domain, "dataset"),
+        description=f"{domain} dataset and protocol",
+    )
     return ref

@@ -9,6 +9,7 @@ without the situation it measures.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,24 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from domainflow.logs import run_logger
-from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.records import Evaluation
+from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
 from tasks.artifacts import artifact_key
 
 METRIC_COLUMNS = ("test_hit_rate_at_10", "test_ndcg_at_10", "test_mrr", "validation_ndcg_at_10")
-COLUMNS = ("candidate", "role", *METRIC_COLUMNS, "histories_per_second_batch32", "latency_ms_p50", "size_mb", "train_seconds")
+COLUMNS = (
+    "candidate",
+    "role",
+    *METRIC_COLUMNS,
+    "histories_per_second_batch32",
+    "latency_ms_p50",
+    "size_mb",
+    "train_seconds",
+)
 
 
-def _as_evaluations(items: list[Evaluation | dict]) -> list[Evaluation]:
+def _as_evaluations(items: Iterable[Evaluation | dict]) -> list[Evaluation]:
     return [e if isinstance(e, Evaluation) else Evaluation.model_validate(e) for e in items]
 
 
@@ -33,7 +42,9 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def model_rows(baselines: list[Evaluation], candidates: list[Evaluation], decision: dict | None = None) -> list[dict[str, Any]]:
+def model_rows(
+    baselines: list[Evaluation], candidates: list[Evaluation], decision: dict | None = None
+) -> list[dict[str, Any]]:
     """One row per model, baselines first; with a decision, each row also carries its verdict."""
     verdicts = {v["name"]: v for v in (decision or {}).get("verdicts", [])}
     rows = []
@@ -74,7 +85,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def model_card(spec: Any, dataset: RankingDatasetRef, baselines_ref: BaselinesRef, evaluation: Evaluation, rows: list[dict[str, Any]]) -> str:
+def model_card(
+    spec: Any,
+    dataset: RankingDatasetRef,
+    baselines_ref: BaselinesRef,
+    evaluation: Evaluation,
+    rows: list[dict[str, Any]],
+) -> str:
     """A candidate's card: what it is, the protocol, every model's numbers, how it was trained."""
     bundle = Path(evaluation.candidate.path)
     metadata = json.loads((bundle / "recommender.json").read_text())
@@ -94,48 +111,73 @@ def model_card(spec: Any, dataset: RankingDatasetRef, baselines_ref: BaselinesRe
         "Ranks the catalogue for a user given their history (item ids and/or free texts): the user tower "
         f"(MiniLM, {layers} layers, mean pooling) reads the history text, most recent item first, truncated to "
         f"{metadata['history_max_length']} tokens; item vectors are precomputed; score = "
-        + ("cosine similarity." if metadata["scorer"] == "text" else f"a conditional logit over the features {', '.join(metadata['features'])} "
-           "(a history of free texts only is scored by the text model's cosine).")
-        + (f" The user tower is int8 dynamically quantized at load time ({metadata['compression']})." if metadata.get("compression") else ""),
+        + (
+            "cosine similarity."
+            if metadata["scorer"] == "text"
+            else f"a conditional logit over the features {', '.join(metadata['features'])} "
+            "(a history of free texts only is scored by the text model's cosine)."
+        )
+        + (
+            f" The user tower is int8 dynamically quantized at load time ({metadata['compression']})."
+            if metadata.get("compression")
+            else ""
+        ),
         "",
         "## Evaluation protocol",
         "",
         spec.protocol,
         "",
         f"Data: {dataset.num_users} users, {dataset.num_items} items, {dataset.num_interactions} interactions; "
-        f"{dataset.evaluated_users} evaluated users (test set `{dataset.test_fingerprint}`, data `{dataset.fingerprint}`).",
+        f"{dataset.evaluated_users} evaluated users (test set `{dataset.test_fingerprint}`, data "
+        f"`{dataset.fingerprint}`).",
         "",
         "## Results: every model under the same protocol",
         "",
         markdown_table(rows),
         "",
-        "`validation_ndcg_at_10` chooses between candidates; the gate uses test. Speed: user histories scored per second "
-        "(encode + score the whole catalogue) on this machine's CPU, side by side; baselines have no per-request model.",
+        "`validation_ndcg_at_10` chooses between candidates; the gate uses test. Speed: user histories scored per "
+        "second "
+        "(encode + score the whole catalogue) on this machine's CPU, side by side; baselines have no per-request "
+        "model.",
         "",
         "## Training",
         "",
-        f"- two-tower: {training.get('pairs', '?')} (history, next positive) pairs from the train split without each user's last "
-        f"positive, {training.get('steps', '?')} steps, InfoNCE with in-batch negatives; loss {losses[0]:.3f} → {sum(losses[-10:]) / len(losses[-10:]):.3f} "
-        f"(first step → mean of the last 10); {training.get('seconds', 0):.0f} s." if losses else "- two-tower: no training record found.",
+        f"- two-tower: {training.get('pairs', '?')} (history, next positive) pairs from the train split without each "
+        "user's last "
+        f"positive, {training.get('steps', '?')} steps, InfoNCE with in-batch negatives; loss {losses[0]:.3f} → "
+        f"{sum(losses[-10:]) / len(losses[-10:]):.3f} "
+        f"(first step → mean of the last 10); {training.get('seconds', 0):.0f} s."
+        if losses
+        else "- two-tower: no training record found.",
         f"- BPR feature model and baseline: {baselines_ref.bpr_best_epoch} epochs (chosen on validation NDCG@10).",
     ]
     if weights is not None:
-        shown = ", ".join(f"{n} {w:+.3f}" for n, w in zip(weights["features"], weights["weights"]))
-        lines.append(f"- ranker: fitted on each user's last train positive vs {metadata.get('ranker_negatives')} sampled unseen items, "
-                     f"features from models that never saw those positives; weights on standardised features: {shown}.")
+        shown = ", ".join(f"{n} {w:+.3f}" for n, w in zip(weights["features"], weights["weights"], strict=True))
+        lines.append(
+            f"- ranker: fitted on each user's last train positive vs {metadata.get('ranker_negatives')} sampled "
+            "unseen items, "
+            f"features from models that never saw those positives; weights on standardised features: {shown}."
+        )
     lines += [
         "",
         "## Limitations",
         "",
         "- Offline evaluation of one held-out item per user; a live A/B test measures what users do.",
-        "- A history of free texts only has a text score and popularity: the collaborative features need catalogue ids.",
+        "- A history of free texts only has a text score and popularity: the collaborative features need catalogue "
+        "ids.",
         "- Items outside the catalogue cannot be recommended; the catalogue is the one the model was trained with.",
     ]
     return "\n".join(lines) + "\n"
 
 
 @task(name="rank-report")
-def rank_report(spec: RankingSpec, dataset: RankingDatasetRef, baselines_ref: BaselinesRef, baselines: list[Evaluation], candidates: list[Evaluation]) -> list[dict[str, Any]]:
+def rank_report(
+    spec: RankingSpec,
+    dataset: RankingDatasetRef,
+    baselines_ref: BaselinesRef,
+    baselines: list[Evaluation],
+    candidates: list[Evaluation],
+) -> list[dict[str, Any]]:
     """Write each candidate's model card; publish the metrics table and the cards as artifacts."""
     log = run_logger(__name__)
     baselines, candidates = _as_evaluations(baselines), _as_evaluations(candidates)
@@ -144,8 +186,16 @@ def rank_report(spec: RankingSpec, dataset: RankingDatasetRef, baselines_ref: Ba
         card = model_card(spec, dataset, baselines_ref, evaluation, rows)
         (Path(evaluation.report_dir) / "model_card.md").write_text(card)
         try:
-            create_markdown_artifact(markdown=card, key=artifact_key(dataset.domain, f"model-card-{evaluation.candidate.name}"), description=f"model card of {evaluation.candidate.name}")
+            create_markdown_artifact(
+                markdown=card,
+                key=artifact_key(dataset.domain, f"model-card-{evaluation.candidate.name}"),
+                description=f"model card of {evaluation.candidate.name}",
+            )
         except Exception as exc:  # the card is on disk; a UI hiccup must not fail the run
             log.warning("could not publish the model card of %s: %s", evaluation.candidate.name, exc)
-    create_table_artifact(table=rows, key=artifact_key(dataset.domain, "models"), description=f"{dataset.domain}: every model under the declared protocol")
+    create_table_artifact(
+        table=rows,
+        key=artifact_key(dataset.domain, "models"),
+        description=f"{dataset.domain}: every model under the declared protocol",
+    )
     return rows

@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,21 +31,28 @@ from prefect import task
 from pydantic import BaseModel
 
 from domainflow import settings
-from domainflow.fingerprint import path_fingerprint, value_fingerprint
+from domainflow.atomic import build_atomically
+from domainflow.fingerprint import path_fingerprint
 from domainflow.logs import run_logger
 from domainflow.modeling import load_encoder, resolve_base_model
+from domainflow.records import ModelRef
 from domainflow.recsys import baselines as bl
 from domainflow.recsys.bundle import Recommender, write_bundle
 from domainflow.recsys.dataset import RankingData
-from domainflow.recsys.features import FEATURES, ItemTables, cooccurrence_cosine, genre_matrix, history_features, parse_years
+from domainflow.recsys.features import (
+    FEATURES,
+    ItemTables,
+    cooccurrence_cosine,
+    genre_matrix,
+    history_features,
+    parse_years,
+)
 from domainflow.recsys.protocol import ranking_metrics, target_ranks
 from domainflow.recsys.ranker import fit_ranker as fit_conditional_logit
 from domainflow.recsys.ranker import sample_groups
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
-from domainflow.recsys.two_tower import TwoTower, encode, train_two_tower, training_pairs
-from domainflow.records import ModelRef
-from domainflow.atomic import build_atomically
 from domainflow.recsys.spec import RankingSpec
+from domainflow.recsys.two_tower import TwoTower, encode, train_two_tower, training_pairs
 from tasks.caching import CODE_AND_INPUTS, step_dir
 
 TWO_TOWER = "two_tower"
@@ -70,7 +78,15 @@ class TwoTowerConfig(BaseModel):
     seed: int = 42
 
 
-def make_two_tower_config(spec: RankingSpec, model: str | None, *, epochs: float | None = None, seed: int = 42, num_layers: int | None = None, max_pairs: int | None = None) -> TwoTowerConfig:
+def make_two_tower_config(
+    spec: RankingSpec,
+    model: str | None,
+    *,
+    epochs: float | None = None,
+    seed: int = 42,
+    num_layers: int | None = None,
+    max_pairs: int | None = None,
+) -> TwoTowerConfig:
     """The domain's two-tower defaults, overridden by the user's choices."""
     base = resolve_base_model(model or spec.default_model)
     recipe = spec.two_tower.model_dump()
@@ -106,7 +122,9 @@ def _publish(target: Path, build: Callable[[Path], Any]) -> Any:
 def positives_of(data: RankingData, frame) -> tuple[np.ndarray, np.ndarray]:
     """(user position, item position) of the positive interactions in ``frame``."""
     positives = frame[frame["positive"].to_numpy(dtype=bool)]
-    return positives["user_id"].map(data.index.user_pos).to_numpy(), positives["item_id"].map(data.index.item_pos).to_numpy()
+    return positives["user_id"].map(data.index.user_pos).to_numpy(), positives["item_id"].map(
+        data.index.item_pos
+    ).to_numpy()
 
 
 def fit_baselines(data: RankingData, spec: Any, seed: int, out_dir: Path) -> BaselinesRef:
@@ -127,12 +145,35 @@ def fit_baselines(data: RankingData, spec: Any, seed: int, out_dir: Path) -> Bas
 
     recipe = spec.bpr
     started = time.perf_counter()
-    bpr = bl.train_bpr(users, items, num_users, num_items, dim=recipe.dim, epochs=recipe.epochs, learning_rate=recipe.learning_rate,
-                       weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, seed=seed, validate=validate, eval_every=recipe.eval_every)
+    bpr = bl.train_bpr(
+        users,
+        items,
+        num_users,
+        num_items,
+        dim=recipe.dim,
+        epochs=recipe.epochs,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        batch_size=recipe.batch_size,
+        seed=seed,
+        validate=validate,
+        eval_every=recipe.eval_every,
+    )
     bpr_seconds = time.perf_counter() - started
-    save_file({"popularity": popularity.astype(np.float32), "bpr_users": bpr.user_factors, "bpr_items": bpr.item_factors, "bpr_bias": bpr.item_bias},
-              str(out_dir / "baselines.safetensors"))
-    info = {"bpr_best_epoch": bpr.best_epoch, "bpr_valid_curve": bpr.curve, "train_seconds": {"popularity": popularity_seconds, "bpr": bpr_seconds}}
+    save_file(
+        {
+            "popularity": popularity.astype(np.float32),
+            "bpr_users": bpr.user_factors,
+            "bpr_items": bpr.item_factors,
+            "bpr_bias": bpr.item_bias,
+        },
+        str(out_dir / "baselines.safetensors"),
+    )
+    info = {
+        "bpr_best_epoch": bpr.best_epoch,
+        "bpr_valid_curve": bpr.curve,
+        "train_seconds": {"popularity": popularity_seconds, "bpr": bpr_seconds},
+    }
     (out_dir / "baselines.json").write_text(json.dumps(info, indent=2))
     return BaselinesRef(path=str(out_dir), fingerprint=path_fingerprint(out_dir), **info)
 
@@ -141,10 +182,17 @@ def fit_baselines(data: RankingData, spec: Any, seed: int, out_dir: Path) -> Bas
 def train_baselines(spec: RankingSpec, dataset: RankingDatasetRef, seed: int = 42) -> BaselinesRef:
     """Popularity and BPR (epochs chosen on validation)."""
     log = run_logger(__name__)
-    target = _out_dir(dataset.domain, "baselines", "popularity-bpr", train_baselines, dataset.fingerprint, spec.bpr, seed)
+    target = _out_dir(
+        dataset.domain, "baselines", "popularity-bpr", train_baselines, dataset.fingerprint, spec.bpr, seed
+    )
     ref = _publish(target, lambda out: fit_baselines(RankingData.load(dataset.path), spec, seed, out))
     ref = ref.model_copy(update={"path": str(target), "fingerprint": path_fingerprint(target)})
-    log.info("baselines: BPR best epoch %d (validation NDCG@10 curve %s), %.1f s", ref.bpr_best_epoch, ref.bpr_valid_curve, ref.train_seconds["bpr"])
+    log.info(
+        "baselines: BPR best epoch %d (validation NDCG@10 curve %s), %.1f s",
+        ref.bpr_best_epoch,
+        ref.bpr_valid_curve,
+        ref.train_seconds["bpr"],
+    )
     return ref
 
 
@@ -159,24 +207,67 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
     base = data.base_train()
     histories = data.histories_from(base)
     flags: list[list[bool]] = [[] for _ in data.index.users]
-    for u, positive in zip(base["user_id"].map(data.index.user_pos).to_numpy(), base["positive"].to_numpy(dtype=bool)):
+    for u, positive in zip(
+        base["user_id"].map(data.index.user_pos).to_numpy(), base["positive"].to_numpy(dtype=bool), strict=True
+    ):
         flags[u].append(bool(positive))
-    pairs = training_pairs(histories, flags, data.item_texts, spec.history_text, pairs_per_user=config.pairs_per_user, max_pairs=config.max_pairs, seed=config.seed)
+    pairs = training_pairs(
+        histories,
+        flags,
+        data.item_texts,
+        spec.history_text,
+        pairs_per_user=config.pairs_per_user,
+        max_pairs=config.max_pairs,
+        seed=config.seed,
+    )
     log.info("two-tower: %d training pairs, %g epoch(s) of batches of %d", len(pairs), config.epochs, config.batch_size)
-    result = train_two_tower(model, tokenizer, pairs, data.item_texts, epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                             temperature=config.temperature, warmup_ratio=config.warmup_ratio, history_max_length=config.history_max_length,
-                             item_max_length=config.item_max_length, seed=config.seed, log=log)
+    result = train_two_tower(
+        model,
+        tokenizer,
+        pairs,
+        data.item_texts,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        temperature=config.temperature,
+        warmup_ratio=config.warmup_ratio,
+        history_max_length=config.history_max_length,
+        item_max_length=config.item_max_length,
+        seed=config.seed,
+        log=log,
+    )
     encoder.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "training.json").write_text(json.dumps({"pairs": len(pairs), "steps": result.steps, "seconds": result.seconds, "losses": result.losses, "config": config.model_dump()}, indent=2))
-    return ModelRef(name="two_tower_encoder", path=str(out_dir), fingerprint=path_fingerprint(out_dir), train_seconds=result.seconds)
+    (out_dir / "training.json").write_text(
+        json.dumps(
+            {
+                "pairs": len(pairs),
+                "steps": result.steps,
+                "seconds": result.seconds,
+                "losses": result.losses,
+                "config": config.model_dump(),
+            },
+            indent=2,
+        )
+    )
+    return ModelRef(
+        name="two_tower_encoder", path=str(out_dir), fingerprint=path_fingerprint(out_dir), train_seconds=result.seconds
+    )
 
 
 @task(name="finetune-two-tower", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def finetune_two_tower(spec: RankingSpec, dataset: RankingDatasetRef, config: TwoTowerConfig) -> ModelRef:
     """The trained encoder directory (both towers)."""
     log = run_logger(__name__)
-    target = _out_dir(dataset.domain, "models", "two_tower_encoder", finetune_two_tower, dataset.fingerprint, config, spec.history_items)
+    target = _out_dir(
+        dataset.domain,
+        "models",
+        "two_tower_encoder",
+        finetune_two_tower,
+        dataset.fingerprint,
+        config,
+        spec.history_items,
+    )
     ref = _publish(target, lambda out: train_text_model(RankingData.load(dataset.path), spec, config, out, log))
     return ref.model_copy(update={"path": str(target), "fingerprint": path_fingerprint(target)})
 
@@ -190,8 +281,18 @@ def item_tables(data: RankingData, spec: Any, encoder_dir: Path, config: TwoTowe
     num_users, num_items = len(data.index.users), len(data.index.items)
     users, items = positives_of(data, base)
     recipe = spec.bpr
-    bpr = bl.train_bpr(users, items, num_users, num_items, dim=recipe.dim, epochs=bpr_epochs, learning_rate=recipe.learning_rate,
-                       weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, seed=config.seed)
+    bpr = bl.train_bpr(
+        users,
+        items,
+        num_users,
+        num_items,
+        dim=recipe.dim,
+        epochs=bpr_epochs,
+        learning_rate=recipe.learning_rate,
+        weight_decay=recipe.weight_decay,
+        batch_size=recipe.batch_size,
+        seed=config.seed,
+    )
     all_users = base["user_id"].map(data.index.user_pos).to_numpy()
     all_items = base["item_id"].map(data.index.item_pos).to_numpy()
     encoder, tokenizer = load_encoder(str(encoder_dir))
@@ -213,20 +314,48 @@ def catalogue(data: RankingData) -> dict[str, list[str]]:
 
 
 @task(name="build-item-tables", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
-def build_item_tables(spec: RankingSpec, dataset: RankingDatasetRef, encoder: ModelRef, baselines: BaselinesRef, config: TwoTowerConfig) -> ModelRef:
+def build_item_tables(
+    spec: RankingSpec, dataset: RankingDatasetRef, encoder: ModelRef, baselines: BaselinesRef, config: TwoTowerConfig
+) -> ModelRef:
     """The ``two_tower`` candidate bundle: precomputed item embeddings + the ranker's item tables."""
-    target = _out_dir(dataset.domain, "models", TWO_TOWER, build_item_tables, dataset.fingerprint, encoder.fingerprint, baselines.bpr_best_epoch, config, spec)
+    target = _out_dir(
+        dataset.domain,
+        "models",
+        TWO_TOWER,
+        build_item_tables,
+        dataset.fingerprint,
+        encoder.fingerprint,
+        baselines.bpr_best_epoch,
+        config,
+        spec,
+    )
 
     def build(out: Path) -> None:
         data = RankingData.load(dataset.path)
         tables = item_tables(data, spec, Path(encoder.path), config, baselines.bpr_best_epoch)
-        lengths = {"history_max_length": config.history_max_length, "item_max_length": config.item_max_length, "history_items": spec.history_items}
-        write_bundle(out, encoder_dir=Path(encoder.path), items=catalogue(data), tables=tables, scorer="text", text_lengths=lengths,
-                     extra={"protocol": spec.protocol, "dataset_fingerprint": dataset.fingerprint})
+        lengths = {
+            "history_max_length": config.history_max_length,
+            "item_max_length": config.item_max_length,
+            "history_items": spec.history_items,
+        }
+        write_bundle(
+            out,
+            encoder_dir=Path(encoder.path),
+            items=catalogue(data),
+            tables=tables,
+            scorer="text",
+            text_lengths=lengths,
+            extra={"protocol": spec.protocol, "dataset_fingerprint": dataset.fingerprint},
+        )
 
     started = time.perf_counter()
     _publish(target, build)
-    return ModelRef(name=TWO_TOWER, path=str(target), fingerprint=path_fingerprint(target), train_seconds=encoder.train_seconds + time.perf_counter() - started)
+    return ModelRef(
+        name=TWO_TOWER,
+        path=str(target),
+        fingerprint=path_fingerprint(target),
+        train_seconds=encoder.train_seconds + time.perf_counter() - started,
+    )
 
 
 def fit_features(data: RankingData, recommender: Recommender, negatives: int, seed: int) -> np.ndarray:
@@ -234,20 +363,38 @@ def fit_features(data: RankingData, recommender: Recommender, negatives: int, se
     rows = data.stage("fit")
     groups = sample_groups(rows.excluded, rows.targets, negatives, seed)
     embeddings = recommender.user_embeddings(rows.histories)
-    return np.stack([history_features(recommender.tables, history, embedding, group) for history, embedding, group in zip(rows.histories, embeddings, groups)])
+    return np.stack(
+        [
+            history_features(recommender.tables, history, embedding, group)
+            for history, embedding, group in zip(rows.histories, embeddings, groups, strict=True)
+        ]
+    )
 
 
 @task(name="fit-ranker", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def fit_ranker(spec: RankingSpec, dataset: RankingDatasetRef, two_tower: ModelRef, config: TwoTowerConfig) -> ModelRef:
     """The ``ranker`` candidate: the ``two_tower`` bundle plus a conditional logit over its features."""
     log = run_logger(__name__)
-    target = _out_dir(dataset.domain, "models", RANKER, fit_ranker, dataset.fingerprint, two_tower.fingerprint, config.ranker_negatives, config.seed, spec.history_items)
+    target = _out_dir(
+        dataset.domain,
+        "models",
+        RANKER,
+        fit_ranker,
+        dataset.fingerprint,
+        two_tower.fingerprint,
+        config.ranker_negatives,
+        config.seed,
+        spec.history_items,
+    )
 
     def build(out: Path) -> None:
         data = RankingData.load(dataset.path)
         recommender = Recommender(Path(two_tower.path), spec.history_text)
         ranker = fit_conditional_logit(fit_features(data, recommender, config.ranker_negatives, config.seed), FEATURES)
-        log.info("ranker weights (standardised features): %s", {n: round(float(w), 3) for n, w in zip(FEATURES, ranker.weights)})
+        log.info(
+            "ranker weights (standardised features): %s",
+            {n: round(float(w), 3) for n, w in zip(FEATURES, ranker.weights, strict=True)},
+        )
         shutil.copytree(two_tower.path, out, dirs_exist_ok=True)
         ranker.save(out / "ranker.json")
         metadata = json.loads((out / "recommender.json").read_text())
@@ -256,4 +403,10 @@ def fit_ranker(spec: RankingSpec, dataset: RankingDatasetRef, two_tower: ModelRe
 
     started = time.perf_counter()
     _publish(target, build)
-    return ModelRef(name=RANKER, path=str(target), fingerprint=path_fingerprint(target), parent=None, train_seconds=two_tower.train_seconds + time.perf_counter() - started)
+    return ModelRef(
+        name=RANKER,
+        path=str(target),
+        fingerprint=path_fingerprint(target),
+        parent=None,
+        train_seconds=two_tower.train_seconds + time.perf_counter() - started,
+    )

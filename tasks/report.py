@@ -9,8 +9,9 @@ promoted model carries it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from prefect import task
@@ -50,7 +51,8 @@ def compression_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
 
 
 def _deltas(ev: Evaluation, parent: Evaluation | None) -> dict[str, Any]:
-    """A compressed candidate against its fp32 parent: metric differences, speed-ups and size ratio (None for fp32 rows)."""
+    """A compressed candidate against its fp32 parent: metric differences, speed-ups and size ratio
+    (None for fp32 rows)."""
     deltas: dict[str, Any] = {f"delta_{m}": None for m in ev.test_metrics}
     deltas.update({"speedup_b32": None, "speedup_b1": None, "disk_ratio": None})
     if parent is None:
@@ -110,10 +112,17 @@ def model_card(spec: ClassificationSpec, ev: Evaluation, dataset: DatasetRef, co
         spec.description,
         "",
         "## Model",
-        f"- Candidate `{candidate.name}`" + (f", compressed from `{candidate.parent}` ({candidate.compression}{'; ' + json.dumps(details) if details else ''})" if candidate.compression else ", fp32"),
-        f"- Base encoder `{metadata.get('base_model', 'unknown')}`, mean pooling + linear head over {len(dataset.label_names)} labels",
-        f"- {ev.parameters:,} parameters; weights {ev.size_bytes / 1e6:.1f} MB in memory, {ev.disk_bytes / 1e6:.1f} MB on disk"
-        + (f"; peak memory of a serving process {ev.peak_rss_mb:.0f} MB" if ev.peak_rss_mb else ""),
+        f"- Candidate `{candidate.name}`"
+        + (
+            f", compressed from `{candidate.parent}` "
+            f"({candidate.compression}{'; ' + json.dumps(details) if details else ''})"
+            if candidate.compression
+            else ", fp32"
+        ),
+        f"- Base encoder `{metadata.get('base_model', 'unknown')}`, mean pooling + linear head over "
+        f"{len(dataset.label_names)} labels",
+        f"- {ev.parameters:,} parameters; weights {ev.size_bytes / 1e6:.1f} MB in memory, {ev.disk_bytes / 1e6:.1f} "
+        "MB on disk" + (f"; peak memory of a serving process {ev.peak_rss_mb:.0f} MB" if ev.peak_rss_mb else ""),
         f"- Model fingerprint `{candidate.fingerprint}`; training took {candidate.train_seconds:.0f} s on this machine",
         "",
         "## Data",
@@ -122,24 +131,33 @@ def model_card(spec: ClassificationSpec, ev: Evaluation, dataset: DatasetRef, co
         f"- Dataset fingerprint `{dataset.fingerprint}`, test-set fingerprint `{dataset.test_fingerprint}`",
         "",
         "## Quality",
-        "| split | " + " | ".join(ev.test_metrics) + " |",  # every key: a metric module may return several (recall_0, …)
+        "| split | "
+        + " | ".join(ev.test_metrics)
+        + " |",  # every key: a metric module may return several (recall_0, …)
         "|---|" + "---|" * len(ev.test_metrics),
         "| test | " + " | ".join(f"{ev.test_metrics.get(m, float('nan')):.4f}" for m in ev.test_metrics) + " |",
-        "| validation | " + " | ".join(f"{ev.validation_metrics.get(m, float('nan')):.4f}" for m in ev.test_metrics) + " |",
+        "| validation | "
+        + " | ".join(f"{ev.validation_metrics.get(m, float('nan')):.4f}" for m in ev.test_metrics)
+        + " |",
         "",
-        "Deployment floors: " + (", ".join(f"{k} ≥ {v}" for k, v in spec.gates.min_metrics.items()) or "none") + ". Per-class results: `per_class.csv`.",
+        "Deployment floors: "
+        + (", ".join(f"{k} ≥ {v}" for k, v in spec.gates.min_metrics.items()) or "none")
+        + ". Per-class results: `per_class.csv`.",
         "",
         f"## Speed (CPU, {torch.get_num_threads()} threads, measured side by side with the run's other candidates)",
-        f"- Batch 1: {ev.texts_per_second_batch1 or 0:.1f} texts/s, p50 {ev.latency_ms_p50 or 0:.1f} ms, p95 {ev.latency_ms_p95 or 0:.1f} ms",
+        f"- Batch 1: {ev.texts_per_second_batch1 or 0:.1f} texts/s, p50 {ev.latency_ms_p50 or 0:.1f} ms, p95 "
+        f"{ev.latency_ms_p95 or 0:.1f} ms",
         f"- Batch 32: {ev.texts_per_second_batch32 or 0:.1f} texts/s",
         "",
         "## Compression report of this run",
         compression_table,
-        "Unstructured sparsity leaves dense matrices of the same shape: it saves neither time nor disk in PyTorch's dense kernels.",
+        "Unstructured sparsity leaves dense matrices of the same shape: it saves neither time nor disk in PyTorch's "
+        "dense kernels.",
         "",
         *answer_policy_lines(spec, ev),
         "## Intended use and limits",
-        "- Trained for this domain's labels only; texts far from the training data get low confidence and should go to the domain's fallback.",
+        "- Trained for this domain's labels only; texts far from the training data get low confidence and should go "
+        "to the domain's fallback.",
         "- All figures come from one test split on one machine.",
     ]
     return "\n".join(lines) + "\n"
@@ -154,11 +172,19 @@ def answer_policy_lines(spec: ClassificationSpec, ev: Evaluation) -> list[str]:
     precision = policy.get("retrieval_precision")
     return [
         f"## Answer policy on the test set (confidence threshold {spec.retrieval.consult_below})",
-        f"- Answered confidently: {policy['answered_confidently']:.1%} of texts, {policy['confident_accuracy']:.1%} of them correctly",
+        f"- Answered confidently: {policy['answered_confidently']:.1%} of texts, {policy['confident_accuracy']:.1%} "
+        "of them correctly",
         f"- Answered from the nearest known question: {policy['answered_by_retrieval']:.1%}"
         + (f", {precision:.1%} correctly" if precision is not None else "")
-        + (f" (similarity ≥ {threshold:.3f}, calibrated on validation for {spec.retrieval.target_precision:.0%} precision)" if threshold is not None else " (no similarity threshold reached the target precision on validation: retrieval never answers)"),
-        f"- Escalated to a person: {policy['escalated']:.1%} (without retrieval: {policy['escalated_without_retrieval']:.1%}); accuracy of all automatic answers {policy['answered_accuracy']:.1%}",
+        + (
+            f" (similarity ≥ {threshold:.3f}, calibrated on validation for {spec.retrieval.target_precision:.0%} "
+            "precision)"
+            if threshold is not None
+            else " (no similarity threshold reached the target precision on validation: retrieval never answers)"
+        ),
+        f"- Escalated to a person: {policy['escalated']:.1%} (without retrieval: "
+        f"{policy['escalated_without_retrieval']:.1%}); accuracy of all automatic answers "
+        f"{policy['answered_accuracy']:.1%}",
         "",
     ]
 
@@ -167,7 +193,12 @@ def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef, spec: C
     """Model cards into each candidate's report folder, and the run's compression report; returns its folder."""
     rows = compression_rows(evaluations)
     table = markdown_table(rows)
-    out = settings.runs_dir() / dataset.domain / "reports" / f"compression-{value_fingerprint([e.candidate.fingerprint for e in evaluations], dataset.fingerprint)}"
+    out = (
+        settings.runs_dir()
+        / dataset.domain
+        / "reports"
+        / f"compression-{value_fingerprint([e.candidate.fingerprint for e in evaluations], dataset.fingerprint)}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "compression_report.json").write_text(json.dumps(rows, indent=2))
     (out / "compression_report.md").write_text(f"# Compression report: {spec.name}\n\n{table}")
@@ -188,8 +219,20 @@ def report(evaluations: list[Evaluation], dataset: DatasetRef, spec: Classificat
 
     out = write_report(evaluations, dataset, spec)
     domain = dataset.domain
-    create_table_artifact(json.loads((out / "compression_report.json").read_text()), key=artifact_key(domain, "compression-report"), description="Size, memory, speed and quality of every candidate; deltas against the fp32 parent")
-    create_image_artifact(png_data_uri(out / "speed_vs_quality.png"), key=artifact_key(domain, "speed-vs-quality"), description="Throughput vs test quality of this run's candidates")
+    create_table_artifact(
+        json.loads((out / "compression_report.json").read_text()),
+        key=artifact_key(domain, "compression-report"),
+        description="Size, memory, speed and quality of every candidate; deltas against the fp32 parent",
+    )
+    create_image_artifact(
+        png_data_uri(out / "speed_vs_quality.png"),
+        key=artifact_key(domain, "speed-vs-quality"),
+        description="Throughput vs test quality of this run's candidates",
+    )
     for ev in evaluations:
-        create_markdown_artifact((Path(ev.report_dir) / "model_card.md").read_text(), key=artifact_key(domain, f"{ev.candidate.name}-model-card"), description=f"Model card of {ev.candidate.name}")
+        create_markdown_artifact(
+            (Path(ev.report_dir) / "model_card.md").read_text(),
+            key=artifact_key(domain, f"{ev.candidate.name}-model-card"),
+            description=f"Model card of {ev.candidate.name}",
+        )
     return str(out)

@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from prefect import task
@@ -57,7 +57,9 @@ def _batch1_latencies(loaded: LoadedClassifier, texts: Sequence[str]) -> list[fl
 
 
 @torch.inference_mode()
-def measure_side_by_side(model_dirs: dict[str, str], texts: Sequence[str], rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
+def measure_side_by_side(
+    model_dirs: dict[str, str], texts: Sequence[str], rounds: int = ROUNDS
+) -> dict[str, dict[str, float]]:
     """Throughput at batch 32 and latency at batch 1 of each model, interleaved over ``rounds``."""
     models = {name: load_classifier(path) for name, path in model_dirs.items()}
     batched = list(texts)[:THROUGHPUT_TEXTS]
@@ -70,7 +72,7 @@ def measure_side_by_side(model_dirs: dict[str, str], texts: Sequence[str], round
     latencies: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
     for round_index in range(rounds):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             seconds[name].append(_batch32_seconds(models[name], batched))
             latencies[name].extend(_batch1_latencies(models[name], per_round[round_index]))
@@ -101,7 +103,12 @@ def peak_rss_mb(model_dir: str, texts: Sequence[str]) -> float | None:
     """Peak resident memory (MB) of a fresh process that loads the model and classifies a batch; None if it fails."""
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _RSS_PROBE, model_dir], input=json.dumps(list(texts)[:THROUGHPUT_BATCH]), capture_output=True, text=True, timeout=300, check=True
+            [sys.executable, "-c", _RSS_PROBE, model_dir],
+            input=json.dumps(list(texts)[:THROUGHPUT_BATCH]),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
         )
         return json.loads(done.stdout.strip().splitlines()[-1])["peak_kb"] / 1024
     except (subprocess.SubprocessError, ValueError, IndexError, KeyError) as exc:
@@ -119,7 +126,12 @@ def measure_speeds(evaluations: list[Evaluation], dataset: DatasetRef) -> list[E
     measured = []
     for evaluation in evaluations:
         figures = dict(speeds[evaluation.candidate.name], peak_rss_mb=peak_rss_mb(evaluation.candidate.path, texts))
-        log.info("%s: %.0f texts/s at batch 32, p50 %.1f ms at batch 1", evaluation.candidate.name, figures["texts_per_second_batch32"], figures["latency_ms_p50"])
+        log.info(
+            "%s: %.0f texts/s at batch 32, p50 %.1f ms at batch 1",
+            evaluation.candidate.name,
+            figures["texts_per_second_batch32"],
+            figures["latency_ms_p50"],
+        )
         measured.append(evaluation.model_copy(update=figures))
     return measured
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from tests.data_helpers import replace
 from pathlib import Path
+
+from tests.data_helpers import replace
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="domainflow-tests-"))
 os.environ["DOMAINFLOW_HOME"] = str(_SESSION_HOME)
@@ -26,11 +27,18 @@ configure_environment()
 import pytest  # noqa: E402
 
 from domainflow.catalog import get_domain, register  # noqa: E402
-from domainflow.spec import QualityGates, TrainingDefaults  # noqa: E402
 from tests.data_helpers import banking77_slice, write_csv  # noqa: E402
+from tests.finance_helpers import tiny_finance  # noqa: E402, F401  (a fixture: the finance and monitor tests share it)
 
 TINY_DOMAIN = "cs_tiny"
-TINY_LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked", "cash_withdrawal_charge"]
+TINY_LABELS = [
+    "card_arrival",
+    "lost_or_stolen_card",
+    "exchange_rate",
+    "top_up_failed",
+    "pin_blocked",
+    "cash_withdrawal_charge",
+]
 
 
 @pytest.fixture(scope="session")

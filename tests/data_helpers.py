@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -67,7 +68,9 @@ def write_parquet(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     return path
 
 
-def write_banking77_slice(dst_dir: Path, labels: list[str], per_class_train: int, per_class_test: int) -> tuple[Path, Path]:
+def write_banking77_slice(
+    dst_dir: Path, labels: list[str], per_class_train: int, per_class_test: int
+) -> tuple[Path, Path]:
     """Write ``train.csv`` and ``test.csv`` (columns text,category) holding real rows of the given intents."""
     dst_dir = Path(dst_dir)
     train = write_csv(dst_dir / "train.csv", banking77_slice("train", labels, per_class_train))

@@ -8,13 +8,13 @@ whichever module asks first: the summary is kept here, and the registry holds th
 from __future__ import annotations
 
 import csv
-from tests.data_helpers import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from domainflow.catalog import get_domain, register
+from tests.data_helpers import replace
 
 FINANCE_DIR = Path(__file__).resolve().parent.parent / "data" / "twitter_financial_news_sentiment"
 TINY_FINANCE = "fin_tiny"

@@ -23,7 +23,28 @@ import numpy as np
 SERIES = 4
 EPISODES = 12
 WATCHED = 8
-SYLLABLES = ("ka", "lo", "mir", "dun", "vek", "sa", "tor", "quel", "bri", "zan", "ot", "fen", "gra", "hul", "ix", "pom", "rud", "sel", "tav", "wy")
+SYLLABLES = (
+    "ka",
+    "lo",
+    "mir",
+    "dun",
+    "vek",
+    "sa",
+    "tor",
+    "quel",
+    "bri",
+    "zan",
+    "ot",
+    "fen",
+    "gra",
+    "hul",
+    "ix",
+    "pom",
+    "rud",
+    "sel",
+    "tav",
+    "wy",
+)
 
 
 def titles(seed: int = 3) -> list[str]:
@@ -42,7 +63,10 @@ def titles(seed: int = 3) -> list[str]:
 
 
 def items_rows() -> list[dict[str, str]]:
-    return [{"item_id": f"m{i + 1:02d}", "title": title, "year": str(1990 + i % EPISODES), "genres": ""} for i, title in enumerate(titles())]
+    return [
+        {"item_id": f"m{i + 1:02d}", "title": title, "year": str(1990 + i % EPISODES), "genres": ""}
+        for i, title in enumerate(titles())
+    ]
 
 
 def interaction_rows(num_users: int = 120, seed: int = 0) -> list[dict[str, str]]:
@@ -57,7 +81,15 @@ def interaction_rows(num_users: int = 120, seed: int = 0) -> list[dict[str, str]
         sequence = [(item, int(rng.integers(4, 6))) for item in episodes]
         sequence.insert(at, (other, 2))
         base = 1_000_000 + 10_000 * user
-        rows += [{"user_id": f"u{user:03d}", "item_id": f"m{item + 1:02d}", "rating": str(rating), "timestamp": str(base + 60 * t)} for t, (item, rating) in enumerate(sequence)]
+        rows += [
+            {
+                "user_id": f"u{user:03d}",
+                "item_id": f"m{item + 1:02d}",
+                "rating": str(rating),
+                "timestamp": str(base + 60 * t),
+            }
+            for t, (item, rating) in enumerate(sequence)
+        ]
     return rows
 
 
@@ -82,9 +114,8 @@ SERIES_DOMAIN = "rec_series"
 
 def register_series_domain() -> str:
     """The recommendation domain with a recipe sized for tests: few pairs, a higher learning rate, short BPR."""
-    from tests.data_helpers import replace
-
     from domainflow.catalog import get_domain, register
+    from tests.data_helpers import replace
 
     spec = get_domain("recommendation")
     register(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from domainflow.catalog import get_domain
 from domainflow.gates import decide
 from domainflow.hf_pipeline import text_classification_pipeline
 from domainflow.modeling import (
@@ -31,7 +32,6 @@ from domainflow.modeling import (
 )
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.retrieval import normalized_embeddings
-from domainflow.catalog import get_domain
 from tasks.compress import distill_model, ffn_prune_model, magnitude_prune_model, quantize_model
 from tasks.evaluate import evaluate_candidate, weights_bytes, zero_fraction
 from tasks.finetune import TrainConfig, make_train_config, train_linear_probe
@@ -56,14 +56,23 @@ def reloads_identically(model_dir: str | Path, texts: list[str]) -> torch.Tensor
     batched = predict_proba(first, texts)
     assert torch.equal(batched, predict_proba(second, texts))
     singles = [predict_proba(first, [t], batch_size=1) for t in texts[:8]]
-    assert all(torch.equal(a, predict_proba(second, [t], batch_size=1)) for a, t in zip(singles, texts[:8]))
+    assert all(
+        torch.equal(a, predict_proba(second, [t], batch_size=1)) for a, t in zip(singles, texts[:8], strict=True)
+    )
     return batched
 
 
 @pytest.fixture(scope="module")
 def dataset(tiny_domain: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
     spec = get_domain(tiny_domain)
-    return ingest_dataset(spec.data_slice(), spec.name, tmp_path_factory.mktemp("datasets"), train_path=tiny_data_dir / "train.csv", test_path=tiny_data_dir / "test.csv", seed=7)
+    return ingest_dataset(
+        spec.data_slice(),
+        spec.name,
+        tmp_path_factory.mktemp("datasets"),
+        train_path=tiny_data_dir / "train.csv",
+        test_path=tiny_data_dir / "test.csv",
+        seed=7,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +91,9 @@ def onnx_child(parent: ModelRef, tmp_path_factory: pytest.TempPathFactory) -> Mo
     return quantize_model(parent, tmp_path_factory.mktemp("onnx") / "candidate", "onnx_int8")
 
 
-def test_magnitude_pruning_zeroes_half_the_encoder_and_nothing_else(parent: ModelRef, dataset: DatasetRef, tmp_path: Path) -> None:
+def test_magnitude_pruning_zeroes_half_the_encoder_and_nothing_else(
+    parent: ModelRef, dataset: DatasetRef, tmp_path: Path
+) -> None:
     child = magnitude_prune_model(parent, tmp_path / "sparse", 0.5)
     before, after = load_classifier(parent.path), load_classifier(child.path)
     assert zero_fraction(before.model) < 0.01
@@ -94,7 +105,9 @@ def test_magnitude_pruning_zeroes_half_the_encoder_and_nothing_else(parent: Mode
     assert_no_pickles(Path(child.path))
 
 
-def test_ffn_pruning_halves_the_feed_forward_width(parent: ModelRef, dataset: DatasetRef, config: TrainConfig, tmp_path: Path) -> None:
+def test_ffn_pruning_halves_the_feed_forward_width(
+    parent: ModelRef, dataset: DatasetRef, config: TrainConfig, tmp_path: Path
+) -> None:
     child = ffn_prune_model(parent, dataset, config, tmp_path / "ffn", keep_ratio=0.5, recovery_epochs=0)
     width = json.loads((Path(parent.path) / "config.json").read_text())["intermediate_size"]
     assert json.loads((Path(child.path) / "config.json").read_text())["intermediate_size"] == width // 2
@@ -106,8 +119,12 @@ def test_ffn_pruning_halves_the_feed_forward_width(parent: ModelRef, dataset: Da
     assert_no_pickles(Path(child.path))
 
 
-def test_distilled_student_keeps_fewer_layers(parent: ModelRef, dataset: DatasetRef, config: TrainConfig, tmp_path: Path) -> None:
-    child = distill_model(parent, dataset, config, tmp_path / "student", student_layers=1, epochs=1.0, temperature=2.0, alpha=0.5)
+def test_distilled_student_keeps_fewer_layers(
+    parent: ModelRef, dataset: DatasetRef, config: TrainConfig, tmp_path: Path
+) -> None:
+    child = distill_model(
+        parent, dataset, config, tmp_path / "student", student_layers=1, epochs=1.0, temperature=2.0, alpha=0.5
+    )
     assert json.loads((Path(child.path) / "config.json").read_text())["num_hidden_layers"] == 1
     loaded = load_classifier(child.path)
     assert len(loaded.model.encoder.encoder.layer) == 1
@@ -118,7 +135,9 @@ def test_distilled_student_keeps_fewer_layers(parent: ModelRef, dataset: Dataset
     assert_no_pickles(Path(child.path))
 
 
-def test_onnx_int8_candidate_stores_a_graph_and_reloads_identically(parent: ModelRef, onnx_child: ModelRef, dataset: DatasetRef) -> None:
+def test_onnx_int8_candidate_stores_a_graph_and_reloads_identically(
+    parent: ModelRef, onnx_child: ModelRef, dataset: DatasetRef
+) -> None:
     files = {p.name for p in Path(onnx_child.path).iterdir()}
     assert "model.int8.onnx" in files and "model.safetensors" not in files  # the graph replaces the fp32 weights
     assert onnx_child.name == f"{parent.name}-onnx-int8" and onnx_child.compression == "onnx_int8"
@@ -138,7 +157,9 @@ def test_onnx_int8_candidate_stores_a_graph_and_reloads_identically(parent: Mode
     assert_no_pickles(Path(onnx_child.path))
 
 
-def test_onnx_int8_candidate_gives_the_embeddings_retrieval_searches_with(parent: ModelRef, onnx_child: ModelRef, dataset: DatasetRef) -> None:
+def test_onnx_int8_candidate_gives_the_embeddings_retrieval_searches_with(
+    parent: ModelRef, onnx_child: ModelRef, dataset: DatasetRef
+) -> None:
     """An int8 champion must embed questions for the retrieval fallback: its graph's second output,
     close to (not equal to) the fp32 parent's mean-pooled vectors, in the texts' order."""
     texts = split_texts(dataset)[:40]
@@ -175,8 +196,17 @@ def _variant(parent: ModelRef, out_dir: Path, name: str, change) -> ModelRef:
     """A hand-made 'compressed' child of ``parent``: its fp32 model changed by ``change`` and saved normally."""
     loaded = load_classifier(parent.path)
     change(loaded.model)
-    save_classifier(loaded.model, loaded.tokenizer, out_dir, label_names=loaded.label_names, max_length=loaded.max_length, extra_metadata={"candidate": name, "parent": parent.name})
-    return ModelRef(name=name, path=str(out_dir), fingerprint=name, parent=parent.name, compression=name.split("-", 1)[1])
+    save_classifier(
+        loaded.model,
+        loaded.tokenizer,
+        out_dir,
+        label_names=loaded.label_names,
+        max_length=loaded.max_length,
+        extra_metadata={"candidate": name, "parent": parent.name},
+    )
+    return ModelRef(
+        name=name, path=str(out_dir), fingerprint=name, parent=parent.name, compression=name.split("-", 1)[1]
+    )
 
 
 def _collapse_to(label: int):
@@ -185,7 +215,9 @@ def _collapse_to(label: int):
     def change(model: TextClassifier) -> None:
         with torch.no_grad():
             model.classifier.weight.zero_()
-            model.classifier.bias.copy_(torch.nn.functional.one_hot(torch.tensor(label), model.classifier.out_features).float() * 10)
+            model.classifier.bias.copy_(
+                torch.nn.functional.one_hot(torch.tensor(label), model.classifier.out_features).float() * 10
+            )
 
     return change
 
@@ -198,7 +230,9 @@ def _repeat_layers(model: TextClassifier) -> None:
 
 
 @pytest.fixture(scope="module")
-def judged(parent: ModelRef, dataset: DatasetRef, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Evaluation], object]:
+def judged(
+    parent: ModelRef, dataset: DatasetRef, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[Evaluation], object]:
     """Parent and two bad children through real evaluation, speed measurement and the gate (the pipeline
     test runs the real int8 children through the same path)."""
     from datasets import load_from_disk
@@ -208,7 +242,10 @@ def judged(parent: ModelRef, dataset: DatasetRef, tmp_path_factory: pytest.TempP
     collapsed = _variant(parent, root / "collapsed", f"{parent.name}-collapsed", _collapse_to(first_test_label))
     slower = _variant(parent, root / "slower", f"{parent.name}-deeper", _repeat_layers)
     candidates = [parent, collapsed, slower]
-    evaluations = [evaluate_candidate(c, dataset, get_domain(dataset.domain).evaluation_slice(), root / "reports" / c.name) for c in candidates]
+    evaluations = [
+        evaluate_candidate(c, dataset, get_domain(dataset.domain).evaluation_slice(), root / "reports" / c.name)
+        for c in candidates
+    ]
     evaluations = measure_speeds(evaluations, dataset)
     decision = decide(get_domain(dataset.domain), evaluations, champion_metrics=None)
     return evaluations, decision
@@ -228,7 +265,9 @@ def test_gate_rejects_a_collapsed_candidate_and_a_slower_one(judged, parent: Mod
     assert slower.texts_per_second_batch32 < by_name[parent.name].texts_per_second_batch32
     verdict = decision.verdict(slower.candidate.name)
     assert not verdict.eligible
-    assert any("faster than its parent" in reason and "required" in reason for reason in verdict.reasons), verdict.reasons
+    assert any("faster than its parent" in reason and "required" in reason for reason in verdict.reasons), (
+        verdict.reasons
+    )
     assert verdict.numbers["speedup"] < 1.0
 
     assert decision.chosen == parent.name and decision.promote  # no champion yet: the reference itself is promoted
@@ -238,7 +277,18 @@ def test_compression_report_has_every_figure(judged, dataset: DatasetRef, parent
     evaluations, _ = judged
     out = write_report(evaluations, dataset, get_domain(dataset.domain))
     rows = {row["candidate"]: row for row in json.loads((out / "compression_report.json").read_text())}
-    figures = ["parameters", "weights_mb", "disk_mb", "peak_rss_mb", "texts_per_s_b1", "texts_per_s_b32", "p50_ms", "p95_ms", "test_accuracy", "test_macro_f1"]
+    figures = [
+        "parameters",
+        "weights_mb",
+        "disk_mb",
+        "peak_rss_mb",
+        "texts_per_s_b1",
+        "texts_per_s_b32",
+        "p50_ms",
+        "p95_ms",
+        "test_accuracy",
+        "test_macro_f1",
+    ]
     deltas = ["delta_accuracy", "delta_macro_f1", "speedup_b32", "speedup_b1", "disk_ratio"]
     for name, row in rows.items():
         for key in figures:
@@ -246,7 +296,9 @@ def test_compression_report_has_every_figure(judged, dataset: DatasetRef, parent
         for key in deltas:
             assert (row[key] is None) == (name == parent.name), (name, key, row[key])
     assert rows[f"{parent.name}-collapsed"]["delta_accuracy"] < -0.3
-    assert rows[f"{parent.name}-deeper"]["speedup_b32"] < 1.0 and rows[f"{parent.name}-deeper"]["disk_ratio"] > 1.1  # (the embeddings dominate the file)
+    assert (
+        rows[f"{parent.name}-deeper"]["speedup_b32"] < 1.0 and rows[f"{parent.name}-deeper"]["disk_ratio"] > 1.1
+    )  # (the embeddings dominate the file)
     table = (out / "compression_report.md").read_text()
     for key in figures + deltas:
         assert key in table
@@ -265,12 +317,22 @@ def test_source_never_unpickles() -> None:
             for node in ast.walk(tree):
                 where = f"{path.relative_to(PROJECT_ROOT)}:{getattr(node, 'lineno', '?')}"
                 if isinstance(node, ast.Import):
-                    problems += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in banned_modules]
+                    problems += [
+                        f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in banned_modules
+                    ]
                 elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in banned_modules:
                     problems.append(f"{where} imports from {node.module}")
-                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                elif (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "torch"
+                ):
                     if node.func.attr == "save":
                         problems.append(f"{where} calls torch.save")
-                    if node.func.attr == "load" and not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords):
+                    if node.func.attr == "load" and not any(
+                        k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                        for k in node.keywords
+                    ):
                         problems.append(f"{where} calls torch.load without weights_only=True")
     assert not problems, problems

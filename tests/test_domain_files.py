@@ -44,10 +44,20 @@ def copy_domain(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def test_a_minimal_file_gets_every_default(tmp_path: Path) -> None:
-    path = copy_domain(tmp_path, "minimal", 'name = "minimal"\ntext_column = "message"\nlabel_column = "intent"\n[source]\ntrain = "train.csv"\ntest = "test.csv"\n')
+    path = copy_domain(
+        tmp_path,
+        "minimal",
+        'name = "minimal"\ntext_column = "message"\nlabel_column = "intent"\n'
+        '[source]\ntrain = "train.csv"\ntest = "test.csv"\n',
+    )
     spec = load_domain_file(path)
     assert isinstance(spec, ClassificationSpec) and spec.label_names is None
-    assert (spec.primary_metric, spec.metrics, spec.training.epochs, spec.compression.sparsity) == ("accuracy", ("accuracy", "macro_f1"), 3.0, 0.5)
+    assert (spec.primary_metric, spec.metrics, spec.training.epochs, spec.compression.sparsity) == (
+        "accuracy",
+        ("accuracy", "macro_f1"),
+        3.0,
+        0.5,
+    )
     assert spec.source.resolve()["train"] == (path.parent / "train.csv").resolve()
 
 
@@ -55,7 +65,10 @@ def test_the_pet_clinic_file_reads_its_replies_csv_and_inline_replies() -> None:
     spec = load_domain_file(PET_CLINIC / "pet_clinic.toml")
     assert sorted(spec.answers.replies) == PET_LABELS  # four from replies.csv, emergency inline
     assert spec.respond("emergency", 0.9)["reply"].startswith("Please call our emergency line")
-    assert spec.respond("book_visit", 0.1) == {"action": "escalate", "reply": "A member of our team will call you back shortly."}
+    assert spec.respond("book_visit", 0.1) == {
+        "action": "escalate",
+        "reply": "A member of our team will call you back shortly.",
+    }
 
 
 @pytest.mark.parametrize(
@@ -66,7 +79,10 @@ def test_the_pet_clinic_file_reads_its_replies_csv_and_inline_replies() -> None:
         ('name = "x"\ntask_kind = "summaries"\n', "unknown task kind 'summaries'"),
         ('name = "x"\nprimary_metric = "f2"\n', "primary_metric 'f2' is not among metrics"),
         ('name = "x"\nlabels = ["a", "b", "a"]\n', "labels are listed twice: ['a']"),
-        ('name = "x"\nlabels = ["a", "b"]\n[answers.replies]\nc = "hi"\n', "answers.replies names labels the domain does not have: ['c']"),
+        (
+            'name = "x"\nlabels = ["a", "b"]\n[answers.replies]\nc = "hi"\n',
+            "answers.replies names labels the domain does not have: ['c']",
+        ),
         ('name = "x"\n[answers]\nreplies_file = "nope.csv"\n', "nope.csv does not exist"),
         ('name = "x"\nthis is not toml\n', "not valid TOML"),
     ],
@@ -94,7 +110,18 @@ def test_the_core_imports_nothing_above_it() -> None:
         f"{path}:{number}: {line.strip()}"
         for path in sorted(Path("domainflow").rglob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), start=1)
-        if line.strip().startswith(("from domains", "import domains", "from tasks", "import tasks", "from flows", "import flows", "from serving", "import serving"))
+        if line.strip().startswith(
+            (
+                "from domains",
+                "import domains",
+                "from tasks",
+                "import tasks",
+                "from flows",
+                "import flows",
+                "from serving",
+                "import serving",
+            )
+        )
     ]
     assert offenders == []
 
@@ -135,7 +162,13 @@ sparsity = {sparsity}
 
 
 def test_changing_a_spec_field_misses_exactly_the_steps_it_shapes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    fields = {"name": "pet_cache", "metrics": '["accuracy", "macro_f1"]', "fraction": 0.2, "labels": "", "sparsity": 0.3}
+    fields = {
+        "name": "pet_cache",
+        "metrics": '["accuracy", "macro_f1"]',
+        "fraction": 0.2,
+        "labels": "",
+        "sparsity": 0.3,
+    }
     path = copy_domain(tmp_path, "pet_cache", BASE.format(**fields))
 
     first, _ = _run(path, tiny_model_dir)
@@ -152,7 +185,10 @@ def test_changing_a_spec_field_misses_exactly_the_steps_it_shapes(tmp_path: Path
     path.write_text(BASE.format(**{**fields, "metrics": '["accuracy", "macro_f1", "per_class_recall"]'}))
     measured, states = _run(path, tiny_model_dir)
     assert _missed(states) == {"evaluate", "measure-speed"}, states  # training and compression reused
-    reports = sorted((settings.runs_dir() / "pet_cache" / "reports").glob("finetuned-*/metrics.json"), key=lambda p: p.stat().st_mtime_ns)
+    reports = sorted(
+        (settings.runs_dir() / "pet_cache" / "reports").glob("finetuned-*/metrics.json"),
+        key=lambda p: p.stat().st_mtime_ns,
+    )
     assert "recall_0" in json.loads(reports[-1].read_text())["test"]  # the new metric was computed
     assert measured["version"] is None  # same models: a tie keeps champion v1
 
@@ -171,7 +207,13 @@ def test_a_module_a_task_imports_indirectly_is_in_its_key(monkeypatch: pytest.Mo
 
     closure = caching.module_closure("tasks.compress")
     # imported through tasks.finetune and domainflow.modeling, never named by tasks/compress.py itself
-    assert {"tasks.finetune", "domainflow.spec", "domainflow.fingerprint", "domainflow.atomic", "domainflow.modeling"} <= set(closure)
+    assert {
+        "tasks.finetune",
+        "domainflow.spec",
+        "domainflow.fingerprint",
+        "domainflow.atomic",
+        "domainflow.modeling",
+    } <= set(closure)
     before = caching.code_fingerprint("tasks.compress")
     changed = tmp_path / "atomic.py"
     changed.write_text(closure["domainflow.atomic"].read_text() + "\n# a comment is a change\n")
@@ -185,9 +227,15 @@ def test_a_module_a_task_imports_indirectly_is_in_its_key(monkeypatch: pytest.Mo
 
 
 def test_a_new_domain_runs_from_the_cli_and_every_command_knows_it(tmp_path: Path, tiny_model_dir: Path) -> None:
-    path = copy_domain(tmp_path, "pet_clinic", (PET_CLINIC / "pet_clinic.toml").read_text().replace('name = "pet_clinic"', 'name = "pet_cli"'))
+    path = copy_domain(
+        tmp_path,
+        "pet_clinic",
+        (PET_CLINIC / "pet_clinic.toml").read_text().replace('name = "pet_clinic"', 'name = "pet_cli"'),
+    )
     runner = CliRunner()
-    ran = runner.invoke(app, ["run", str(path), "--model", str(tiny_model_dir), "--num-layers", "1", "--json", "--require-promotion"])
+    ran = runner.invoke(
+        app, ["run", str(path), "--model", str(tiny_model_dir), "--num-layers", "1", "--json", "--require-promotion"]
+    )
     assert ran.exit_code == 0, ran.output
     summary = json.loads(ran.stdout.strip().splitlines()[-1])
     assert summary["version"] == 1 and summary["domain"] == "pet_cli"
@@ -203,16 +251,24 @@ def test_a_new_domain_runs_from_the_cli_and_every_command_knows_it(tmp_path: Pat
     record = json.loads(predicted.stdout)["predictions"][0]
     assert record["label"] in PET_LABELS and record["action"] in {"reply", "reply_from_similar_question", "escalate"}
 
-    versions = [json.loads(line) for line in runner.invoke(app, ["registry", "list", "pet_cli", "--json"]).stdout.splitlines()]
+    versions = [
+        json.loads(line) for line in runner.invoke(app, ["registry", "list", "pet_cli", "--json"]).stdout.splitlines()
+    ]
     assert [(v["version"], v["champion"]) for v in versions] == [(1, True)]
     lineage = ModelRegistry("pet_cli").champion().lineage
     assert lineage["labels"] == PET_LABELS  # taken from the data, sorted, kept for the next runs
 
-    again = runner.invoke(app, ["run", "pet_cli", "--model", str(tiny_model_dir), "--num-layers", "1", "--require-promotion"])
+    again = runner.invoke(
+        app, ["run", "pet_cli", "--model", str(tiny_model_dir), "--num-layers", "1", "--require-promotion"]
+    )
     assert again.exit_code == 4, again.output  # ran, tied the champion, nothing promoted
 
     extra = tmp_path / "pet_clinic" / "train.csv"
-    groomed = [f"Can my {pet} get a bath and a trim {day}?,grooming\n" for pet in ("dog", "cat") for day in ("on Monday", "on Friday", "tomorrow")]
+    groomed = [
+        f"Can my {pet} get a bath and a trim {day}?,grooming\n"
+        for pet in ("dog", "cat")
+        for day in ("on Monday", "on Friday", "tomorrow")
+    ]
     extra.write_text(extra.read_text() + "".join(groomed))
     relabelled = runner.invoke(app, ["run", "pet_cli", "--model", str(tiny_model_dir), "--num-layers", "1"])
     assert relabelled.exit_code == 3, relabelled.output  # a new label is a clear data error
@@ -221,11 +277,28 @@ def test_a_new_domain_runs_from_the_cli_and_every_command_knows_it(tmp_path: Pat
 
 def test_two_identical_runs_at_once_end_cleanly_with_one_promotion(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Real processes, one home: the second waits for the first's lock, then ties its champion."""
-    path = copy_domain(tmp_path, "pet_twice", (PET_CLINIC / "pet_clinic.toml").read_text().replace('name = "pet_clinic"', 'name = "pet_twice"'))
+    path = copy_domain(
+        tmp_path,
+        "pet_twice",
+        (PET_CLINIC / "pet_clinic.toml").read_text().replace('name = "pet_clinic"', 'name = "pet_twice"'),
+    )
     env = {**os.environ, "DOMAINFLOW_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_HOME", None), env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
-    command = [sys.executable, "-m", "flows.cli", "run", str(path), "--model", str(tiny_model_dir), "--num-layers", "1", "--json"]
-    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        str(path),
+        "--model",
+        str(tiny_model_dir),
+        "--num-layers",
+        "1",
+        "--json",
+    ]
+    runs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=900) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     versions = sorted(json.loads(out.strip().splitlines()[-1])["version"] or 0 for out, _ in outputs)

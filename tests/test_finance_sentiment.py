@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from domainflow.catalog import get_domain, list_domains
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import load_classifier, predict_proba
 from domainflow.registry import ModelRegistry
-from domainflow.catalog import get_domain, list_domains
+from tests.finance_helpers import LABELS, finance_rows, finance_slice
+
 BEARISH_RECALL = "recall_0"  # bearish is label 0 of the finance_sentiment domain file
-from tests.finance_helpers import LABELS, finance_rows, finance_slice, tiny_finance  # noqa: F401  (fixture)
 
 
 def test_domain_is_registered_with_its_knowledge() -> None:

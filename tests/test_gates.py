@@ -8,9 +8,15 @@ import pytest
 
 from domainflow.gates import GateDecision, decide
 from domainflow.records import Evaluation, ModelRef
-from domainflow.spec import ClassificationSpec as DomainSpec, DataSource, QualityGates
+from domainflow.spec import ClassificationSpec as DomainSpec
+from domainflow.spec import DataSource, QualityGates
 
-GATES = QualityGates(min_metrics={"accuracy": 0.90, "macro_f1": 0.85}, tie_tolerance=0.001, max_compression_drop=0.01, min_compression_speedup=1.3)
+GATES = QualityGates(
+    min_metrics={"accuracy": 0.90, "macro_f1": 0.85},
+    tie_tolerance=0.001,
+    max_compression_drop=0.01,
+    min_compression_speedup=1.3,
+)
 
 
 def make_spec(gates: QualityGates = GATES) -> DomainSpec:
@@ -36,7 +42,9 @@ def ev(
     compression: str | None = None,
 ) -> Evaluation:
     return Evaluation(
-        candidate=ModelRef(name=name, path=f"/models/{name}", fingerprint=f"fp-{name}", parent=parent, compression=compression),
+        candidate=ModelRef(
+            name=name, path=f"/models/{name}", fingerprint=f"fp-{name}", parent=parent, compression=compression
+        ),
         test_metrics={"accuracy": test, "macro_f1": test if f1 is None else f1},
         validation_metrics={"accuracy": test if val is None else val, "macro_f1": test if f1 is None else f1},
         texts_per_second_batch1=tps / 4,
@@ -157,7 +165,10 @@ def test_fastest_passing_child_wins():
     decision = decide(make_spec(), [parent, good, faster], None)
     assert decision.chosen == "finetuned-int8-pruned"
     assert decision.verdict("finetuned-int8").eligible is True
-    assert any("slower than finetuned-int8-pruned (162.0 < 210.0 texts/s)" in r for r in decision.verdict("finetuned-int8").reasons)
+    assert any(
+        "slower than finetuned-int8-pruned (162.0 < 210.0 texts/s)" in r
+        for r in decision.verdict("finetuned-int8").reasons
+    )
 
 
 def test_speedup_exactly_at_threshold_passes():
@@ -193,7 +204,9 @@ def test_compressed_child_must_also_meet_floors():
 
 
 def test_nothing_passes_floors():
-    decision = decide(make_spec(), [ev("finetuned", 0.85), ev("linear_probe", 0.80)], {"accuracy": 0.93}, champion_version=2)
+    decision = decide(
+        make_spec(), [ev("finetuned", 0.85), ev("linear_probe", 0.80)], {"accuracy": 0.93}, champion_version=2
+    )
     assert decision.chosen is None and decision.promote is False
     assert "champion v2 stays" in decision.summary
     assert decision.challenger_metrics == {}
@@ -206,7 +219,9 @@ def test_no_candidates():
 
 def test_every_reason_carries_numbers_and_decision_is_json():
     parent, collapsed, slowish, good = _family()
-    decision = decide(make_spec(), [parent, collapsed, slowish, good], {"accuracy": 0.92, "macro_f1": 0.9}, champion_version=4)
+    decision = decide(
+        make_spec(), [parent, collapsed, slowish, good], {"accuracy": 0.92, "macro_f1": 0.9}, champion_version=4
+    )
     assert isinstance(decision, GateDecision)
     for verdict in decision.verdicts:
         assert verdict.reasons
@@ -215,7 +230,12 @@ def test_every_reason_carries_numbers_and_decision_is_json():
     data = json.loads(json.dumps(decision.to_dict()))
     assert data["chosen"] == "finetuned-int8" and data["promote"] is True
     assert data["gates"]["min_compression_speedup"] == 1.3
-    assert [v["name"] for v in data["verdicts"]] == ["finetuned", "finetuned-pruned", "finetuned-distilled", "finetuned-int8"]
+    assert [v["name"] for v in data["verdicts"]] == [
+        "finetuned",
+        "finetuned-pruned",
+        "finetuned-distilled",
+        "finetuned-int8",
+    ]
 
 
 def test_invalid_inputs_raise():

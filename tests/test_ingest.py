@@ -7,8 +7,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import datasets
+import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
 from prefect.serializers import JSONSerializer
 from prefect.states import Failed
@@ -78,7 +78,7 @@ def slice_of(spec, **changes) -> DataSlice:
 
 def contents(ref) -> dict[str, list[tuple[str, int]]]:
     dataset = load_from_disk(ref.path)
-    return {split: list(zip(dataset[split]["text"], dataset[split]["label"])) for split in dataset}
+    return {split: list(zip(dataset[split]["text"], dataset[split]["label"], strict=True)) for split in dataset}
 
 
 def expect_error(spec, tmp_path: Path, train: Path, test: Path, *fragments: str) -> str:
@@ -115,7 +115,7 @@ def test_good_csv_slice_gives_three_stratified_splits(spec, tmp_path):
     source = {row["text"]: row["category"] for row in banking77_slice("train", LABELS, PER_CLASS_TRAIN)}
     source.update({row["text"]: row["category"] for row in banking77_slice("test", LABELS, PER_CLASS_TEST)})
     for split in dataset.values():
-        for text, label in zip(split["text"], split["label"]):
+        for text, label in zip(split["text"], split["label"], strict=True):
             assert spec.label_names[label] == source[text]
     expected = {spec.label_index(name) for name in LABELS}
     validation_counts = Counter(dataset["validation"]["label"])
@@ -207,24 +207,40 @@ def test_jsonl_json_and_parquet_give_the_same_splits_as_csv(spec, tmp_path, trai
 
 
 def test_integer_label_ids_are_accepted(spec, tmp_path, train_rows, test_rows):
-    by_name = run(spec, tmp_path / "out", write_csv(tmp_path / "n" / "train.csv", train_rows),
-                  write_csv(tmp_path / "n" / "test.csv", test_rows))
+    by_name = run(
+        spec,
+        tmp_path / "out",
+        write_csv(tmp_path / "n" / "train.csv", train_rows),
+        write_csv(tmp_path / "n" / "test.csv", test_rows),
+    )
 
     def as_ids(rows):
         return [{"text": row["text"], "category": spec.label_index(row["category"])} for row in rows]
 
-    csv_ids = run(spec, tmp_path / "out", write_csv(tmp_path / "i" / "train.csv", as_ids(train_rows)),
-                  write_csv(tmp_path / "i" / "test.csv", as_ids(test_rows)))
-    jsonl_ids = run(spec, tmp_path / "out", write_jsonl(tmp_path / "j" / "train.jsonl", as_ids(train_rows)),
-                    write_jsonl(tmp_path / "j" / "test.jsonl", as_ids(test_rows)))
+    csv_ids = run(
+        spec,
+        tmp_path / "out",
+        write_csv(tmp_path / "i" / "train.csv", as_ids(train_rows)),
+        write_csv(tmp_path / "i" / "test.csv", as_ids(test_rows)),
+    )
+    jsonl_ids = run(
+        spec,
+        tmp_path / "out",
+        write_jsonl(tmp_path / "j" / "train.jsonl", as_ids(train_rows)),
+        write_jsonl(tmp_path / "j" / "test.jsonl", as_ids(test_rows)),
+    )
     assert contents(csv_ids) == contents(by_name) == contents(jsonl_ids)
 
 
 def test_near_duplicates_of_test_rows_are_dropped_from_train_and_counted(spec, tmp_path, train_rows, test_rows):
     variant = "  " + "  ".join(test_rows[1]["text"].upper().split()) + "\n"
     train_rows.append({"text": variant, "category": test_rows[1]["category"]})
-    ref = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows),
-              write_csv(tmp_path / "test.csv", test_rows))
+    ref = run(
+        spec,
+        tmp_path / "out",
+        write_csv(tmp_path / "train.csv", train_rows),
+        write_csv(tmp_path / "test.csv", test_rows),
+    )
 
     report = read_ingest_report(ref.path)
     assert report["dropped_near_duplicates"] == 1
@@ -238,8 +254,12 @@ def test_near_duplicates_of_test_rows_are_dropped_from_train_and_counted(spec, t
 
 def test_exact_duplicates_with_the_same_label_are_dropped(spec, tmp_path, train_rows, test_rows):
     train_rows.append(dict(train_rows[0]))
-    ref = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows),
-              write_csv(tmp_path / "test.csv", test_rows))
+    ref = run(
+        spec,
+        tmp_path / "out",
+        write_csv(tmp_path / "train.csv", train_rows),
+        write_csv(tmp_path / "test.csv", test_rows),
+    )
     assert read_ingest_report(ref.path)["dropped_exact_duplicates"] == 1
     assert ref.num_rows["train"] + ref.num_rows["validation"] == len(LABELS) * PER_CLASS_TRAIN
 
@@ -299,8 +319,12 @@ def test_hub_path_maps_class_ids_by_name(spec, tmp_path, monkeypatch, train_rows
     monkeypatch.setenv("DOMAINFLOW_ONLINE", "1")
     hub = ingest_hub_dataset(spec.data_slice(), spec.source, spec.name, tmp_path / "out")
     assert calls == [(spec.source.hf_dataset, spec.source.hf_config)]
-    files = run(spec, tmp_path / "out", write_csv(tmp_path / "train.csv", train_rows),
-                write_csv(tmp_path / "test.csv", test_rows))
+    files = run(
+        spec,
+        tmp_path / "out",
+        write_csv(tmp_path / "train.csv", train_rows),
+        write_csv(tmp_path / "test.csv", test_rows),
+    )
     assert contents(hub) == contents(files)
     assert hub.test_fingerprint == files.test_fingerprint
 
@@ -317,7 +341,9 @@ def test_labels_are_taken_from_the_training_data_when_the_domain_lists_none(spec
     source = {row["text"]: row["category"] for row in train_rows + test_rows}
     for split in dataset.values():
         assert split.features["label"].names == sorted(LABELS)
-        assert all(ref.label_names[label] == source[text] for text, label in zip(split["text"], split["label"]))
+        assert all(
+            ref.label_names[label] == source[text] for text, label in zip(split["text"], split["label"], strict=True)
+        )
     report = read_ingest_report(ref.path)
     assert report["label_names"] == sorted(LABELS) and report["labels_inferred_from"] == "train.csv"
     assert "taken from `train.csv`" in dataset_summary_markdown(report)
@@ -328,50 +354,85 @@ def test_labels_are_taken_from_the_training_data_when_the_domain_lists_none(spec
 
 
 def test_integer_labels_from_the_data_sort_numerically(spec, tmp_path, train_rows, test_rows):
-    codes = dict(zip(LABELS, [10, 2, 33, 1, 100]))
+    codes = dict(zip(LABELS, [10, 2, 33, 1, 100], strict=True))
 
     def coded(rows):
         return [{"text": row["text"], "category": codes[row["category"]]} for row in rows]
 
     data = slice_of(spec, label_names=None)
-    csv_ref = run(data, tmp_path / "out", write_csv(tmp_path / "c" / "train.csv", coded(train_rows)),
-                  write_csv(tmp_path / "c" / "test.csv", coded(test_rows)))
+    csv_ref = run(
+        data,
+        tmp_path / "out",
+        write_csv(tmp_path / "c" / "train.csv", coded(train_rows)),
+        write_csv(tmp_path / "c" / "test.csv", coded(test_rows)),
+    )
     assert csv_ref.label_names == ["1", "2", "10", "33", "100"]
-    jsonl_ref = run(data, tmp_path / "out", write_jsonl(tmp_path / "j" / "train.jsonl", coded(train_rows)),
-                    write_jsonl(tmp_path / "j" / "test.jsonl", coded(test_rows)))
+    jsonl_ref = run(
+        data,
+        tmp_path / "out",
+        write_jsonl(tmp_path / "j" / "train.jsonl", coded(train_rows)),
+        write_jsonl(tmp_path / "j" / "test.jsonl", coded(test_rows)),
+    )
     assert contents(jsonl_ref) == contents(csv_ref)  # 10 in JSON and "10" in CSV are one label
-    assert sorted(["b", "a", "10", "9"]) == run(
-        data, tmp_path / "out",
-        write_csv(tmp_path / "m" / "train.csv", [{"text": r["text"], "category": ["b", "a", "10", "9", "a"][i % 5]}
-                                                  for i, r in enumerate(train_rows)]),
-        write_csv(tmp_path / "m" / "test.csv", [{"text": r["text"], "category": "a"} for r in test_rows]),
-    ).label_names  # mixed names and digits sort as strings
+    assert (
+        sorted(["b", "a", "10", "9"])
+        == run(
+            data,
+            tmp_path / "out",
+            write_csv(
+                tmp_path / "m" / "train.csv",
+                [{"text": r["text"], "category": ["b", "a", "10", "9", "a"][i % 5]} for i, r in enumerate(train_rows)],
+            ),
+            write_csv(tmp_path / "m" / "test.csv", [{"text": r["text"], "category": "a"} for r in test_rows]),
+        ).label_names
+    )  # mixed names and digits sort as strings
 
 
 def test_a_label_only_in_test_is_rejected_with_file_and_line(spec, tmp_path, train_rows, test_rows):
     data = slice_of(spec, label_names=None)
     test_rows[7]["category"] = "brand_new_intent"
     test = write_csv(tmp_path / "test.csv", test_rows)
-    expect_error(data, tmp_path, write_csv(tmp_path / "train.csv", train_rows), test,
-                 "test.csv", "column 'category'", "label not in the training data",
-                 f"line {csv_line_of(test_rows, 7)} ('brand_new_intent')", "found in train.csv", "'age_limit'")
+    expect_error(
+        data,
+        tmp_path,
+        write_csv(tmp_path / "train.csv", train_rows),
+        test,
+        "test.csv",
+        "column 'category'",
+        "label not in the training data",
+        f"line {csv_line_of(test_rows, 7)} ('brand_new_intent')",
+        "found in train.csv",
+        "'age_limit'",
+    )
 
 
 def test_inferred_labels_are_names_not_ids(spec, tmp_path, train_rows, test_rows):
     """With labels from the data, a test value 0 is the label named "0", which train lacks: no id lookup."""
     data = slice_of(spec, label_names=None)
     test_rows[2]["category"] = 0
-    expect_error(data, tmp_path, write_csv(tmp_path / "train.csv", train_rows),
-                 write_jsonl(tmp_path / "test.jsonl", test_rows),
-                 "test.jsonl", "label not in the training data", "line 3 (0)")
+    expect_error(
+        data,
+        tmp_path,
+        write_csv(tmp_path / "train.csv", train_rows),
+        write_jsonl(tmp_path / "test.jsonl", test_rows),
+        "test.jsonl",
+        "label not in the training data",
+        "line 3 (0)",
+    )
 
 
 def test_inferred_labels_need_two_classes(spec, tmp_path, train_rows, test_rows):
     data = slice_of(spec, label_names=None)
     one = [{"text": row["text"], "category": "card_arrival"} for row in train_rows]
-    expect_error(data, tmp_path, write_csv(tmp_path / "train.csv", one),
-                 write_csv(tmp_path / "test.csv", [dict(r, category="card_arrival") for r in test_rows]),
-                 "train.csv", "fewer than two labels", "'card_arrival'")
+    expect_error(
+        data,
+        tmp_path,
+        write_csv(tmp_path / "train.csv", one),
+        write_csv(tmp_path / "test.csv", [dict(r, category="card_arrival") for r in test_rows]),
+        "train.csv",
+        "fewer than two labels",
+        "'card_arrival'",
+    )
 
 
 # --------------------------------------------------------------------------- output folders
@@ -429,9 +490,16 @@ def test_missing_column(spec, tmp_path, train_rows, test_rows):
 def test_empty_text(spec, tmp_path, train_rows, test_rows):
     train_rows[3]["text"] = "   "
     train = write_csv(tmp_path / "train.csv", train_rows)
-    message = expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
-                           "train.csv", "column 'text'", "empty or whitespace-only text",
-                           f"line {csv_line_of(train_rows, 3)}")
+    message = expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_csv(tmp_path / "test.csv", test_rows),
+        "train.csv",
+        "column 'text'",
+        "empty or whitespace-only text",
+        f"line {csv_line_of(train_rows, 3)}",
+    )
     assert "header being line 1" in message  # says which numbering it uses
 
 
@@ -439,8 +507,14 @@ def test_line_numbers_follow_multiline_csv_cells(spec, tmp_path, train_rows, tes
     train_rows[0]["text"] = "first line\nsecond line of the same text"
     train_rows[2]["text"] = ""
     train = write_csv(tmp_path / "train.csv", train_rows)
-    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
-                 "train.csv", "empty or whitespace-only text (1 found): line 5\n")
+    expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_csv(tmp_path / "test.csv", test_rows),
+        "train.csv",
+        "empty or whitespace-only text (1 found): line 5\n",
+    )
     assert csv_line_of(train_rows, 2) == 5
 
 
@@ -449,8 +523,17 @@ def test_many_problems_are_counted_in_one_message(spec, tmp_path, train_rows, te
         row["text"] = ""
     train_rows[40]["category"] = "not_an_intent"
     train = write_csv(tmp_path / "train.csv", train_rows)
-    message = expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
-                           "(12 found)", "and 2 more", "line 2", "unknown label", "2 kinds of data problems")
+    message = expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_csv(tmp_path / "test.csv", test_rows),
+        "(12 found)",
+        "and 2 more",
+        "line 2",
+        "unknown label",
+        "2 kinds of data problems",
+    )
     assert "line 14" not in message  # only the first 10 are listed
 
 
@@ -459,42 +542,79 @@ def test_non_text_values_in_jsonl(spec, tmp_path, train_rows, test_rows):
     train_rows[4]["text"] = None
     train_rows[6]["text"] = ["a", "list"]
     train = write_jsonl(tmp_path / "train.jsonl", train_rows)
-    expect_error(spec, tmp_path, train, write_jsonl(tmp_path / "test.jsonl", test_rows),
-                 "train.jsonl", "column 'text'", "non-text value", "line 2 (12345, int)", "line 5 (null)",
-                 "line 7 (['a', 'list'], list)")
+    expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_jsonl(tmp_path / "test.jsonl", test_rows),
+        "train.jsonl",
+        "column 'text'",
+        "non-text value",
+        "line 2 (12345, int)",
+        "line 5 (null)",
+        "line 7 (['a', 'list'], list)",
+    )
 
 
 def test_unknown_label(spec, tmp_path, train_rows, test_rows):
     test_rows[7]["category"] = "not_an_intent"
     test = write_csv(tmp_path / "test.csv", test_rows)
-    expect_error(spec, tmp_path, write_csv(tmp_path / "train.csv", train_rows), test,
-                 "test.csv", "column 'category'", "unknown label",
-                 f"line {csv_line_of(test_rows, 7)} ('not_an_intent')",
-                 "'card_arrival'", "ids 0-76")
+    expect_error(
+        spec,
+        tmp_path,
+        write_csv(tmp_path / "train.csv", train_rows),
+        test,
+        "test.csv",
+        "column 'category'",
+        "unknown label",
+        f"line {csv_line_of(test_rows, 7)} ('not_an_intent')",
+        "'card_arrival'",
+        "ids 0-76",
+    )
 
 
 def test_train_test_leakage(spec, tmp_path, train_rows, test_rows):
     train_rows.append(dict(test_rows[2]))
     train = write_csv(tmp_path / "train.csv", train_rows)
-    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows), "leakage",
-                 f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)} "
-                 f"= test.csv line {csv_line_of(test_rows, 2)}")
+    expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_csv(tmp_path / "test.csv", test_rows),
+        "leakage",
+        f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)} = test.csv line {csv_line_of(test_rows, 2)}",
+    )
 
 
 def test_conflicting_duplicate_labels(spec, tmp_path, train_rows, test_rows):
     assert train_rows[0]["category"] == "card_arrival"
     train_rows.append({"text": train_rows[0]["text"].lower(), "category": "card_linking"})
     train = write_csv(tmp_path / "train.csv", train_rows)
-    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
-                 "train.csv", "conflicting labels", "line 2 -> 'card_arrival'",
-                 f"line {csv_line_of(train_rows, len(train_rows) - 1)} -> 'card_linking'")
+    expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_csv(tmp_path / "test.csv", test_rows),
+        "train.csv",
+        "conflicting labels",
+        "line 2 -> 'card_arrival'",
+        f"line {csv_line_of(train_rows, len(train_rows) - 1)} -> 'card_linking'",
+    )
 
 
 def test_class_with_too_few_examples(spec, tmp_path, test_rows):
     rows = banking77_slice("train", LABELS[:4], PER_CLASS_TRAIN) + banking77_slice("train", LABELS[4:], 3)
     train = write_csv(tmp_path / "train.csv", rows)
-    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
-                 "train.csv", "column 'category'", f"fewer than {spec.min_examples_per_class}", "'pin_blocked' (3)")
+    expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_csv(tmp_path / "test.csv", test_rows),
+        "train.csv",
+        "column 'category'",
+        f"fewer than {spec.min_examples_per_class}",
+        "'pin_blocked' (3)",
+    )
 
 
 def test_header_only_file(spec, tmp_path, train_rows):
@@ -511,8 +631,14 @@ def test_zero_byte_file(spec, tmp_path, test_rows):
 
 def test_unknown_suffix(spec, tmp_path, train_rows, test_rows):
     train = write_csv(tmp_path / "train.txt", train_rows)
-    expect_error(spec, tmp_path, train, write_csv(tmp_path / "test.csv", test_rows),
-                 "train.txt", "unsupported file suffix '.txt'")
+    expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_csv(tmp_path / "test.csv", test_rows),
+        "train.txt",
+        "unsupported file suffix '.txt'",
+    )
 
 
 def test_malformed_jsonl_line(spec, tmp_path, train_rows, test_rows):
@@ -520,13 +646,20 @@ def test_malformed_jsonl_line(spec, tmp_path, train_rows, test_rows):
     lines = train.read_text().splitlines()
     lines[2] = lines[2][:-1]  # drop the closing brace
     train.write_text("\n".join(lines) + "\n")
-    expect_error(spec, tmp_path, train, write_jsonl(tmp_path / "test.jsonl", test_rows),
-                 "train.jsonl", "invalid JSON", "line 3")
+    expect_error(
+        spec, tmp_path, train, write_jsonl(tmp_path / "test.jsonl", test_rows), "train.jsonl", "invalid JSON", "line 3"
+    )
 
 
 def test_missing_file(spec, tmp_path, test_rows):
-    expect_error(spec, tmp_path, tmp_path / "absent.csv", write_csv(tmp_path / "test.csv", test_rows),
-                 "absent.csv", "no such file")
+    expect_error(
+        spec,
+        tmp_path,
+        tmp_path / "absent.csv",
+        write_csv(tmp_path / "test.csv", test_rows),
+        "absent.csv",
+        "no such file",
+    )
 
 
 def test_read_table_keeps_empty_csv_cells_as_empty_strings(tmp_path):
@@ -558,8 +691,9 @@ def test_task_options():
 def test_task_body_writes_under_the_runs_dir_outside_a_flow(spec, tmp_path, monkeypatch):
     monkeypatch.setenv("DOMAINFLOW_HOME", str(tmp_path / "home"))
     train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
-    ref = ingest.fn(spec.data_slice(), "customer_service", str(train), str(test), "any-source-fingerprint",
-                    max_train_samples=50)
+    ref = ingest.fn(
+        spec.data_slice(), "customer_service", str(train), str(test), "any-source-fingerprint", max_train_samples=50
+    )
     assert Path(ref.path).parent == tmp_path / "home" / "runs" / "customer_service" / "datasets"
     assert ref.num_rows["train"] + ref.num_rows["validation"] == 50
     # the folder is keyed by the task module's code (and all it imports), not a hand-bumped version

@@ -55,7 +55,9 @@ def test_int8_candidate_reloads_identically_and_is_quantized(saved_model: Path, 
     child = compress_model(parent, "dynamic_int8", tmp_path / "int8")
     assert child.compression == "dynamic_int8" and child.parent == "finetuned" and child.name == "finetuned-int8"
     first, second = load_classifier(child.path), load_classifier(child.path)
-    assert any(type(m).__name__ == "Linear" and m.__module__.startswith("torch.ao.nn.quantized") for m in first.model.modules())
+    assert any(
+        type(m).__name__ == "Linear" and m.__module__.startswith("torch.ao.nn.quantized") for m in first.model.modules()
+    )
     assert torch.equal(predict_proba(first, TEXTS), predict_proba(second, TEXTS))
     fp32 = predict_proba(load_classifier(saved_model), TEXTS)
     int8 = predict_proba(first, TEXTS)

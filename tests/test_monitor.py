@@ -10,28 +10,29 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from domainflow.catalog import get_domain
 from domainflow.monitoring.aggregation import window_counts
 from domainflow.monitoring.batch import BatchValidationError, read_batch
-from domainflow.monitoring.config import MonitorConfig, SurgeRule, build_config
+from domainflow.monitoring.config import SurgeRule, build_config
 from domainflow.monitoring.replay import build_replay
 from domainflow.monitoring.store import ScoreStore
 from domainflow.monitoring.surge import detect_surges
 from domainflow.monitoring.topics import TopicExtractor, cashtags
-from domainflow.catalog import get_domain
 from flows.monitor import MonitorError, alert_key, monitor_batch, replay
 from flows.monitor_cli import monitor_app
-from tests.finance_helpers import tiny_finance  # noqa: F401  (fixture)
 
 LABELS = ["bearish", "bullish", "neutral"]
-RULE = SurgeRule(window="1h", baseline_windows=6, min_history=3, k=2.0, min_excess=1.0, min_share_excess=0.2, min_count=3)
+RULE = SurgeRule(
+    window="1h", baseline_windows=6, min_history=3, k=2.0, min_excess=1.0, min_share_excess=0.2, min_count=3
+)
 START = pd.Timestamp("2024-03-04T00:00:00Z")
 
 
@@ -50,7 +51,10 @@ def test_keyword_topics_match_whole_words_and_given_topics_win(tmp_path: Path) -
     assert extract("Federal   Reserve holds; $TSLA slips") == ["$TSLA", "fed"]
     assert extract("Turmoil at FedEx as shipping slows") == []  # not 'oil', not 'fed'
     batch = tmp_path / "batch.csv"
-    batch.write_text("timestamp,text,topic\n2024-03-04T10:00:00Z,$AAPL falls on China worries,\n2024-03-04T10:05:00Z,$AAPL falls on China worries,Apple | supply chain\n")
+    batch.write_text(
+        "timestamp,text,topic\n2024-03-04T10:00:00Z,$AAPL falls on China worries,\n2024-03-04T10:05:00Z,$AAPL falls "
+        "on China worries,Apple | supply chain\n"
+    )
     items, duplicates = read_batch(batch, extract)
     assert [item.topics for item in items] == [["$AAPL", "china"], ["Apple", "supply chain"]]
     assert duplicates == 0
@@ -58,7 +62,9 @@ def test_keyword_topics_match_whole_words_and_given_topics_win(tmp_path: Path) -
 
 def test_configured_keywords_extend_or_replace_the_domain_map(tmp_path: Path) -> None:
     defaults = get_domain("finance_sentiment").monitoring
-    extended = build_config(defaults, {"keywords": {"ai": ["artificial intelligence", "ai"]}, "surge": {"min_count": 9}})
+    extended = build_config(
+        defaults, {"keywords": {"ai": ["artificial intelligence", "ai"]}, "surge": {"min_count": 9}}
+    )
     assert set(extended.keywords) == set(defaults.keywords) | {"ai"} and extended.surge.min_count == 9
     assert extended.surge.k == defaults.surge.k  # untouched fields keep the domain's value
     replaced = build_config(defaults, {"keywords": {"ai": ["ai"]}, "replace_keywords": True})
@@ -76,7 +82,9 @@ def test_bad_batch_rows_are_named_by_line(tmp_path: Path) -> None:
     with pytest.raises(BatchValidationError) as error:
         read_batch(batch, TopicExtractor())
     message = str(error.value)
-    assert "news.csv" in message and "line 3 ('yesterday-ish')" in message and "line 4" in message and "'text'" in message
+    assert (
+        "news.csv" in message and "line 3 ('yesterday-ish')" in message and "line 4" in message and "'text'" in message
+    )
     missing = tmp_path / "no_time.jsonl"
     missing.write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(BatchValidationError, match=r"missing column\(s\) \['timestamp'\]"):
@@ -85,7 +93,11 @@ def test_bad_batch_rows_are_named_by_line(tmp_path: Path) -> None:
 
 def test_timestamps_are_utc_and_duplicates_in_a_file_collapse(tmp_path: Path) -> None:
     batch = tmp_path / "b.jsonl"
-    rows = [{"timestamp": "2024-03-04T12:00:00+02:00", "text": "A"}, {"timestamp": 1709546400, "text": "B"}, {"timestamp": "2024-03-04T10:00:00", "text": "A"}]
+    rows = [
+        {"timestamp": "2024-03-04T12:00:00+02:00", "text": "A"},
+        {"timestamp": 1709546400, "text": "B"},
+        {"timestamp": "2024-03-04T10:00:00", "text": "A"},
+    ]
     batch.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items, duplicates = read_batch(batch, TopicExtractor())
     # 12:00+02:00, epoch 1709546400 and naive 10:00 are all 10:00 UTC; the two "A" rows are one item.
@@ -97,8 +109,18 @@ def test_timestamps_are_utc_and_duplicates_in_a_file_collapse(tmp_path: Path) ->
 
 
 def _row(item_id: str, minute: int = 0) -> dict:
-    return {"item_id": item_id, "ts": (START + pd.Timedelta(minutes=minute)).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00"), "text": f"text {item_id}",
-            "topics": ["$X"], "label": "bearish", "score": 0.9, "probs": {"bearish": 0.9}, "model_version": 1, "batch": "b", "source": "f line 2"}
+    return {
+        "item_id": item_id,
+        "ts": (START + pd.Timedelta(minutes=minute)).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00"),
+        "text": f"text {item_id}",
+        "topics": ["$X"],
+        "label": "bearish",
+        "score": 0.9,
+        "probs": {"bearish": 0.9},
+        "model_version": 1,
+        "batch": "b",
+        "source": "f line 2",
+    }
 
 
 def test_store_append_is_idempotent(tmp_path: Path) -> None:
@@ -124,7 +146,9 @@ def _counts(series: dict[str, list[tuple[int, int]]]) -> pd.DataFrame:
             rows += [{"ts": stamp, "topics": [topic], "label": "bearish"}] * bearish
             rows += [{"ts": stamp, "topics": [topic], "label": "neutral"}] * other
     items = pd.DataFrame(rows)
-    grid = pd.date_range(START, START + pd.Timedelta(hours=max(len(w) for w in series.values()) - 1), freq="1h", tz="UTC")
+    grid = pd.date_range(
+        START, START + pd.Timedelta(hours=max(len(w) for w in series.values()) - 1), freq="1h", tz="UTC"
+    )
     return window_counts(items, "1h", LABELS, grid)
 
 
@@ -142,14 +166,19 @@ def test_aggregation_fills_silent_windows_with_zero() -> None:
 
 def test_count_surge_fires_against_the_topics_own_baseline() -> None:
     # $A: 1,0,1,0,1,0 bearish then 6 -> mean 0.5, std 0.5, threshold 0.5 + 2*0.5 + 1 = 2.5 < 6
-    # $B: always busy (5 bearish of 10), then 6 of 12: no count surge (threshold 5+0+1 = 6, not exceeded), no share surge.
+    # $B: always busy (5 bearish of 10), then 6 of 12: no count surge (threshold 5+0+1 = 6, not exceeded),
+    # no share surge.
     counts = _counts({"$A": [(1, 3), (0, 3), (1, 3), (0, 3), (1, 3), (0, 3), (6, 3)], "$B": [(5, 5)] * 6 + [(6, 6)]})
     surges = detect_surges(counts, _last(7), RULE, "bearish")
     # (its share 6/9 also beats 0.125 + 2·0.125 + 0.2 = 0.575: both rules fire)
     assert [(s.topic, s.window_start.hour, s.rules) for s in surges] == [("$A", 6, ["count", "share"])]
     surge = surges[0]
     assert surge.negative_count == 6 and surge.total == 9 and surge.baseline_windows == 6
-    assert surge.baseline_mean == pytest.approx(0.5) and surge.baseline_std == pytest.approx(0.5) and surge.count_threshold == pytest.approx(2.5)
+    assert (
+        surge.baseline_mean == pytest.approx(0.5)
+        and surge.baseline_std == pytest.approx(0.5)
+        and surge.count_threshold == pytest.approx(2.5)
+    )
     assert surge.share_threshold == pytest.approx(0.575)
 
 
@@ -157,7 +186,9 @@ def test_share_surge_fires_for_a_busy_topic() -> None:
     # Always 20 items, 2 of them bearish; then 3 of 4.
     counts = _counts({"$B": [(2, 18)] * 6 + [(3, 1)]})
     surges = detect_surges(counts, _last(7), RULE, "bearish")
-    assert len(surges) == 1 and surges[0].rules == ["share"]  # count 3 is not above 2 + 0 + 1 = 3, share 75% > 10% + 20%
+    assert len(surges) == 1 and surges[0].rules == [
+        "share"
+    ]  # count 3 is not above 2 + 0 + 1 = 3, share 75% > 10% + 20%
     assert surges[0].share == pytest.approx(0.75) and surges[0].share_threshold == pytest.approx(0.3)
 
 
@@ -171,10 +202,14 @@ def test_min_count_keeps_a_few_items_from_being_an_alert() -> None:
     quiet = {"$Q": [(0, 0)] * 6 + [(2, 0)]}
     assert detect_surges(_counts(quiet), _last(7), RULE, "bearish") == []
     # One more item reaches min_count, and then it is a surge.
-    assert [s.topic for s in detect_surges(_counts({"$Q": [(0, 0)] * 6 + [(3, 0)]}), _last(7), RULE, "bearish")] == ["$Q"]
+    assert [s.topic for s in detect_surges(_counts({"$Q": [(0, 0)] * 6 + [(3, 0)]}), _last(7), RULE, "bearish")] == [
+        "$Q"
+    ]
     # A single item never alerts, whatever the other settings.
     lax = RULE.model_copy(update={"k": 0.0, "min_excess": 0.0, "min_count": 1})
-    assert [s.negative_count for s in detect_surges(_counts({"$Q": [(0, 0)] * 6 + [(1, 0)]}), _last(7), lax, "bearish")] == [1]
+    assert [
+        s.negative_count for s in detect_surges(_counts({"$Q": [(0, 0)] * 6 + [(1, 0)]}), _last(7), lax, "bearish")
+    ] == [1]
     assert detect_surges(_counts({"$Q": [(0, 0)] * 6 + [(1, 0)]}), _last(7), RULE, "bearish") == []
 
 
@@ -186,10 +221,21 @@ def test_no_judgement_without_history() -> None:
 # ----------------------------------------------------------------------------------- flow
 
 
-def _stream(tmp_path: Path, name: str, *, surge_size: int = 12, windows: int = 8, limit: int = 160) -> tuple[Path, object]:
+def _stream(
+    tmp_path: Path, name: str, *, surge_size: int = 12, windows: int = 8, limit: int = 160
+) -> tuple[Path, object]:
     """One batch file: real valid-set headlines over ``windows`` hours, a surge on $ACME in the last one."""
-    plan = build_replay(Path(__file__).resolve().parent.parent / "data" / "twitter_financial_news_sentiment" / "valid.csv", tmp_path / name,
-                        ticker="ACME", windows=windows, surge_window=windows - 1, surge_size=surge_size, windows_per_batch=windows, limit=limit, seed=1)
+    plan = build_replay(
+        Path(__file__).resolve().parent.parent / "data" / "twitter_financial_news_sentiment" / "valid.csv",
+        tmp_path / name,
+        ticker="ACME",
+        windows=windows,
+        surge_window=windows - 1,
+        surge_size=surge_size,
+        windows_per_batch=windows,
+        limit=limit,
+        seed=1,
+    )
     assert len(plan.files) == 1
     return plan.files[0], plan
 
@@ -249,17 +295,24 @@ def test_same_batch_twice_adds_nothing_and_alerts_once(tiny_finance: dict, tmp_p
     again = monitor_batch(str(batch), domain=domain, config=FLOW_CONFIG, store_path=store_path)
     assert again["already_processed"] is True and again["alerts"] == []
     # A different file carrying the same items (reordered) plus one new: only the new one is added, no new alert.
-    lines = batch.read_text().splitlines()[::-1] + [json.dumps({"timestamp": "2024-03-04T07:59:00Z", "text": "$ACME files 10-K"})]
+    lines = batch.read_text().splitlines()[::-1] + [
+        json.dumps({"timestamp": "2024-03-04T07:59:00Z", "text": "$ACME files 10-K"})
+    ]
     overlap = tmp_path / "overlap.jsonl"
     overlap.write_text("\n".join(lines) + "\n")
     third = monitor_batch(str(overlap), domain=domain, config=FLOW_CONFIG, store_path=store_path)
     assert (third["inserted"], third["already_stored"], third["alerts"]) == (1, plan.items, [])
     with sqlite3.connect(store_path) as db:
-        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT item_id) FROM items").fetchone() == (plan.items + 1, plan.items + 1)
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT item_id) FROM items").fetchone() == (
+            plan.items + 1,
+            plan.items + 1,
+        )
         assert db.execute("SELECT COUNT(*) FROM alerts").fetchone() == (1,)
 
 
-def test_crash_mid_batch_loses_nothing_and_duplicates_nothing(tiny_finance: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_mid_batch_loses_nothing_and_duplicates_nothing(
+    tiny_finance: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     domain = tiny_finance["domain"]
     batch, plan = _stream(tmp_path, "stream", limit=100)
     store_path = str(tmp_path / "s.sqlite")
@@ -321,12 +374,16 @@ def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
 
 
 @pytest.mark.parametrize("status", [200, 500])
-def test_webhook_posts_the_alert_and_its_failure_never_fails_the_flow(tiny_finance: dict, tmp_path: Path, receiver, status: int) -> None:
+def test_webhook_posts_the_alert_and_its_failure_never_fails_the_flow(
+    tiny_finance: dict, tmp_path: Path, receiver, status: int
+) -> None:
     url, handler = receiver
     handler.status = status
     batch, plan = _stream(tmp_path, "stream")
     config = {**FLOW_CONFIG, "webhook": {"url": url, "retries": 2, "retry_delay_seconds": 0}}
-    result = monitor_batch(str(batch), domain=tiny_finance["domain"], config=config, store_path=str(tmp_path / "s.sqlite"))
+    result = monitor_batch(
+        str(batch), domain=tiny_finance["domain"], config=config, store_path=str(tmp_path / "s.sqlite")
+    )
     assert [a["topic"] for a in result["alerts"]] == ["$ACME"]
     alert = result["alerts"][0]
     if status == 200:
@@ -336,7 +393,9 @@ def test_webhook_posts_the_alert_and_its_failure_never_fails_the_flow(tiny_finan
         assert alert["webhook"].startswith("failed after 3 tries")
     body = handler.bodies[0]
     assert body["topic"] == "$ACME" and body["window_start"] == plan.surge_window.isoformat()
-    assert body["negative_label"] == "bearish" and body["negative_count"] >= 5 and body["domain"] == tiny_finance["domain"]
+    assert (
+        body["negative_label"] == "bearish" and body["negative_count"] >= 5 and body["domain"] == tiny_finance["domain"]
+    )
     stored = ScoreStore(tmp_path / "s.sqlite").alerts()
     assert [(a["topic"], a["notified"]) for a in stored] == [("$ACME", alert["webhook"])]
 
@@ -348,12 +407,24 @@ def test_unreachable_webhook_is_logged_not_fatal(tiny_finance: dict, tmp_path: P
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     batch, _ = _stream(tmp_path, "stream")
-    config = {**FLOW_CONFIG, "webhook": {"url": f"http://127.0.0.1:{port}/hook", "retries": 1, "retry_delay_seconds": 0, "timeout_seconds": 2}}
-    result = monitor_batch(str(batch), domain=tiny_finance["domain"], config=config, store_path=str(tmp_path / "s.sqlite"))
+    config = {
+        **FLOW_CONFIG,
+        "webhook": {
+            "url": f"http://127.0.0.1:{port}/hook",
+            "retries": 1,
+            "retry_delay_seconds": 0,
+            "timeout_seconds": 2,
+        },
+    }
+    result = monitor_batch(
+        str(batch), domain=tiny_finance["domain"], config=config, store_path=str(tmp_path / "s.sqlite")
+    )
     assert result["alerts"][0]["webhook"].startswith("failed after 2 tries")
 
 
-def test_replay_raises_exactly_the_injected_alert(tiny_finance: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replay_raises_exactly_the_injected_alert(
+    tiny_finance: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The replay command end to end: output, return code, the Prefect event and the alert artifacts."""
     import prefect.events
 
@@ -368,7 +439,20 @@ def test_replay_raises_exactly_the_injected_alert(tiny_finance: dict, tmp_path: 
     monkeypatch.setattr(prefect.events, "emit_event", recording_emit)
     result = CliRunner().invoke(
         monitor_app,
-        ["replay", domain, "--windows", "10", "--surge-window", "8", "--windows-per-batch", "5", "--limit", "300", "--out-dir", str(tmp_path / "replay")],
+        [
+            "replay",
+            domain,
+            "--windows",
+            "10",
+            "--surge-window",
+            "8",
+            "--windows-per-batch",
+            "5",
+            "--limit",
+            "300",
+            "--out-dir",
+            str(tmp_path / "replay"),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "OK: exactly the injected surge was detected" in result.output
@@ -387,7 +471,9 @@ def test_replay_raises_exactly_the_injected_alert(tiny_finance: dict, tmp_path: 
     key = alert_key(domain, topic)
     assert key == f"fin-tiny-surge-{topic[1:].lower()}"
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key, f"{key}-trend", f"{key}-windows"])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key, f"{key}-trend", f"{key}-windows"]))
+        )
     kinds = {a.key: a for a in found}
     assert {key, f"{key}-trend", f"{key}-windows"} <= set(kinds)
     assert topic in kinds[key].data and "bearish" in kinds[key].data
@@ -396,6 +482,14 @@ def test_replay_raises_exactly_the_injected_alert(tiny_finance: dict, tmp_path: 
 
 def test_replay_flow_reports_a_mismatch(tiny_finance: dict, tmp_path: Path) -> None:
     """With a min_count above the injected surge, nothing fires, and the replay says so."""
-    result = replay(domain=tiny_finance["domain"], windows=8, surge_window=7, surge_size=6, windows_per_batch=8, limit=120,
-                    out_dir=str(tmp_path / "r"), config={"surge": {"min_count": 7}})
+    result = replay(
+        domain=tiny_finance["domain"],
+        windows=8,
+        surge_window=7,
+        surge_size=6,
+        windows_per_batch=8,
+        limit=120,
+        out_dir=str(tmp_path / "r"),
+        config={"surge": {"min_count": 7}},
+    )
     assert result["matched"] is False and result["alerts"] == []

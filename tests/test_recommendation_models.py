@@ -5,22 +5,29 @@ the bundle's answers and errors, and the ranking gate with its baseline rule."""
 from __future__ import annotations
 
 import json
-from tests.data_helpers import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from domainflow.catalog import get_domain
+from domainflow.records import Evaluation, ModelRef
 from domainflow.recsys import data, protocol
 from domainflow.recsys.bundle import Recommender, UnknownItemsError, write_bundle
 from domainflow.recsys.dataset import RankingData, write_dataset
-from domainflow.recsys.features import FEATURES, ItemTables, cooccurrence_cosine, genre_matrix, history_features, parse_years
+from domainflow.recsys.features import (
+    FEATURES,
+    ItemTables,
+    cooccurrence_cosine,
+    genre_matrix,
+    history_features,
+    parse_years,
+)
 from domainflow.recsys.gate import decide_ranking
 from domainflow.recsys.ranker import LinearRanker, fit_ranker, sample_groups
-from domainflow.records import Evaluation, ModelRef
 from domainflow.registry import ModelRegistry
-from domainflow.catalog import get_domain
 from tasks.deploy import apply_decision
+from tests.data_helpers import replace
 from tests.test_recommendation_protocol import ITEMS, SOURCES, hand_made
 
 
@@ -73,12 +80,14 @@ def test_features_by_hand() -> None:
     tables = small_tables()
     assert np.allclose(tables.cooccurrence, [[0, 1, 0.5, 0], [1, 0, 0.5, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 0]])
     user = np.array([0.0, 0.5, 0.25, 1.0], dtype=np.float32)
-    got = dict(zip(FEATURES, history_features(tables, [0], user, np.array([1, 2, 3])).T))
+    got = dict(zip(FEATURES, history_features(tables, [0], user, np.array([1, 2, 3])).T, strict=True))
     assert got["text"].tolist() == [0.5, 0.25, 1.0]  # dot with one-hot item vectors
     assert got["log_popularity"].tolist() == pytest.approx(np.log1p([0.0, 1.0, 0.0]))
     # fold-in of [item 0 = (1, 0)] with ridge 1: solve([[2,0],[0,1]], [1,0]) = (0.5, 0); score = q·u + bias
     assert got["bpr"].tolist() == pytest.approx([1.0 + 0.1, 0.0 + 0.2, 0.0 + 0.3])
-    assert got["cooc_recent"].tolist() == pytest.approx([1.0, 0.5, 0.0]) and got["cooc_history"].tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert got["cooc_recent"].tolist() == pytest.approx([1.0, 0.5, 0.0]) and got[
+        "cooc_history"
+    ].tolist() == pytest.approx([1.0, 0.5, 0.0])
     assert got["genre_match"].tolist() == pytest.approx([1.0, 0.0, 1 / np.sqrt(2)])  # profile (a) vs a / b / a|b
     assert got["year_gap"].tolist() == pytest.approx([0.5, 2.0, 0.0])  # decades from 1990; unknown year -> 0
     empty = history_features(tables, [], user, np.array([1, 2]))  # a free-text history: text and popularity only
@@ -109,7 +118,11 @@ def test_ranker_learns_the_informative_feature_and_reloads_exactly(tmp_path: Pat
     payload = json.loads((tmp_path / "ranker.json").read_text())  # plain JSON, no pickle anywhere
     assert payload["format"] == "conditional_logit/1" and payload["features"] == ["signal", "noise", "constant"]
     again = LinearRanker.load(tmp_path / "ranker.json")
-    assert np.array_equal(again.weights, ranker.weights) and np.array_equal(again.mean, ranker.mean) and np.array_equal(again.scale, ranker.scale)
+    assert (
+        np.array_equal(again.weights, ranker.weights)
+        and np.array_equal(again.mean, ranker.mean)
+        and np.array_equal(again.scale, ranker.scale)
+    )
     assert np.array_equal(again.score(groups), ranker.score(groups))  # bit for bit
     with pytest.raises(ValueError, match="unsupported ranker format"):
         LinearRanker.from_dict({**payload, "format": "pickle"})
@@ -136,16 +149,26 @@ def test_bundle_answers_and_errors(tiny_model_dir: Path, tmp_path: Path) -> None
     embeddings = encode(TwoTower(encoder), tokenizer, texts, 16)
     items = {"item_id": ["a", "b", "c", "d"], "title": ["Alpha", "Beta", "Gamma", "Delta"], "text": texts}
     spec = get_domain("recommendation")
-    path = write_bundle(tmp_path / "bundle", encoder_dir=tiny_model_dir, items=items, tables=small_tables(embeddings), scorer="text",
-                        text_lengths={"history_max_length": 32, "item_max_length": 16, "history_items": 20})
+    path = write_bundle(
+        tmp_path / "bundle",
+        encoder_dir=tiny_model_dir,
+        items=items,
+        tables=small_tables(embeddings),
+        scorer="text",
+        text_lengths={"history_max_length": 32, "item_max_length": 16, "history_items": 20},
+    )
     recommender = Recommender(path, spec.history_text)
 
     ranked = recommender.recommend(history=["a"], k=10)
     assert [r.item_id for r in ranked if r.item_id == "a"] == []  # the history is not recommended back
     assert len(ranked) == 3 and [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
     user = recommender.user_embeddings([[0]])[0]
-    assert {r.item_id: r.score for r in ranked} == pytest.approx({i: float(embeddings[j] @ user) for j, i in enumerate("abcd") if i != "a"}, abs=1e-5)
-    assert [r.item_id for r in recommender.recommend(history=["a"], candidates=["d", "b"], k=5)] == sorted(["d", "b"], key=lambda i: -float(embeddings["abcd".index(i)] @ user))
+    assert {r.item_id: r.score for r in ranked} == pytest.approx(
+        {i: float(embeddings[j] @ user) for j, i in enumerate("abcd") if i != "a"}, abs=1e-5
+    )
+    assert [r.item_id for r in recommender.recommend(history=["a"], candidates=["d", "b"], k=5)] == sorted(
+        ["d", "b"], key=lambda i: -float(embeddings["abcd".index(i)] @ user)
+    )
     assert len(recommender.recommend(texts=["a film about Gamma"], k=2)) == 2  # free text alone is a history
     with pytest.raises(UnknownItemsError, match=r"history: unknown item id\(s\) 'zz', 'yy'"):
         recommender.recommend(history=["a", "zz", "yy"])
@@ -154,21 +177,40 @@ def test_bundle_answers_and_errors(tiny_model_dir: Path, tmp_path: Path) -> None
     with pytest.raises(ValueError, match="history: give at least one item id or text"):
         recommender.recommend()
 
-    ranker_bundle = write_bundle(tmp_path / "ranked", encoder_dir=tiny_model_dir, items=items, tables=small_tables(embeddings), scorer="ranker",
-                                 text_lengths={"history_max_length": 32, "item_max_length": 16, "history_items": 20},
-                                 ranker=LinearRanker(FEATURES, np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.eye(len(FEATURES))[3]))
+    ranker_bundle = write_bundle(
+        tmp_path / "ranked",
+        encoder_dir=tiny_model_dir,
+        items=items,
+        tables=small_tables(embeddings),
+        scorer="ranker",
+        text_lengths={"history_max_length": 32, "item_max_length": 16, "history_items": 20},
+        ranker=LinearRanker(FEATURES, np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.eye(len(FEATURES))[3]),
+    )
     ranked_by = Recommender(ranker_bundle, spec.history_text)
     by_cooc = ranked_by.recommend(history=["a"], k=3)
-    assert [r.item_id for r in by_cooc] == ["b", "c", "d"] and [r.score for r in by_cooc] == pytest.approx([1.0, 0.5, 0.0])  # weight only on cooc_recent
+    assert [r.item_id for r in by_cooc] == ["b", "c", "d"] and [r.score for r in by_cooc] == pytest.approx(
+        [1.0, 0.5, 0.0]
+    )  # weight only on cooc_recent
     # A history of free texts only has no collaborative features: the text model answers it.
     assert ranked_by.scorer_for(["a"]) == "ranker" and ranked_by.scorer_for([]) == "text"
-    assert ranked_by.recommend(texts=["a film about Gamma"], k=4) == recommender.recommend(texts=["a film about Gamma"], k=4)
+    assert ranked_by.recommend(texts=["a film about Gamma"], k=4) == recommender.recommend(
+        texts=["a film about Gamma"], k=4
+    )
     assert not list(Path(ranker_bundle).rglob("*.pkl")) and not list(Path(ranker_bundle).rglob("*.bin"))
 
 
-def evaluation(name: str, valid: float, test: float, compression: str | None = None, parent: str | None = None, tmp: Path | None = None) -> Evaluation:
+def evaluation(
+    name: str,
+    valid: float,
+    test: float,
+    compression: str | None = None,
+    parent: str | None = None,
+    tmp: Path | None = None,
+) -> Evaluation:
     return Evaluation(
-        candidate=ModelRef(name=name, path=str(tmp or "/nonexistent"), fingerprint=name, compression=compression, parent=parent),
+        candidate=ModelRef(
+            name=name, path=str(tmp or "/nonexistent"), fingerprint=name, compression=compression, parent=parent
+        ),
         test_metrics={"ndcg_at_10": test, "hit_rate_at_10": 2 * test, "mrr": test},
         validation_metrics={"ndcg_at_10": valid},
         size_bytes=1,
@@ -187,13 +229,18 @@ def test_ranking_gate_by_hand(tmp_path: Path) -> None:
     first = decide_ranking(spec, candidates, None, baselines=baselines)
     assert first.promote and first.chosen == "ranker"  # chosen on validation, gated on test
     assert first.gates["baselines"] == {"popularity": 0.047, "bpr": 0.064}
-    assert "beats baseline bpr: ndcg_at_10 0.0700 vs 0.0640, margin +0.0060" in " ".join(first.verdict("ranker").reasons)
+    assert "beats baseline bpr: ndcg_at_10 0.0700 vs 0.0640, margin +0.0060" in " ".join(
+        first.verdict("ranker").reasons
+    )
     assert first.verdict("bpr").role == "baseline" and not first.verdict("bpr").eligible
 
     close = [evaluation("popularity", 0.040, 0.047), evaluation("bpr", 0.060, 0.0695)]  # ranker is only +0.0005 ahead
     second = decide_ranking(spec, candidates, None, baselines=close)
     assert not second.promote and second.chosen == "ranker"
-    assert second.summary == "Nothing promoted for recommendation: challenger ranker does not beat baseline bpr (ndcg_at_10 0.0700 vs 0.0695, margin +0.0005)."
+    assert second.summary == (
+        "Nothing promoted for recommendation: challenger ranker does not beat baseline bpr "
+        "(ndcg_at_10 0.0700 vs 0.0695, margin +0.0005)."
+    )
 
     third = decide_ranking(spec, candidates, {"ndcg_at_10": 0.075}, champion_version=3, baselines=baselines)
     assert not third.promote and "worse than champion v3" in " ".join(third.verdict("ranker").reasons)
@@ -202,7 +249,16 @@ def test_ranking_gate_by_hand(tmp_path: Path) -> None:
     registry = ModelRegistry("rec_gate_test", root=tmp_path / "registry")
     from functools import partial
 
-    result = apply_decision(spec, candidates, None, "data-fp", "test-fp", {}, registry=registry, decide_fn=partial(decide_ranking, baselines=close))
+    result = apply_decision(
+        spec,
+        candidates,
+        None,
+        "data-fp",
+        "test-fp",
+        {},
+        registry=registry,
+        decide_fn=partial(decide_ranking, baselines=close),
+    )
     assert result["version"] is None and registry.champion() is None
     stored = json.loads(Path(result["decision_file"]).read_text())
     assert stored["promote"] is False and stored["gates"]["baselines"]["bpr"] == 0.0695
@@ -212,4 +268,6 @@ def test_ranking_gate_by_hand(tmp_path: Path) -> None:
         decide_ranking(spec, candidates, None, baselines=[])
     compressed = candidates + [evaluation("ranker-int8", 0.080, 0.0699, compression="dynamic_int8", parent="ranker")]
     compressed[-1] = compressed[-1].model_copy(update={"texts_per_second_batch32": 14.0})
-    assert decide_ranking(replace(spec), compressed, None, baselines=baselines).chosen == "ranker-int8"  # within budget, 1.4x faster
+    assert (
+        decide_ranking(replace(spec), compressed, None, baselines=baselines).chosen == "ranker-int8"
+    )  # within budget, 1.4x faster

@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 import tasks.rank_evaluate
 import tasks.rank_train
 from domainflow import settings
+from domainflow.catalog import get_domain
 from domainflow.recsys.bundle import Recommender
 from domainflow.recsys.dataset import RankingData
 from domainflow.recsys.protocol import ranking_metrics, target_ranks
 from domainflow.recsys.two_tower import TwoTower, encode
 from domainflow.registry import ModelRegistry
-from domainflow.catalog import get_domain
 from flows.cli import app
 from flows.pipeline import pipeline_for
 from serving import ApiKeys, ServingConfig, create_app
@@ -44,7 +44,15 @@ def _fail_if_called(name: str):
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else {}
+    return (
+        {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
+        if root.exists()
+        else {}
+    )
 
 
 def _ndcg_by_hand(ranks: list[int]) -> float:
@@ -95,7 +103,10 @@ def test_first_run_deploys_a_ranker_that_beats_the_baselines(first_run: dict[str
     files = {p.relative_to(champion.model_dir).as_posix() for p in champion.model_dir.rglob("*") if p.is_file()}
     assert {"recommender.json", "ranker.json", "items.json", "tables.safetensors", "encoder/model.safetensors"} <= files
     assert not [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-    assert champion.decision["gates"]["baselines"] == {"popularity": rows["popularity"]["test_ndcg_at_10"], "bpr": rows["bpr"]["test_ndcg_at_10"]}
+    assert champion.decision["gates"]["baselines"] == {
+        "popularity": rows["popularity"]["test_ndcg_at_10"],
+        "bpr": rows["bpr"]["test_ndcg_at_10"],
+    }
     card = champion.model_card.read_text()
     assert get_domain(domain).protocol in card and "| bpr | baseline |" in card and "| popularity | baseline |" in card
     assert champion.lineage["test_fingerprint"] == first_run["dataset"]["test_fingerprint"]
@@ -107,9 +118,15 @@ def test_first_run_deploys_a_ranker_that_beats_the_baselines(first_run: dict[str
     assert metrics == pytest.approx(champion.metrics["test"], abs=1e-12)
 
 
-def test_two_tower_training_lowered_its_loss_and_beat_the_untrained_encoder(first_run: dict[str, Any], series: dict[str, Any]) -> None:
+def test_two_tower_training_lowered_its_loss_and_beat_the_untrained_encoder(
+    first_run: dict[str, Any], series: dict[str, Any]
+) -> None:
     two_tower = next(row for row in first_run["candidates"] if row["candidate"] == "two_tower")
-    (bundle,) = [p for p in (settings.runs_dir() / series["domain"] / "models").glob("two_tower-*") if not p.name.endswith(".partial")]
+    (bundle,) = [
+        p
+        for p in (settings.runs_dir() / series["domain"] / "models").glob("two_tower-*")
+        if not p.name.endswith(".partial")
+    ]
     training = json.loads((bundle / "encoder" / "training.json").read_text())
     losses = training["losses"]
     assert training["steps"] == len(losses) == 8  # 128 pairs, batches of 32, 2 epochs
@@ -124,13 +141,24 @@ def test_two_tower_training_lowered_its_loss_and_beat_the_untrained_encoder(firs
     encoder, tokenizer = load_encoder(series["model"])
     tower = TwoTower(encoder)
     items = encode(tower, tokenizer, data.item_texts, spec.item_max_length)
-    users = encode(tower, tokenizer, [spec.history_text([data.item_texts[i] for i in h]) for h in valid.histories], spec.history_max_length)
+    users = encode(
+        tower,
+        tokenizer,
+        [spec.history_text([data.item_texts[i] for i in h]) for h in valid.histories],
+        spec.history_max_length,
+    )
     untrained = ranking_metrics(target_ranks(users @ items.T, valid.targets, valid.excluded))["ndcg_at_10"]
     assert two_tower["validation_ndcg_at_10"] > untrained + 0.05, (two_tower["validation_ndcg_at_10"], untrained)
 
 
-def test_identical_rerun_is_cached_and_a_tie_keeps_the_champion(first_run: dict[str, Any], series: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    for module, name in ((tasks.rank_train, "train_text_model"), (tasks.rank_train, "fit_baselines"), (tasks.rank_evaluate, "evaluate_bundles")):
+def test_identical_rerun_is_cached_and_a_tie_keeps_the_champion(
+    first_run: dict[str, Any], series: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module, name in (
+        (tasks.rank_train, "train_text_model"),
+        (tasks.rank_train, "fit_baselines"),
+        (tasks.rank_evaluate, "evaluate_bundles"),
+    ):
         monkeypatch.setattr(module, name, _fail_if_called(name))
     args = ["run", series["domain"], "--model", series["model"], "--data-dir", series["data_dir"], "--seed", "7"]
     result = CliRunner().invoke(app, args)
@@ -157,7 +185,11 @@ def test_bad_data_stops_before_training(first_run: dict[str, Any], series: dict[
 
 @pytest.fixture(scope="module")
 def rank_server(first_run: dict[str, Any], series: dict[str, Any]) -> Any:
-    server = ThreadedUvicorn(create_app(ServingConfig(registry_root=settings.registry_dir(), domains=(series["domain"],)), api_keys=ApiKeys([KEY])))
+    server = ThreadedUvicorn(
+        create_app(
+            ServingConfig(registry_root=settings.registry_dir(), domains=(series["domain"],)), api_keys=ApiKeys([KEY])
+        )
+    )
     server.start()
     yield server
     server.stop()
@@ -180,10 +212,18 @@ def test_rank_endpoint_answers_like_the_cli(rank_server: Any, series: dict[str, 
         assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
         assert all(i["title"] == titles[i["item_id"]] for i in items)
 
-        restricted = client.post(f"/v1/{domain}/rank", json={"history": history, "candidates": ["m20", "m06", "m33"], "top_k": 10}).json()["items"]
-        assert [i["item_id"] for i in restricted][0] == "m06" and {i["item_id"] for i in restricted} == {"m20", "m06", "m33"}
+        restricted = client.post(
+            f"/v1/{domain}/rank", json={"history": history, "candidates": ["m20", "m06", "m33"], "top_k": 10}
+        ).json()["items"]
+        assert [i["item_id"] for i in restricted][0] == "m06" and {i["item_id"] for i in restricted} == {
+            "m20",
+            "m06",
+            "m33",
+        }
         free = client.post(f"/v1/{domain}/rank", json={"history_texts": ["an evening of invented films"], "top_k": 2})
-        assert free.status_code == 200 and len(free.json()["items"]) == 2 and free.json()["scorer"] == "text"  # no catalogue item: the text model answers
+        assert (
+            free.status_code == 200 and len(free.json()["items"]) == 2 and free.json()["scorer"] == "text"
+        )  # no catalogue item: the text model answers
 
         def message(payload: Any) -> str:
             answer = client.post(f"/v1/{domain}/rank", json=payload)

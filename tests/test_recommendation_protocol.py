@@ -8,7 +8,14 @@ import pytest
 
 from domainflow.recsys import baselines, data, protocol
 
-ITEMS = pd.DataFrame({"item_id": ["i1", "i2", "i3", "i4", "i5"], "title": ["A", "B", "C", "D", "E"], "genres": ["x", "y", "x|y", "x", ""], "year": ["1990"] * 5})
+ITEMS = pd.DataFrame(
+    {
+        "item_id": ["i1", "i2", "i3", "i4", "i5"],
+        "title": ["A", "B", "C", "D", "E"],
+        "genres": ["x", "y", "x|y", "x", ""],
+        "year": ["1990"] * 5,
+    }
+)
 SOURCES = {"interactions": "inter.csv", "items": "items.csv"}
 
 
@@ -16,8 +23,13 @@ def hand_made() -> pd.DataFrame:
     """User a: positives i1, i3, i4 (i2 rated 3; i5 rated 2 at i4's second, ordered after it by item id).
     User b: two positives only, so not evaluated."""
     rows = [
-        ("a", "i1", 5, 1), ("a", "i2", 3, 2), ("a", "i3", 4, 3), ("a", "i4", 5, 4), ("a", "i5", 2, 4),
-        ("b", "i2", 5, 1), ("b", "i5", 4, 2),
+        ("a", "i1", 5, 1),
+        ("a", "i2", 3, 2),
+        ("a", "i3", 4, 3),
+        ("a", "i4", 5, 4),
+        ("a", "i5", 2, 4),
+        ("b", "i2", 5, 1),
+        ("b", "i5", 4, 2),
     ]
     return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).astype(str)
 
@@ -54,7 +66,11 @@ def test_ranks_and_metrics_by_hand() -> None:
     test, test_ranks = protocol.evaluate_scores(lambda users, stage: scores, split, index, "test")
     assert valid_ranks.tolist() == [3]  # i4 and i5 (2.0) beat i3 (1.0)
     assert test_ranks.tolist() == [1]  # i5 ties i4 but comes later in the catalogue
-    assert valid["ndcg_at_10"] == pytest.approx(0.5) and valid["mrr"] == pytest.approx(1 / 3) and valid["hit_rate_at_10"] == 1.0
+    assert (
+        valid["ndcg_at_10"] == pytest.approx(0.5)
+        and valid["mrr"] == pytest.approx(1 / 3)
+        and valid["hit_rate_at_10"] == 1.0
+    )
     assert test == {"hit_rate_at_10": 1.0, "ndcg_at_10": 1.0, "mrr": 1.0}
 
 
@@ -84,10 +100,14 @@ def test_validation_names_file_row_and_problem() -> None:
 
 
 def test_repeat_interactions_keep_the_latest() -> None:
-    frame = pd.concat([hand_made(), pd.DataFrame([["a", "i1", "1", "9"]], columns=["user_id", "item_id", "rating", "timestamp"])])
+    frame = pd.concat(
+        [hand_made(), pd.DataFrame([["a", "i1", "1", "9"]], columns=["user_id", "item_id", "rating", "timestamp"])]
+    )
     clean, _, report = data.validate(frame, ITEMS, SOURCES)
     assert report == {"repeat_interactions_dropped": 1}
-    assert clean[(clean.user_id == "a") & (clean.item_id == "i1")][["rating", "timestamp"]].values.tolist() == [[1.0, 9.0]]
+    assert clean[(clean.user_id == "a") & (clean.item_id == "i1")][["rating", "timestamp"]].values.tolist() == [
+        [1.0, 9.0]
+    ]
 
 
 def test_popularity_counts() -> None:
@@ -106,7 +126,18 @@ def test_bpr_learns_two_taste_groups() -> None:
             if item != held[user]:
                 users.append(user)
                 items.append(item)
-    result = baselines.train_bpr(np.array(users), np.array(items), 20, 10, dim=8, epochs=200, learning_rate=0.05, weight_decay=1e-4, batch_size=32, seed=0)
+    result = baselines.train_bpr(
+        np.array(users),
+        np.array(items),
+        20,
+        10,
+        dim=8,
+        epochs=200,
+        learning_rate=0.05,
+        weight_decay=1e-4,
+        batch_size=32,
+        seed=0,
+    )
     scores = result.user_factors @ result.item_factors.T + result.item_bias
     seen = np.zeros((20, 10), dtype=bool)
     seen[users, items] = True

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 import domainflow.registry as registry_module
+from domainflow.fingerprint import path_fingerprint
 from domainflow.records import Evaluation, ModelRef
 from domainflow.registry import ModelRegistry, RegistryError, VersionInfo
-from domainflow.fingerprint import path_fingerprint
-from domainflow.spec import ClassificationSpec as DomainSpec, DataSource, QualityGates
+from domainflow.spec import ClassificationSpec as DomainSpec
+from domainflow.spec import DataSource, QualityGates
 from tasks.deploy import apply_decision, artifact_key, candidate_rows, champion_metrics_for, decision_markdown
 
 DECISION = {"promote": True, "chosen": "finetuned", "summary": "test promotion"}
@@ -268,7 +269,9 @@ def test_torn_last_history_line_is_tolerated(tmp_path, registry):
 
 
 def test_nan_metrics_are_stored_as_strict_json(tmp_path, registry):
-    info = registry.promote(fake_model(tmp_path, "one"), metrics={"test": {"accuracy": float("nan")}}, lineage={}, decision={})
+    info = registry.promote(
+        fake_model(tmp_path, "one"), metrics={"test": {"accuracy": float("nan")}}, lineage={}, decision={}
+    )
     assert json.loads((info.path / "metrics.json").read_text()) == {"test": {"accuracy": None}}
 
 
@@ -322,18 +325,24 @@ SPEC = DomainSpec(
     text_column="text",
     label_column="label",
     label_names=("a", "b"),
-    gates=QualityGates(min_metrics={"accuracy": 0.90}, tie_tolerance=0.001, max_compression_drop=0.01, min_compression_speedup=1.3),
+    gates=QualityGates(
+        min_metrics={"accuracy": 0.90}, tie_tolerance=0.001, max_compression_drop=0.01, min_compression_speedup=1.3
+    ),
 )
 
 
-def evaluation(tmp_path: Path, name: str, accuracy: float, *, tps: float = 100.0, parent=None, compression=None, card: bool = True) -> Evaluation:
+def evaluation(
+    tmp_path: Path, name: str, accuracy: float, *, tps: float = 100.0, parent=None, compression=None, card: bool = True
+) -> Evaluation:
     model = fake_model(tmp_path, name, payload=name.encode())
     report = tmp_path / "reports" / name
     report.mkdir(parents=True)
     if card:
         (report / "model_card.md").write_text(f"# {name}\n")
     return Evaluation(
-        candidate=ModelRef(name=name, path=str(model), fingerprint=path_fingerprint(model), parent=parent, compression=compression),
+        candidate=ModelRef(
+            name=name, path=str(model), fingerprint=path_fingerprint(model), parent=parent, compression=compression
+        ),
         test_metrics={"accuracy": accuracy, "macro_f1": accuracy - 0.01},
         validation_metrics={"accuracy": accuracy},
         texts_per_second_batch1=tps / 4,
@@ -365,7 +374,11 @@ def test_apply_decision_promotes_then_records_a_failed_gate_without_touching_the
     assert info.metrics["size"] == {"size_bytes": 1000, "disk_bytes": 1200, "parameters": 10}
     lineage = info.lineage
     assert lineage["dataset_fingerprint"] == "data-fp" and lineage["test_fingerprint"] == "test-fp"
-    assert lineage["candidate"] == "finetuned-int8" and lineage["parent"] == "finetuned" and lineage["compression"] == "int8"
+    assert (
+        lineage["candidate"] == "finetuned-int8"
+        and lineage["parent"] == "finetuned"
+        and lineage["compression"] == "int8"
+    )
     assert lineage["run_config"] == {"epochs": 1} and "git_commit" in lineage
     assert json.loads(Path(passed["decision_file"]).read_text())["promote"] is True
     assert [e["event"] for e in registry.history()] == ["decision", "promotion"]
@@ -404,7 +417,11 @@ def test_apply_decision_needs_champion_metrics_on_the_same_test_set(tmp_path, re
         deploy_once(tmp_path / "b", registry, [evaluation(tmp_path / "b", "finetuned", 0.99)], test_fp="other-test")
     # with the champion re-measured on the new test set, the gate runs
     result = deploy_once(
-        tmp_path / "c", registry, [evaluation(tmp_path / "c", "finetuned", 0.99)], champion_metrics={"accuracy": 0.95}, test_fp="other-test"
+        tmp_path / "c",
+        registry,
+        [evaluation(tmp_path / "c", "finetuned", 0.99)],
+        champion_metrics={"accuracy": 0.95},
+        test_fp="other-test",
     )
     assert result["promote"] is True and result["version"] == 2
 

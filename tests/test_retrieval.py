@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from domainflow.modeling import LoadedClassifier, TextClassifier, load_encoder
-from domainflow.retrieval import INDEX_FILES, QuestionIndex, build_index, calibrate_threshold, fallback_policy, normalized_embeddings
+from domainflow.retrieval import (
+    INDEX_FILES,
+    QuestionIndex,
+    build_index,
+    calibrate_threshold,
+    fallback_policy,
+    normalized_embeddings,
+)
 
 LABELS = ["card_arrival", "pin_blocked", "exchange_rate"]
 KNOWN = [
@@ -42,7 +49,9 @@ def tiny_loaded(tiny_model_dir: Path) -> LoadedClassifier:
     return LoadedClassifier(model, tokenizer, LABELS, 64, {})
 
 
-def test_index_finds_paraphrases_and_reloads_identically_without_pickles(tiny_loaded: LoadedClassifier, tmp_path: Path) -> None:
+def test_index_finds_paraphrases_and_reloads_identically_without_pickles(
+    tiny_loaded: LoadedClassifier, tmp_path: Path
+) -> None:
     texts, labels = [t for t, _ in KNOWN], [y for _, y in KNOWN]
     paraphrases = ["my card hasn't arrived yet", "PIN got blocked", "what's your euro exchange rate"]
     index = build_index(tiny_loaded, texts, labels, paraphrases, [0, 1, 2], target_precision=0.9)
@@ -68,7 +77,12 @@ def test_policy_counts_confident_retrieved_and_escalated_texts(tiny_loaded: Load
     texts, labels = [t for t, _ in KNOWN], [y for _, y in KNOWN]
     index = build_index(tiny_loaded, texts, labels, [], [], target_precision=0.9)
     index.threshold = 0.99  # only (near-)identical questions are close enough
-    queries = ["When will my card be delivered?", "I entered the wrong PIN too many times", "something else entirely", "How is the currency exchange rate calculated?"]
+    queries = [
+        "When will my card be delivered?",
+        "I entered the wrong PIN too many times",
+        "something else entirely",
+        "How is the currency exchange rate calculated?",
+    ]
     references = [0, 1, 2, 1]
     # Text 0: confident and right. Text 1: unsure, a known question verbatim -> retrieval, right.
     # Text 2: unsure, nothing close -> escalated. Text 3: confident but wrong (predicts 2, truth 1).

@@ -54,7 +54,12 @@ class Child:
         env = {**os.environ, "DOMAINFLOW_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, domain, mode, str(marker)],
-            cwd=PROJECT_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
         )
         self.pid = self.proc.pid
         self._buffer = b""

@@ -16,10 +16,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -40,7 +41,7 @@ TIMEZONE = "Europe/Paris"
 
 # A domain registered outside domains/, as a user's private domain would be: the scheduled run
 # executes in a fresh process and must import it again (--domain-module).
-PLUGIN = '''
+PLUGIN = """
 from domainflow.catalog import get_domain, register
 
 _spec = get_domain("customer_service")
@@ -54,7 +55,7 @@ register(
         compression=_spec.compression.replace(methods=("dynamic_int8",)),
     )
 )
-'''
+"""
 
 
 def free_port() -> int:
@@ -70,7 +71,9 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.5, log: Path | None = None) -> Any:
+def wait_for(
+    condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.5, log: Path | None = None
+) -> Any:
     """Poll until ``condition()`` is truthy; the timeout only turns a hang into a failure."""
     deadline = time.monotonic() + timeout
     while True:
@@ -103,9 +106,20 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleN
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.ops_cli", "ui", "--port", str(port)],
-            cwd=PROJECT_ROOT, env=clean_env(home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=PROJECT_ROOT,
+            env=clean_env(home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    server = SimpleNamespace(url=f"http://127.0.0.1:{port}", api=f"http://127.0.0.1:{port}/api", port=port, home=home, log=log, process=process)
+    server = SimpleNamespace(
+        url=f"http://127.0.0.1:{port}",
+        api=f"http://127.0.0.1:{port}/api",
+        port=port,
+        home=home,
+        log=log,
+        process=process,
+    )
 
     def healthy() -> bool:
         if process.poll() is not None:
@@ -174,7 +188,10 @@ def test_retraining_picks_the_newest_training_file(tiny_domain: str, tmp_path: P
         (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "unknown time zone 'Mars/Olympus'"),
         (["--cron", "0 3 * * *", "no_such_domain"], "unknown domain 'no_such_domain'"),
         (["--cron", "0 3 * * *", "--domain-module", "no_such_module_xyz"], "cannot import domain module"),
-        (["--cron", "0 3 * * *", "--api-url", "http://127.0.0.1:9/api"], "no Prefect server answers at http://127.0.0.1:9/api"),
+        (
+            ["--cron", "0 3 * * *", "--api-url", "http://127.0.0.1:9/api"],
+            "no Prefect server answers at http://127.0.0.1:9/api",
+        ),
     ],
 )
 def test_schedule_rejects_bad_input_before_serving(tiny_domain: str, args: list[str], message: str) -> None:
@@ -213,7 +230,9 @@ def test_ui_is_served_with_the_right_api_url(prefect_server: SimpleNamespace) ->
     assert prefect_server.port != 4200
 
 
-def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(prefect_server: SimpleNamespace, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(
+    prefect_server: SimpleNamespace, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     # The domain's data folder: last month's file, and this month's drop (newer, more rows).
     data = tmp_path / "data"
     _touch(write_csv(data / "train.csv", banking77_slice("train", TINY_LABELS, 24)), 86_400)
@@ -225,36 +244,85 @@ def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(prefe
     home = tmp_path / "home"
     log = tmp_path / "schedule.log"
 
-    env = clean_env(home, PYTHONPATH=os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])), PREFECT_RUNNER_POLL_FREQUENCY="1")
+    env = clean_env(
+        home,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])),
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+    )
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.ops_cli", "schedule", SCHEDULED_DOMAIN, "--cron", CRON, "--timezone", TIMEZONE,
-             "--data-dir", str(data), "--model", str(tiny_model_dir), "--domain-module", "df_test_domains", "--api-url", prefect_server.api],
-            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "flows.ops_cli",
+                "schedule",
+                SCHEDULED_DOMAIN,
+                "--cron",
+                CRON,
+                "--timezone",
+                TIMEZONE,
+                "--data-dir",
+                str(data),
+                "--model",
+                str(tiny_model_dir),
+                "--domain-module",
+                "df_test_domains",
+                "--api-url",
+                prefect_server.api,
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
+
         def deployment() -> dict | None:
             if process.poll() is not None:
                 raise AssertionError(f"schedule exited with {process.returncode}: {log.read_text()[-4000:]}")
-            found = api(prefect_server, "POST", "/deployments/filter", json={"deployments": {"name": {"any_": [f"retrain-{SCHEDULED_DOMAIN}"]}}})
+            found = api(
+                prefect_server,
+                "POST",
+                "/deployments/filter",
+                json={"deployments": {"name": {"any_": [f"retrain-{SCHEDULED_DOMAIN}"]}}},
+            )
             return found[0] if found else None
 
         dep = wait_for(deployment, "the deployment", timeout=180, log=log)
         (schedule,) = dep["schedules"]
-        assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"], schedule["active"]) == (CRON, TIMEZONE, True)
+        assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"], schedule["active"]) == (
+            CRON,
+            TIMEZONE,
+            True,
+        )
         assert dep["paused"] is False and dep["entrypoint"] == "flows.retrain.retrain"
-        assert dep["parameters"] == {"domain": SCHEDULED_DOMAIN, "data_dir": str(data.resolve()), "model": str(tiny_model_dir.resolve()), "domain_modules": ["df_test_domains"]}
+        assert dep["parameters"] == {
+            "domain": SCHEDULED_DOMAIN,
+            "data_dir": str(data.resolve()),
+            "model": str(tiny_model_dir.resolve()),
+            "domain_modules": ["df_test_domains"],
+        }
         assert set(dep["tags"]) == {"domainflow", "retrain", SCHEDULED_DOMAIN}
         flow = api(prefect_server, "GET", f"/flows/{dep['flow_id']}")
         assert flow["name"] == "retrain"
 
         # The server's scheduler has put future runs on the calendar, at 03:15 Paris time on weekdays.
         def scheduled_runs() -> list[dict]:
-            return api(prefect_server, "POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}})
+            return api(
+                prefect_server,
+                "POST",
+                "/flow_runs/filter",
+                json={
+                    "flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}
+                },
+            )
 
         upcoming = wait_for(scheduled_runs, "scheduled runs", timeout=120, log=log)
         for run in upcoming:
-            local = datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00")).astimezone(ZoneInfo(TIMEZONE))
+            local = datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00")).astimezone(
+                ZoneInfo(TIMEZONE)
+            )
             assert (local.hour, local.minute) == (3, 15) and local.weekday() < 5, local
 
         # Run it now, as "Quick run" in the UI does; the serve process executes it.
@@ -268,14 +336,31 @@ def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(prefe
         assert state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-6000:]}"
 
         # The pipeline ran as a subflow of the retraining run, and both are in the API.
-        children = api(prefect_server, "POST", "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run["id"]]}}})
+        children = api(
+            prefect_server,
+            "POST",
+            "/flow_runs/filter",
+            json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run["id"]]}}},
+        )
         assert [c["state"]["type"] for c in children] == ["COMPLETED"]
         # Its artifacts are visible: which file was used (the retraining run), the gate's decision
         # and the candidates table (the pipeline run).
-        used = api(prefect_server, "POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": [artifact_key(SCHEDULED_DOMAIN, "retrain-data")]}}})
+        used = api(
+            prefect_server,
+            "POST",
+            "/artifacts/filter",
+            json={"artifacts": {"key": {"any_": [artifact_key(SCHEDULED_DOMAIN, "retrain-data")]}}},
+        )
         assert [a["flow_run_id"] for a in used] == [flow_run["id"]]
-        assert "train-2026-06.csv" in used[0]["data"].split("Older training files")[0] and "`train.csv`" in used[0]["data"]
-        published = api(prefect_server, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [children[0]["id"]]}}})
+        assert (
+            "train-2026-06.csv" in used[0]["data"].split("Older training files")[0] and "`train.csv`" in used[0]["data"]
+        )
+        published = api(
+            prefect_server,
+            "POST",
+            "/artifacts/filter",
+            json={"artifacts": {"flow_run_id": {"any_": [children[0]["id"]]}}},
+        )
         keys = {a["key"] for a in published}
         assert artifact_key(SCHEDULED_DOMAIN, "gate-decision") in keys, keys
         assert any(a["type"] == "table" for a in published), keys
@@ -286,10 +371,76 @@ def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(prefe
         assert events[-2:] == ["decision", "promotion"], events
         champion = registry.champion()
         assert champion is not None and champion.version == 1
-        assert champion.lineage["run_config"]["data_files"] == [str((data / "train-2026-06.csv").resolve()), str((data / "test.csv").resolve())]
+        assert champion.lineage["run_config"]["data_files"] == [
+            str((data / "train-2026-06.csv").resolve()),
+            str((data / "test.csv").resolve()),
+        ]
         assert champion.metrics["test"]["accuracy"] >= 0.5
     finally:
         stop_group(process)
 
     # Stopping the schedule process pauses the deployment: no runs pile up with nobody to run them.
-    wait_for(lambda: api(prefect_server, "GET", f"/deployments/{dep['id']}")["paused"], "the deployment to be paused", timeout=60, log=log)
+    wait_for(
+        lambda: api(prefect_server, "GET", f"/deployments/{dep['id']}")["paused"],
+        "the deployment to be paused",
+        timeout=60,
+        log=log,
+    )
+
+
+def test_a_domain_file_added_by_name_is_scheduled_and_retrained(
+    prefect_server: SimpleNamespace, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A user's domain file, recorded with `domains add`, scheduled by its name: the run (a fresh
+    process started by the Prefect runner) finds it through the home and deploys a champion."""
+    from tests.test_domain_files import PET_CLINIC, copy_domain
+
+    body = (PET_CLINIC / "pet_clinic.toml").read_text().replace('name = "pet_clinic"', 'name = "pet_sched"')
+    domain_file = copy_domain(tmp_path, "pet_sched", body)
+    home = tmp_path / "home"
+    env = clean_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    cli = [sys.executable, "-m", "flows.cli"]
+    added = subprocess.run(
+        [*cli, "domains", "add", str(domain_file)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
+    )
+    assert added.returncode == 0, added.stderr
+    log = tmp_path / "schedule.log"
+    command = [*cli, "schedule", "pet_sched", "--cron", CRON, "--model", str(tiny_model_dir), "--num-layers", "1"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [*command, "--api-url", prefect_server.api],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def deployment() -> dict | None:
+            if process.poll() is not None:
+                raise AssertionError(f"schedule exited with {process.returncode}: {log.read_text()[-4000:]}")
+            found = api(
+                prefect_server,
+                "POST",
+                "/deployments/filter",
+                json={"deployments": {"name": {"any_": ["retrain-pet_sched"]}}},
+            )
+            return found[0] if found else None
+
+        dep = wait_for(deployment, "the deployment", timeout=180, log=log)
+        assert dep["parameters"]["domain"] == "pet_sched"  # by name: the runs find the file through the home
+        assert dep["global_concurrency_limit"]["limit"] == 1  # one retraining of a domain at a time
+        flow_run = api(prefect_server, "POST", f"/deployments/{dep['id']}/create_flow_run", json={})
+
+        def finished() -> dict | None:
+            state = api(prefect_server, "GET", f"/flow_runs/{flow_run['id']}")["state"]
+            return state if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
+
+        state = wait_for(finished, "the retraining run", timeout=480, interval=1.0, log=log)
+        assert state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-6000:]}"
+        champion = ModelRegistry("pet_sched", root=home / "registry" / "pet_sched").champion()
+        assert champion is not None and champion.lineage["labels"] == sorted(champion.lineage["labels"])
+        assert champion.lineage["run_config"]["data_files"][0] == str((domain_file.parent / "train.csv").resolve())
+    finally:
+        stop_group(process)

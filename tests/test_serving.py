@@ -20,8 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -29,17 +30,18 @@ import torch
 import uvicorn
 from typer.testing import CliRunner
 
+from domainflow.catalog import get_domain
 from domainflow.modeling import TextClassifier, load_classifier, load_encoder, predict_proba, save_classifier
 from domainflow.registry import ModelRegistry
-from domainflow.catalog import get_domain
-ESCALATION_REPLY = get_domain("customer_service").answers.escalation_reply
-REPLY_TEMPLATES = get_domain("customer_service").answers.replies
 from serving import ApiKeys, AuthConfigError, ServingConfig, create_app
 from serving.auth import read_keys_file
 from serving.batching import MicroBatcher, QueueFullError
 from serving.schemas import DomainsResponse, PredictResponse
 from tests.conftest import TINY_LABELS
 from tests.data_helpers import banking77_rows
+
+ESCALATION_REPLY = get_domain("customer_service").answers.escalation_reply
+REPLY_TEMPLATES = get_domain("customer_service").answers.replies
 
 KEY = "test-key-7f3a9c2e5b8d1f4a"
 OTHER_KEY = "second-key-0a1b2c3d4e5f6a7b"
@@ -50,7 +52,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------ helpers
 
 
-def make_classifier_dir(encoder_dir: Path, out: Path, label_names: list[str], *, seed: int = 0, scale: float = 1.5, favour: str | None = None) -> Path:
+def make_classifier_dir(
+    encoder_dir: Path,
+    out: Path,
+    label_names: list[str],
+    *,
+    seed: int = 0,
+    scale: float = 1.5,
+    favour: str | None = None,
+) -> Path:
     """A model directory in the registry's format: the given encoder and a seeded random head.
 
     ``scale`` sets how peaked the probabilities are (1.5 gives a mix of confident and unconfident
@@ -70,7 +80,12 @@ def make_classifier_dir(encoder_dir: Path, out: Path, label_names: list[str], *,
 
 
 def promote(registry: ModelRegistry, model_dir: Path, candidate: str) -> int:
-    info = registry.promote(model_dir, metrics={"test": {"accuracy": 0.5}}, lineage={"candidate": candidate}, decision={"summary": f"test promotion of {candidate}"})
+    info = registry.promote(
+        model_dir,
+        metrics={"test": {"accuracy": 0.5}},
+        lineage={"candidate": candidate},
+        decision={"summary": f"test promotion of {candidate}"},
+    )
     return info.version
 
 
@@ -83,10 +98,14 @@ class ThreadedUvicorn:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="test-uvicorn")
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
+        )
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="test-uvicorn"
+        )
 
-    def start(self) -> "ThreadedUvicorn":
+    def start(self) -> ThreadedUvicorn:
         self.thread.start()
         deadline = time.monotonic() + 180
         while not self.server.started:
@@ -162,7 +181,13 @@ def start_server(tiny_domain: str) -> Iterator[Callable[..., ThreadedUvicorn]]:
     servers: list[ThreadedUvicorn] = []
 
     def start(registry_root: Path, **config: Any) -> ThreadedUvicorn:
-        settings = {"registry_root": registry_root, "domains": (tiny_domain,), "poll_seconds": 0.2, "max_wait_ms": 25.0, **config}
+        settings = {
+            "registry_root": registry_root,
+            "domains": (tiny_domain,),
+            "poll_seconds": 0.2,
+            "max_wait_ms": 25.0,
+            **config,
+        }
         server = ThreadedUvicorn(create_app(ServingConfig(**settings), api_keys=ApiKeys([KEY, OTHER_KEY])))
         servers.append(server)
         return server.start()
@@ -173,11 +198,18 @@ def start_server(tiny_domain: str) -> Iterator[Callable[..., ThreadedUvicorn]]:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_domain: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedUvicorn]:
+def served(
+    tiny_domain: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ThreadedUvicorn]:
     """One server for the read-only tests: v1 is the champion and stays so."""
     root = tmp_path_factory.mktemp("registry-static")
     promote(ModelRegistry(tiny_domain, root=root / tiny_domain), model_dirs["v1"], "v1")
-    server = ThreadedUvicorn(create_app(ServingConfig(registry_root=root, domains=(tiny_domain,), max_wait_ms=25.0, max_texts=8, max_chars=300), api_keys=ApiKeys([KEY])))
+    server = ThreadedUvicorn(
+        create_app(
+            ServingConfig(registry_root=root, domains=(tiny_domain,), max_wait_ms=25.0, max_texts=8, max_chars=300),
+            api_keys=ApiKeys([KEY]),
+        )
+    )
     server.start()
     yield server
     server.stop()
@@ -208,27 +240,50 @@ def test_health_is_open_and_v1_needs_a_valid_key(served: ThreadedUvicorn, tiny_d
         assert ready.status_code == 200 and ready.json() == {"ready": True, "domains": {tiny_domain: "serving"}}
 
         body = {"texts": ["Where is my card?"]}
-        for headers in ({}, {"X-API-Key": "wrong-key-but-long-enough"}, {"X-API-Key": KEY.upper()}, {"Authorization": f"Bearer {KEY}"}):
-            for method, path, kwargs in (("POST", f"/v1/{tiny_domain}/predict", {"json": body}), ("GET", "/v1/domains", {})):
+        for headers in (
+            {},
+            {"X-API-Key": "wrong-key-but-long-enough"},
+            {"X-API-Key": KEY.upper()},
+            {"Authorization": f"Bearer {KEY}"},
+        ):
+            for method, path, kwargs in (
+                ("POST", f"/v1/{tiny_domain}/predict", {"json": body}),
+                ("GET", "/v1/domains", {}),
+            ):
                 response = client.request(method, path, headers=headers, **kwargs)
                 assert response.status_code == 401, (headers, path, response.text)
                 assert response.headers["www-authenticate"] == "ApiKey"
                 assert "API key" in response.json()["detail"]
         # The key is checked before the body is parsed: a keyless caller learns nothing about it.
-        garbage = client.post(f"/v1/{tiny_domain}/predict", content=b'{"texts": [', headers={"content-type": "application/json"})
+        garbage = client.post(
+            f"/v1/{tiny_domain}/predict", content=b'{"texts": [', headers={"content-type": "application/json"}
+        )
         assert garbage.status_code == 401
         # Unknown paths under /v1 are guarded too (no probing for domain names without a key).
         assert client.post("/v1/no_such_domain/predict", json=body).status_code == 401
 
         domains = DomainsResponse.model_validate(client.get("/v1/domains", headers={"X-API-Key": KEY}).json())
         (status,) = domains.domains
-        assert (status.domain, status.status, status.version, status.champion_version, status.candidate, status.labels, status.last_error) == (tiny_domain, "serving", 1, 1, "v1", len(TINY_LABELS), None)
+        assert (
+            status.domain,
+            status.status,
+            status.version,
+            status.champion_version,
+            status.candidate,
+            status.labels,
+            status.last_error,
+        ) == (tiny_domain, "serving", 1, 1, "v1", len(TINY_LABELS), None)
 
         metrics = client.get("/metrics")
         assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
         assert metric_value(text, "domainflow_model_version", domain=tiny_domain) == 1.0
-        assert metric_value(text, "domainflow_requests_total", endpoint="/v1/{domain}/predict", domain=tiny_domain, status="401") >= 4
+        assert (
+            metric_value(
+                text, "domainflow_requests_total", endpoint="/v1/{domain}/predict", domain=tiny_domain, status="401"
+            )
+            >= 4
+        )
         assert metric_value(text, "domainflow_errors_total", endpoint="/v1/domains", kind="client") >= 4
         assert metric_value(text, "domainflow_request_latency_seconds_count", endpoint="/healthz") >= 1
         assert metric_value(text, "domainflow_model_loads_total", domain=tiny_domain, outcome="loaded") == 1.0
@@ -237,7 +292,9 @@ def test_health_is_open_and_v1_needs_a_valid_key(served: ThreadedUvicorn, tiny_d
 # ------------------------------------------------------------------------------------ predictions
 
 
-def test_predictions_are_the_models_with_replies_and_escalations(served: ThreadedUvicorn, tiny_domain: str, model_dirs: dict[str, Path], test_texts: list[str]) -> None:
+def test_predictions_are_the_models_with_replies_and_escalations(
+    served: ThreadedUvicorn, tiny_domain: str, model_dirs: dict[str, Path], test_texts: list[str]
+) -> None:
     spec = get_domain(tiny_domain)
     texts = test_texts[:8]
     with httpx.Client(base_url=served.url, headers={"X-API-Key": KEY}) as client:
@@ -248,7 +305,7 @@ def test_predictions_are_the_models_with_replies_and_escalations(served: Threade
 
     probabilities = expected_predictions(model_dirs["v1"], texts)
     actions = set()
-    for prediction, row in zip(body.predictions, probabilities):
+    for prediction, row in zip(body.predictions, probabilities, strict=True):
         scores, indices = row.topk(4)
         assert [p.label for p in prediction.top_k] == [TINY_LABELS[i] for i in indices.tolist()]
         assert [p.score for p in prediction.top_k] == pytest.approx(scores.tolist(), abs=1e-4)
@@ -258,29 +315,41 @@ def test_predictions_are_the_models_with_replies_and_escalations(served: Threade
         assert prediction.reply == (ESCALATION_REPLY if escalate else REPLY_TEMPLATES[prediction.label])
         assert prediction.nearest_question is None  # these versions were registered without a retrieval index
         actions.add(prediction.action)
-    assert actions == {"reply", "escalate"}, "the v1 head should give both confident and unconfident answers on these texts"
+    assert actions == {"reply", "escalate"}, (
+        "the v1 head should give both confident and unconfident answers on these texts"
+    )
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served: ThreadedUvicorn, tiny_domain: str, model_dirs: dict[str, Path], test_texts: list[str]) -> None:
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
+    served: ThreadedUvicorn, tiny_domain: str, model_dirs: dict[str, Path], test_texts: list[str]
+) -> None:
     """48 single-text requests at once: fewer model calls than requests, and no answer mixed up."""
     texts = test_texts[:48]
     probabilities = expected_predictions(model_dirs["v1"], texts)
 
     async def fire() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=served.url, headers={"X-API-Key": KEY}, limits=httpx.Limits(max_connections=48)) as client:
-            return await asyncio.gather(*(client.post(f"/v1/{tiny_domain}/predict", json={"texts": [t], "top_k": 2}) for t in texts))
+        async with httpx.AsyncClient(
+            base_url=served.url, headers={"X-API-Key": KEY}, limits=httpx.Limits(max_connections=48)
+        ) as client:
+            return await asyncio.gather(
+                *(client.post(f"/v1/{tiny_domain}/predict", json={"texts": [t], "top_k": 2}) for t in texts)
+            )
 
     before = httpx.get(f"{served.url}/metrics").text
     responses = asyncio.run(fire())
     after = httpx.get(f"{served.url}/metrics").text
 
-    for text, response, row in zip(texts, responses, probabilities):
+    for text, response, row in zip(texts, responses, probabilities, strict=True):
         assert response.status_code == 200, response.text
         (prediction,) = response.json()["predictions"]
         assert prediction["label"] == TINY_LABELS[int(row.argmax())], text
         assert prediction["score"] == pytest.approx(float(row.max()), abs=1e-4), text
-    calls = metric_value(after, "domainflow_batch_size_texts_count", domain=tiny_domain) - metric_value(before, "domainflow_batch_size_texts_count", domain=tiny_domain)
-    batched = metric_value(after, "domainflow_batch_size_texts_sum", domain=tiny_domain) - metric_value(before, "domainflow_batch_size_texts_sum", domain=tiny_domain)
+    calls = metric_value(after, "domainflow_batch_size_texts_count", domain=tiny_domain) - metric_value(
+        before, "domainflow_batch_size_texts_count", domain=tiny_domain
+    )
+    batched = metric_value(after, "domainflow_batch_size_texts_sum", domain=tiny_domain) - metric_value(
+        before, "domainflow_batch_size_texts_sum", domain=tiny_domain
+    )
     assert batched == 48
     assert 1 <= calls < 48, f"{calls} model calls for 48 concurrent requests: no micro-batching"
 
@@ -311,8 +380,14 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served: Th
     ],
     ids=lambda value: None if isinstance(value, (dict, list, bytes)) else str(value),
 )
-def test_bad_input_is_a_4xx_with_a_message(served: ThreadedUvicorn, tiny_domain: str, body: Any, status: int, message: str) -> None:
-    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+def test_bad_input_is_a_4xx_with_a_message(
+    served: ThreadedUvicorn, tiny_domain: str, body: Any, status: int, message: str
+) -> None:
+    kwargs = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     with httpx.Client(base_url=served.url, headers={"X-API-Key": KEY}) as client:
         response = client.post(f"/v1/{tiny_domain}/predict", **kwargs)
     assert response.status_code == status, response.text
@@ -328,18 +403,25 @@ def test_unknown_domain_and_wrong_method(served: ThreadedUvicorn) -> None:
         assert unknown.status_code == 404 and "unknown domain 'no_such_domain'" in unknown.json()["detail"]
         assert client.get(f"/v1/{'x'}/predict").status_code == 405
         after = client.get("/metrics").text
-    assert metric_value(after, "domainflow_requests_total", domain="other", status="404") >= 1  # no label per made-up domain
+    assert (
+        metric_value(after, "domainflow_requests_total", domain="other", status="404") >= 1
+    )  # no label per made-up domain
 
 
 # ------------------------------------------------------------------------------------ hot swap
 
 
-def test_promotion_swaps_the_model_under_load_and_a_bad_champion_keeps_the_old(start_server, tiny_domain: str, model_dirs: dict[str, Path], test_texts: list[str], tmp_path: Path) -> None:
+def test_promotion_swaps_the_model_under_load_and_a_bad_champion_keeps_the_old(
+    start_server, tiny_domain: str, model_dirs: dict[str, Path], test_texts: list[str], tmp_path: Path
+) -> None:
     registry = ModelRegistry(tiny_domain, root=tmp_path / tiny_domain)
     promote(registry, model_dirs["v1"], "v1")
     server = start_server(tmp_path)
     texts = test_texts[:16]
-    v1_labels = {t: TINY_LABELS[int(i)] for t, i in zip(texts, expected_predictions(model_dirs["v1"], texts).argmax(dim=1))}
+    v1_labels = {
+        t: TINY_LABELS[int(i)]
+        for t, i in zip(texts, expected_predictions(model_dirs["v1"], texts).argmax(dim=1), strict=True)
+    }
     headers = {"X-API-Key": KEY}
 
     async def load_while(action: Callable[[], None], until_version: int) -> list[tuple[int, int, dict]]:
@@ -380,6 +462,7 @@ def test_promotion_swaps_the_model_under_load_and_a_bad_champion_keeps_the_old(s
             assert prediction["label"] == FAVOURED and prediction["score"] > 0.99 and prediction["action"] == "reply"
 
     with httpx.Client(base_url=server.url, headers=headers) as client:
+
         def status() -> dict:
             return client.get("/v1/domains").json()["domains"][0]
 
@@ -402,15 +485,26 @@ def test_promotion_swaps_the_model_under_load_and_a_bad_champion_keeps_the_old(s
         registry.rollback(2, reason="v3 does not load")
         recovered = wait_for(lambda: (s := status())["champion_version"] == 2 and s, "the rollback to be seen")
         assert (recovered["status"], recovered["version"], recovered["last_error"]) == ("serving", 2, None)
-        assert metric_value(client.get("/metrics").text, "domainflow_model_loads_total", domain=tiny_domain, outcome="loaded") == 2.0
+        assert (
+            metric_value(
+                client.get("/metrics").text, "domainflow_model_loads_total", domain=tiny_domain, outcome="loaded"
+            )
+            == 2.0
+        )
 
 
-def test_a_domain_without_champion_is_503_until_one_is_promoted(start_server, tiny_domain: str, model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_a_domain_without_champion_is_503_until_one_is_promoted(
+    start_server, tiny_domain: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     server = start_server(tmp_path)
     with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as client:
         assert client.get("/readyz").status_code == 503
         waiting = client.post(f"/v1/{tiny_domain}/predict", json={"texts": ["hello"]})
-        assert waiting.status_code == 503 and waiting.headers["retry-after"] and "domainflow run" in waiting.json()["detail"]
+        assert (
+            waiting.status_code == 503
+            and waiting.headers["retry-after"]
+            and "domainflow run" in waiting.json()["detail"]
+        )
         promote(ModelRegistry(tiny_domain, root=tmp_path / tiny_domain), model_dirs["v2"], "v2")
         wait_for(lambda: client.get("/readyz").status_code == 200, "the first champion to load")
         answer = client.post(f"/v1/{tiny_domain}/predict", json={"texts": ["hello"]})
@@ -473,7 +567,9 @@ def test_batcher_merges_splits_at_the_limit_and_survives_a_failure() -> None:
 def test_serve_command_needs_a_key() -> None:
     from flows.ops_cli import ops_app
 
-    result = CliRunner().invoke(ops_app, ["serve", "--port", "1"], env={"DOMAINFLOW_API_KEYS": "", "DOMAINFLOW_API_KEYS_FILE": None})
+    result = CliRunner().invoke(
+        ops_app, ["serve", "--port", "1"], env={"DOMAINFLOW_API_KEYS": "", "DOMAINFLOW_API_KEYS_FILE": None}
+    )
     assert result.exit_code == 2
     assert "no API key configured" in result.output
 
@@ -491,7 +587,11 @@ def test_serve_command_serves_customer_service(tiny_model_dir: Path, tmp_path: P
     env.update(DOMAINFLOW_HOME=str(home), DOMAINFLOW_API_KEYS=KEY)
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.ops_cli", "serve", "customer_service", "--port", str(port)],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -505,7 +605,11 @@ def test_serve_command_serves_customer_service(tiny_model_dir: Path, tmp_path: P
                 return False
 
         wait_for(ready, "`serve` to become ready", timeout=180, interval=0.3)
-        answer = httpx.post(f"{url}/v1/customer_service/predict", json={"texts": ["My card has not arrived yet"]}, headers={"X-API-Key": KEY})
+        answer = httpx.post(
+            f"{url}/v1/customer_service/predict",
+            json={"texts": ["My card has not arrived yet"]},
+            headers={"X-API-Key": KEY},
+        )
         assert answer.status_code == 200, answer.text
         (prediction,) = answer.json()["predictions"]
         assert prediction["label"] == "card_arrival" and prediction["action"] == "reply"
@@ -547,24 +651,39 @@ def test_a_domain_with_a_retrieval_fallback_returns_the_nearest_question(tiny_do
     """An unsure prediction with a close known question is answered from it; without one it is escalated
     with the question as a hint; a confident one ignores retrieval. Extra keys of a response go to ``details``."""
     from domainflow.retrieval import Nearest
-    from tests.data_helpers import replace
     from serving.inference import TextScores, prediction_record
     from serving.schemas import Prediction
+    from tests.data_helpers import replace
 
     base = get_domain(tiny_domain)
     unsure = (("card_arrival", "pin_blocked"), (0.3, 0.2))
     close = Nearest("my card still hasn't come", "card_arrival", 0.93, close_enough=True)
     far = Nearest("how do I change my PIN", "pin_blocked", 0.41, close_enough=False)
 
-    retrieved = Prediction.model_validate(prediction_record(base, "where is my card", TextScores(*unsure, close), top_k=1))
+    retrieved = Prediction.model_validate(
+        prediction_record(base, "where is my card", TextScores(*unsure, close), top_k=1)
+    )
     assert retrieved.action == "reply_from_similar_question" and retrieved.reply == REPLY_TEMPLATES["card_arrival"]
-    assert retrieved.nearest_question.question == "my card still hasn't come" and retrieved.nearest_question.similarity == 0.93
+    assert (
+        retrieved.nearest_question.question == "my card still hasn't come"
+        and retrieved.nearest_question.similarity == 0.93
+    )
 
     escalated = Prediction.model_validate(prediction_record(base, "hmm", TextScores(*unsure, far), top_k=1))
-    assert escalated.action == "escalate" and escalated.reply == ESCALATION_REPLY and escalated.nearest_question.close_enough is False
+    assert (
+        escalated.action == "escalate"
+        and escalated.reply == ESCALATION_REPLY
+        and escalated.nearest_question.close_enough is False
+    )
 
-    confident = Prediction.model_validate(prediction_record(base, "where is my card", TextScores(("card_arrival", "pin_blocked"), (0.9, 0.1)), top_k=2))
-    assert confident.action == "reply" and confident.nearest_question is None and [p.label for p in confident.top_k] == ["card_arrival", "pin_blocked"]
+    confident = Prediction.model_validate(
+        prediction_record(base, "where is my card", TextScores(("card_arrival", "pin_blocked"), (0.9, 0.1)), top_k=2)
+    )
+    assert (
+        confident.action == "reply"
+        and confident.nearest_question is None
+        and [p.label for p in confident.top_k] == ["card_arrival", "pin_blocked"]
+    )
 
     class WithTicketQueue(type(base)):  # type: ignore[misc]
         def respond(self, label: str, score: float, nearest: Nearest | None = None) -> dict[str, Any]:
@@ -573,4 +692,7 @@ def test_a_domain_with_a_retrieval_fallback_returns_the_nearest_question(tiny_do
     spec = WithTicketQueue.model_validate(dict(base))
     record = Prediction.model_validate(prediction_record(spec, "where is my card", TextScores(*unsure, far), top_k=1))
     assert record.details == {"ticket_queue": "cards"} and record.action == "escalate"
-    assert Prediction.model_validate(prediction_record(replace(base), "x", TextScores(*unsure), top_k=2)).nearest_question is None
+    assert (
+        Prediction.model_validate(prediction_record(replace(base), "x", TextScores(*unsure), top_k=2)).nearest_question
+        is None
+    )

@@ -1,6 +1,7 @@
 """Sentiment monitoring, one job per module; ``flows/monitor.py`` composes them into Prefect flows.
 
-* ``config``      — ``MonitorConfig`` / ``SurgeRule`` / ``WebhookSettings``: defaults from the domain spec, overrides from a file
+* ``config``      — ``MonitorConfig`` / ``SurgeRule`` / ``WebhookSettings``: defaults from the domain spec,
+                    overrides from a file
 * ``topics``      — cashtags and keyword topics of a text
 * ``batch``       — reading and validating a batch file into items with stable ids
 * ``store``       — the SQLite store: idempotent, chunk-committed appends; processed batches; alerts

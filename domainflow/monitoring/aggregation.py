@@ -11,7 +11,7 @@ that was silent for a day has a baseline of 0 negative items, not "no baseline".
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 
@@ -32,7 +32,9 @@ def share_column(label: str) -> str:
     return f"share_{label}"
 
 
-def window_counts(items: pd.DataFrame, window: str, labels: Sequence[str], windows: pd.DatetimeIndex | None = None) -> pd.DataFrame:
+def window_counts(
+    items: pd.DataFrame, window: str, labels: Sequence[str], windows: pd.DatetimeIndex | None = None
+) -> pd.DataFrame:
     """One row per (topic, window): ``total``, a count per label and a ``share_<label>`` per label.
 
     ``items`` needs columns ``ts`` (UTC timestamps), ``topics`` (lists) and ``label``.
@@ -42,8 +44,13 @@ def window_counts(items: pd.DataFrame, window: str, labels: Sequence[str], windo
     columns = [TOPIC, WINDOW, TOTAL, *labels, *(share_column(label) for label in labels)]
     unknown = sorted(set(items["label"]) - set(labels)) if len(items) else []
     if unknown:
-        raise ValueError(f"stored items carry labels {unknown} that are not among {list(labels)}: was the store written by another domain?")
-    exploded = items[["ts", "topics", "label"]].explode("topics").dropna(subset=["topics"]).rename(columns={"topics": TOPIC})
+        raise ValueError(
+            f"stored items carry labels {unknown} that are not among {list(labels)}: was the store written by another "
+            "domain?"
+        )
+    exploded = (
+        items[["ts", "topics", "label"]].explode("topics").dropna(subset=["topics"]).rename(columns={"topics": TOPIC})
+    )
     if windows is None:
         if exploded.empty:
             return pd.DataFrame(columns=columns)

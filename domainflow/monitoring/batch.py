@@ -100,7 +100,7 @@ def read_batch(path: str | Path, extractor: TopicExtractor) -> tuple[list[BatchI
     duplicates = 0
     topics_col = frame[TOPIC].tolist() if TOPIC in frame.columns else [None] * len(frame)
     ids_col = frame[ID].tolist() if ID in frame.columns else [None] * len(frame)
-    rows = zip(frame.index, frame[TIMESTAMP].tolist(), frame[TEXT].tolist(), topics_col, ids_col)
+    rows = zip(frame.index, frame[TIMESTAMP].tolist(), frame[TEXT].tolist(), topics_col, ids_col, strict=True)
     for location, stamp_raw, text, topic_raw, explicit in rows:
         where = f"{unit} {location}"
         bad = False

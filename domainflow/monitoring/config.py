@@ -12,16 +12,24 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 WEBHOOK_ENV = "DOMAINFLOW_MONITOR_WEBHOOK_URL"
 
 
+def window_length(window: str) -> pd.Timedelta:
+    """The length of a fixed pandas frequency ('15min', '1h', '1D'); ValueError for one that varies ('1W')."""
+    return pd.Timedelta(pd.tseries.frequencies.to_offset(window).nanos, unit="ns")
+
+
 class SurgeRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting in a domain or config file is an error
+
     """When a topic's negative items in one window count as a surge.
 
     A window is a surge when its negative count is at least ``min_count`` *and* either
@@ -40,7 +48,9 @@ class SurgeRule(BaseModel):
     min_history: int = Field(6, ge=1, description="fewer earlier windows than this: no judgement")
     k: float = Field(3.0, ge=0.0, description="standard deviations above the baseline mean")
     min_excess: float = Field(1.0, ge=0.0, description="absolute margin above the baseline mean, added to k·std")
-    min_share_excess: float = Field(0.2, ge=0.0, le=1.0, description="absolute margin on the negative share, added to k·std")
+    min_share_excess: float = Field(
+        0.2, ge=0.0, le=1.0, description="absolute margin on the negative share, added to k·std"
+    )
     min_count: int = Field(5, ge=1, description="negative items a window needs before it can be a surge")
 
     @field_validator("window")
@@ -48,18 +58,21 @@ class SurgeRule(BaseModel):
     def _fixed_frequency(cls, value: str) -> str:
         """Windows are ``Timestamp.floor`` buckets, which need a fixed length (no '1M': months vary)."""
         try:
-            offset = pd.tseries.frequencies.to_offset(value)
-            pd.Timestamp("2024-01-01", tz="UTC").floor(offset)
+            pd.Timestamp("2024-01-01", tz="UTC").floor(value)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"window {value!r} is not a fixed pandas frequency such as '15min', '1h' or '1D': {exc}") from None
+            raise ValueError(
+                f"window {value!r} is not a fixed pandas frequency such as '15min', '1h' or '1D': {exc}"
+            ) from None
         return value
 
     @property
     def window_delta(self) -> pd.Timedelta:
-        return pd.Timedelta(pd.tseries.frequencies.to_offset(self.window))
+        return window_length(self.window)
 
 
 class WebhookSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting in a domain or config file is an error
+
     """Optional POST of each new alert; failures are retried, logged and never fail the flow."""
 
     url: str | None = Field(None, description=f"where to POST alerts (else ${WEBHOOK_ENV}); None: no webhook")
@@ -72,17 +85,21 @@ class WebhookSettings(BaseModel):
 
 
 class MonitorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt setting in a domain or config file is an error
+
     """Everything the monitoring flow needs besides the batch and the champion."""
 
     negative_label: str = Field(description="the label whose surges are alerts (finance: 'bearish')")
-    keywords: dict[str, list[str]] = Field(default_factory=dict, description="topic -> words or phrases that tag a text with it")
+    keywords: dict[str, list[str]] = Field(
+        default_factory=dict, description="topic -> words or phrases that tag a text with it"
+    )
     cashtags: bool = Field(True, description="tag texts with the tickers they mention ($AAPL -> topic '$AAPL')")
     surge: SurgeRule = Field(default_factory=SurgeRule)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     score_chunk_size: int = Field(256, ge=1, description="items scored and committed per transaction")
 
     @model_validator(mode="after")
-    def _clean_keywords(self) -> "MonitorConfig":
+    def _clean_keywords(self) -> MonitorConfig:
         for topic, words in self.keywords.items():
             if not topic.strip():
                 raise ValueError("keyword map: a topic name is empty")
@@ -116,7 +133,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     raise ValueError(f"monitoring config {path}: expected a .toml or .json file")
 
 
-def build_config(defaults: MonitorConfig, overrides: Mapping[str, Any] | None = None, *, replace_keywords: bool | None = None) -> MonitorConfig:
+def build_config(
+    defaults: MonitorConfig, overrides: Mapping[str, Any] | None = None, *, replace_keywords: bool | None = None
+) -> MonitorConfig:
     """The domain's defaults with ``overrides`` applied.
 
     ``keywords`` in the overrides *add to* (and per topic replace) the domain's map, unless

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -29,16 +29,45 @@ def plot_trend(rows: pd.DataFrame, surge: Surge, labels: Sequence[str], path: Pa
     for label in order:
         values = rows[label].astype(int).tolist()
         ax.bar(x, values, bottom=bottom, color=colours.get(label) or next(palette), label=label, width=0.8)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax.axhline(surge.count_threshold, color="tab:red", linestyle="--", linewidth=1, label=f"{negative} threshold {surge.count_threshold:.1f}")
-    ax.axhline(surge.baseline_mean, color="black", linestyle=":", linewidth=1, label=f"{negative} baseline mean {surge.baseline_mean:.1f}")
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.axhline(
+        surge.count_threshold,
+        color="tab:red",
+        linestyle="--",
+        linewidth=1,
+        label=f"{negative} threshold {surge.count_threshold:.1f}",
+    )
+    ax.axhline(
+        surge.baseline_mean,
+        color="black",
+        linestyle=":",
+        linewidth=1,
+        label=f"{negative} baseline mean {surge.baseline_mean:.1f}",
+    )
     surge_x = len(rows) - 1
-    ax.annotate("surge", (surge_x, int(rows[TOTAL].iloc[-1])), textcoords="offset points", xytext=(0, 6), ha="center", color="tab:red", fontweight="bold")
-    ax.set_ylim(0, max(max(bottom, default=0), surge.count_threshold) * 1.18 + 0.5)  # room for the label under the title
+    ax.annotate(
+        "surge",
+        (surge_x, int(rows[TOTAL].iloc[-1])),
+        textcoords="offset points",
+        xytext=(0, 6),
+        ha="center",
+        color="tab:red",
+        fontweight="bold",
+    )
+    ax.set_ylim(
+        0, max(max(bottom, default=0), surge.count_threshold) * 1.18 + 0.5
+    )  # room for the label under the title
     step = max(1, len(rows) // 8)
-    ax.set_xticks(x[::step], labels=[pd.Timestamp(w).strftime("%m-%d %H:%M") for w in rows[WINDOW].iloc[::step]], rotation=30, fontsize=8)
+    ax.set_xticks(
+        x[::step],
+        labels=[pd.Timestamp(w).strftime("%m-%d %H:%M") for w in rows[WINDOW].iloc[::step]],
+        rotation=30,
+        fontsize=8,
+    )
     ax.set_ylabel("items per window")
-    ax.set_title(f"{surge.topic}: {negative} surge in the window starting {pd.Timestamp(surge.window_start):%Y-%m-%d %H:%M} UTC")
+    ax.set_title(
+        f"{surge.topic}: {negative} surge in the window starting {pd.Timestamp(surge.window_start):%Y-%m-%d %H:%M} UTC"
+    )
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

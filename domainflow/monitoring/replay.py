@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from domainflow.monitoring.config import window_length
 from domainflow.monitoring.topics import cashtags
 
 #: Bearish headlines in the dataset's style; "{t}" is the ticker ("$TSLA").
@@ -88,7 +89,11 @@ def build_replay(
         raise ValueError(f"surge_window must be in 0..{windows - 1}, got {surge_window}")
     if surge_size < 1 or windows_per_batch < 1:
         raise ValueError("surge_size and windows_per_batch must be at least 1")
-    frame = pd.read_csv(source, dtype=str, keep_default_na=False) if str(source).endswith(".csv") else pd.read_json(source, lines=True, dtype=False)
+    frame = (
+        pd.read_csv(source, dtype=str, keep_default_na=False)
+        if str(source).endswith(".csv")
+        else pd.read_json(source, lines=True, dtype=False)
+    )
     if text_column not in frame.columns:
         raise ValueError(f"{source}: no column {text_column!r} (columns: {list(frame.columns)})")
     texts = [t for t in frame[text_column].astype(str).tolist() if t.strip()]
@@ -102,7 +107,7 @@ def build_replay(
 
     begin = pd.Timestamp(start)
     begin = (begin.tz_localize("UTC") if begin.tzinfo is None else begin.tz_convert("UTC")).floor(window)
-    delta = pd.Timedelta(pd.tseries.frequencies.to_offset(window))
+    delta = window_length(window)
     span = delta * windows
     stream = [(begin + span * (i + rng.random()) / len(texts), text) for i, text in enumerate(texts)]
     surge_start = begin + delta * surge_window
@@ -122,4 +127,12 @@ def build_replay(
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         if rows:
             files.append(path)
-    return ReplayPlan(files=files, ticker=chosen, surge_window=surge_start, surge_items=surge_size, items=len(stream), window=window, start=begin)
+    return ReplayPlan(
+        files=files,
+        ticker=chosen,
+        surge_window=surge_start,
+        surge_items=surge_size,
+        items=len(stream),
+        window=window,
+        start=begin,
+    )

@@ -8,9 +8,10 @@ transaction: a crash loses at most the chunk in flight, which the rerun scores a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -25,8 +26,16 @@ class ScoreCounts:
     already_stored: int
 
 
-def score_frame(store: ScoreStore, items: pd.DataFrame, model_dir: str | Path, *, model_version: int | None, batch: str,
-                chunk_size: int = 256, progress: Callable[[int, int], Any] | None = None) -> ScoreCounts:
+def score_frame(
+    store: ScoreStore,
+    items: pd.DataFrame,
+    model_dir: str | Path,
+    *,
+    model_version: int | None,
+    batch: str,
+    chunk_size: int = 256,
+    progress: Callable[[int, int], Any] | None = None,
+) -> ScoreCounts:
     """Score the rows of ``items`` (columns item_id, ts, text, topics, source) not yet in ``store`` and insert them.
 
     The model is loaded only when there is something to score.
@@ -45,13 +54,22 @@ def score_frame(store: ScoreStore, items: pd.DataFrame, model_dir: str | Path, *
         chunk = pending.iloc[start : start + chunk_size]
         probabilities = predict_proba(loaded, chunk["text"].tolist())
         rows = []
-        for (_, item), probs in zip(chunk.iterrows(), probabilities.tolist()):
+        for (_, item), probs in zip(chunk.iterrows(), probabilities.tolist(), strict=True):
             best = max(range(len(labels)), key=probs.__getitem__)
-            rows.append({
-                "item_id": item["item_id"], "ts": ts_text(pd.Timestamp(item["ts"])), "text": item["text"], "topics": list(item["topics"]),
-                "label": labels[best], "score": probs[best], "probs": {label: round(p, 6) for label, p in zip(labels, probs)},
-                "model_version": model_version, "batch": batch, "source": item["source"],
-            })
+            rows.append(
+                {
+                    "item_id": item["item_id"],
+                    "ts": ts_text(pd.Timestamp(item["ts"])),
+                    "text": item["text"],
+                    "topics": list(item["topics"]),
+                    "label": labels[best],
+                    "score": probs[best],
+                    "probs": {label: round(p, 6) for label, p in zip(labels, probs, strict=True)},
+                    "model_version": model_version,
+                    "batch": batch,
+                    "source": item["source"],
+                }
+            )
         inserted += store.insert_items(rows)
         if progress is not None:
             progress(min(start + chunk_size, len(pending)), len(pending))

@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from datetime import datetime, timezone
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -65,7 +66,7 @@ def default_store_path(domain: str) -> Path:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def ts_text(stamp: pd.Timestamp) -> str:
@@ -106,15 +107,28 @@ class ScoreStore:
             for start in range(0, len(ids), 500):
                 part = list(ids[start : start + 500])
                 marks = ",".join("?" * len(part))
-                found.update(row[0] for row in db.execute(f"SELECT item_id FROM items WHERE item_id IN ({marks})", part))
+                found.update(
+                    row[0] for row in db.execute(f"SELECT item_id FROM items WHERE item_id IN ({marks})", part)
+                )
         return found
 
     def insert_items(self, rows: Iterable[dict[str, Any]]) -> int:
         """Insert scored items in one transaction; ids already present are skipped. Returns rows added."""
         now = _now()
         records = [
-            (r["item_id"], r["ts"], r["text"], json.dumps(r["topics"], ensure_ascii=False), r["label"], float(r["score"]),
-             json.dumps(r["probs"]), r.get("model_version"), r["batch"], r["source"], now)
+            (
+                r["item_id"],
+                r["ts"],
+                r["text"],
+                json.dumps(r["topics"], ensure_ascii=False),
+                r["label"],
+                float(r["score"]),
+                json.dumps(r["probs"]),
+                r.get("model_version"),
+                r["batch"],
+                r["source"],
+                now,
+            )
             for r in rows
         ]
         with self._connect() as db:
@@ -157,20 +171,30 @@ class ScoreStore:
 
     def start_batch(self, fingerprint: str, path: str, rows: int) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR IGNORE INTO batches (fingerprint, path, rows, started_at) VALUES (?,?,?,?)", (fingerprint, path, rows, _now()))
+            db.execute(
+                "INSERT OR IGNORE INTO batches (fingerprint, path, rows, started_at) VALUES (?,?,?,?)",
+                (fingerprint, path, rows, _now()),
+            )
 
     def complete_batch(self, fingerprint: str, inserted: int) -> None:
         with self._connect() as db:
-            db.execute("UPDATE batches SET completed_at = ?, inserted = COALESCE(inserted, 0) + ? WHERE fingerprint = ?", (_now(), inserted, fingerprint))
+            db.execute(
+                "UPDATE batches SET completed_at = ?, inserted = COALESCE(inserted, 0) + ? WHERE fingerprint = ?",
+                (_now(), inserted, fingerprint),
+            )
 
     # ------------------------------------------------------------------ alerts
 
     def alert_exists(self, topic: str, window_start: pd.Timestamp) -> bool:
         with self._connect() as db:
-            row = db.execute("SELECT 1 FROM alerts WHERE topic = ? AND window_start = ?", (topic, ts_text(window_start))).fetchone()
+            row = db.execute(
+                "SELECT 1 FROM alerts WHERE topic = ? AND window_start = ?", (topic, ts_text(window_start))
+            ).fetchone()
         return row is not None
 
-    def record_alert(self, topic: str, window_start: pd.Timestamp, details: dict[str, Any], notified: str | None = None) -> bool:
+    def record_alert(
+        self, topic: str, window_start: pd.Timestamp, details: dict[str, Any], notified: str | None = None
+    ) -> bool:
         """Store an announced alert; False when this topic and window already had one."""
         with self._connect() as db:
             cursor = db.execute(
@@ -181,5 +205,10 @@ class ScoreStore:
 
     def alerts(self) -> list[dict[str, Any]]:
         with self._connect() as db:
-            rows = db.execute("SELECT topic, window_start, detected_at, details, notified FROM alerts ORDER BY window_start, topic").fetchall()
-        return [{"topic": t, "window_start": w, **json.loads(details), "detected_at": d, "notified": n} for t, w, d, details, n in rows]
+            rows = db.execute(
+                "SELECT topic, window_start, detected_at, details, notified FROM alerts ORDER BY window_start, topic"
+            ).fetchall()
+        return [
+            {"topic": t, "window_start": w, **json.loads(details), "detected_at": d, "notified": n}
+            for t, w, d, details, n in rows
+        ]

@@ -20,8 +20,8 @@ someone about Tesla every day.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Iterable
 
 import pandas as pd
 from pydantic import BaseModel
@@ -52,11 +52,20 @@ class Surge(BaseModel):
     def summary(self) -> str:
         reasons = []
         if "count" in self.rules:
-            reasons.append(f"count {self.negative_count} > threshold {self.count_threshold:.2f} (baseline mean {self.baseline_mean:.2f}, std {self.baseline_std:.2f})")
+            reasons.append(
+                f"count {self.negative_count} > threshold {self.count_threshold:.2f} (baseline mean "
+                f"{self.baseline_mean:.2f}, std {self.baseline_std:.2f})"
+            )
         if "share" in self.rules and self.share_threshold is not None:
-            reasons.append(f"share {self.share:.0%} > threshold {self.share_threshold:.0%} (baseline mean {self.baseline_share_mean or 0.0:.0%})")
-        return (f"{self.topic}: {self.negative_count} {self.negative_label} of {self.total} items in the window starting "
-                f"{self.window_start.isoformat()}: {' and '.join(reasons)}, over the previous {self.baseline_windows} windows")
+            reasons.append(
+                f"share {self.share:.0%} > threshold {self.share_threshold:.0%} (baseline mean "
+                f"{self.baseline_share_mean or 0.0:.0%})"
+            )
+        return (
+            f"{self.topic}: {self.negative_count} {self.negative_label} of {self.total} items in the window starting "
+            f"{self.window_start.isoformat()}: {' and '.join(reasons)}, over the previous {self.baseline_windows} "
+            "windows"
+        )
 
 
 def _judge(topic: str, current: pd.Series, history: pd.DataFrame, rule: SurgeRule, negative: str) -> Surge | None:
@@ -98,20 +107,24 @@ def _judge(topic: str, current: pd.Series, history: pd.DataFrame, rule: SurgeRul
     )
 
 
-def detect_surges(counts: pd.DataFrame, windows: Iterable[pd.Timestamp], rule: SurgeRule, negative_label: str) -> list[Surge]:
+def detect_surges(
+    counts: pd.DataFrame, windows: Iterable[pd.Timestamp], rule: SurgeRule, negative_label: str
+) -> list[Surge]:
     """Surges among ``windows`` (usually: the windows a batch touched), each judged against the
     ``baseline_windows`` windows before it that ``counts`` holds. Sorted by window, then topic."""
     if negative_label not in counts.columns:
         raise ValueError(f"negative label {negative_label!r} is not a column of the counts ({list(counts.columns)})")
     delta = rule.window_delta
     surges: list[Surge] = []
-    by_topic = {topic: frame.set_index(WINDOW, drop=False).sort_index() for topic, frame in counts.groupby(TOPIC)}
+    by_topic = {str(topic): frame.set_index(WINDOW, drop=False).sort_index() for topic, frame in counts.groupby(TOPIC)}
     for window in sorted(set(pd.Timestamp(w) for w in windows)):
         earliest = window - rule.baseline_windows * delta
         for topic, frame in by_topic.items():
             if window not in frame.index:
                 continue
             current = frame.loc[window]
+            if not isinstance(current, pd.Series):  # counts hold one row per (topic, window)
+                raise ValueError(f"the counts hold window {window} of topic {topic!r} more than once")
             if int(current[negative_label]) < rule.min_count:
                 continue  # cheap exit: most topics in most windows
             history = frame[(frame.index >= earliest) & (frame.index < window)]
@@ -124,7 +137,11 @@ def detect_surges(counts: pd.DataFrame, windows: Iterable[pd.Timestamp], rule: S
 def baseline_frame(counts: pd.DataFrame, surge: Surge, rule: SurgeRule) -> pd.DataFrame:
     """The topic's rows from the first baseline window through the surge window (for the plot and table)."""
     start = pd.Timestamp(surge.window_start) - rule.baseline_windows * rule.window_delta
-    rows = counts[(counts[TOPIC] == surge.topic) & (counts[WINDOW] >= start) & (counts[WINDOW] <= pd.Timestamp(surge.window_start))]
+    rows = counts[
+        (counts[TOPIC] == surge.topic)
+        & (counts[WINDOW] >= start)
+        & (counts[WINDOW] <= pd.Timestamp(surge.window_start))
+    ]
     return rows.sort_values(WINDOW).reset_index(drop=True)
 
 

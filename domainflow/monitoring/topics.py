@@ -9,9 +9,9 @@ not "turmoil", and "fed" does not tag "fedex".
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, Mapping, Sequence
 
 #: A cashtag: "$" then 1-6 letters, optionally a share-class suffix ($BRK.B); not preceded by a
 #: word character or "$", so prices ("$5", "$1.2B") and "US$" are not tickers.
@@ -26,7 +26,9 @@ def cashtags(text: str) -> list[str]:
 
 def _phrase_pattern(words: Sequence[str]) -> re.Pattern[str]:
     """One regex per topic: any of its phrases as whole words; inner whitespace matches any run of spaces."""
-    alternatives = sorted({r"\s+".join(re.escape(part) for part in word.lower().split()) for word in words}, key=len, reverse=True)
+    alternatives = sorted(
+        {r"\s+".join(re.escape(part) for part in word.lower().split()) for word in words}, key=len, reverse=True
+    )
     return re.compile(r"(?<![\w])(?:" + "|".join(alternatives) + r")(?![\w])", re.IGNORECASE)
 
 
@@ -57,4 +59,4 @@ def parse_given_topics(value: object) -> list[str]:
 
 def topics_for(texts: Iterable[str], given: Iterable[object], extractor: TopicExtractor) -> list[list[str]]:
     """Per item: its given topics when it has any, else the ones derived from its text."""
-    return [parse_given_topics(g) or extractor(text) for text, g in zip(texts, given)]
+    return [parse_given_topics(g) or extractor(text) for text, g in zip(texts, given, strict=False)]

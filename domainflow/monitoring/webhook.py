@@ -30,7 +30,12 @@ def post_json(url: str, payload: dict[str, Any], timeout: float = 5.0) -> int:
         raise WebhookError(f"webhook URL must be http(s), got {redact(url)}")
     body = json.dumps(payload, default=str).encode("utf-8")
     try:
-        response = httpx.post(url, content=body, headers={"Content-Type": "application/json", "User-Agent": "domainflow-monitor"}, timeout=timeout)
+        response = httpx.post(
+            url,
+            content=body,
+            headers={"Content-Type": "application/json", "User-Agent": "domainflow-monitor"},
+            timeout=timeout,
+        )
     except httpx.HTTPError as exc:
         raise WebhookError(f"webhook {redact(url)} unreachable: {type(exc).__name__}: {exc}") from None
     if not 200 <= response.status_code < 300:

@@ -5,8 +5,8 @@ Both are trained on the train split only and scored under the same protocol as t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -70,15 +70,39 @@ def train_bpr(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_bpr(users, items, num_users, num_items, dim=dim, epochs=epochs, learning_rate=learning_rate,
-                          weight_decay=weight_decay, batch_size=batch_size, seed=seed, validate=validate, eval_every=eval_every)
+        return _train_bpr(
+            users,
+            items,
+            num_users,
+            num_items,
+            dim=dim,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            seed=seed,
+            validate=validate,
+            eval_every=eval_every,
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_bpr(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, *, dim: int, epochs: int,
-               learning_rate: float, weight_decay: float, batch_size: int, seed: int,
-               validate: Callable[[np.ndarray, np.ndarray, np.ndarray], float] | None, eval_every: int) -> BprResult:
+def _train_bpr(
+    users: np.ndarray,
+    items: np.ndarray,
+    num_users: int,
+    num_items: int,
+    *,
+    dim: int,
+    epochs: int,
+    learning_rate: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    validate: Callable[[np.ndarray, np.ndarray, np.ndarray], float] | None,
+    eval_every: int,
+) -> BprResult:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     users, items = np.array(users, dtype=np.int64), np.array(items, dtype=np.int64)
@@ -89,7 +113,11 @@ def _train_bpr(users: np.ndarray, items: np.ndarray, num_users: int, num_items: 
     u_all, i_all = torch.as_tensor(users), torch.as_tensor(items)
 
     def snapshot() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return model.user.detach().numpy().copy(), model.item.detach().numpy().copy(), model.bias.detach().numpy().copy()
+        return (
+            model.user.detach().numpy().copy(),
+            model.item.detach().numpy().copy(),
+            model.bias.detach().numpy().copy(),
+        )
 
     best = snapshot()
     best_epoch, best_valid, curve = epochs, float("-inf"), []

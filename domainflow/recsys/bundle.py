@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ class UnknownItemsError(ValueError):
     """Item ids that are not in the model's catalogue (the message lists them)."""
 
     def __init__(self, field: str, unknown: Sequence[str]) -> None:
-        shown = ", ".join(repr(i) for i in list(unknown)[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        shown = ", ".join(repr(i) for i in list(unknown)[:10]) + (
+            f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
+        )
         super().__init__(f"{field}: unknown item id(s) {shown}")
         self.field = field
         self.unknown = list(unknown)
@@ -145,10 +148,15 @@ class Recommender:
             raise UnknownItemsError(field, unknown)
         return [self.item_pos[i] for i in item_ids]
 
-    def user_embeddings(self, histories: Sequence[Sequence[int]], extra_texts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+    def user_embeddings(
+        self, histories: Sequence[Sequence[int]], extra_texts: Sequence[Sequence[str]] | None = None
+    ) -> np.ndarray:
         """User-tower embeddings: each history's item texts, then its free texts (most recent last)."""
         extra_texts = extra_texts or [[] for _ in histories]
-        texts = [self.render_history([self.item_texts[i] for i in history] + list(free)) for history, free in zip(histories, extra_texts)]
+        texts = [
+            self.render_history([self.item_texts[i] for i in history] + list(free))
+            for history, free in zip(histories, extra_texts, strict=True)
+        ]
         with torch.inference_mode():
             return encode(self.model, self.tokenizer, texts, int(self.metadata["history_max_length"]))
 
@@ -162,9 +170,11 @@ class Recommender:
         """
         return "ranker" if self.ranker is not None and len(history) else "text"
 
-    def scores(self, history: Sequence[int], user_embedding: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+    def scores(
+        self, history: Sequence[int], user_embedding: np.ndarray, candidates: np.ndarray | None = None
+    ) -> np.ndarray:
         """Scores of the candidates (default: every item) for one history (see :meth:`scorer_for`)."""
-        if self.scorer_for(history) == "text":
+        if self.ranker is None or self.scorer_for(history) == "text":
             items = slice(None) if candidates is None else candidates
             return self.tables.item_embeddings[items] @ user_embedding
         return self.ranker.score(history_features(self.tables, history, user_embedding, candidates))
@@ -179,7 +189,7 @@ class Recommender:
             embeddings = self.user_embeddings(histories)
         if not len(histories):
             return np.zeros((0, len(self.item_ids)))
-        return np.stack([self.scores(h, e) for h, e in zip(histories, embeddings)])
+        return np.stack([self.scores(h, e) for h, e in zip(histories, embeddings, strict=True)])
 
     def user_tower_key(self) -> tuple[str, str | None]:
         """What determines the user embeddings: the encoder's bytes and the compression recipe."""
@@ -187,7 +197,13 @@ class Recommender:
 
         return path_fingerprint(self.path / "encoder"), self.metadata.get("compression")
 
-    def recommend(self, history: Sequence[str] = (), texts: Sequence[str] = (), candidates: Sequence[str] | None = None, k: int = 10) -> list[Recommendation]:
+    def recommend(
+        self,
+        history: Sequence[str] = (),
+        texts: Sequence[str] = (),
+        candidates: Sequence[str] | None = None,
+        k: int = 10,
+    ) -> list[Recommendation]:
         """The top ``k`` items for a history of item ids and/or free texts.
 
         Without ``candidates`` every catalogue item outside the history competes; with them,

@@ -23,10 +23,10 @@ On disk: ``items.parquet`` (catalogue order, with the item text), ``train.parque
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -74,7 +74,7 @@ class RankingData:
     holdout: pd.DataFrame  # user_id, valid_item, test_item, valid_timestamp, test_timestamp
 
     @classmethod
-    def load(cls, path: str | Path) -> "RankingData":
+    def load(cls, path: str | Path) -> RankingData:
         path = Path(path)
         read = lambda name: pd.read_parquet(path / name)  # noqa: E731
         items, train, holdout = read("items.parquet"), read("train.parquet"), read("holdout.parquet")
@@ -135,7 +135,7 @@ class RankingData:
         """Item positions per user (indexed by user position), oldest first."""
         histories: list[list[int]] = [[] for _ in self.index.users]
         positions = self._positions(frame)
-        for u, i in zip(positions["u"].to_numpy(), positions["i"].to_numpy()):
+        for u, i in zip(positions["u"].to_numpy(), positions["i"].to_numpy(), strict=True):
             histories[u].append(int(i))
         return histories
 
@@ -143,14 +143,14 @@ class RankingData:
         """Users, histories, targets and excluded items of one stage (see the module docstring)."""
         num_items = len(self.index.items)
         if name == "fit":
-            targets = self.fit_targets
+            fit = self.fit_targets
             base = self.histories_from(self.base_train())
-            users = targets["u"].to_numpy()
+            users = fit["u"].to_numpy()
             histories = [base[u] for u in users]
             excluded = np.zeros((len(users), num_items), dtype=bool)
             for row, history in enumerate(histories):
                 excluded[row, history] = True
-            return StageRows(users, histories, targets["i"].to_numpy(), excluded)
+            return StageRows(users, histories, fit["i"].to_numpy(), excluded)
         if name not in ("valid", "test"):
             raise ValueError(f"stage must be one of {STAGES}, got {name!r}")
         train = self.histories_from(self.train)
@@ -158,7 +158,7 @@ class RankingData:
         valid_items = self.holdout["valid_item"].map(self.index.item_pos).to_numpy()
         histories = [list(train[u]) for u in users]
         if name == "test":
-            for history, item in zip(histories, valid_items):
+            for history, item in zip(histories, valid_items, strict=True):
                 history.append(int(item))
         column = "valid_item" if name == "valid" else "test_item"
         targets = self.holdout[column].map(self.index.item_pos).to_numpy()
@@ -166,6 +166,8 @@ class RankingData:
         return StageRows(users, histories, targets, excluded)
 
 
-def history_texts(item_texts: Sequence[str], histories: Sequence[Sequence[int]], render: Callable[[Sequence[str]], str]) -> list[str]:
+def history_texts(
+    item_texts: Sequence[str], histories: Sequence[Sequence[int]], render: Callable[[Sequence[str]], str]
+) -> list[str]:
     """The user-tower input of each history (``render`` is the domain's ``history_text``)."""
     return [render([item_texts[i] for i in history]) for history in histories]

@@ -19,9 +19,9 @@ Features (in :data:`FEATURES` order):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -52,12 +52,16 @@ class ItemTables:
         """One safetensors file (no pickles); ``fold_in_reg`` is kept as a one-element array."""
         from safetensors.numpy import save_file
 
-        arrays = {f.name: np.ascontiguousarray(np.asarray(getattr(self, f.name), dtype=np.float32)) for f in fields(self) if f.name != "fold_in_reg"}
+        arrays = {
+            f.name: np.ascontiguousarray(np.asarray(getattr(self, f.name), dtype=np.float32))
+            for f in fields(self)
+            if f.name != "fold_in_reg"
+        }
         arrays["fold_in_reg"] = np.array([self.fold_in_reg], dtype=np.float64)
         save_file(arrays, str(path))
 
     @classmethod
-    def load(cls, path: Path) -> "ItemTables":
+    def load(cls, path: Path) -> ItemTables:
         from safetensors.numpy import load_file
 
         arrays = load_file(str(path))
@@ -97,7 +101,9 @@ def parse_years(years: Sequence[str]) -> np.ndarray:
     return out
 
 
-def history_features(tables: ItemTables, history: Sequence[int], user_embedding: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+def history_features(
+    tables: ItemTables, history: Sequence[int], user_embedding: np.ndarray, candidates: np.ndarray | None = None
+) -> np.ndarray:
     """Features (rows: candidates, default every item; columns: :data:`FEATURES`) for one history."""
     items = np.arange(tables.num_items) if candidates is None else np.asarray(candidates)
     history = list(history)

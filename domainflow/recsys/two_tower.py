@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,11 +25,14 @@ from torch import nn
 
 from domainflow.modeling import mean_pool, padded_batches
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class TwoTower(nn.Module):
     """A transformer encoder whose mean-pooled, L2-normalised output embeds both users and items."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: PreTrainedModel) -> None:
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
@@ -46,7 +50,16 @@ class Pair:
     item: int
 
 
-def training_pairs(histories: Sequence[Sequence[int]], positives: Sequence[Sequence[bool]], item_texts: Sequence[str], render: Any, *, pairs_per_user: int, max_pairs: int, seed: int) -> list[Pair]:
+def training_pairs(
+    histories: Sequence[Sequence[int]],
+    positives: Sequence[Sequence[bool]],
+    item_texts: Sequence[str],
+    render: Any,
+    *,
+    pairs_per_user: int,
+    max_pairs: int,
+    seed: int,
+) -> list[Pair]:
     """(history text, next positive item) pairs: each user's most recent ``pairs_per_user`` positives
     that have at least one interaction before them, then a seeded sample of ``max_pairs``.
 
@@ -54,7 +67,7 @@ def training_pairs(histories: Sequence[Sequence[int]], positives: Sequence[Seque
     positions look most like it; capping per user keeps heavy users from dominating.
     """
     pairs: list[Pair] = []
-    for history, flags in zip(histories, positives):
+    for history, flags in zip(histories, positives, strict=True):
         positions = [t for t in range(1, len(history)) if flags[t]][-pairs_per_user:]
         for t in positions:
             pairs.append(Pair(render([item_texts[i] for i in history[:t]]), int(history[t])))
@@ -64,7 +77,13 @@ def training_pairs(histories: Sequence[Sequence[int]], positives: Sequence[Seque
     return pairs
 
 
-def info_nce(users: torch.Tensor, items: torch.Tensor, item_ids: torch.Tensor, temperature: float, log_q: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    item_ids: torch.Tensor,
+    temperature: float,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy of each user picking its own item among the batch's items (duplicates masked).
 
     ``log_q``: log of each batch item's frequency as a training target. In-batch negatives are
@@ -115,7 +134,9 @@ def train_two_tower(
     total = max(1, int(round(epochs * steps_per_epoch)))
     warmup = int(warmup_ratio * total)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
     counts = np.bincount([p.item for p in pairs], minlength=len(item_texts)).astype(np.float64)
     log_q = torch.as_tensor(np.log(np.maximum(counts, 1.0) / len(pairs)), dtype=torch.float32)
     model.train()
@@ -126,10 +147,25 @@ def train_two_tower(
         if len(order) < batch_size:
             order += rng.permutation(len(pairs)).tolist()
         batch, order = [pairs[i] for i in order[:batch_size]], order[batch_size:]
-        histories = tokenizer([p.history for p in batch], padding=True, truncation=True, max_length=history_max_length, return_tensors="pt")
-        items = tokenizer([item_texts[p.item] for p in batch], padding=True, truncation=True, max_length=item_max_length, return_tensors="pt")
+        histories = tokenizer(
+            [p.history for p in batch],
+            padding=True,
+            truncation=True,
+            max_length=history_max_length,
+            return_tensors="pt",
+        )
+        items = tokenizer(
+            [item_texts[p.item] for p in batch],
+            padding=True,
+            truncation=True,
+            max_length=item_max_length,
+            return_tensors="pt",
+        )
         item_ids = torch.tensor([p.item for p in batch])
-        users, targets = model(histories["input_ids"], histories["attention_mask"]), model(items["input_ids"], items["attention_mask"])
+        users, targets = (
+            model(histories["input_ids"], histories["attention_mask"]),
+            model(items["input_ids"], items["attention_mask"]),
+        )
         loss = info_nce(users, targets, item_ids, temperature, log_q[item_ids] if log_q_correction else None)
         optimizer.zero_grad()
         loss.backward()
@@ -138,13 +174,19 @@ def train_two_tower(
         schedule.step()
         losses.append(float(loss.detach()))
         if log is not None and (step + 1) % 10 == 0:
-            log.info("two-tower step %d/%d: loss %.4f (%.0f s)", step + 1, total, float(np.mean(losses[-10:])), time.perf_counter() - started)
+            log.info(
+                "two-tower step %d/%d: loss %.4f (%.0f s)",
+                step + 1,
+                total,
+                float(np.mean(losses[-10:])),
+                time.perf_counter() - started,
+            )
     model.eval()
     return TrainResult(losses=losses, seconds=time.perf_counter() - started, steps=total)
 
 
 @torch.inference_mode()
-def encode(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+def encode(model: TwoTower, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64) -> np.ndarray:
     """Embeddings (float32, L2-normalised) of ``texts`` in their order, batched by length."""
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     if not texts:

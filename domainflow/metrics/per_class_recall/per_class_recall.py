@@ -15,7 +15,9 @@ import datasets
 import evaluate
 import numpy as np
 
-_DESCRIPTION = "Per-class recall (true positives / examples of the class), one key per class id present in the references."
+_DESCRIPTION = (
+    "Per-class recall (true positives / examples of the class), one key per class id present in the references."
+)
 
 
 class PerClassRecall(evaluate.Metric):
