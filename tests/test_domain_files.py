@@ -251,6 +251,11 @@ def test_a_new_domain_runs_from_the_cli_and_every_command_knows_it(tmp_path: Pat
     record = json.loads(predicted.stdout)["predictions"][0]
     assert record["label"] in PET_LABELS and record["action"] in {"reply", "reply_from_similar_question", "escalate"}
 
+    served = _served_answer("pet_cli", "Please call off the visit we booked for my dog next Friday")  # a known question
+    assert (
+        served["label"] == "cancel_visit" and served["reply"] == get_domain("pet_cli").answers.replies["cancel_visit"]
+    )
+
     versions = [
         json.loads(line) for line in runner.invoke(app, ["registry", "list", "pet_cli", "--json"]).stdout.splitlines()
     ]
@@ -273,6 +278,38 @@ def test_a_new_domain_runs_from_the_cli_and_every_command_knows_it(tmp_path: Pat
     relabelled = runner.invoke(app, ["run", "pet_cli", "--model", str(tiny_model_dir), "--num-layers", "1"])
     assert relabelled.exit_code == 3, relabelled.output  # a new label is a clear data error
     assert "new: ['grooming']" in relabelled.output and ModelRegistry("pet_cli").champion().version == 1
+
+
+def _served_answer(domain: str, text: str) -> dict:
+    """``domainflow serve DOMAIN`` in its own process (real uvicorn on a free loopback port): its answer to ``text``."""
+    import httpx
+
+    from tests.test_schedule import free_port, stop_group, wait_for
+
+    port, key = free_port(), "pet-clinic-key-0123456789abcdef"
+    env = {**os.environ, "DOMAINFLOW_API_KEYS": key}
+    command = [sys.executable, "-m", "flows.cli", "serve", domain, "--port", str(port)]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, f"serve exited with {process.returncode}"
+            try:
+                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, "the service to load the champion", timeout=180)
+        answer = httpx.post(
+            f"{url}/v1/{domain}/predict", json={"texts": [text]}, headers={"X-API-Key": key}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.json()["predictions"][0]
+    finally:
+        stop_group(process)
 
 
 def test_two_identical_runs_at_once_end_cleanly_with_one_promotion(tmp_path: Path, tiny_model_dir: Path) -> None:
