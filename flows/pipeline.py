@@ -14,6 +14,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from domainflow import settings
+from domainflow.atomic import clean_stale_partials
 from domainflow.catalog import get_domain
 from domainflow.compression import RECIPES
 from domainflow.data.validation import DataValidationError
@@ -66,11 +68,11 @@ def check_labels_match_champion(spec: ClassificationSpec, dataset: DatasetRef, r
 
 
 def compress_candidates(
-    settings: CompressionDefaults, reference: ModelRef, dataset: DatasetRef, config: Any, options: dict
+    compression: CompressionDefaults, reference: ModelRef, dataset: DatasetRef, config: Any, options: dict
 ) -> list[ModelRef]:
     """The domain's compression methods applied to the best fp32 model (a distilled student is also quantized
     with every int8 recipe the domain asks for)."""
-    methods = settings.methods
+    methods = compression.methods
     known = set(RECIPES) | {"magnitude_prune", "ffn_prune", "distill"}
     unknown = set(methods) - known
     if unknown:
@@ -80,15 +82,15 @@ def compress_candidates(
     for recipe in int8_recipes:
         candidates.append(quantize.with_options(**options)(reference, dataset.domain, recipe))
     if "magnitude_prune" in methods:
-        candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain, settings.sparsity))
+        candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain, compression.sparsity))
     if "ffn_prune" in methods:
         candidates.append(
             prune_ffn.with_options(**options)(
-                reference, dataset, config, settings.ffn_keep_ratio, settings.recovery_epochs
+                reference, dataset, config, compression.ffn_keep_ratio, compression.recovery_epochs
             )
         )
     depth = json.loads((Path(reference.path) / "config.json").read_text())["num_hidden_layers"]
-    student_layers = settings.student_layers
+    student_layers = compression.student_layers
     if "distill" in methods and student_layers >= depth:
         get_run_logger().warning(
             "distillation skipped: the student needs fewer than the teacher's %d layers, the domain asks for %d",
@@ -96,9 +98,15 @@ def compress_candidates(
             student_layers,
         )
     elif "distill" in methods:
-        epochs = settings.distill_epochs if settings.distill_epochs is not None else config.epochs
+        epochs = compression.distill_epochs if compression.distill_epochs is not None else config.epochs
         student = distill.with_options(**options)(
-            reference, dataset, config, student_layers, epochs, settings.distill_temperature, settings.distill_alpha
+            reference,
+            dataset,
+            config,
+            student_layers,
+            epochs,
+            compression.distill_temperature,
+            compression.distill_alpha,
         )
         candidates.append(student)
         for recipe in int8_recipes:
@@ -180,6 +188,8 @@ def _train_and_deploy(
     log = get_run_logger()
     domain = spec.name
     registry = ModelRegistry(domain)
+    for leftover in clean_stale_partials(settings.runs_dir() / domain):
+        log.warning("removed %s, left half-built by a run that died", leftover)
     options: dict[str, Any] = {"refresh_cache": True} if refresh_cache else {}
 
     train_path, test_path = resolve_data_files(spec, data_dir, train_file, test_file)

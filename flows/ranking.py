@@ -18,6 +18,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from domainflow import settings
+from domainflow.atomic import clean_stale_partials
 from domainflow.catalog import get_domain
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.gates import select_reference
@@ -88,6 +90,8 @@ def _train_and_deploy(
     """The ranking pipeline's steps, run while holding the domain's run lock."""
     log = get_run_logger()
     domain = spec.name
+    for leftover in clean_stale_partials(settings.runs_dir() / domain):
+        log.warning("removed %s, left half-built by a run that died", leftover)
     options: dict[str, Any] = {"refresh_cache": True} if refresh_cache else {}
 
     files = spec.source_files(data_dir)

@@ -16,6 +16,7 @@ Both candidates are saved as model directories (see ``domainflow.modeling``).
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -313,9 +314,9 @@ def train_classifier(
             _ProgressToLogger(log),
         ],
     )
-    resume = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
-    if resume:
-        log.info("resuming fine-tuning from the last checkpoint in %s", checkpoints)
+    resume = last_complete_checkpoint(checkpoints, log)
+    if resume is not None:
+        log.info("resuming fine-tuning from %s", resume)
     log.info(
         "%s: training on %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)",
         name,
@@ -325,7 +326,7 @@ def train_classifier(
         config.encoder_lr,
         config.head_lr,
     )
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     model.eval()
     model.class_weights = None
     seconds = time.perf_counter() - started
@@ -361,6 +362,29 @@ def train_classifier(
         compression=compression,
         train_seconds=seconds,
     )
+
+
+def last_complete_checkpoint(checkpoints: Path, log: Any) -> Path | None:
+    """The newest checkpoint a crash did not tear, or None; torn ones are removed.
+
+    The Trainer writes ``checkpoint-N`` in place, ``trainer_state.json`` last (after the weights,
+    optimizer, scheduler and RNG states), so a checkpoint whose state file is missing or not valid
+    JSON was cut short by a kill: resuming from it would crash every later run.
+    """
+    found = sorted(
+        checkpoints.glob("checkpoint-*"),
+        key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1,
+    )
+    for candidate in reversed(found):
+        try:
+            state = json.loads((candidate / "trainer_state.json").read_text())
+            if isinstance(state, dict) and "global_step" in state:
+                return candidate
+        except (OSError, ValueError):
+            pass
+        log.warning("removing torn checkpoint %s (no complete trainer_state.json): a crash cut it short", candidate)
+        shutil.rmtree(candidate, ignore_errors=True)
+    return None
 
 
 def finish_atomically(build: Any, target: Path) -> ModelRef:
