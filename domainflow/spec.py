@@ -15,7 +15,7 @@ Each task kind (text classification, ranking) has its own spec class, a subclass
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -242,6 +242,19 @@ class ClassificationSpec(DomainSpec):
         0.1, gt=0.0, lt=0.5, description="share of train held out for early stopping and model choice"
     )
     min_examples_per_class: int = Field(5, ge=1, description="fewest training rows a class present in train may have")
+    min_test_rows: int = Field(
+        20, ge=1, description="fewest test rows (after max_test_samples): on fewer, the gates would compare noise"
+    )
+    leakage: Literal["drop", "fail"] = Field(
+        "drop",
+        description=(
+            "a train text equal to a test text, exactly or up to case/whitespace: drop it from train "
+            "(with a warning and a list in the ingest report) or fail"
+        ),
+    )
+    max_file_mb: int = Field(
+        2048, ge=1, description="largest train/test file ingest reads, in MiB (files are read whole into memory)"
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
     _name_to_index: dict[str, int] = PrivateAttr(default_factory=dict)
@@ -299,6 +312,9 @@ class ClassificationSpec(DomainSpec):
             label_names=self.label_names,
             validation_fraction=self.validation_fraction,
             min_examples_per_class=self.min_examples_per_class,
+            min_test_rows=self.min_test_rows,
+            leakage=self.leakage,
+            max_file_mb=self.max_file_mb,
         )
 
     def evaluation_slice(self) -> EvaluationSlice:
@@ -313,6 +329,10 @@ class DataSlice(Record):
     label_names: tuple[str, ...] | None
     validation_fraction: float
     min_examples_per_class: int
+    # Defaults as in ClassificationSpec, so a slice built by hand (a test, a script) gets the same rules.
+    min_test_rows: int = Field(20, ge=1)
+    leakage: Literal["drop", "fail"] = "drop"
+    max_file_mb: int = Field(2048, ge=1)
     _name_to_index: dict[str, int] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, context: Any, /) -> None:

@@ -320,7 +320,7 @@ def predict(
         fail(f"{domain} is a {spec.task_kind} domain: use `{kind_of(spec).usage.format(domain=domain)}`")
     spec = spec.as_kind(ClassificationSpec)
     try:
-        champion = ModelRegistry(domain).champion()
+        champion = ModelRegistry(domain).load_champion()  # its files checked against the version's manifest
     except RegistryError as exc:
         fail(str(exc))
     if champion is None:
@@ -359,7 +359,7 @@ def recommend(
         fail(f"{domain} is a {spec.task_kind} domain: use `{kind_of(spec).usage.format(domain=domain)}`")
     spec = spec.as_kind(RankingSpec)
     try:
-        champion = ModelRegistry(domain).champion()
+        champion = ModelRegistry(domain).load_champion()  # its files checked against the version's manifest
     except RegistryError as exc:
         fail(str(exc))
     if champion is None:
@@ -486,6 +486,27 @@ def registry_rollback(
     except RegistryError as exc:
         fail(str(exc))
     console.print(f"{domain}: champion is now version {info.version} ({info.path})", highlight=False)
+
+
+@registry_app.command("repair")
+def registry_repair(domain: str = typer.Argument(..., help="Domain (a name or a domain file).")) -> None:
+    """Repair a domain's registry after a crash or a disk error, and check it.
+
+    Rewrites the history without unreadable lines (keeping history.jsonl.bak-<timestamp>), records an
+    interrupted promotion or rollback as aborted, removes temp leftovers, and checks that champion.json
+    points at an existing version whose files match its manifest. Never changes the champion.
+    Exit 0 when the registry is consistent afterwards, 2 when it is not."""
+    from domainflow.registry import ModelRegistry, RegistryError
+
+    domain = domain_name(domain)
+    try:
+        report = ModelRegistry(domain).repair()
+    except RegistryError as exc:
+        fail(str(exc))
+    for line in report.lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if not report.consistent:
+        fail(f"{domain}: the registry is not consistent after repair: {report.problem}")
 
 
 def _domain_spec(domain: str) -> DomainSpec:

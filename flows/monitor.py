@@ -43,11 +43,11 @@ from pydantic import BaseModel  # noqa: E402
 from domainflow.fingerprint import file_digest, value_fingerprint  # noqa: E402
 from domainflow.monitoring.aggregation import TOPIC, TOTAL, WINDOW, share_column, window_counts, window_grid  # noqa: E402
 from domainflow.monitoring.batch import BatchValidationError, read_batch  # noqa: E402
-from domainflow.monitoring.config import MonitorConfig, build_config, read_config_file  # noqa: E402
+from domainflow.monitoring.config import MonitorConfig, WebhookSettings, build_config, read_config_file  # noqa: E402
 from domainflow.monitoring.store import ScoreStore, default_store_path  # noqa: E402
 from domainflow.monitoring.surge import Surge, baseline_frame, detect_surges  # noqa: E402
 from domainflow.monitoring.topics import TopicExtractor  # noqa: E402
-from domainflow.monitoring.webhook import post_json, redact  # noqa: E402
+from domainflow.monitoring.webhook import Delivery, deliver, redact  # noqa: E402
 
 BATCH_SUFFIXES = (".csv", ".json", ".jsonl", ".ndjson", ".parquet")
 SURGE_EVENT = "domainflow.sentiment.surge"
@@ -134,7 +134,7 @@ def champion_for(domain: str) -> ChampionRef:
     from domainflow.registry import ModelRegistry
 
     registry = ModelRegistry(domain)
-    champion = registry.champion()
+    champion = registry.load_champion()  # its files checked against the version's manifest
     if champion is None:
         raise MonitorError(
             f"no champion for {domain!r} in {registry.root}: run `domainflow run {domain}` first (monitoring scores "
@@ -354,11 +354,13 @@ def alert_markdown(domain: str, surge: Surge, config: MonitorConfig, champion: C
     )
 
 
-@task(name="post-webhook", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2)
-def post_webhook(url: str, payload: dict[str, Any], timeout: float) -> int:
-    """One POST per try; Prefect retries it (the flow sets how often); the URL's path stays out of the logs."""
-    get_run_logger().info("posting alert %s/%s to %s", payload.get("topic"), payload.get("window_start"), redact(url))
-    return post_json(url, payload, timeout)
+@task(name="post-webhook", cache_policy=NO_CACHE)
+def post_webhook(url: str, payload: dict[str, Any], settings: WebhookSettings) -> Delivery:
+    """The tries are made by ``deliver``, not by Prefect's retries: only it knows that a 4xx or a refused
+    address is final and that all tries share one deadline. The URL's path stays out of the logs."""
+    log = get_run_logger()
+    log.info("posting alert %s/%s to %s", payload.get("topic"), payload.get("window_start"), redact(url))
+    return deliver(url, payload, settings, logger=log)
 
 
 def _latest_overview(counts_path: str | None, negative: str, limit: int = 20) -> list[dict[str, Any]]:
@@ -447,20 +449,14 @@ def monitor_batch(
         print(f"SURGE {surge.summary()} (artifact {alert_key(domain, surge.topic)})")
         notified = "no webhook configured"
         if url:
-            hook = settings_.webhook
-            state = post_webhook.with_options(retries=hook.retries, retry_delay_seconds=hook.retry_delay_seconds)(
-                url, payload, hook.timeout_seconds, return_state=True
-            )
-            if state.is_completed():
-                notified = f"sent (HTTP {state.result()})"
-            else:
-                notified = f"failed after {hook.retries + 1} tries: {state.message or state.name}"
+            state = post_webhook(url, payload, settings_.webhook, return_state=True)
+            delivery: Delivery | None = state.result() if state.is_completed() else None
+            notified = delivery.summary() if delivery else f"failed: {state.message or state.name}"
+            if delivery is None or not delivery.delivered:
                 log.error(
-                    "webhook for the %s alert failed after %d tries; the alert is recorded and shown as an artifact: "
-                    "%s",
+                    "webhook for the %s alert: %s; the alert is recorded and shown as an artifact",
                     surge.topic,
-                    hook.retries + 1,
-                    state.message,
+                    notified,
                 )
         store.record_alert(surge.topic, pd.Timestamp(surge.window_start), payload, notified)
         alerts.append({**payload, "artifact": alert_key(domain, surge.topic), "webhook": notified})

@@ -173,7 +173,9 @@ class ModelStore:
             f"v{previous}" if previous else "nothing",
         )
         try:
-            info = await asyncio.to_thread(slot.registry.get, version)
+            # verify: the files must match the version's manifest before they go live (a damaged
+            # version fails this load and the old model keeps serving)
+            info = await asyncio.to_thread(slot.registry.get, version, verify=True)
             served = await asyncio.to_thread(self.loader, slot, info)
         except Exception as exc:
             self._failed(slot, signature, f"loading v{version} failed: {type(exc).__name__}: {exc}")

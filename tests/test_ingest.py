@@ -4,23 +4,28 @@ how each kind of bad data is reported, labels taken from the data, and how outpu
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
+from prefect import flow
+from prefect.context import TaskRunContext
 from prefect.serializers import JSONSerializer
 from prefect.states import Failed
 
 from domainflow.catalog import get_domain
+from domainflow.data import dataset as dataset_module
 from domainflow.data import tables
 from domainflow.data.dataset import dataset_summary_markdown, ingest_dataset, read_ingest_report
 from domainflow.data.hub import ingest_hub_dataset
+from domainflow.data.labels import ids_to_names
 from domainflow.data.problems import DataValidationError
 from domainflow.data.splitting import allocate
 from domainflow.data.tables import read_table
-from domainflow.spec import DataSlice
+from domainflow.spec import DataSlice, label_index
 from tasks.caching import code_fingerprint
 from tasks.ingest import _retry_unless_invalid_data, ingest
 
@@ -34,6 +39,7 @@ try:  # tests/ on sys.path (pytest's default while tests/ is no package)
         write_jsonl,
         write_parquet,
     )
+    from finance_helpers import finance_slice
 except ImportError:  # tests/ became a package
     from tests.data_helpers import (
         BANKING77_DIR,
@@ -44,6 +50,7 @@ except ImportError:  # tests/ became a package
         write_jsonl,
         write_parquet,
     )
+    from tests.finance_helpers import finance_slice
 
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "age_limit", "pin_blocked"]
 PER_CLASS_TRAIN = 20
@@ -127,7 +134,8 @@ def test_good_csv_slice_gives_three_stratified_splits(spec, tmp_path):
     assert Path(ref.path).name == ref.fingerprint == report["fingerprint"]
     assert report["test_fingerprint"] == ref.test_fingerprint
     assert report["num_rows"] == ref.num_rows
-    assert report["dropped_near_duplicates"] == 0 and report["dropped_exact_duplicates"] == 0
+    assert report["dropped_test_overlaps"] == 0 and report["dropped_exact_duplicates"] == 0
+    assert report["test_overlaps"] == [] and report["exact_duplicates"] == [] and report["leakage"] == "drop"
     assert report["sources"]["train"]["path"] == str(train.resolve())
     assert [p.name for p in (tmp_path / "out").iterdir()] == [ref.fingerprint], "staging folder left behind"
 
@@ -232,24 +240,39 @@ def test_integer_label_ids_are_accepted(spec, tmp_path, train_rows, test_rows):
     assert contents(csv_ids) == contents(by_name) == contents(jsonl_ids)
 
 
-def test_near_duplicates_of_test_rows_are_dropped_from_train_and_counted(spec, tmp_path, train_rows, test_rows):
+def test_leakage_drop_removes_exact_and_near_copies_of_test_texts_from_train(
+    spec, tmp_path, train_rows, test_rows, caplog
+):
+    """One policy for both kinds (the default, ``leakage = "drop"``): each train row is named in the
+    warning and listed in the report, and the test file is left as published."""
     variant = "  " + "  ".join(test_rows[1]["text"].upper().split()) + "\n"
     train_rows.append({"text": variant, "category": test_rows[1]["category"]})
-    ref = run(
-        spec,
-        tmp_path / "out",
-        write_csv(tmp_path / "train.csv", train_rows),
-        write_csv(tmp_path / "test.csv", test_rows),
-    )
+    train_rows.append(dict(test_rows[2]))  # byte-identical: stopped the run before, dropped now
+    near_line, exact_line = (csv_line_of(train_rows, len(train_rows) - k) for k in (2, 1))
+    with caplog.at_level("WARNING", logger="domainflow.data.validation"):
+        ref = run(
+            spec,
+            tmp_path / "out",
+            write_csv(tmp_path / "train.csv", train_rows),
+            write_csv(tmp_path / "test.csv", test_rows),
+        )
 
     report = read_ingest_report(ref.path)
-    assert report["dropped_near_duplicates"] == 1
-    assert report["near_duplicates"][0]["train"] == f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)}"
-    assert report["near_duplicates"][0]["test"] == "test.csv line 3"
+    assert report["leakage"] == "drop" and report["dropped_test_overlaps"] == 2
+    assert [(o["train"], o["test"], o["match"]) for o in report["test_overlaps"]] == [
+        (f"train.csv line {near_line}", "test.csv line 3", "case/whitespace"),
+        (f"train.csv line {exact_line}", "test.csv line 4", "exact"),
+    ]
+    assert report["test_overlaps"][0]["train_text"] == variant
+    warning = " ".join(r.getMessage() for r in caplog.records if "whose text is in test" in r.getMessage())
+    assert f"train.csv line {near_line} ~ test.csv line 3" in warning
+    assert f"train.csv line {exact_line} = test.csv line 4" in warning
     output = contents(ref)
-    assert variant not in {text for text, _ in output["train"] + output["validation"]}
+    trained = {text for text, _ in output["train"] + output["validation"]}
+    assert variant not in trained and test_rows[2]["text"] not in trained
     assert ref.num_rows["train"] + ref.num_rows["validation"] == len(LABELS) * PER_CLASS_TRAIN
     assert [text for text, _ in output["test"]] == [row["text"] for row in test_rows]  # test is untouched
+    assert "(leakage = drop): 2" in dataset_summary_markdown(report)
 
 
 def test_exact_duplicates_with_the_same_label_are_dropped(spec, tmp_path, train_rows, test_rows):
@@ -266,15 +289,15 @@ def test_exact_duplicates_with_the_same_label_are_dropped(spec, tmp_path, train_
 
 def test_limits_take_stratified_subsamples(spec, tmp_path):
     train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
-    ref = run(spec, tmp_path / "out", train, test, max_train_samples=30, max_test_samples=10)
+    ref = run(spec, tmp_path / "out", train, test, max_train_samples=30, max_test_samples=20)
     dataset = load_from_disk(ref.path)
     assert ref.num_rows["train"] + ref.num_rows["validation"] == 30
-    assert ref.num_rows["test"] == 10
+    assert ref.num_rows["test"] == 20
     expected = {spec.label_index(name) for name in LABELS}
     train_labels = list(dataset["train"]["label"]) + list(dataset["validation"]["label"])
     assert Counter(train_labels) == {label: 6 for label in expected}
     assert set(dataset["validation"]["label"]) == expected
-    assert Counter(dataset["test"]["label"]) == {label: 2 for label in expected}
+    assert Counter(dataset["test"]["label"]) == {label: 4 for label in expected}
 
 
 def test_allocation_keeps_two_per_class_where_the_budget_allows():
@@ -289,8 +312,10 @@ def test_full_banking77_split_passes(spec, tmp_path):
     """The shipped split has 7 train/test pairs differing only by whitespace/case and 4 repeated train rows."""
     ref = run(spec, tmp_path / "out", BANKING77_DIR / "train.csv", BANKING77_DIR / "test.csv")
     report = read_ingest_report(ref.path)
-    assert report["dropped_near_duplicates"] == 7
-    assert report["dropped_exact_duplicates"] == 4
+    assert report["dropped_test_overlaps"] == 7 == len(report["test_overlaps"])
+    assert {overlap["match"] for overlap in report["test_overlaps"]} == {"case/whitespace"}
+    assert report["dropped_exact_duplicates"] == 4 == len(report["exact_duplicates"])
+    assert ref.num_rows["test"] >= spec.min_test_rows
     assert ref.num_rows["test"] == 3080
     assert ref.num_rows["train"] + ref.num_rows["validation"] == 10003 - 7 - 4
     assert all(len(report["label_counts"][split]) == spec.num_labels for split in ("train", "validation", "test"))
@@ -573,17 +598,34 @@ def test_unknown_label(spec, tmp_path, train_rows, test_rows):
     )
 
 
-def test_train_test_leakage(spec, tmp_path, train_rows, test_rows):
+def test_leakage_fail_stops_on_exact_and_near_copies_naming_both_lines(spec, tmp_path, train_rows, test_rows):
     train_rows.append(dict(test_rows[2]))
+    train_rows.append({"text": test_rows[4]["text"].lower() + "  ", "category": test_rows[4]["category"]})
     train = write_csv(tmp_path / "train.csv", train_rows)
+    exact_line, near_line = (csv_line_of(train_rows, len(train_rows) - k) for k in (2, 1))
     expect_error(
-        spec,
+        slice_of(spec, leakage="fail"),
         tmp_path,
         train,
         write_csv(tmp_path / "test.csv", test_rows),
-        "leakage",
-        f"train.csv line {csv_line_of(train_rows, len(train_rows) - 1)} = test.csv line {csv_line_of(test_rows, 2)}",
+        "train.csv / test.csv, column 'text'",
+        "the same text is in both train and test (leakage)",
+        f"train.csv line {exact_line} = test.csv line {csv_line_of(test_rows, 2)}",
+        "up to case/whitespace (leakage)",
+        f"train.csv line {near_line} ~ test.csv line {csv_line_of(test_rows, 4)}",
+        'leakage = "drop"',
     )
+
+
+def test_leakage_policy_is_a_domain_field_and_part_of_the_dataset_key(spec, tmp_path):
+    assert spec.leakage == "drop" and spec.data_slice().leakage == "drop"
+    assert spec.replace(leakage="fail").data_slice().leakage == "fail"
+    with pytest.raises(ValueError, match="leakage"):
+        spec.replace(leakage="warn")
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    dropped = run(spec, tmp_path / "out", train, test)
+    failing = run(slice_of(spec, leakage="fail"), tmp_path / "out", train, test)  # no overlap: it passes
+    assert failing.fingerprint != dropped.fingerprint and contents(failing) == contents(dropped)
 
 
 def test_conflicting_duplicate_labels(spec, tmp_path, train_rows, test_rows):
@@ -662,6 +704,257 @@ def test_missing_file(spec, tmp_path, test_rows):
     )
 
 
+def test_a_single_class_in_train_is_rejected_before_training(spec, tmp_path, train_rows, test_rows):
+    """Declared labels: train may lack classes, but one class is nothing to learn (the probe would crash)."""
+    one = [dict(row, category="card_arrival") for row in train_rows]
+    expect_error(
+        spec,
+        tmp_path,
+        write_csv(tmp_path / "train.csv", one),
+        write_csv(tmp_path / "test.csv", test_rows),
+        "train.csv, column 'category'",
+        "single class",
+        f"only 'card_arrival': {len(one)} row(s), line 2 to line {csv_line_of(one, len(one) - 1)}",
+        "at least two classes",
+    )
+
+
+def test_a_single_class_left_by_max_train_samples_is_rejected(spec, tmp_path):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    with pytest.raises(DataValidationError, match=r"single class .*max_train_samples=1"):
+        run(spec, tmp_path / "out", train, test, max_train_samples=1)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_test_set_too_small_to_judge_a_model_is_rejected(spec, tmp_path, train_rows):
+    assert spec.min_test_rows == 20 == DataSlice.model_fields["min_test_rows"].default
+    small = banking77_slice("test", LABELS[:3], 5)
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    test = write_csv(tmp_path / "test.csv", small)
+    expect_error(spec, tmp_path, train, test, "test.csv", "15 row(s)", "fewer than min_test_rows = 20", "compare noise")
+    # the limit is the domain's to set, and only accepts or refuses: it does not rename the dataset
+    ref = run(slice_of(spec, min_test_rows=15), tmp_path / "out", train, test)
+    assert ref.num_rows["test"] == 15
+    assert run(slice_of(spec, min_test_rows=1), tmp_path / "out", train, test) == ref
+
+
+def test_max_test_samples_below_min_test_rows_is_rejected(spec, tmp_path):
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    expect = "test.csv: the test set has 10 row(s) (max_test_samples=10 kept 10), fewer than min_test_rows = 20"
+    with pytest.raises(DataValidationError, match=re.escape(expect)) as caught:
+        run(spec, tmp_path / "out", train, test, max_test_samples=10)
+    assert "raise max_test_samples" in str(caught.value)
+
+
+def test_fixtures_used_by_other_tests_keep_enough_test_rows(tiny_data_dir):
+    """The tiny domains other modules train on stay above the default min_test_rows (not lowered for them)."""
+    floor = DataSlice.model_fields["min_test_rows"].default
+    pet_clinic = Path(__file__).parent / "domain_files" / "pet_clinic" / "test.csv"
+    sizes = {
+        "conftest tiny_data_dir": len(read_table(tiny_data_dir / "test.csv")),
+        "pet_clinic test.csv": len(read_table(pet_clinic)),
+        "finance_helpers valid slice": len(finance_slice("valid", 30)),
+    }
+    assert sizes == {"conftest tiny_data_dir": 72, "pet_clinic test.csv": 30, "finance_helpers valid slice": 90}
+    assert min(sizes.values()) >= floor
+
+
+def test_lone_surrogate_in_jsonl_is_rejected_with_its_line(spec, tmp_path, train_rows, test_rows):
+    """json.loads turns the escape "\\ud800" into a str that UTF-8 (and so Arrow) cannot encode:
+    it used to crash at save, and the pipeline retried the crash."""
+    train_rows[3]["text"] = "my card \ud800 has not arrived"
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in train_rows))  # ensure_ascii: written as \ud800
+    assert "\\ud800" in train.read_text()
+    expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_jsonl(tmp_path / "test.jsonl", test_rows),
+        "train.jsonl",
+        "lone surrogate",
+        "(1 found): line 4",
+    )
+
+
+def test_lone_surrogate_in_a_json_array_names_row_and_line(spec, tmp_path, train_rows, test_rows):
+    test_rows[6]["category"] = "card_\udc00arrival"
+    test = tmp_path / "test.json"
+    test.write_text("[\n" + ",\n".join(json.dumps(row) for row in test_rows) + "\n]\n")  # record i on line i + 2
+    expect_error(
+        spec,
+        tmp_path,
+        write_csv(tmp_path / "train.csv", train_rows),
+        test,
+        "test.json",
+        "lone surrogate",
+        "row 7 (line 8)",
+    )
+
+
+def test_invalid_utf8_names_the_line_even_deep_in_a_large_file(spec, tmp_path, train_rows):
+    """A decoding error of a buffered stream has an offset inside an 8 KiB chunk; the line must be the file's."""
+    raw = (BANKING77_DIR / "test.csv").read_bytes()
+    lines = raw.split(b"\n")
+    lines[3000] = lines[3000][:1] + b"\xff\xfe" + lines[3000][1:]
+    test = tmp_path / "test.csv"
+    test.write_bytes(b"\n".join(lines))
+    assert len(raw) > 20 * 8192  # line 3001 is far past the first chunk
+    expect_error(
+        spec,
+        tmp_path,
+        write_csv(tmp_path / "train.csv", train_rows),
+        test,
+        "test.csv: line 3001: not valid UTF-8",
+        "byte(s) ff",
+    )
+
+
+def test_duplicate_keys_in_json_objects_are_rejected(spec, tmp_path, train_rows, test_rows):
+    """The last value would win silently: which label did the author mean?"""
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    lines = train.read_text().splitlines()
+    lines[2] = lines[2][:-1] + ', "category": "age_limit"}'
+    train.write_text("\n".join(lines) + "\n")
+    expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_jsonl(tmp_path / "test.jsonl", test_rows),
+        "train.jsonl",
+        "a key given twice in one JSON object",
+        "line 3 ('category')",
+    )
+    test = tmp_path / "test.json"
+    records = [json.dumps(row) for row in test_rows]
+    records[1] = records[1][:-1] + ', "text": "another text"}'
+    test.write_text("[\n" + ",\n".join(records) + "\n]\n")
+    expect_error(
+        spec,
+        tmp_path,
+        write_csv(tmp_path / "train.csv", train_rows),
+        test,
+        "test.json",
+        "a key given twice",
+        "row 2 (line 3) ('text')",
+    )
+
+
+def test_a_file_over_max_file_mb_is_refused_before_it_is_read(spec, tmp_path, train_rows, test_rows, monkeypatch):
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    test = write_csv(tmp_path / "test.csv", test_rows)
+    baseline = run(spec, tmp_path / "ok", train, test)
+    assert spec.max_file_mb == 2048
+    # the limit only refuses: a changed limit reuses the same folder
+    assert run(slice_of(spec, max_file_mb=4096), tmp_path / "ok", train, test) == baseline
+
+    with open(train, "a", encoding="utf-8") as handle:
+        handle.write("padding,card_arrival\n" * 60_000)  # ~1.3 MiB
+    opened: list[Path] = []
+    monkeypatch.setattr(tables, "read_table", lambda path, **kw: opened.append(path))
+    monkeypatch.setattr(dataset_module, "file_digest", lambda path: opened.append(path))
+    message = expect_error(
+        slice_of(spec, max_file_mb=1), tmp_path, train, test, "train.csv: the file is 1.2 MiB", "limit of 1 MiB"
+    )
+    assert "max_file_mb" in message and opened == []
+
+
+def test_label_ids_numbered_in_another_order_than_their_names_are_rejected(spec, tmp_path, train_rows, test_rows):
+    """The file says which class each id is (label_text, as Hugging Face exports have): ids in the file's
+    own order would be read as the domain's ids and relabel every row."""
+    file_order = sorted(LABELS)  # age_limit, card_arrival, …: not the domain's order
+    columns = ("text", "category", "category_text")
+
+    def with_ids(rows, order):
+        return [
+            {"text": r["text"], "category": order.index(r["category"]), "category_text": r["category"]} for r in rows
+        ]
+
+    train = write_csv(tmp_path / "f" / "train.csv", with_ids(train_rows, file_order), columns)
+    message = expect_error(
+        spec,
+        tmp_path,
+        train,
+        write_csv(tmp_path / "f" / "test.csv", with_ids(test_rows, file_order), columns),
+        "train.csv, column 'category'",
+        "label ids that column 'category_text' names otherwise",
+        "line 2 (id 1: 'card_linking' in the domain, 'card_arrival' in 'category_text')",
+        "0: file 'age_limit' / domain 'card_arrival'",
+        "label_column = 'category_text'",
+    )
+    assert "test.csv" in message  # both files are checked
+    # ids in the domain's order agree with their names: accepted, the same rows as by name
+    domain_order = list(spec.label_names)
+    by_ids = run(
+        spec,
+        tmp_path / "out",
+        write_csv(tmp_path / "d" / "train.csv", with_ids(train_rows, domain_order), columns),
+        write_csv(tmp_path / "d" / "test.csv", with_ids(test_rows, domain_order), columns),
+    )
+    by_name = run(
+        spec,
+        tmp_path / "out",
+        write_csv(tmp_path / "train.csv", train_rows),
+        write_csv(tmp_path / "test.csv", test_rows),
+    )
+    assert contents(by_ids) == contents(by_name)
+
+
+def test_parquet_class_label_ids_are_mapped_by_their_names(spec, tmp_path, train_rows, test_rows):
+    """A Parquet file written by ``datasets`` declares its ClassLabel names: its ids follow its own order."""
+    file_order = sorted(spec.label_names, reverse=True)
+    features = Features({"text": Value("string"), "category": ClassLabel(names=file_order)})
+
+    def as_parquet(path, rows):
+        columns = {"text": [r["text"] for r in rows], "category": [file_order.index(r["category"]) for r in rows]}
+        Dataset.from_dict(columns, features=features).to_parquet(str(path))
+        return path
+
+    parquet = run(
+        spec,
+        tmp_path / "out",
+        as_parquet(tmp_path / "train.parquet", train_rows),
+        as_parquet(tmp_path / "test.parquet", test_rows),
+    )
+    by_name = run(
+        spec,
+        tmp_path / "out",
+        write_csv(tmp_path / "train.csv", train_rows),
+        write_csv(tmp_path / "test.csv", test_rows),
+    )
+    assert contents(parquet) == contents(by_name)
+    assert read_ingest_report(parquet.path)["sources"]["train"]["label_ids_mapped_by_name"] == file_order
+
+
+def test_labels_named_by_numbers_are_never_read_as_positions(spec, tmp_path, train_rows, test_rows):
+    """With labels ["1", "2", "10", …], a value 0 is no label: read as an id it would silently be "1"."""
+    codes = dict(zip(LABELS, ["1", "2", "10", "33", "100"], strict=True))
+    data = slice_of(spec, label_names=tuple(codes.values()))
+
+    def coded(rows):
+        return [{"text": row["text"], "category": int(codes[row["category"]])} for row in rows]
+
+    test = coded(test_rows)
+    test[3]["category"] = 0
+    expect_error(
+        data,
+        tmp_path,
+        write_jsonl(tmp_path / "train.jsonl", coded(train_rows)),
+        write_jsonl(tmp_path / "test.jsonl", test),
+        "test.jsonl",
+        "unknown label",
+        "line 4 (0)",
+        "never as an id",
+    )
+
+
+def test_hub_ids_past_the_end_of_a_class_label_are_reported_not_crashed():
+    names = ["a", "b"]
+    mapped = ids_to_names([0, 1, -1, 7, "b"], names)
+    assert mapped[:3] == ["a", "b", None] and mapped[4] == "b"
+    assert "id 7" in mapped[3] and label_index({"a": 0, "b": 1, "c": 2}, mapped[3]) is None
+
+
 def test_read_table_keeps_empty_csv_cells_as_empty_strings(tmp_path):
     path = write_csv(tmp_path / "t.csv", [{"text": "", "category": "NA"}, {"text": "x", "category": ""}])
     frame = read_table(path)
@@ -715,4 +1008,66 @@ def test_summary_markdown(spec, tmp_path):
     text = dataset_summary_markdown(read_ingest_report(ref.path))
     assert ref.fingerprint in text and ref.test_fingerprint in text
     assert "| validation | 10 | 5 / 77 |" in text
-    assert "near-duplicates" in text and "`card_arrival` 18" in text
+    assert "whose text is in test" in text and "`card_arrival` 18" in text
+
+
+def _bad_jsonl(path: Path, rows: list[dict]) -> Path:
+    """A JSONL file whose line 1 holds a lone surrogate: what used to crash in Arrow and be retried."""
+    rows = [dict(row) for row in rows]
+    rows[0]["text"] = "my card \ud800"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _counting_reader(monkeypatch, fail_first_with: BaseException | None = None) -> list[int]:
+    """Patch the reader ingest uses: record the Prefect attempt (``task_run.run_count``) of each train read."""
+    attempts: list[int] = []
+    original = tables.read_table
+
+    def read(path, **kwargs):
+        if Path(path).stem == "train":
+            context = TaskRunContext.get()
+            attempts.append(context.task_run.run_count if context else 0)
+            if fail_first_with is not None and len(attempts) == 1:
+                raise fail_first_with
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(tables, "read_table", read)
+    return attempts
+
+
+def test_bad_data_fails_the_prefect_task_once_despite_its_retries(spec, tmp_path, monkeypatch):
+    """Through a real flow: the DataValidationError is final, the task's two retries are not used."""
+    monkeypatch.setenv("DOMAINFLOW_HOME", str(tmp_path / "home"))
+    train = _bad_jsonl(tmp_path / "train.jsonl", banking77_slice("train", LABELS, PER_CLASS_TRAIN))
+    test = write_jsonl(tmp_path / "test.jsonl", banking77_slice("test", LABELS, PER_CLASS_TEST))
+    attempts = _counting_reader(monkeypatch)
+    quick = ingest.with_options(retry_delay_seconds=0, refresh_cache=True)
+    assert quick.retries == 2
+
+    @flow(name="ingest-bad-data")
+    def ingest_bad_data():
+        return quick(spec.data_slice(), "customer_service", str(train), str(test), "fp-bad")
+
+    state = ingest_bad_data(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataValidationError, match=r"train\.jsonl.*lone surrogate.*line 1"):
+        state.result()
+    assert attempts == [1], f"the task ran {len(attempts)} times: {attempts}"
+
+
+def test_a_transient_os_error_is_retried_by_prefect(spec, tmp_path, monkeypatch):
+    """The same task retries what can pass on a second try: a flaky read succeeds on attempt 2."""
+    monkeypatch.setenv("DOMAINFLOW_HOME", str(tmp_path / "home"))
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    attempts = _counting_reader(monkeypatch, fail_first_with=OSError("flaky network disk"))
+    quick = ingest.with_options(retry_delay_seconds=0, refresh_cache=True)
+
+    @flow(name="ingest-flaky-disk")
+    def ingest_flaky_disk():
+        return quick(spec.data_slice(), "customer_service", str(train), str(test), "fp-flaky")
+
+    ref = ingest_flaky_disk()
+    assert attempts == [1, 2]
+    assert ref.num_rows["test"] == len(LABELS) * PER_CLASS_TEST
+    assert Path(ref.path).parent == tmp_path / "home" / "runs" / "customer_service" / "datasets"

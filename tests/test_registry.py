@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ import pytest
 import domainflow.registry as registry_module
 from domainflow.fingerprint import path_fingerprint
 from domainflow.records import Evaluation, ModelRef
-from domainflow.registry import ModelRegistry, RegistryError, VersionInfo
+from domainflow.registry import ModelRegistry, RegistryError, VersionInfo, verify_version
 from domainflow.spec import ClassificationSpec as DomainSpec
 from domainflow.spec import DataSource, QualityGates
 from tasks.deploy import apply_decision, artifact_key, candidate_rows, champion_metrics_for, decision_markdown
@@ -247,7 +250,19 @@ def test_crash_before_pointer_replace_keeps_the_old_champion(tmp_path, registry,
     assert [v.version for v in registry.versions()] == [1]  # the renamed version was taken back
     assert not list(registry.root.glob(".champion.json.*"))
     assert not list(registry.versions_dir.glob(".tmp-*"))
-    assert snapshot(registry.root) == before
+    # Everything but the history and the counter is as it was: the history now explains the failed
+    # attempt (its intent, then why it was aborted) and v2 is burnt, so it can never name another model.
+    unchanged = {k: v for k, v in before.items() if k not in ("history.jsonl", "state.json")}
+    assert snapshot(registry.root, skip=("history.jsonl", "state.json")) == unchanged
+    events = registry.history()
+    assert [(e["event"], e["version"]) for e in events] == [
+        ("promotion", 1),
+        ("promotion", 2),
+        ("promotion_aborted", 2),
+    ]
+    assert "power cut" in events[-1]["reason"]
+    assert promote(registry, fake_model(tmp_path, "three")).version == 3
+    assert registry.rollback().version == 1  # the aborted v2 never was a champion
 
 
 def test_stale_temp_dir_from_a_killed_process_is_cleaned(tmp_path, registry):
@@ -273,6 +288,136 @@ def test_nan_metrics_are_stored_as_strict_json(tmp_path, registry):
         fake_model(tmp_path, "one"), metrics={"test": {"accuracy": float("nan")}}, lineage={}, decision={}
     )
     assert json.loads((info.path / "metrics.json").read_text()) == {"test": {"accuracy": None}}
+
+
+# ---------------------------------------------------------------------------- version numbers
+
+
+def test_version_numbers_are_not_reused_after_the_top_version_is_deleted(tmp_path, registry):
+    for name in ("one", "two", "three"):
+        promote(registry, fake_model(tmp_path, name))
+    registry.rollback(reason="v3 is bad")
+    shutil.rmtree(registry._version_path(3))  # someone deletes the bad version by hand
+
+    # A reused 3 would make serving believe "same version, same model" and keep the deleted one in memory.
+    assert promote(registry, fake_model(tmp_path, "four")).version == 4
+    assert [v.version for v in registry.versions()] == [1, 2, 4]
+    assert json.loads(registry.state_file.read_text()) == {"next_version": 5}
+    assert registry.next_version() == 5
+
+
+def test_a_registry_from_before_the_counter_numbers_past_every_version_it_knows(tmp_path, registry):
+    for name in ("one", "two"):
+        promote(registry, fake_model(tmp_path, name))
+    registry.state_file.unlink()  # as an older domainflow left it
+    assert registry.next_version() == 3
+    assert promote(registry, fake_model(tmp_path, "three")).version == 3
+    assert json.loads(registry.state_file.read_text()) == {"next_version": 4}
+
+    # the counter and the top folder both gone: the history still remembers v3
+    registry.rollback()
+    registry.state_file.unlink()
+    shutil.rmtree(registry._version_path(3))
+    assert promote(registry, fake_model(tmp_path, "four")).version == 4
+
+
+def test_a_corrupt_counter_numbers_from_what_the_registry_shows(tmp_path, registry, caplog):
+    promote(registry, fake_model(tmp_path, "one"))
+    registry.state_file.write_text("{torn")
+    with caplog.at_level(logging.WARNING, logger="domainflow.registry"):
+        assert promote(registry, fake_model(tmp_path, "two")).version == 2
+    assert "state.json" in caplog.text
+    assert json.loads(registry.state_file.read_text()) == {"next_version": 3}
+
+
+# ---------------------------------------------------------------------------- manifests
+
+
+def test_a_promoted_version_has_a_manifest_of_every_file(tmp_path, registry):
+    card = tmp_path / "model_card.md"
+    card.write_text("# card\n")
+    info = promote(registry, fake_model(tmp_path, "one"), model_card=card)
+    manifest = json.loads(info.manifest.read_text())
+    on_disk = {
+        p.relative_to(info.path).as_posix(): p for p in info.path.rglob("*") if p.is_file() and p != info.manifest
+    }
+    assert (
+        set(manifest["files"])
+        == set(on_disk)
+        >= {
+            "model/model.safetensors",
+            "model/config.json",
+            "metrics.json",
+            "lineage.json",
+            "decision.json",
+            "model_card.md",
+        }
+    )
+    for rel, path in on_disk.items():
+        data = path.read_bytes()
+        assert manifest["files"][rel] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    verify_version(info)
+    assert registry.champion(verify=True).version == registry.load_champion().version == 1
+
+
+def _flip_a_byte(info: VersionInfo) -> Path:
+    path = info.model_dir / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the checksum can tell
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _remove_a_file(info: VersionInfo) -> Path:
+    path = info.model_dir / "tokenizer.json"
+    path.unlink()
+    return path
+
+
+def _add_a_file(info: VersionInfo) -> Path:
+    path = info.model_dir / "stray.bin"
+    path.write_bytes(b"not promoted")
+    return path
+
+
+def _edit_the_metrics(info: VersionInfo) -> Path:
+    path = info.path / "metrics.json"
+    path.write_text(json.dumps({"test": {"accuracy": 0.99}}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "finding"),
+    [
+        (_flip_a_byte, "changed: sha256"),
+        (_remove_a_file, "is missing"),
+        (_add_a_file, "is an extra file"),
+        (_edit_the_metrics, "changed: "),
+    ],
+    ids=["changed-byte", "missing-file", "extra-file", "edited-metrics"],
+)
+def test_verification_names_the_damaged_file(tmp_path, registry, damage, finding):
+    promote(registry, fake_model(tmp_path, "one"))
+    info = promote(registry, fake_model(tmp_path, "two"))
+    path = damage(info)
+
+    with pytest.raises(RegistryError, match=re.escape(f"{path} {finding}")):
+        verify_version(info)
+    with pytest.raises(RegistryError, match=re.escape(str(path))):
+        registry.load_champion()
+    assert registry.champion().version == 2  # the polled read stays cheap: it does not hash
+    registry.rollback()
+    with pytest.raises(RegistryError, match=re.escape(str(path))):
+        registry.rollback(2)  # rolling forward onto damaged files is refused
+    assert registry.champion().version == 1
+
+
+def test_a_version_without_a_manifest_loads_with_a_warning(tmp_path, registry, caplog):
+    info = promote(registry, fake_model(tmp_path, "one"))
+    info.manifest.unlink()  # as promoted by an older domainflow
+    with caplog.at_level(logging.WARNING, logger="domainflow.registry"):
+        assert registry.load_champion().version == 1
+    assert "v1 has no" in caplog.text and "not verified" in caplog.text
 
 
 # ---------------------------------------------------------------------------- concurrency

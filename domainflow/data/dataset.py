@@ -19,16 +19,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import pandas as pd
 import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value
 from datasets.table import InMemoryTable
 
 from domainflow.atomic import build_atomically
 from domainflow.data import tables
-from domainflow.data.labels import Labels
+from domainflow.data.labels import Labels, ids_to_names
 from domainflow.data.splitting import SPLITS, split
 from domainflow.data.tables import Table, format_of
-from domainflow.data.validation import Prepared, Rows, absent_classes, validate
+from domainflow.data.validation import Prepared, Rows, absent_classes, check_split_sizes, validate
 from domainflow.fingerprint import file_digest, value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.records import DatasetRef
@@ -37,6 +38,10 @@ from domainflow.spec import DataSlice
 __all__ = ["REPORT_NAME", "dataset_summary_markdown", "ingest_dataset", "read_ingest_report"]
 
 REPORT_NAME = "ingest_report.json"
+MIB = 2**20
+# Slice fields that only accept or refuse data, never change which rows are written: left out of the
+# folder's name, so raising a limit reuses the dataset instead of writing an identical one.
+ACCEPT_ONLY_FIELDS = frozenset({"max_file_mb", "min_test_rows"})
 
 Loader = Callable[[], tuple[Table, Table]]
 Sources = Callable[[Table, Table], dict[str, dict[str, Any]]]
@@ -55,13 +60,14 @@ def package_code_key() -> str:
     return digest.hexdigest()[:16]
 
 
-def ingest_recipe(data: DataSlice, domain: str, max_train: int | None, max_test: int | None, seed: int,
-           code_key: str | None) -> dict[str, Any]:
+def ingest_recipe(
+    data: DataSlice, domain: str, max_train: int | None, max_test: int | None, seed: int, code_key: str | None
+) -> dict[str, Any]:
     """Everything besides the source bytes that changes what ingest writes."""
     return {
         "code": code_key or package_code_key(),
         "domain": domain,
-        "data": data.model_dump(mode="json"),
+        "data": data.model_dump(mode="json", exclude=set(ACCEPT_ONLY_FIELDS)),
         "max_train_samples": max_train,
         "max_test_samples": max_test,
         "seed": seed,
@@ -108,8 +114,14 @@ def _label_counts(labels: Labels, rows: Rows) -> dict[str, int]:
     return {labels.names[label]: counts[label] for label in sorted(counts)}
 
 
-def _report(domain: str, fingerprint: str, recipe: dict[str, Any], sources: dict[str, dict[str, Any]],
-            prepared: Prepared, splits: Mapping[str, Rows]) -> dict[str, Any]:
+def _report(
+    domain: str,
+    fingerprint: str,
+    recipe: dict[str, Any],
+    sources: dict[str, dict[str, Any]],
+    prepared: Prepared,
+    splits: Mapping[str, Rows],
+) -> dict[str, Any]:
     labels = prepared.labels
     return {
         "domain": domain,
@@ -122,9 +134,11 @@ def _report(domain: str, fingerprint: str, recipe: dict[str, Any], sources: dict
         "labels_inferred_from": labels.inferred_from,
         "label_counts": {name: _label_counts(labels, rows) for name, rows in splits.items()},
         "absent_classes": {name: absent_classes(labels, rows) for name, rows in splits.items()},
-        "dropped_exact_duplicates": prepared.dropped_exact_duplicates,
-        "dropped_near_duplicates": len(prepared.near_duplicates),
-        "near_duplicates": prepared.near_duplicates[:50],
+        "leakage": recipe["data"]["leakage"],
+        "dropped_test_overlaps": len(prepared.test_overlaps),
+        "test_overlaps": prepared.test_overlaps,  # every train row dropped for its text being in test
+        "dropped_exact_duplicates": len(prepared.duplicates),
+        "exact_duplicates": prepared.duplicates,  # every extra copy dropped from train
     }
 
 
@@ -149,9 +163,18 @@ def _finished(target: Path) -> bool:
     return (target / REPORT_NAME).is_file()
 
 
-def build_dataset(data: DataSlice, domain: str, out_root: Path, fingerprint: str, recipe: dict[str, Any],
-                  load: Loader, sources: Sources, max_train: int | None, max_test: int | None,
-                  seed: int) -> DatasetRef:
+def build_dataset(
+    data: DataSlice,
+    domain: str,
+    out_root: Path,
+    fingerprint: str,
+    recipe: dict[str, Any],
+    load: Loader,
+    sources: Sources,
+    max_train: int | None,
+    max_test: int | None,
+    seed: int,
+) -> DatasetRef:
     """Shared by files and hub: reuse a finished folder, else validate, split, write, publish."""
     target = Path(out_root) / fingerprint
     log = run_logger(__name__)
@@ -161,6 +184,7 @@ def build_dataset(data: DataSlice, domain: str, out_root: Path, fingerprint: str
     train, test = load()
     prepared = validate(data, domain, train, test)
     splits = split(prepared.train, prepared.test, data.validation_fraction, max_train, max_test, seed)
+    check_split_sizes(data, prepared.labels, train, test, splits["train"], splits["test"], max_train, max_test)
     report = _report(domain, fingerprint, recipe, sources(train, test), prepared, splits)
 
     def write(folder: Path) -> None:
@@ -195,30 +219,64 @@ def ingest_dataset(
     validation is carved); ``max_test_samples`` bounds test. ``code_key`` identifies the code
     that ingests (default: this package's sources). When ``data.label_names`` is None the labels
     are the training file's values, sorted (see :mod:`domainflow.data.labels`), and the returned
-    record's ``label_names`` holds them. Raises :class:`DataValidationError` for any data problem.
+    record's ``label_names`` holds them. A file over ``data.max_file_mb`` is refused before it is
+    hashed or read; a Parquet file whose labels are a ``datasets`` ClassLabel has its ids mapped by
+    their names. Raises :class:`DataValidationError` for any data problem.
     """
     check_limits(max_train_samples, max_test_samples)
     paths = {"train": Path(train_path), "test": Path(test_path)}
     formats = {name: format_of(path) for name, path in paths.items()}  # checked before hashing
+    for path in paths.values():
+        tables.check_size(path, data.max_file_mb * MIB)  # before hashing too: that reads the whole file
+    class_names = {name: _class_label_names(data, paths[name], formats[name]) for name in paths}
     digests = {name: file_digest(path) for name, path in paths.items()}
     plan = ingest_recipe(data, domain, max_train_samples, max_test_samples, seed, code_key)
     fingerprint = value_fingerprint("ingest", digests, formats, plan)
 
     def table(name: str) -> Table:
         path = paths[name]
-        return Table(name=path.name, source=str(path.resolve()), fmt=formats[name], frame=tables.read_table(path))
+        frame = tables.read_table(path, max_bytes=data.max_file_mb * MIB)
+        names = class_names[name]
+        if names and data.label_column in frame.columns:
+            frame[data.label_column] = pd.Series(
+                ids_to_names(frame[data.label_column].tolist(), names), index=frame.index, dtype=object
+            )
+        return Table(name=path.name, source=str(path.resolve()), fmt=formats[name], frame=frame)
 
     def load() -> tuple[Table, Table]:
         return table("train"), table("test")
 
     def sources(train: Table, test: Table) -> dict[str, dict[str, Any]]:
-        return {
+        described = {
             name: {"path": table.source, "format": table.fmt, "sha256": digests[name], "rows": len(table.frame)}
             for name, table in (("train", train), ("test", test))
         }
+        for name, names in class_names.items():
+            if names:
+                described[name]["label_ids_mapped_by_name"] = names
+        return described
 
-    return build_dataset(data, domain, out_root, fingerprint, plan, load, sources,
-                         max_train_samples, max_test_samples, seed)
+    return build_dataset(
+        data, domain, out_root, fingerprint, plan, load, sources, max_train_samples, max_test_samples, seed
+    )
+
+
+def _class_label_names(data: DataSlice, path: Path, fmt: str) -> list[str]:
+    """The names a Parquet file gives its label ids (a ``datasets`` ClassLabel), to map its ids by name.
+
+    The file's ids follow its own label order; read as the domain's ids they would relabel rows
+    silently whenever the orders differ, so they are turned into names first, as the hub path does.
+    """
+    if fmt != "parquet":
+        return []
+    names = tables.class_label_names(path).get(data.label_column, [])
+    if names and data.label_names is not None and list(data.label_names) != names:
+        run_logger(__name__).info(
+            "%s: label ids mapped by the names the file declares (its order differs from the domain's): %s",
+            path.name,
+            names[:10],
+        )
+    return names
 
 
 def dataset_summary_markdown(report: Mapping[str, Any], *, extremes: int = 5) -> str:
@@ -243,8 +301,9 @@ def dataset_summary_markdown(report: Mapping[str, Any], *, extremes: int = 5) ->
         lines += [f"**Labels** taken from `{report['labels_inferred_from']}` (the domain lists none)"]
     lines += [
         "",
-        f"- dropped exact duplicates (train): {report['dropped_exact_duplicates']}",
-        f"- dropped near-duplicates of test rows (train): {report['dropped_near_duplicates']}",
+        f"- dropped exact duplicates (train): {report.get('dropped_exact_duplicates', 0)}",
+        f"- dropped train rows whose text is in test, exactly or up to case/whitespace "
+        f"(leakage = {report.get('leakage', 'drop')}): {report.get('dropped_test_overlaps', 0)}",
         f"- fingerprint: `{report['fingerprint']}`",
         f"- test fingerprint: `{report['test_fingerprint']}`",
     ]

@@ -16,6 +16,7 @@ from datasets import ClassLabel, Dataset
 
 from domainflow import settings
 from domainflow.data.dataset import build_dataset, check_limits, ingest_recipe
+from domainflow.data.labels import ids_to_names
 from domainflow.data.problems import DataValidationError
 from domainflow.data.tables import Table
 from domainflow.fingerprint import value_fingerprint
@@ -31,9 +32,11 @@ def hub_frame(source: DataSource, split: Dataset) -> pd.DataFrame:
     columns = split.to_dict()
     for name, feature in split.features.items():
         if isinstance(feature, ClassLabel):
-            columns[name] = [feature.int2str(v) if isinstance(v, int) and v >= 0 else None for v in columns[name]]
-    frame = pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()},
-                         columns=list(columns))
+            # not int2str: it raises a ValueError on an id past the end, which a pipeline would retry
+            columns[name] = ids_to_names(columns[name], feature.names)
+    frame = pd.DataFrame(
+        {name: pd.Series(values, dtype=object) for name, values in columns.items()}, columns=list(columns)
+    )
     frame.index = pd.RangeIndex(1, len(frame) + 1, name="row")
     return frame
 
@@ -79,9 +82,18 @@ def ingest_hub_dataset(
             for name, table in (("train", train), ("test", test))
         }
 
-    return build_dataset(data, domain, out_root, fingerprint, plan,
-                         lambda: (loaded_tables["train"], loaded_tables["test"]), sources,
-                         max_train_samples, max_test_samples, seed)
+    return build_dataset(
+        data,
+        domain,
+        out_root,
+        fingerprint,
+        plan,
+        lambda: (loaded_tables["train"], loaded_tables["test"]),
+        sources,
+        max_train_samples,
+        max_test_samples,
+        seed,
+    )
 
 
 def _frame_digest(frame: pd.DataFrame) -> str:

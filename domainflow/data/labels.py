@@ -6,6 +6,8 @@ are the distinct values of the training file, sorted so that the same data alway
 ids: numerically when every value is an integer (``2`` before ``10``), else as strings. Ids
 derived from the data are never re-interpreted as positions: with inferred labels ``"3"`` is the
 label named ``3``, and a test row whose label the training data lacks is an error, not a new class.
+For the same reason a listed label named by an integer (``labels = ["1", "2", "10"]``) turns id
+lookup off for that domain: ``0`` is then an unknown label, not silently the first one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
@@ -64,7 +66,9 @@ class Labels:
     def of(cls, data: DataSlice, train_values: Iterable[Any], train_name: str) -> Labels:
         """The slice's own labels, or (when it lists none) those found in the training values."""
         if data.label_names is not None:
-            return cls(tuple(data.label_names), data)
+            names = tuple(data.label_names)
+            by_name = {name: i for i, name in enumerate(names)} if numeric_names(names) else {}
+            return cls(names, data, None, by_name)
         names = sorted_labels(name for name in map(label_name, train_values) if name is not None)
         return cls(names, data, train_name, {name: i for i, name in enumerate(names)})
 
@@ -72,12 +76,24 @@ class Labels:
     def inferred(self) -> bool:
         return self.inferred_from is not None
 
+    @property
+    def ids_allowed(self) -> bool:
+        """Whether a raw integer may be a position in the list: only for listed labels none of which is a number."""
+        return not self.inferred and not self._index
+
     def index(self, value: Any) -> int | None:
         """The class id of a raw label value; None when it is not a label of this dataset."""
-        if not self.inferred:
+        if self.ids_allowed:
             return self.data.label_index(value)
         name = label_name(value)
         return None if name is None else self._index.get(name)
+
+    def is_id(self, value: Any) -> bool:
+        """Whether ``value`` was read as a position in the list (an integer id), not as a label's name."""
+        if not self.ids_allowed or is_missing(value):
+            return False
+        name = value.strip() if isinstance(value, str) else None
+        return name not in self.names and self.data.label_index(value) is not None
 
     def unknown_kind(self, is_train: bool) -> str:
         """How a label that does not map is described in the error."""
@@ -95,4 +111,36 @@ class Labels:
             source = self.inferred_from
             return f"Domain {domain!r} lists no labels, so they are the values found in {source}: {shown}{more}"
         count, examples = len(self.names), ", ".join(repr(name) for name in self.names[:5])
+        if not self.ids_allowed:
+            return (
+                f"Valid labels are the {count} names of domain {domain!r}, e.g. {examples}; its labels are named by "
+                f"numbers, so a value is always read as a name, never as an id (a position in the list)"
+            )
         return f"Valid labels are the {count} names of domain {domain!r} or their ids 0-{count - 1}, e.g. {examples}"
+
+
+def numeric_names(names: Iterable[str]) -> bool:
+    """Whether any label is named by an integer, which makes an integer value ambiguous between name and id."""
+    return any(_INTEGER.fullmatch(str(name).strip()) for name in names)
+
+
+def ids_to_names(values: Iterable[Any], names: Sequence[str]) -> list[Any]:
+    """Integer ids turned into the names a file declares for them (a hub or Parquet ClassLabel).
+
+    A negative id is the ``datasets`` convention for "no label" and becomes None (reported as a
+    missing label); an id past the end becomes a marker that matches no label, so validation reports
+    it instead of reading it as one of the domain's own ids; anything else is kept as it is.
+    """
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, float) and value.is_integer():  # an integer column with nulls is read as floats
+            value = int(value)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            number = int(value)
+            if 0 <= number < len(names):
+                out.append(names[number])
+            else:  # never let it reach the domain's own id lookup, where it could name another class
+                out.append(None if number < 0 else f"<id {number}: no such class in the file's {len(names)}>")
+        else:
+            out.append(value)
+    return out

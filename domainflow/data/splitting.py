@@ -73,16 +73,18 @@ def carve_validation(labels: Sequence[int], fraction: float, seed: int) -> tuple
     wanted = round(fraction * len(splittable))
     size = min(max(wanted, classes), len(splittable) - classes)
     if size > wanted:
-        run_logger(__name__).info("validation split enlarged from %d to %d rows so that each of %d classes appears",
-                                  wanted, size, classes)
+        run_logger(__name__).info(
+            "validation split enlarged from %d to %d rows so that each of %d classes appears", wanted, size, classes
+        )
     train_pos, validation_pos = train_test_split(
         splittable, test_size=size, stratify=[labels[p] for p in splittable], random_state=seed
     )
     return list(train_pos) + singles, list(validation_pos)
 
 
-def split(train: Rows, test: Rows, fraction: float, max_train: int | None, max_test: int | None,
-          seed: int) -> dict[str, Rows]:
+def split(
+    train: Rows, test: Rows, fraction: float, max_train: int | None, max_test: int | None, seed: int
+) -> dict[str, Rows]:
     """Subsample train (before carving validation, so max_train_samples bounds train+validation) and test."""
     train = train.select(stratified_subsample(train.labels, max_train, seed))
     test = test.select(stratified_subsample(test.labels, max_test, seed))

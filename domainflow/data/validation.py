@@ -8,14 +8,21 @@ an hour of training and a metric nobody can explain. So:
 * both files have the text and label columns, and at least one data row;
 * every text is a non-empty string; every label is one of the dataset's labels (see
   :mod:`.labels`: the domain's names or ids, or the values of the training file);
-* no text appears verbatim in both train and test (leakage inflates test metrics);
+* integer ids agree with the label names the same file gives beside them (``label_text``…):
+  when they do not, the file numbers its labels in another order than the domain, and reading
+  its ids as the domain's would relabel every row silently;
 * no text carries two different labels inside one file;
-* every class present in train has at least ``min_examples_per_class`` rows.
+* train holds at least two classes (one class is no classifier: the linear probe would crash),
+  and every class present in train has at least ``min_examples_per_class`` rows;
+* the test split has at least ``min_test_rows`` rows (checked on the final split by
+  :func:`check_split_sizes`): on fewer, the quality gates would compare noise.
 
-Two things are repaired rather than rejected, because the real public splits contain
-them and they are harmless once removed: exact duplicate rows inside train (extra copies
-are dropped) and train rows that differ from a test row only by case or whitespace
-(dropped from train, never from test, so the test set stays the published one).
+Leakage, a train text equal to a test text exactly or up to case and whitespace, follows one
+policy per domain (``leakage``): ``"drop"`` (the default) removes such rows from train with a
+warning naming their lines, and lists them in the ingest report; ``"fail"`` stops with the
+lines of both files. Test is never changed, so it stays the published set. Why not always stop:
+widely used public splits hold such pairs, and a user should not have to edit the published
+data to train on it. Exact duplicate rows inside train are repaired too (extra copies dropped).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from domainflow.data.tables import Table
 from domainflow.logs import run_logger
 from domainflow.spec import DataSlice
 
-__all__ = ["DataValidationError", "Prepared", "Rows", "absent_classes", "validate"]
+__all__ = ["DataValidationError", "Prepared", "Rows", "absent_classes", "check_split_sizes", "validate"]
 
 
 @dataclass
@@ -53,8 +60,8 @@ class Prepared:
     train: Rows
     test: Rows
     labels: Labels
-    dropped_exact_duplicates: int
-    near_duplicates: list[dict[str, str]]
+    duplicates: list[str]  # where the dropped extra copies of a train text were ("line 12")
+    test_overlaps: list[dict[str, str]]  # train rows whose text is in test: dropped (leakage = "drop")
 
 
 def normalise(text: str) -> str:
@@ -80,8 +87,9 @@ def _check_columns(data: DataSlice, domain: str, table: Table, problems: Problem
         )
 
 
-def _check_rows(data: DataSlice, domain: str, labels: Labels, table: Table, problems: Problems, *,
-                is_train: bool) -> Rows:
+def _check_rows(
+    data: DataSlice, domain: str, labels: Labels, table: Table, problems: Problems, *, is_train: bool
+) -> Rows:
     """Type-check every text and map every label to its index; report, never coerce."""
     texts: list[str] = []
     ids: list[int] = []
@@ -97,8 +105,14 @@ def _check_rows(data: DataSlice, domain: str, labels: Labels, table: Table, prob
         index = None if is_missing(label) else labels.index(label)
         if index is None:
             shown = "null" if is_missing(label) else clip(label)
-            problems.add(table.name, data.label_column, labels.unknown_kind(is_train), f"{location} ({shown})",
-                         hint=labels.hint(domain), note=table.note)
+            problems.add(
+                table.name,
+                data.label_column,
+                labels.unknown_kind(is_train),
+                f"{location} ({shown})",
+                hint=labels.hint(domain),
+                note=table.note,
+            )
         texts.append(text)
         ids.append(index if index is not None else -1)
     return Rows(texts, ids, where)
@@ -121,26 +135,125 @@ def _check_conflicts(data: DataSlice, labels: Labels, table: Table, rows: Rows, 
             )
 
 
-def _check_leakage(train: Table, train_rows: Rows, test: Table, test_rows: Rows, column: str,
-                   problems: Problems) -> None:
-    """A test text also present in train inflates every metric measured on it.
+# Columns in which a file may name the class its integer id stands for (Hugging Face exports carry `label_text`).
+NAME_COLUMNS = ("{column}_text", "{column}_name", "label_text", "label_name")
 
-    Only byte-identical texts are an error: the published Banking77 split has pairs that
-    differ by a leading newline or a double space, which are handled as near-duplicates.
+
+def _name_column(data: DataSlice, table: Table) -> str | None:
+    present = {str(column) for column in table.frame.columns}
+    for pattern in NAME_COLUMNS:
+        column = pattern.format(column=data.label_column)
+        if column in present and column not in (data.label_column, data.text_column):
+            return column
+    return None
+
+
+def _check_ids_against_names(data: DataSlice, labels: Labels, table: Table, rows: Rows, problems: Problems) -> None:
+    """An id whose row names another class of the domain: the file numbers its labels in another order.
+
+    Only rows whose label is an integer id of a listed label set are compared, and only with names
+    that are labels of the domain (up to case/whitespace): a name column in another vocabulary
+    ("Bearish" for "negative") says nothing about the order.
     """
-    in_test: dict[str, str] = {}
-    for text, where in zip(test_rows.texts, test_rows.where):
-        in_test.setdefault(text, where)
-    for text, where in zip(train_rows.texts, train_rows.where):
-        if text in in_test:
+    column = _name_column(data, table)
+    if labels.inferred or column is None:
+        return
+    by_key = {normalise(name): name for name in labels.names}
+    file_order: dict[int, str] = {}
+    found: list[str] = []
+    raw = table.frame[data.label_column].tolist()
+    given = table.frame[column].tolist()
+    for value, name, index, where in zip(raw, given, rows.labels, rows.where):
+        named = by_key.get(normalise(name)) if isinstance(name, str) else None
+        if named is None or index < 0 or not labels.is_id(value):
+            continue
+        file_order.setdefault(index, named)
+        if named != labels.names[index]:
+            found.append(f"{where} (id {index}: {labels.names[index]!r} in the domain, {name.strip()!r} in {column!r})")
+    if not found:
+        return
+    differ = [
+        f"{i}: file {file_order[i]!r} / domain {labels.names[i]!r}"
+        for i in sorted(file_order)
+        if file_order[i] != labels.names[i]
+    ]
+    shown = "; ".join(differ[:MAX_LISTED]) + (" …" if len(differ) > MAX_LISTED else "")
+    kind = (
+        f"label ids that column {column!r} names otherwise (the file numbers its labels in another order "
+        f"than the domain, so reading its ids as the domain's would relabel rows)"
+    )
+    hint = (
+        f"Ids in the file's order / the domain's: {shown}. Use the names (label_column = {column!r}) "
+        f"or list the domain's labels in the file's order"
+    )
+    for item in found:
+        problems.add(table.name, data.label_column, kind, item, hint=hint, note=table.note)
+
+
+def _test_overlaps(
+    train: Table, train_rows: Rows, test: Table, test_rows: Rows
+) -> tuple[list[int], list[dict[str, str]]]:
+    """Train rows whose text is a test text, exactly or up to case/whitespace: positions, and the pairs."""
+    test_keys: dict[str, int] = {}
+    for position, text in enumerate(test_rows.texts):
+        test_keys.setdefault(normalise(text), position)
+    positions: list[int] = []
+    pairs: list[dict[str, str]] = []
+    for position, text in enumerate(train_rows.texts):
+        match = test_keys.get(normalise(text))
+        if match is None:
+            continue
+        positions.append(position)
+        pairs.append(
+            {
+                "train": f"{train.name} {train_rows.where[position]}",
+                "test": f"{test.name} {test_rows.where[match]}",
+                "match": "exact" if text == test_rows.texts[match] else "case/whitespace",
+                "train_text": text,
+                "test_text": test_rows.texts[match],
+            }
+        )
+    return positions, pairs
+
+
+def _apply_leakage_policy(
+    data: DataSlice, train: Table, train_rows: Rows, test: Table, test_rows: Rows
+) -> tuple[Rows, list[dict[str, str]]]:
+    """One rule for exact and near duplicates across the splits: drop them from train, or stop (``leakage``)."""
+    positions, pairs = _test_overlaps(train, train_rows, test, test_rows)
+    if not pairs:
+        return train_rows, []
+    sign = {"exact": "=", "case/whitespace": "~"}
+    if data.leakage == "fail":
+        problems = Problems()
+        note = "; ".join(note for note in dict.fromkeys((train.note, test.note)) if note)
+        for pair in pairs:
+            exact = pair["match"] == "exact"
+            kind = (
+                "the same text is in both train and test (leakage)"
+                if exact
+                else "a train text equals a test text up to case/whitespace (leakage)"
+            )
             problems.add(
                 f"{train.name} / {test.name}",
-                column,
-                "the same text is in both train and test (leakage)",
-                f"{train.name} {where} = {test.name} {in_test[text]}: {clip(text)}",
-                hint="Remove it from one of the files",
-                note="; ".join(note for note in dict.fromkeys((train.note, test.note)) if note),
+                data.text_column,
+                kind,
+                f"{pair['train']} {sign[pair['match']]} {pair['test']}: {clip(pair['train_text'])}",
+                hint='Remove them from train, or set leakage = "drop" (the default) to drop them from train',
+                note=note,
             )
+        problems.raise_if_any()
+    dropped = set(positions)
+    shown = "; ".join(f"{pair['train']} {sign[pair['match']]} {pair['test']}" for pair in pairs[:MAX_LISTED])
+    more = f"; … and {len(pairs) - MAX_LISTED} more" if len(pairs) > MAX_LISTED else ""
+    run_logger(__name__).warning(
+        'dropped %d train row(s) whose text is in test, exactly or up to case/whitespace (leakage = "drop"; '
+        "all listed in the ingest report): %s%s",
+        len(pairs),
+        shown,
+        more,
+    )
+    return train_rows.select(p for p in range(len(train_rows.texts)) if p not in dropped), pairs
 
 
 def _drop_exact_duplicates(rows: Rows) -> tuple[Rows, list[str]]:
@@ -156,30 +269,6 @@ def _drop_exact_duplicates(rows: Rows) -> tuple[Rows, list[str]]:
             seen.add(key)
             keep.append(position)
     return rows.select(keep), dropped
-
-
-def _drop_near_duplicates_of_test(train: Table, train_rows: Rows, test: Table,
-                                  test_rows: Rows) -> tuple[Rows, list[dict[str, str]]]:
-    """Train rows equal to a test row up to case/whitespace leave train; test is never touched."""
-    test_keys: dict[str, int] = {}
-    for position, text in enumerate(test_rows.texts):
-        test_keys.setdefault(normalise(text), position)
-    keep: list[int] = []
-    pairs: list[dict[str, str]] = []
-    for position, text in enumerate(train_rows.texts):
-        match = test_keys.get(normalise(text))
-        if match is None:
-            keep.append(position)
-            continue
-        pairs.append(
-            {
-                "train": f"{train.name} {train_rows.where[position]}",
-                "test": f"{test.name} {test_rows.where[match]}",
-                "train_text": text,
-                "test_text": test_rows.texts[match],
-            }
-        )
-    return train_rows.select(keep), pairs
 
 
 def _check_class_sizes(data: DataSlice, labels: Labels, table: Table, rows: Rows) -> None:
@@ -201,8 +290,13 @@ def _check_class_sizes(data: DataSlice, labels: Labels, table: Table, rows: Rows
     absent = absent_classes(labels, rows)
     if absent:
         shown = ", ".join(absent[:MAX_LISTED]) + (" …" if len(absent) > MAX_LISTED else "")
-        run_logger(__name__).warning("%s: %d of %d classes have no training rows (allowed): %s",
-                                     table.name, len(absent), len(labels.names), shown)
+        run_logger(__name__).warning(
+            "%s: %d of %d classes have no training rows (allowed): %s",
+            table.name,
+            len(absent),
+            len(labels.names),
+            shown,
+        )
 
 
 def _check_enough_labels(data: DataSlice, labels: Labels, train: Table) -> None:
@@ -213,6 +307,57 @@ def _check_enough_labels(data: DataSlice, labels: Labels, train: Table) -> None:
             f"{train.name}, column {data.label_column!r}: the training data has fewer than two labels ({found}); "
             f"a classifier needs at least two (or list the domain's labels)"
         )
+
+
+def _check_two_classes(data: DataSlice, labels: Labels, table: Table, rows: Rows, after: str) -> None:
+    """One class is nothing to learn, and the linear probe (logistic regression) crashes on it."""
+    present = sorted(set(rows.labels))
+    if len(present) >= 2:
+        return
+    if present:
+        found = f"only {labels.names[present[0]]!r}: {len(rows.labels)} row(s), {rows.where[0]} to {rows.where[-1]}"
+    else:
+        found = "no rows"
+    raise DataValidationError(
+        f"{table.name}, column {data.label_column!r}: the training data holds a single class ({found}{after}); "
+        f"a classifier needs rows of at least two classes. Add rows of the other classes, or check that "
+        f"label_column names the right column"
+    )
+
+
+def check_split_sizes(
+    data: DataSlice,
+    labels: Labels,
+    train: Table,
+    test: Table,
+    train_rows: Rows,
+    test_rows: Rows,
+    max_train: int | None,
+    max_test: int | None,
+) -> None:
+    """The final splits (after ``max_*_samples``) can still train a classifier and judge it.
+
+    A test set of a handful of rows moves the primary metric by whole points per row, so the
+    quality gates and the champion/challenger comparison would be comparing noise.
+    """
+    _check_two_classes(
+        data,
+        labels,
+        train,
+        train_rows,
+        f", after subsampling to max_train_samples={max_train}" if max_train is not None else "",
+    )
+    rows = len(test_rows.texts)
+    if rows >= data.min_test_rows:
+        return
+    cut = max_test is not None and max_test < data.min_test_rows
+    limited = f" (max_test_samples={max_test} kept {rows})" if cut else ""
+    raise DataValidationError(
+        f"{test.name}: the test set has {rows} row(s){limited}, fewer than min_test_rows = {data.min_test_rows}: "
+        f"one row moves the metrics by {100 / max(rows, 1):.1f} points, so the quality gates would compare noise. "
+        f"Add test rows{', or raise max_test_samples' if cut else ''}, or lower min_test_rows in the domain "
+        f"file if a rough judgement is enough"
+    )
 
 
 def validate(data: DataSlice, domain: str, train: Table, test: Table) -> Prepared:
@@ -230,24 +375,27 @@ def validate(data: DataSlice, domain: str, train: Table, test: Table) -> Prepare
     test_rows = _check_rows(data, domain, labels, test, problems, is_train=False)
     problems.raise_if_any()
     _check_enough_labels(data, labels, train)
-    _check_conflicts(data, labels, train, train_rows, problems)
-    _check_conflicts(data, labels, test, test_rows, problems)
-    _check_leakage(train, train_rows, test, test_rows, data.text_column, problems)
+    for table, rows in ((train, train_rows), (test, test_rows)):
+        _check_ids_against_names(data, labels, table, rows, problems)
+        _check_conflicts(data, labels, table, rows, problems)
     problems.raise_if_any()
 
-    log = run_logger(__name__)
+    train_rows, overlaps = _apply_leakage_policy(data, train, train_rows, test, test_rows)
     train_rows, dropped = _drop_exact_duplicates(train_rows)
     if dropped:
-        log.warning("%s: dropped %d duplicate row(s) (same text, same label): %s",
-                    train.name, len(dropped), ", ".join(dropped[:MAX_LISTED]))
-    train_rows, near = _drop_near_duplicates_of_test(train, train_rows, test, test_rows)
-    if near:
-        log.warning(
-            "dropped %d train row(s) that match a test row up to case/whitespace: %s",
-            len(near), "; ".join(f"{pair['train']} ~ {pair['test']}" for pair in near[:MAX_LISTED]),
+        run_logger(__name__).warning(
+            "%s: dropped %d duplicate row(s) (same text, same label): %s",
+            train.name,
+            len(dropped),
+            ", ".join(dropped[:MAX_LISTED]),
         )
+    _check_two_classes(
+        data, labels, train, train_rows, ", after dropping duplicates and test texts" if (dropped or overlaps) else ""
+    )
     _check_class_sizes(data, labels, train, train_rows)
     absent_test = absent_classes(labels, test_rows)
     if absent_test:
-        log.warning("%s: %d of %d classes have no test rows", test.name, len(absent_test), len(labels.names))
-    return Prepared(train_rows, test_rows, labels, len(dropped), near)
+        run_logger(__name__).warning(
+            "%s: %d of %d classes have no test rows", test.name, len(absent_test), len(labels.names)
+        )
+    return Prepared(train_rows, test_rows, labels, dropped, overlaps)
