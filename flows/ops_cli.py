@@ -13,11 +13,16 @@ and tried on their own with ``python -m flows.ops_cli COMMAND``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from domainflow.settings import configure_environment
@@ -27,6 +32,15 @@ configure_environment()  # before Prefect / Hugging Face read their settings
 import typer  # noqa: E402
 
 DEFAULT_PREFECT_PORT = 4200
+
+# Why `ui` supervises the server instead of exec'ing it: uvicorn (under `prefect server start`, which
+# sets no graceful-shutdown timeout) answers SIGTERM by waiting for every open connection to finish,
+# without limit, and only a *second SIGINT* cuts that short. One client with a request in flight (a
+# browser tab, a half-sent body) kept the server running after `kill`, so a process manager could not
+# stop it. The supervisor forwards the signal, and escalates when the server does not stop in time.
+STOP_GRACE_SECONDS = 5.0  # the server's own graceful shutdown (open requests, its services, the database)
+STOP_FORCE_SECONDS = 3.0  # after the grace: SIGINT (uvicorn stops waiting for connections), then SIGKILL
+
 ops_app = typer.Typer(
     help="Serve champions over HTTP, schedule retraining, run the Prefect UI.",
     no_args_is_help=True,
@@ -83,11 +97,20 @@ def serve(
     ),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (costs throughput)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    protect_ops: bool = typer.Option(
+        True,
+        "--protect-ops/--open-ops",
+        help=(
+            "Require the API key for /metrics, /docs, /redoc, /openapi.json and /readyz's per-domain details "
+            "(default; also as Authorization: Bearer or Basic with the key as password). --open-ops serves them "
+            "to anyone who can reach the port."
+        ),
+    ),
 ) -> None:
     """Serve each domain's champion over HTTP.
 
     POST /v1/DOMAIN/predict or, for ranking domains, /v1/DOMAIN/rank (key in X-API-Key),
-    /v1/domains, /healthz, /readyz, /metrics, /docs."""
+    /v1/domains, /metrics, /docs (key needed too, unless --open-ops), /healthz, /readyz (open)."""
     import uvicorn
 
     from serving import ApiKeys, AuthConfigError, ServingConfig, create_app
@@ -105,6 +128,7 @@ def serve(
             max_texts=max_texts,
             max_chars=max_chars,
             poll_seconds=poll_seconds,
+            protect_operational=protect_ops,
         )
         app = create_app(config, api_keys=keys)
     except (AuthConfigError, ValueError) as exc:
@@ -123,7 +147,17 @@ def serve(
     typer.echo(
         f"serving {', '.join(app.state.store.slots)} from {config.registry_root} on http://{host}:{port} (docs: /docs)"
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=10)
+    # SIGTERM or Ctrl-C: requests in flight get STOP_GRACE_SECONDS to finish, then are cancelled, and the process
+    # exits (143 after SIGTERM) within a process manager's usual stop timeout (docker: 10 s), even with a client
+    # that never finishes its request.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=int(STOP_GRACE_SECONDS),
+    )
 
 
 # ---------------------------------------------------------------------------------------- ui
@@ -138,6 +172,9 @@ def prefect_server_env(host: str, port: int, base: dict[str, str] | None = None)
     env["PREFECT_SERVER_UI_API_URL"] = f"http://{url_host}:{port}/api"
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env.setdefault("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false")
+    # No question about Prefect profiles: the server runs in the background of `ui` (its own process group, stdin
+    # closed), where a prompt would stop it, and `ui` prints how to point other shells at it.
+    env["PREFECT_CLI_PROMPT"] = "false"
     env.pop("PREFECT_API_URL", None)  # the server is the API; a client setting here would only confuse the UI default
     return env
 
@@ -148,7 +185,7 @@ def ui(
     ),
     port: int = typer.Option(DEFAULT_PREFECT_PORT, min=1, max=65535, help="Port of the API and the UI."),
 ) -> None:
-    """Start a local Prefect server (SQLite under the domainflow home) with its UI; Ctrl-C stops it."""
+    """Start a local Prefect server (SQLite under the domainflow home) with its UI; Ctrl-C or SIGTERM stops it."""
     if not _port_free(host, port):
         _fail(
             f"{host}:{port} is already in use: is a Prefect server already running? Try http://{host}:{port} or "
@@ -164,10 +201,92 @@ def ui(
     if not _is_loopback(host):
         typer.echo("warning: the Prefect server has no authentication and is now reachable from the network", err=True)
     sys.stdout.flush()
-    # exec: the server *is* this process, so Ctrl-C and SIGTERM reach it directly.
-    os.execve(
-        sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env
+    code = run_supervised(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env
     )
+    raise typer.Exit(code=code)
+
+
+def _die_with(parent: int) -> None:
+    """In the child, before exec: SIGKILL when the supervisor dies without stopping it (kill -9), so no server
+    is left running that nothing owns (Linux; elsewhere the supervisor's own cleanup is all there is)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def _signal_group(leader: int, sig: int) -> None:
+    try:
+        os.killpg(leader, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+
+
+def run_supervised(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    grace_seconds: float = STOP_GRACE_SECONDS,
+    force_seconds: float = STOP_FORCE_SECONDS,
+) -> int:
+    """Run ``argv`` as a child in its own process group until it exits or this process is told to stop.
+
+    SIGTERM, SIGINT or SIGHUP here: the child gets SIGTERM (SIGINT for SIGINT), then SIGINT if it is
+    still running after ``grace_seconds`` (or at a second signal), then its whole group SIGKILL after
+    ``force_seconds`` more. Returns 0 after a requested stop, else the child's exit status. The child has
+    its own group so that a terminal's Ctrl-C reaches it once, through here, not twice (which would skip
+    its graceful shutdown).
+    """
+    child = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,  # in a background process group, reading the terminal would stop it (SIGTTIN)
+        process_group=0,
+        preexec_fn=functools.partial(_die_with, os.getpid()),
+    )
+    stop: dict[str, Any] = {"requests": 0, "since": 0.0, "stage": 0}
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop["requests"] += 1
+        if stop["requests"] == 1:
+            stop["since"] = time.monotonic()
+            _signal_group(child.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        else:  # asked again: do not wait for the grace period
+            stop["since"] = time.monotonic() - grace_seconds
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, request_stop) for sig in handled}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if not stop["requests"]:
+                continue
+            waited = time.monotonic() - stop["since"]
+            if stop["stage"] == 0 and waited >= grace_seconds:
+                stop["stage"] = 1
+                typer.echo(f"the server did not stop within {grace_seconds:g}s: interrupting it", err=True)
+                _signal_group(child.pid, signal.SIGINT)
+            elif stop["stage"] == 1 and waited >= grace_seconds + force_seconds:
+                stop["stage"] = 2
+                typer.echo("the server still runs: killing it", err=True)
+                _signal_group(child.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:  # an error here, not a stop: leave nothing behind
+            _signal_group(child.pid, signal.SIGKILL)
+            child.wait()
+    _signal_group(child.pid, signal.SIGKILL)  # anything the server started and left behind
+    if stop["requests"]:
+        return 0
+    return 128 - code if code < 0 else code
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -322,8 +441,44 @@ def schedule(
         f"scheduling {', '.join(d.name for d in deployments)} on {cron!r} ({timezone}) at {api_url}; UI: "
         f"{api_url.removesuffix('/api')}/deployments"
     )
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        prefect_serve(*deployments)
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # Prefect's serve stops on it, as on Ctrl-C
+
+    # Prefect's runner installs its SIGTERM handler (pause, then exit) only once it starts, *after* it has
+    # created the deployments: a SIGTERM in between would end the process with the schedules active and no
+    # runner to run them. Until then a SIGTERM counts as Ctrl-C, and the schedules are paused on every way out.
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            prefect_serve(*deployments)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _pause_deployments(deployments, api_url)
+
+
+def _pause_deployments(deployments: list, api_url: str) -> None:
+    """Pause what `schedule` created (a no-op for those the runner already paused); a failure is reported, since
+    active schedules without a runner pile up late runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            for deployment in deployments:
+                try:
+                    found = client.read_deployment_by_name(deployment.full_name)
+                except ObjectNotFound:
+                    continue  # stopped before it was created
+                if not found.paused:
+                    client.pause_deployment(found.id)
+    except Exception as exc:  # the server may be gone too: say what is left to do
+        typer.echo(
+            f"warning: could not pause the schedules ({type(exc).__name__}: {exc}); pause them in the UI", err=True
+        )
 
 
 for _command in (serve, schedule, ui):

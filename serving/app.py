@@ -30,7 +30,7 @@ from domainflow.kinds import KINDS, kind_of, resolve
 from domainflow.recsys.bundle import UnknownItemsError
 from domainflow.registry import VersionInfo
 from domainflow.spec import ClassificationSpec, DomainSpec
-from serving.auth import ApiKeyMiddleware, ApiKeys, require_api_key
+from serving.auth import OPERATIONAL_PATHS, ApiKeyMiddleware, ApiKeys, operational_key, require_api_key
 from serving.batching import BatcherClosedError, MicroBatcher, QueueFullError
 from serving.config import ServingConfig
 from serving.inference import NoModelError, batch_function, prediction_record
@@ -196,7 +196,12 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     # add_middleware puts each new one outside the previous: metrics → key check → body size → routes.
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=keys, protected_prefix="/v1/")
+    app.add_middleware(
+        ApiKeyMiddleware,
+        keys=keys,
+        protected_prefix="/v1/",
+        protected_paths=OPERATIONAL_PATHS if config.protect_operational else (),
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics, router=app.router)
 
     authenticated = [Depends(require_api_key(keys))]
@@ -238,18 +243,24 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"])
-    async def readyz() -> JSONResponse:
-        """Ready when at least one domain is served and every domain with a champion has a model loaded."""
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready when at least one domain is served and every domain with a champion has a model loaded.
+
+        Open, since an orchestrator's probe carries no key; the per-domain statuses (names, what is served)
+        are added only for a caller with a valid key, unless the operational endpoints are open."""
         statuses = {name: slot.status for name, slot in store.slots.items()}
         waiting = [
             name for name, slot in store.slots.items() if slot.champion_version is not None and slot.current is None
         ]
         ready = any(slot.current is not None for slot in store.slots.values()) and not waiting
-        return JSONResponse({"ready": ready, "domains": statuses}, status_code=200 if ready else 503)
+        detailed = not config.protect_operational or keys.accepts(operational_key(request.scope["headers"]))
+        body: dict[str, Any] = {"ready": ready, "domains": statuses} if detailed else {"ready": ready}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus_metrics() -> Response:
-        """Prometheus text format: requests, latency, errors, batch sizes, model versions."""
+        """Prometheus text format: requests, latency, errors, batch sizes, model versions (key needed unless the
+        operational endpoints are open: scrape with ``basic_auth`` or a bearer credentials file)."""
         for name, batcher in batchers.items():
             metrics.queue_depth.labels(name).set(batcher.queued)
         body, content_type = metrics.render()

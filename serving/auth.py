@@ -13,6 +13,8 @@ refuses to start: "open by accident" is the failure this module exists to preven
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -26,6 +28,11 @@ API_KEY_HEADER = "X-API-Key"
 KEYS_ENV = "DOMAINFLOW_API_KEYS"
 KEYS_FILE_ENV = "DOMAINFLOW_API_KEYS_FILE"
 MIN_KEY_LENGTH = 16
+# What the service says about itself beyond "the process is up": which domains, which versions, how much
+# traffic (metrics), and the full API surface (docs). Behind the key unless ServingConfig.protect_operational
+# is off. /healthz stays open (it says nothing but "ok"); /readyz stays open for orchestrators, without details.
+OPERATIONAL_PATHS = frozenset({"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+_BASIC_CHALLENGE = 'Basic realm="domainflow", charset="UTF-8"'
 
 
 class AuthConfigError(ValueError):
@@ -87,6 +94,41 @@ class ApiKeys:
         return found
 
 
+def _header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    value = next((value for key, value in headers if key == name), None)
+    return None if value is None else value.decode("latin-1")
+
+
+def _key_from_authorization(value: str | None) -> str | None:
+    """The key in ``Authorization: Bearer KEY`` or ``Basic base64(any-user:KEY)``.
+
+    Why besides ``X-API-Key``: the readers of the operational endpoints cannot always set a header of
+    their own. A browser opening /docs answers a Basic challenge with a login prompt (the key is the
+    password), and Prometheus scrapes with ``basic_auth`` or ``authorization: {credentials_file}``.
+    """
+    if not value:
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer":
+        return credentials or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2] or None
+    return None
+
+
+def operational_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key a request to an operational endpoint presents: ``X-API-Key``, else from ``Authorization``."""
+    headers = list(headers)
+    return _header_value(headers, API_KEY_HEADER.lower().encode("latin-1")) or _key_from_authorization(
+        _header_value(headers, b"authorization")
+    )
+
+
 _header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="An API key configured on the server.")
 
 
@@ -117,28 +159,41 @@ class ApiKeyMiddleware:
     dependencies, so a keyless request with a malformed body would get a 422 describing the
     body. With the check first, whoever has no key learns nothing but 401. The route dependency
     stays, to document the scheme in OpenAPI and to guard any route added outside the prefix.
+
+    ``protected_paths`` (the operational endpoints, when protected) take the key in ``X-API-Key``
+    or in ``Authorization`` (see :func:`operational_key`); their 401 also carries a Basic
+    challenge, so a browser asks for the key instead of showing a bare error.
     """
 
-    def __init__(self, app, keys: ApiKeys, protected_prefix: str = "/v1/") -> None:
+    def __init__(self, app, keys: ApiKeys, protected_prefix: str = "/v1/", protected_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.keys = keys
         self.protected_prefix = protected_prefix
+        self.protected_paths = frozenset(protected_paths)
         self._header = API_KEY_HEADER.lower().encode("latin-1")
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope.get("path", "").startswith(self.protected_prefix):
-            presented = next((value for name, value in scope.get("headers", ()) if name == self._header), None)
-            if presented is None or not self.keys.accepts(presented.decode("latin-1")):
-                from fastapi.responses import JSONResponse
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            operational = path in self.protected_paths
+            if operational or path.startswith(self.protected_prefix):
+                headers = scope.get("headers", ())
+                presented = operational_key(headers) if operational else _header_value(headers, self._header)
+                if presented is None or not self.keys.accepts(presented):
+                    from fastapi.responses import JSONResponse
 
-                detail = (
-                    f"missing API key: send it in the {API_KEY_HEADER} header"
-                    if presented is None
-                    else "invalid API key"
-                )
-                response = JSONResponse(
-                    {"detail": detail}, status_code=status.HTTP_401_UNAUTHORIZED, headers={"WWW-Authenticate": "ApiKey"}
-                )
-                await response(scope, receive, send)
-                return
+                    detail = (
+                        f"missing API key: send it in the {API_KEY_HEADER} header"
+                        if presented is None
+                        else "invalid API key"
+                    )
+                    response = JSONResponse(
+                        {"detail": detail},
+                        status_code=status.HTTP_401_UNAUTHORIZED,
+                        headers={"WWW-Authenticate": "ApiKey"},
+                    )
+                    if operational:
+                        response.headers.append("WWW-Authenticate", _BASIC_CHALLENGE)
+                    await response(scope, receive, send)
+                    return
         await self.app(scope, receive, send)

@@ -28,6 +28,11 @@ class ServingConfig:
     * ``poll_seconds``: how often champion.json is checked for a new champion.
     * ``retry_failed_load_seconds``: a champion that failed to load is retried after this long even
       if the pointer did not change (a transient I/O error should not need a restart).
+    * ``protect_operational``: ``/metrics``, ``/docs``, ``/redoc`` and ``/openapi.json`` need the API key,
+      and ``/readyz`` names domains and versions only to a caller with one. On by default: they tell
+      anyone who can reach the port which domains are served, at which version, with how much traffic,
+      and the service already demands a key for ``/v1``. Off for a scrape on a trusted network that
+      cannot send credentials. ``/healthz`` is always open and says nothing but "ok".
     """
 
     registry_root: Path = field(default_factory=settings.registry_dir)
@@ -40,6 +45,7 @@ class ServingConfig:
     max_queued_requests: int = 4096
     poll_seconds: float = 1.0
     retry_failed_load_seconds: float = 30.0
+    protect_operational: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_chars", "max_top_k", "max_batch_texts", "max_queued_requests"):

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -21,11 +22,12 @@ from typer.testing import CliRunner
 from domainflow.catalog import get_domain
 from domainflow.monitoring.aggregation import window_counts
 from domainflow.monitoring.batch import BatchValidationError, read_batch
-from domainflow.monitoring.config import SurgeRule, build_config
+from domainflow.monitoring.config import WEBHOOK_ALLOW_HOSTS_ENV, SurgeRule, WebhookSettings, build_config
 from domainflow.monitoring.replay import build_replay
 from domainflow.monitoring.store import ScoreStore
 from domainflow.monitoring.surge import detect_surges
 from domainflow.monitoring.topics import TopicExtractor, cashtags
+from domainflow.monitoring.webhook import deliver
 from flows.monitor import MonitorError, alert_key, monitor_batch, replay
 from flows.monitor_cli import monitor_app
 
@@ -344,15 +346,22 @@ def test_crash_mid_batch_loses_nothing_and_duplicates_nothing(
 
 
 class _Receiver(BaseHTTPRequestHandler):
-    """A webhook receiver: answers with the class's status and keeps every JSON body."""
+    """A webhook receiver: answers with the class's status (and ``location``, for a redirect) and keeps every
+    JSON body and the Host header it came with."""
 
     status = 200
+    location: str | None = None
     bodies: list = []
+    hosts: list = []
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         length = int(self.headers.get("Content-Length", 0))
         type(self).bodies.append(json.loads(self.rfile.read(length)))
+        type(self).hosts.append(self.headers.get("Host"))
         self.send_response(type(self).status)
+        if type(self).location:
+            self.send_header("Location", type(self).location)
+        self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"{}")
 
@@ -362,7 +371,7 @@ class _Receiver(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
-    handler = type("Receiver", (_Receiver,), {"status": 200, "bodies": []})
+    handler = type("Receiver", (_Receiver,), {"status": 200, "location": None, "bodies": [], "hosts": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -380,7 +389,11 @@ def test_webhook_posts_the_alert_and_its_failure_never_fails_the_flow(
     url, handler = receiver
     handler.status = status
     batch, plan = _stream(tmp_path, "stream")
-    config = {**FLOW_CONFIG, "webhook": {"url": url, "retries": 2, "retry_delay_seconds": 0}}
+    # The receiver is on loopback, which the SSRF guard refuses unless the host is allowed explicitly.
+    config = {
+        **FLOW_CONFIG,
+        "webhook": {"url": url, "retries": 2, "retry_delay_seconds": 0, "allow_hosts": ["127.0.0.1"]},
+    }
     result = monitor_batch(
         str(batch), domain=tiny_finance["domain"], config=config, store_path=str(tmp_path / "s.sqlite")
     )
@@ -414,12 +427,166 @@ def test_unreachable_webhook_is_logged_not_fatal(tiny_finance: dict, tmp_path: P
             "retries": 1,
             "retry_delay_seconds": 0,
             "timeout_seconds": 2,
+            "allow_hosts": ["127.0.0.1"],
         },
     }
     result = monitor_batch(
         str(batch), domain=tiny_finance["domain"], config=config, store_path=str(tmp_path / "s.sqlite")
     )
     assert result["alerts"][0]["webhook"].startswith("failed after 2 tries")
+
+
+def test_webhook_to_loopback_is_refused_and_the_alert_says_so(tiny_finance: dict, tmp_path: Path, receiver) -> None:
+    """Without an allow-list entry, a loopback receiver gets nothing; the alert is recorded as not sent, with why."""
+    url, handler = receiver
+    batch, _ = _stream(tmp_path, "stream")
+    config = {**FLOW_CONFIG, "webhook": {"url": url, "retries": 3, "retry_delay_seconds": 0}}
+    result = monitor_batch(
+        str(batch), domain=tiny_finance["domain"], config=config, store_path=str(tmp_path / "s.sqlite")
+    )
+    (alert,) = result["alerts"]
+    assert handler.bodies == []
+    assert alert["webhook"].startswith("not sent: refused: 127.0.0.1 is a loopback address")
+    assert "allow_hosts" in alert["webhook"] and "secret-token" not in alert["webhook"]
+    stored = ScoreStore(tmp_path / "s.sqlite").alerts()
+    assert [(a["topic"], a["notified"]) for a in stored] == [("$ACME", alert["webhook"])]
+
+
+def _hook(**settings: Any) -> WebhookSettings:
+    return WebhookSettings(**{"retries": 3, "retry_delay_seconds": 0, **settings})
+
+
+def test_webhook_allow_list_comes_from_settings_or_the_environment(receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, handler = receiver
+    monkeypatch.delenv(WEBHOOK_ALLOW_HOSTS_ENV, raising=False)
+    refused = deliver(url, {"n": 1}, _hook())
+    assert (refused.delivered, refused.attempts, handler.bodies) == (False, 0, [])
+    monkeypatch.setenv(WEBHOOK_ALLOW_HOSTS_ENV, " example.org , 127.0.0.1")
+    sent = deliver(url, {"n": 2}, _hook())
+    assert (sent.delivered, sent.attempts, sent.summary(), handler.bodies) == (True, 1, "sent (HTTP 200)", [{"n": 2}])
+    monkeypatch.delenv(WEBHOOK_ALLOW_HOSTS_ENV)
+    assert deliver(url.replace("127.0.0.1", "localhost"), {"n": 3}, _hook(allow_hosts=["LOCALHOST."])).delivered
+    for bad in ("http://127.0.0.1/", "127.0.0.1:8080", "", "user@host"):
+        with pytest.raises(ValueError, match="allow_hosts"):
+            WebhookSettings(allow_hosts=[bad])
+    assert WebhookSettings(allow_hosts=["[::1]", "fd00::1", " hooks.internal "]).allow_hosts[2] == "hooks.internal"
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", "link-local"),
+        ("http://[fe80::1]/hook", "link-local"),
+        ("http://[::ffff:169.254.169.254]/hook", "link-local"),
+        ("http://10.1.2.3/hook", "private"),
+        ("https://192.168.0.10:8443/hook", "private"),
+        ("http://[fd12:3456::1]/hook", "private"),
+        ("http://[2002:a01:203::1]/hook", "private"),  # 6to4 wrapping 10.1.2.3
+        ("http://0.0.0.0:8080/hook", "unspecified"),
+        ("http://224.0.0.251/hook", "multicast"),
+        ("http://100.64.0.1/hook", "not a globally routable"),
+        ("http://[::1]/hook", "loopback"),
+        ("ftp://example.com/hook", "must be http(s)"),
+        ("file:///etc/passwd", "must be http(s)"),
+    ],
+)
+def test_webhook_to_a_non_public_address_is_refused_without_network_io(
+    url: str, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An address in the URL is judged as it is: no lookup, no connection, no request."""
+    import socket
+
+    touched: list[str] = []
+
+    def no_network(name: str):
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            touched.append(name)
+            raise AssertionError(f"{name} called")
+
+        return refuse
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", no_network("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", no_network("connect"))
+    monkeypatch.delenv(WEBHOOK_ALLOW_HOSTS_ENV, raising=False)
+    delivery = deliver(url, {"topic": "$ACME"}, _hook())
+    assert (delivery.delivered, delivery.attempts, delivery.status) == (False, 0, None)
+    assert reason in delivery.reason and delivery.summary().startswith("not sent: ")
+    assert touched == []
+
+
+def test_webhook_host_names_are_judged_by_every_address_they_resolve_to(
+    receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name is resolved first; one private address among public ones is enough to refuse (the client could
+    connect to it). A name that passes is connected to at the address that was checked, with its own Host."""
+    import socket
+
+    url, handler = receiver
+    port = int(url.split(":")[2].split("/")[0])
+
+    def dns(table: dict[str, list[str]]):
+        def resolve(host: str, port_: int, **kwargs: Any) -> list[tuple]:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port_)) for ip in table[host]]
+
+        return resolve
+
+    metadata = dns({"metadata.example": ["169.254.169.254"]})
+    refused = deliver("http://metadata.example/computeMetadata/v1/", {}, _hook(), resolve=metadata)
+    assert not refused.delivered and "metadata.example resolves to 169.254.169.254, which is a link-local" in (
+        refused.reason
+    )
+    mixed = dns({"hooks.example": ["93.184.215.14", "10.0.0.7"]})
+    assert (
+        "10.0.0.7, which is a private address" in deliver("https://hooks.example/x", {}, _hook(), resolve=mixed).reason
+    )
+    assert handler.bodies == []
+
+    # Pinning, seen from the receiver: the vetted address is dialled, the Host header names the host.
+    from domainflow.monitoring import webhook
+
+    public_looking = dns({"hooks.example": ["127.0.0.1"]})
+    monkeypatch.setattr(webhook, "forbidden_reason", lambda address: None)  # 127.0.0.1 passes as public
+    sent = deliver(f"http://hooks.example:{port}/hooks/secret-token", {"n": 1}, _hook(), resolve=public_looking)
+    assert sent.delivered and handler.bodies == [{"n": 1}] and handler.hosts == [f"hooks.example:{port}"]
+
+
+def test_webhook_4xx_is_answered_once_and_a_redirect_is_not_followed(receiver) -> None:
+    url, handler = receiver
+    handler.status = 404
+    rejected = deliver(url, {"n": 1}, _hook(retries=5, allow_hosts=["127.0.0.1"]))
+    assert len(handler.bodies) == 1
+    assert (rejected.delivered, rejected.attempts, rejected.status) == (False, 1, 404)
+    assert rejected.summary().startswith("failed after 1 try: ") and "HTTP 404" in rejected.reason
+    assert "secret-token" not in rejected.summary()
+
+    handler.status, handler.location = 302, "http://169.254.169.254/latest/meta-data/"
+    redirected = deliver(url, {"n": 2}, _hook(retries=5, allow_hosts=["127.0.0.1"]))
+    assert len(handler.bodies) == 2  # one request, and nothing sent to where the redirect points
+    assert (redirected.delivered, redirected.attempts, redirected.status) == (False, 1, 302)
+    assert "not followed" in redirected.reason
+
+
+def test_webhook_5xx_is_retried_until_the_deadline(receiver) -> None:
+    """Tries 1 s apart under a 3.5 s deadline: four tries, then no wait that would end past it. The clock is the
+    test's (each wait moves it), the requests are real: the count does not depend on the machine's speed."""
+    url, handler = receiver
+    handler.status = 503
+    now = [1000.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    settings = _hook(retries=50, retry_delay_seconds=1.0, deadline_seconds=3.5, allow_hosts=["127.0.0.1"])
+    failed = deliver(url, {"n": 1}, settings, clock=lambda: now[0], sleep=sleep)
+    assert len(handler.bodies) == 4
+    assert (failed.delivered, failed.attempts, failed.status) == (False, 4, 503)
+    assert failed.summary().startswith("failed after 4 tries: ") and "deadline of 3.5s reached" in failed.reason
+
+    handler.bodies.clear()
+    handler.status = 500
+    exhausted = deliver(url, {"n": 2}, _hook(retries=2, allow_hosts=["127.0.0.1"]), clock=lambda: now[0], sleep=sleep)
+    assert len(handler.bodies) == 3 and exhausted.attempts == 3 and "deadline" not in exhausted.reason
 
 
 def test_replay_raises_exactly_the_injected_alert(

@@ -206,6 +206,7 @@ def test_ui_refuses_a_busy_port(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("ui tried to start a server")
 
     monkeypatch.setattr(os, "execve", must_not_exec)
+    monkeypatch.setattr(subprocess, "Popen", must_not_exec)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -217,6 +218,162 @@ def test_ui_environment_names_the_api_on_any_port() -> None:
     env = prefect_server_env("0.0.0.0", 4555, base={"PREFECT_API_URL": "http://elsewhere:4200/api"})
     assert env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:4555/api"
     assert "PREFECT_API_URL" not in env and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
+# ------------------------------------------------------------------------------------ stopping
+
+
+STOP_KEY = "stop-test-key-5c1e9a7b3d"
+
+
+def port_free(port: int) -> bool:
+    """Whether a new server could bind the port now (as servers do, with SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def session_members(session: int) -> list[str]:
+    """The processes still in a session (Linux /proc): what a command started and left behind."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended while we looked
+        fields = text.rpartition(")")[2].split()  # after "pid (comm)": state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and fields[0] != "Z":
+            members.append(text.split(")")[0] + ")")
+    return members
+
+
+def stuck_request(port: int, path: str, headers: str = "") -> socket.socket:
+    """A client whose request never completes: its headers promise a body that never comes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
+        "Content-Length: 100\r\n\r\n{".encode()
+    )
+    return sock
+
+
+def sigterm_stops(process: subprocess.Popen, port: int, path: str, log: Path, headers: str = "") -> None:
+    """SIGTERM to the process (not its group: what `kill PID` or a process manager does) while a client has a
+    request in flight; the command must exit, free its port and leave no process of its session behind."""
+    with stuck_request(port, path, headers):
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=90)  # only turns a hang into a failure
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 90 s after SIGTERM\n{log.read_text()[-4000:]}") from None
+    assert process.returncode in (0, -signal.SIGTERM), f"exit {process.returncode}\n{log.read_text()[-4000:]}"
+    wait_for(lambda: port_free(port), f"port {port} to be free", timeout=30, log=log)
+    if Path("/proc/self/stat").exists():
+        wait_for(lambda: not session_members(process.pid), "the command's processes to end", timeout=30, log=log)
+
+
+def test_ui_stops_on_sigterm_with_its_server_even_with_a_request_in_flight(tmp_path: Path) -> None:
+    """Measured before: `prefect server start` (uvicorn) waits for every open request on SIGTERM, without limit."""
+    port, log = free_port(), tmp_path / "ui.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.ops_cli", "ui", "--port", str(port)],
+            cwd=PROJECT_ROOT,
+            env=clean_env(tmp_path / "home"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def healthy() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"ui exited with {process.returncode}: {log.read_text()[-3000:]}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, "the Prefect server", timeout=180, log=log)
+        sigterm_stops(process, port, "/api/flow_runs/filter", log)
+    finally:
+        stop_group(process, signal.SIGKILL)
+
+
+def test_serve_stops_on_sigterm_even_with_a_request_in_flight(tmp_path: Path) -> None:
+    """`domainflow serve` of a domain without a champion yet (not ready, but up), stopped by SIGTERM."""
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.ops_cli", "serve", "customer_service", "--port", str(port)],
+            cwd=PROJECT_ROOT,
+            env=clean_env(tmp_path / "home", DOMAINFLOW_API_KEYS=STOP_KEY),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def up() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"serve exited with {process.returncode}: {log.read_text()[-3000:]}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, "`serve` to answer", timeout=180, log=log)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 503  # no champion yet
+        sigterm_stops(process, port, "/v1/customer_service/predict", log, headers=f"X-API-Key: {STOP_KEY}\r\n")
+    finally:
+        stop_group(process, signal.SIGKILL)
+
+
+def test_schedule_pauses_its_deployment_and_stops_on_sigterm(prefect_server: SimpleNamespace, tmp_path: Path) -> None:
+    """SIGTERM to `domainflow schedule` (the process only): it pauses what it scheduled, then exits."""
+    data, log = tmp_path / "data", tmp_path / "schedule.log"
+    data.mkdir()
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "flows.ops_cli", "schedule", "customer_service", "--cron", CRON),
+                *("--data-dir", str(data), "--api-url", prefect_server.api),
+            ],
+            cwd=PROJECT_ROOT,
+            env=clean_env(tmp_path / "home", PREFECT_RUNNER_POLL_FREQUENCY="1"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def deployment() -> dict | None:
+            if process.poll() is not None:
+                raise AssertionError(f"schedule exited with {process.returncode}: {log.read_text()[-4000:]}")
+            found = api(
+                prefect_server,
+                "POST",
+                "/deployments/filter",
+                json={"deployments": {"name": {"any_": ["retrain-customer_service"]}}},
+            )
+            return found[0] if found and not found[0]["paused"] else None
+
+        dep = wait_for(deployment, "the deployment", timeout=180, log=log)  # the runner may not have started yet
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=90)  # only turns a hang into a failure
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 90 s after SIGTERM\n{log.read_text()[-4000:]}") from None
+        assert process.returncode in (0, -signal.SIGTERM), f"exit {process.returncode}\n{log.read_text()[-4000:]}"
+        assert api(prefect_server, "GET", f"/deployments/{dep['id']}")["paused"] is True  # paused before it exited
+        if Path("/proc/self/stat").exists():
+            wait_for(lambda: not session_members(process.pid), "the command's processes to end", timeout=30, log=log)
+    finally:
+        stop_group(process, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------ against the server

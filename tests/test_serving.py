@@ -236,7 +236,9 @@ def test_keys_come_from_the_environment_and_a_file(tmp_path: Path) -> None:
 def test_health_is_open_and_v1_needs_a_valid_key(served: ThreadedUvicorn, tiny_domain: str) -> None:
     with httpx.Client(base_url=served.url) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
-        ready = client.get("/readyz")
+        ready = client.get("/readyz")  # open for probes, but it names no domain without a key
+        assert ready.status_code == 200 and ready.json() == {"ready": True}
+        ready = client.get("/readyz", headers={"X-API-Key": KEY})
         assert ready.status_code == 200 and ready.json() == {"ready": True, "domains": {tiny_domain: "serving"}}
 
         body = {"texts": ["Where is my card?"]}
@@ -274,7 +276,7 @@ def test_health_is_open_and_v1_needs_a_valid_key(served: ThreadedUvicorn, tiny_d
             status.last_error,
         ) == (tiny_domain, "serving", 1, 1, "v1", len(TINY_LABELS), None)
 
-        metrics = client.get("/metrics")
+        metrics = client.get("/metrics", headers={"X-API-Key": KEY})
         assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
         assert metric_value(text, "domainflow_model_version", domain=tiny_domain) == 1.0
@@ -287,6 +289,76 @@ def test_health_is_open_and_v1_needs_a_valid_key(served: ThreadedUvicorn, tiny_d
         assert metric_value(text, "domainflow_errors_total", endpoint="/v1/domains", kind="client") >= 4
         assert metric_value(text, "domainflow_request_latency_seconds_count", endpoint="/healthz") >= 1
         assert metric_value(text, "domainflow_model_loads_total", domain=tiny_domain, outcome="loaded") == 1.0
+
+
+OPS_PATHS = ("/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+
+
+def test_metrics_docs_and_readyz_details_need_a_key_by_default(served: ThreadedUvicorn, tiny_domain: str) -> None:
+    """What the service says about itself (domains, versions, traffic, its API) is for key holders; a browser is
+    asked for the key (Basic challenge, the key as password) and Prometheus can send it as Basic or Bearer."""
+    basic = httpx.BasicAuth("prometheus", KEY)
+    with httpx.Client(base_url=served.url) as client:
+        for path in OPS_PATHS:
+            for kwargs in (
+                {},
+                {"headers": {"X-API-Key": "wrong-key-but-long-enough"}},
+                {"auth": httpx.BasicAuth("prometheus", "wrong-key-but-long-enough")},
+                {"headers": {"Authorization": "Basic !!not-base64!!"}},
+            ):
+                refused = client.get(path, **kwargs)
+                assert refused.status_code == 401, (path, kwargs, refused.text)
+                assert refused.headers.get_list("www-authenticate") == [
+                    "ApiKey",
+                    'Basic realm="domainflow", charset="UTF-8"',
+                ]
+                assert tiny_domain not in refused.text and "domainflow_" not in refused.text
+            for kwargs in (
+                {"headers": {"X-API-Key": KEY}},
+                {"headers": {"Authorization": f"Bearer {KEY}"}},
+                {"auth": basic},
+            ):
+                assert client.get(path, **kwargs).status_code == 200, (path, kwargs)
+        metrics = client.get("/metrics", auth=basic).text
+        assert metric_value(metrics, "domainflow_model_version", domain=tiny_domain) == 1.0
+        assert metric_value(metrics, "domainflow_requests_total", endpoint="/metrics", status="401") >= 4
+
+        assert client.get("/healthz").json() == {"status": "ok"}  # open, and says nothing else
+        for kwargs in ({}, {"headers": {"X-API-Key": "wrong-key-but-long-enough"}}):
+            ready = client.get("/readyz", **kwargs)
+            assert ready.status_code == 200 and ready.json() == {"ready": True}
+        detailed = client.get("/readyz", auth=basic)
+        assert detailed.json() == {"ready": True, "domains": {tiny_domain: "serving"}}
+
+
+def test_open_ops_serves_metrics_docs_and_readyz_details_without_a_key(
+    start_server, tiny_domain: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--open-ops: the operational endpoints answer anyone (a scrape without credentials); /v1 still needs a key."""
+    server = start_server(tmp_path, protect_operational=False)  # no champion: not ready, and it says why
+    with httpx.Client(base_url=server.url) as client:
+        for path in OPS_PATHS:
+            assert client.get(path).status_code == 200, path
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json() == {"ready": False, "domains": {tiny_domain: "no_champion"}}
+        assert client.get("/v1/domains").status_code == 401
+
+    from flows.ops_cli import ops_app
+
+    started: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(app))
+    home = tmp_path / "home"
+    for flag, protected in (("--open-ops", False), (None, True)):
+        args = ["serve", "customer_service", "--port", str(free_tcp_port()), *([flag] if flag else [])]
+        result = CliRunner().invoke(ops_app, args, env={"DOMAINFLOW_HOME": str(home), "DOMAINFLOW_API_KEYS": KEY})
+        assert result.exit_code == 0, result.output
+        assert started.pop().state.config.protect_operational is protected
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ predictions
@@ -335,9 +407,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
                 *(client.post(f"/v1/{tiny_domain}/predict", json={"texts": [t], "top_k": 2}) for t in texts)
             )
 
-    before = httpx.get(f"{served.url}/metrics").text
+    before = httpx.get(f"{served.url}/metrics", headers={"X-API-Key": KEY}).text
     responses = asyncio.run(fire())
-    after = httpx.get(f"{served.url}/metrics").text
+    after = httpx.get(f"{served.url}/metrics", headers={"X-API-Key": KEY}).text
 
     for text, response, row in zip(texts, responses, probabilities, strict=True):
         assert response.status_code == 200, response.text
@@ -615,7 +687,8 @@ def test_serve_command_serves_customer_service(tiny_model_dir: Path, tmp_path: P
         assert prediction["label"] == "card_arrival" and prediction["action"] == "reply"
         assert prediction["reply"] == REPLY_TEMPLATES["card_arrival"]
         assert httpx.post(f"{url}/v1/customer_service/predict", json={"texts": ["x"]}).status_code == 401
-        openapi = httpx.get(f"{url}/openapi.json").json()
+        assert httpx.get(f"{url}/openapi.json").status_code == 401
+        openapi = httpx.get(f"{url}/openapi.json", headers={"X-API-Key": KEY}).json()
         assert "/v1/{domain}/predict" in openapi["paths"] and "APIKeyHeader" in json.dumps(openapi["components"])
     finally:
         process.send_signal(signal.SIGINT)

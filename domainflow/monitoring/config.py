@@ -9,6 +9,7 @@ parameter, a deployment or a log.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -20,6 +21,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 WEBHOOK_ENV = "DOMAINFLOW_MONITOR_WEBHOOK_URL"
+WEBHOOK_ALLOW_HOSTS_ENV = "DOMAINFLOW_WEBHOOK_ALLOW_HOSTS"  # comma-separated, added to allow_hosts
 
 
 def window_length(window: str) -> pd.Timedelta:
@@ -70,18 +72,51 @@ class SurgeRule(BaseModel):
         return window_length(self.window)
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class WebhookSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt setting in a domain or config file is an error
 
     """Optional POST of each new alert; failures are retried, logged and never fail the flow."""
 
     url: str | None = Field(None, description=f"where to POST alerts (else ${WEBHOOK_ENV}); None: no webhook")
-    retries: int = Field(3, ge=0)
+    retries: int = Field(3, ge=0, description="more tries after a 5xx, a timeout or a connection error (not a 4xx)")
     retry_delay_seconds: float = Field(2.0, ge=0.0)
-    timeout_seconds: float = Field(5.0, gt=0.0)
+    timeout_seconds: float = Field(5.0, gt=0.0, description="of one try")
+    deadline_seconds: float = Field(20.0, gt=0.0, description="all tries of one alert, waits included, end within this")
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            f"hosts (names or IP addresses) allowed although they are loopback, private or link-local (also "
+            f"${WEBHOOK_ALLOW_HOSTS_ENV}, comma-separated); any other such host is refused"
+        ),
+    )
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts_not_urls(cls, hosts: list[str]) -> list[str]:
+        """A URL or host:port here would silently never match the URL's host: say so instead."""
+        for host in hosts:
+            text = host.strip()
+            bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+            if not bare or any(c in bare for c in "/@[] ") or (":" in bare and not _is_ip(bare)):
+                raise ValueError(f"allow_hosts: {host!r} is not a host name or IP address (no scheme, port or path)")
+        return [host.strip() for host in hosts]
 
     def resolved_url(self) -> str | None:
         return self.url or os.environ.get(WEBHOOK_ENV) or None
+
+    def resolved_allow_hosts(self) -> list[str]:
+        """The allow-list of the settings plus ``$DOMAINFLOW_WEBHOOK_ALLOW_HOSTS``: an operator can allow an
+        internal receiver for every domain without editing each domain's settings."""
+        from_env = [h.strip() for h in os.environ.get(WEBHOOK_ALLOW_HOSTS_ENV, "").split(",") if h.strip()]
+        return [*self.allow_hosts, *from_env]
 
 
 class MonitorConfig(BaseModel):
