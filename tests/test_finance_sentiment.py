@@ -63,7 +63,7 @@ def test_shipped_data_ingests_cleanly(tmp_path: Path) -> None:
     report = read_ingest_report(ref.path)
     assert ref.num_rows["test"] == 2388
     assert report["label_counts"]["test"] == {"bearish": 347, "bullish": 475, "neutral": 1566}
-    kept = 9543 - report["dropped_exact_duplicates"] - report["dropped_near_duplicates"]
+    kept = 9543 - report["dropped_exact_duplicates"] - report["dropped_test_overlaps"]
     assert ref.num_rows["train"] + ref.num_rows["validation"] == kept
     assert ref.num_rows["validation"] == pytest.approx(0.1 * kept, abs=2)
     # stratified: the validation split keeps train's imbalance
