@@ -7,16 +7,19 @@ champion watcher and hot swap (:mod:`serving.model_store`), Prometheus metrics
 (:mod:`serving.metrics`). It reads no global state beyond what it is given: the registry root,
 the domains and the keys come in as arguments, so tests and benchmarks can run several apps.
 
-Status codes: 401 no or wrong key; 404 unknown domain; 413 body too large; 422 invalid body
-(the message names the field and the problem); 503 no model loaded yet, or backlog full, with
-``Retry-After``. A 500 means a bug or a broken model, never bad input.
+Status codes: 401 no or wrong key; 404 unknown domain; 413 body too large (declared or as it
+streams in); 422 invalid body (the message names the field and the problem); 503 with
+``Retry-After``: no model loaded yet, or shed by the admission control (the domain's backlog of
+texts is full, or the request's deadline passed while it was queued; counted by reason in
+``domainflow_rejected_requests``). A 500 means a bug or a broken model, never bad input.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the request model built at
 run time in ``create_app`` as a real annotation.)
 """
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,12 +34,12 @@ from domainflow.recsys.bundle import UnknownItemsError
 from domainflow.registry import VersionInfo
 from domainflow.spec import ClassificationSpec, DomainSpec
 from serving.auth import OPERATIONAL_PATHS, ApiKeyMiddleware, ApiKeys, operational_key, require_api_key
-from serving.batching import BatcherClosedError, MicroBatcher, QueueFullError
+from serving.batching import BatcherClosedError, DeadlineExceededError, MicroBatcher, QueueFullError, Ticket
 from serving.config import ServingConfig
 from serving.inference import NoModelError, batch_function, prediction_record
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.model_store import DomainSlot, ModelStore, ServedModel
-from serving.ranking import RankResponse, rank, rank_request_model, unknown_items_detail
+from serving.ranking import RankResponse, rank_function, rank_request_model, unknown_items_detail
 from serving.schemas import DomainsResponse, DomainStatus, PredictResponse, request_model
 
 log = logging.getLogger("domainflow.serving")
@@ -51,31 +54,66 @@ def _endpoint(spec: Any) -> str:
     return kind_of(spec).endpoint
 
 
+class BodyTooLargeError(HTTPException):
+    """Raised from ``receive`` once a body has grown past the limit; an HTTPException so that FastAPI's
+    body reader re-raises it as is (any other exception there becomes a 400)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body over {max_bytes} bytes; send fewer or shorter texts")
+
+
 class BodySizeLimit:
-    """413 before parsing a body larger than any valid request could be (a declared length only:
-    the JSON limits still bound a chunked body once parsed)."""
+    """413 for a body larger than any valid request could be, before it is parsed or buffered whole.
+
+    A declared ``Content-Length`` over the limit is refused before a byte is read. A body without
+    one (chunked transfer) is counted as it is received: the chunk that crosses the limit ends
+    the read with a 413, so a client cannot make the service buffer an unbounded body."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        detail = {"detail": f"request body over {self.max_bytes} bytes; send fewer or shorter texts"}
+        await JSONResponse(detail, status_code=413)(scope, receive, send)
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if name == b"content-length":
-                    try:
-                        too_large = int(value) > self.max_bytes
-                    except ValueError:
-                        too_large = False
-                    if too_large:
-                        response = JSONResponse(
-                            {"detail": f"request body over {self.max_bytes} bytes; send fewer or shorter texts"},
-                            status_code=413,
-                        )
-                        await response(scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_large = int(value) > self.max_bytes
+                except ValueError:
+                    too_large = False
+                if too_large:
+                    await self._refuse(scope, receive, send)
+                    return
+                break
+        received = 0
+        started = False
+
+        async def counting_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
+
+        async def watching_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except BodyTooLargeError:  # read outside FastAPI's body reader (which answers it itself)
+            if started:
+                raise
+            await self._refuse(scope, receive, send)
 
 
 def _validation_message(errors: list[dict]) -> str:
@@ -157,19 +195,22 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         loader=_load_champion,
     )
     # One inference thread for all domains: two model calls at once on a small CPU only slow each other.
+    # Every domain, /rank ones included, gets a batcher in front of it: the admission control (a bounded
+    # queue of texts with deadlines), and at most one call per domain in the executor at a time, which
+    # runs them in arrival order, so domains take turns (see serving.batching).
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="domainflow-inference")
     batchers: dict[str, MicroBatcher] = {}
     for name, slot in store.slots.items():
-        if _endpoint(slot.spec) != "predict":
-            continue
+        ranks = _endpoint(slot.spec) == "rank"
         batchers[name] = MicroBatcher(
-            batch_function(slot, config.max_top_k),
+            rank_function(slot) if ranks else batch_function(slot, config.max_top_k),
             executor,
-            max_batch_texts=config.max_batch_texts,
-            max_wait_ms=config.max_wait_ms,
-            max_queued_requests=config.max_queued_requests,
-            on_batch=metrics.batch_size.labels(name).observe,
-            name=f"batcher-{name}",
+            max_batch_texts=1 if ranks else config.max_batch_texts,  # one ranking per call: nothing to merge
+            max_wait_ms=0.0 if ranks else config.max_wait_ms,
+            max_queued_texts=config.max_queued_texts,
+            deadline_ms=config.request_deadline_ms,
+            on_batch=None if ranks else metrics.batch_size.labels(name).observe,
+            name=f"{'ranker' if ranks else 'batcher'}-{name}",
         )
 
     @asynccontextmanager
@@ -234,27 +275,85 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         404: {"description": "Unknown domain"},
         413: {"description": "Body too large"},
         422: {"description": "Invalid body: the message names the field and the problem"},
-        503: {"description": "No model loaded for the domain yet, or too many requests waiting (see Retry-After)"},
+        503: {
+            "description": "No model loaded for the domain yet, its backlog is full, or the request's deadline "
+            "passed while it waited (see Retry-After)"
+        },
     }
+
+    def _shed(domain: str, reason: str, message: str) -> HTTPException:
+        """A 503 of the admission control, counted by reason (the client is asked to retry shortly)."""
+        metrics.rejected.labels(domain, reason).inc()
+        return HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain}: {message}; retry shortly", headers={"Retry-After": "1"}
+        )
+
+    async def _answer(request: Request, domain: str, items: list[Any]) -> Any:
+        """Queue ``items`` on the domain's batcher and wait for their answer, unless the client leaves first.
+
+        Why watch for the disconnect: Starlette does not cancel a handler whose client went away, so
+        its texts would still reach the model. The body has been read, so the next ``receive`` returns
+        only when the client disconnects; then the request is withdrawn from the queue (never run) or,
+        already in a model call, its rows are discarded.
+        """
+        batcher = batchers[domain]
+        try:
+            ticket: Ticket = batcher.enqueue(items)
+        except QueueFullError as exc:
+            raise _shed(domain, "queue_full", str(exc)) from None
+        except BatcherClosedError as exc:
+            raise _shed(domain, "shutting_down", str(exc)) from None
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait((ticket.future, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled (server shutdown)
+            gone.cancel()
+            if not ticket.future.done():
+                batcher.withdraw(ticket)
+        if ticket.future.cancelled():
+            raise _shed(domain, "client_gone", "the client disconnected before its answer")
+        try:
+            return ticket.future.result()
+        except DeadlineExceededError as exc:
+            raise _shed(domain, "deadline", str(exc)) from None
+        except BatcherClosedError as exc:
+            raise _shed(domain, "shutting_down", str(exc)) from None
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         """The process is up (no key needed)."""
         return {"status": "ok"}
 
+    def _detailed(request: Request) -> bool:
+        return not config.protect_operational or keys.accepts(operational_key(request.scope["headers"]))
+
     @app.get("/readyz", tags=["ops"])
     async def readyz(request: Request) -> JSONResponse:
-        """Ready when at least one domain is served and every domain with a champion has a model loaded.
+        """Ready (200) when at least one domain has a model loaded; 503 when none has.
 
-        Open, since an orchestrator's probe carries no key; the per-domain statuses (names, what is served)
-        are added only for a caller with a valid key, unless the operational endpoints are open."""
-        statuses = {name: slot.status for name, slot in store.slots.items()}
-        waiting = [
-            name for name, slot in store.slots.items() if slot.champion_version is not None and slot.current is None
-        ]
-        ready = any(slot.current is not None for slot in store.slots.values()) and not waiting
-        detailed = not config.protect_operational or keys.accepts(operational_key(request.scope["headers"]))
-        body: dict[str, Any] = {"ready": ready, "domains": statuses} if detailed else {"ready": ready}
+        Why not "every domain": a domain whose champion is broken would then make the orchestrator
+        take away a service that still answers every other domain. Per-domain readiness is
+        ``/readyz/{domain}``; the statuses of all domains are added for a caller with a valid key
+        (or to anyone when the operational endpoints are open). Open, since a probe carries no key.
+        """
+        ready = any(slot.current is not None for slot in store.slots.values())
+        body: dict[str, Any] = {"ready": ready}
+        if _detailed(request):
+            body["domains"] = {name: slot.status for name, slot in store.slots.items()}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/readyz/{domain}", tags=["ops"])
+    async def domain_readyz(domain: str, request: Request) -> JSONResponse:
+        """Ready (200) when this domain has a model loaded (a previous version serving after a failed load
+        counts: it answers), 503 when not, 404 for a domain this service does not serve. Open like
+        ``/readyz``; the status and version are added for a caller with a key."""
+        slot = store.slots.get(domain)
+        if slot is None:
+            return JSONResponse({"ready": False}, status_code=404)
+        ready = slot.current is not None
+        body: dict[str, Any] = {"ready": ready}
+        if _detailed(request):
+            body.update(status=slot.status, version=slot.current.version if slot.current else None)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"])
@@ -263,6 +362,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         operational endpoints are open: scrape with ``basic_auth`` or a bearer credentials file)."""
         for name, batcher in batchers.items():
             metrics.queue_depth.labels(name).set(batcher.queued)
+            metrics.queued_texts.labels(name).set(batcher.queued_texts)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
@@ -284,17 +384,15 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         tags=["predict"],
         responses=errors,
     )
-    async def predict(domain: str, body: PredictRequest) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict(domain: str, body: PredictRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
         """Label, score and top-k labels per text, plus what the domain does with it (customer_service:
         the reply, or an escalation under its confidence threshold)."""
         slot = _served_slot(domain, "predict")
         texts: list[str] = body.texts  # type: ignore[attr-defined]
         try:
-            served, scores = await batchers[domain].submit(texts)
-        except (QueueFullError, BatcherClosedError) as exc:
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain}: {exc}; retry shortly", headers={"Retry-After": "1"}
-            ) from None
+            served, scores = await _answer(request, domain, texts)
+        except HTTPException:
+            raise
         except NoModelError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "5"}) from None
         except Exception as exc:
@@ -312,19 +410,32 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     @app.post(
         "/v1/{domain}/rank", response_model=RankResponse, dependencies=authenticated, tags=["rank"], responses=errors
     )
-    async def rank_items(domain: str, body: RankRequest) -> JSONResponse:  # type: ignore[valid-type]
-        """The top-k catalogue items for a history of item ids and/or free texts (ranking domains: recommendation)."""
-        served = _served_slot(domain, "rank").current
+    async def rank_items(domain: str, body: RankRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
+        """The top-k catalogue items for a history of item ids and/or free texts (ranking domains: recommendation).
+
+        Through the domain's batcher, like /predict: a ranking counts 1 text of the admission budget (one
+        user-tower pass over the rendered history dominates its cost)."""
+        _served_slot(domain, "rank")
         try:
-            answer = await rank(served, body, executor)
-        except UnknownItemsError as exc:
-            return JSONResponse(unknown_items_detail(exc), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+            _, (answer,) = await _answer(request, domain, [body])
+        except HTTPException:
+            raise
+        except NoModelError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "5"}) from None
         except Exception as exc:
             metrics.errors.labels("/v1/{domain}/rank", domain, "inference").inc()
             log.exception("%s: ranking failed", domain)
             raise HTTPException(
                 status.HTTP_500_INTERNAL_SERVER_ERROR, f"ranking failed: {type(exc).__name__}"
             ) from None
+        if isinstance(answer, UnknownItemsError):
+            return JSONResponse(unknown_items_detail(answer), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
         return JSONResponse(answer)
 
     return app
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Return when the client disconnects (the request body having been read, nothing else arrives)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,15 +1,30 @@
-"""Micro-batching: merge concurrent requests into one model call.
+"""Micro-batching with admission control: merge concurrent requests into one model call, and refuse
+at once the work that could not be answered in time.
 
-Why: a transformer's cost per text falls steeply with batch size on a CPU (one matrix multiply
-over 32 rows instead of 32 over one), so under load the service answers more texts per second
-by running them together. Requests wait in an asyncio queue; one worker takes the oldest, keeps
+Why batching: a transformer's cost per text falls steeply with batch size on a CPU (one matrix
+multiply over 32 rows instead of 32 over one), so under load the service answers more texts per
+second by running them together. Requests wait in a queue; one worker takes the oldest, keeps
 collecting until the batch holds ``max_batch_texts`` texts or the oldest request has waited
 ``max_wait_ms``, runs the model in a worker thread (torch releases the GIL, so the event loop
 keeps accepting requests meanwhile) and resolves each request's future with its own slice.
 
-While a batch runs, new requests pile up; they form the next batch at once (the oldest has
-already waited longer than ``max_wait_ms``), so under load the batch size follows the
-backlog with no added delay, and a lone request waits at most ``max_wait_ms``.
+Why admission is counted in texts, not requests: the model's cost is per text, so a backlog of
+4,096 requests can be 4,096 texts or 262,144 (minutes of work). ``max_queued_texts`` bounds the
+work waiting, hence the wait: a request that would take the backlog over it is refused at once
+(:class:`QueueFullError`, a fast 503) instead of queueing for an answer nobody waits for. A
+request also carries a deadline (``deadline_ms`` after it was queued): still queued when it
+passes, it is dropped and answered :class:`DeadlineExceededError`, never run late. Once the
+worker has taken a request into a batch, it is answered whatever the clock says.
+
+Why work can be withdrawn: a client that disconnected, or whose deadline passed, must not cost a
+model call. :meth:`withdraw` takes a queued request out (its texts free the budget at once);
+:meth:`submit` does so itself when its caller is cancelled.
+
+Fairness between domains: give every batcher of an app the same single-thread executor. Each
+batcher has at most one call in it at a time, and the executor runs calls in arrival order, so
+a domain's batch waits for at most one call of each other domain: a flood on one domain (a
+ranking domain included: its requests go through a batcher of one request per call) cannot
+starve the others.
 
 A request is never split: its texts go to the model in one call and so are all answered by
 the same model version, even across a hot swap.
@@ -19,52 +34,65 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")  # one input (a text; a whole ranking request for /rank)
 M = TypeVar("M")  # what the batch function says about the whole batch (e.g. the model version)
-R = TypeVar("R")  # one result per text
+R = TypeVar("R")  # one result per input
 
-BatchFunction = Callable[[list[str]], tuple[M, Sequence[R]]]
+BatchFunction = Callable[[list[T]], tuple[M, Sequence[R]]]
+
+_QUEUED, _TAKEN, _DROPPED = "queued", "taken", "dropped"
 
 
 class QueueFullError(RuntimeError):
     """The backlog is at its limit: the caller should answer 503 and ask the client to retry."""
 
 
+class DeadlineExceededError(RuntimeError):
+    """The request was still queued when its deadline passed: dropped, never run."""
+
+
 class BatcherClosedError(RuntimeError):
     """The batcher is stopping (server shutdown) and takes no new work."""
 
 
-@dataclass
-class _Pending(Generic[M, R]):
-    texts: list[str]
+@dataclass(eq=False)  # identity comparison: withdrawing from the deque must not compare texts
+class Ticket(Generic[T, M, R]):
+    """One queued request: its inputs, what it costs the budget, its answer to come, its deadline."""
+
+    items: list[T]
+    cost: int
     future: asyncio.Future[tuple[M, list[R]]]
-    enqueued: float = field(default_factory=time.perf_counter)
+    enqueued: float  # loop.time()
+    deadline: float
+    state: str = _QUEUED
+    timer: asyncio.TimerHandle | None = None
 
 
-class MicroBatcher(Generic[M, R]):
-    """Collects :meth:`submit` calls into batches for ``run_batch`` (one call at a time).
+class MicroBatcher(Generic[T, M, R]):
+    """Collects requests into batches for ``run_batch`` (one call at a time), within a budget of queued texts.
 
-    ``run_batch(texts)`` returns ``(meta, results)`` with one result per text, in order; it runs
-    in ``executor`` (give every batcher of an app the same single-thread executor: two model
-    calls at once on a 2-core CPU only slow each other down). If it raises, every request of
-    that batch gets the exception and the batcher carries on with the next batch.
+    ``run_batch(items)`` returns ``(meta, results)`` with one result per item, in order; it runs
+    in ``executor``. If it raises, every request of that batch gets the exception and the batcher
+    carries on with the next batch.
     """
 
     def __init__(
         self,
-        run_batch: BatchFunction,
+        run_batch: BatchFunction[T, M, R],
         executor: Executor,
         *,
         max_batch_texts: int = 64,
         max_wait_ms: float = 5.0,
-        max_queued_requests: int = 4096,
+        max_queued_texts: int = 2048,
+        deadline_ms: float = 2000.0,
         on_batch: Callable[[int], None] | None = None,
         name: str = "batcher",
     ) -> None:
@@ -72,42 +100,83 @@ class MicroBatcher(Generic[M, R]):
         self.executor = executor
         self.max_batch_texts = max_batch_texts
         self.max_wait = max_wait_ms / 1000.0
-        self.max_queued_requests = max_queued_requests
+        self.max_queued_texts = max_queued_texts
+        self.deadline = deadline_ms / 1000.0
         self.on_batch = on_batch
         self.name = name
-        self._queue: asyncio.Queue[_Pending[M, R]] = asyncio.Queue()
-        self._carry: _Pending[M, R] | None = None  # a request that did not fit the last batch
+        self._queue: deque[Ticket[T, M, R]] = deque()
+        self._queued_texts = 0
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._in_flight: list[_Pending[M, R]] = []
+        self._in_flight: list[Ticket[T, M, R]] = []
         self.batches = 0  # model calls so far (tests and /metrics read it)
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() + (self._carry is not None)
+        """Requests waiting (not yet taken into a batch)."""
+        return len(self._queue)
+
+    @property
+    def queued_texts(self) -> int:
+        """What the waiting requests cost the budget."""
+        return self._queued_texts
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in the batch being run (or about to be)."""
+        return len(self._in_flight)
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
-    async def submit(self, texts: list[str]) -> tuple[M, list[R]]:
-        """Queue ``texts`` and wait for their results (and the batch's meta)."""
+    def enqueue(self, items: Sequence[T], cost: int | None = None) -> Ticket[T, M, R]:
+        """Queue ``items`` (costing ``cost`` texts, default one per item) or refuse them at once.
+
+        No waiting and no model work here: :class:`QueueFullError` is decided on two integers.
+        """
         if self._closed:
             raise BatcherClosedError(f"{self.name} is shutting down")
-        if self.queued >= self.max_queued_requests:
-            raise QueueFullError(f"{self.name}: {self.queued} requests already waiting")
+        cost = len(items) if cost is None else cost
+        if self._queued_texts + cost > self.max_queued_texts:
+            raise QueueFullError(f"{self.name}: {self._queued_texts} texts already waiting")
         if self._task is None:
             self.start()
-        future: asyncio.Future[tuple[M, list[R]]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(list(texts), future))
-        return await future
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        ticket: Ticket[T, M, R] = Ticket(list(items), cost, loop.create_future(), now, now + self.deadline)
+        ticket.timer = loop.call_at(ticket.deadline, self._expire, ticket)
+        self._queue.append(ticket)
+        self._queued_texts += cost
+        self._arrived.set()
+        return ticket
+
+    def withdraw(self, ticket: Ticket[T, M, R]) -> bool:
+        """Take a request out of the queue (its caller left); False when it is already in a batch or gone.
+
+        Its future is cancelled either way, so a batch that is running discards its rows.
+        """
+        removed = self._drop(ticket)
+        if not ticket.future.done():
+            ticket.future.cancel()
+        return removed
+
+    async def submit(self, items: Sequence[T], cost: int | None = None) -> tuple[M, list[R]]:
+        """Queue ``items`` and wait for their results (and the batch's meta); cancelled, it withdraws them."""
+        ticket = self.enqueue(items, cost)
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            self.withdraw(ticket)
+            raise
 
     async def stop(self) -> None:
         """Finish what is queued (in-flight requests are answered), then stop the worker."""
         self._closed = True
         if self._task is None:
             return
-        while (self.queued or self._in_flight) and not self._task.done():
+        while (self._queue or self._in_flight) and not self._task.done():
             await asyncio.sleep(0.01)
         self._task.cancel()
         try:
@@ -117,84 +186,125 @@ class MicroBatcher(Generic[M, R]):
         self._task = None
         self._fail_waiting(BatcherClosedError(f"{self.name} stopped"))
 
+    def _drop(self, ticket: Ticket[T, M, R]) -> bool:
+        """Remove a still-queued request and give its texts back to the budget."""
+        if ticket.state != _QUEUED:
+            return False
+        ticket.state = _DROPPED
+        if ticket.timer is not None:
+            ticket.timer.cancel()
+        self._queue.remove(ticket)  # at most max_queued_texts entries, compared by identity
+        self._queued_texts -= ticket.cost
+        return True
+
+    def _expire(self, ticket: Ticket[T, M, R]) -> None:
+        """The deadline of a request passed: if it still waits, it is dropped and told so, never run late."""
+        if self._drop(ticket) and not ticket.future.done():
+            waited = asyncio.get_running_loop().time() - ticket.enqueued
+            ticket.future.set_exception(
+                DeadlineExceededError(f"{self.name}: still queued after {waited * 1000:.0f} ms (deadline)")
+            )
+
     def _fail_waiting(self, exc: Exception) -> None:
         """Whoever still waits (only after a forced stop) gets an answer rather than hanging."""
-        waiting = list(self._in_flight) + ([self._carry] if self._carry else [])
-        while not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
-        for pending in waiting:
-            if not pending.future.done():
-                pending.future.set_exception(exc)
-        self._in_flight, self._carry = [], None
+        waiting = list(self._in_flight)
+        while self._queue:
+            ticket = self._queue[0]
+            self._drop(ticket)
+            waiting.append(ticket)
+        for ticket in waiting:
+            if not ticket.future.done():
+                ticket.future.set_exception(exc)
+        self._in_flight = []
 
-    async def _first(self) -> _Pending[M, R]:
-        """The next request, however long it takes: the carried-over one first."""
-        if self._carry is not None:
-            item, self._carry = self._carry, None
-            return item
-        return await self._queue.get()
+    def _take_head(self) -> Ticket[T, M, R] | None:
+        """The oldest queued request that is still worth running (an expired one is answered, not run)."""
+        now = asyncio.get_running_loop().time()
+        while self._queue:
+            ticket = self._queue[0]
+            if now >= ticket.deadline:  # the timer has not fired yet (a busy loop): same outcome
+                self._expire(ticket)
+                continue
+            return ticket
+        return None
 
-    async def _next(self, timeout: float) -> _Pending[M, R] | None:
-        """The next request: the carried-over one first; None when none arrives in ``timeout`` seconds."""
-        if self._carry is not None:
-            item, self._carry = self._carry, None
-            return item
-        if timeout <= 0:
+    def _take(self, ticket: Ticket[T, M, R]) -> None:
+        self._queue.popleft()
+        ticket.state = _TAKEN
+        if ticket.timer is not None:
+            ticket.timer.cancel()
+        self._queued_texts -= ticket.cost
+
+    async def _wait_for_work(self, until: float | None) -> bool:
+        """Wait until a request is queued (True), or until loop time ``until`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        while not self._queue:
+            self._arrived.clear()
+            if until is None:
+                await self._arrived.wait()
+                continue
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return False
             try:
-                return self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return bool(self._queue)
+        return True
 
-    async def _collect(self) -> list[_Pending[M, R]]:
-        first = await self._first()
-        batch, size = [first], len(first.texts)
-        deadline = first.enqueued + self.max_wait
+    async def _collect(self) -> list[Ticket[T, M, R]]:
+        while True:
+            await self._wait_for_work(None)
+            first = self._take_head()
+            if first is not None:
+                break
+        self._take(first)
+        batch, size = [first], len(first.items)
+        close_at = first.enqueued + self.max_wait
         while size < self.max_batch_texts:
-            item = await self._next(deadline - time.perf_counter())
+            if not await self._wait_for_work(close_at):
+                break
+            item = self._take_head()
             if item is None:
-                break
-            if size + len(item.texts) > self.max_batch_texts:
-                self._carry = item  # keeps arrival order: it heads the next batch
-                break
+                continue
+            if size + len(item.items) > self.max_batch_texts:
+                break  # it stays at the head of the queue: the next batch starts with it
+            self._take(item)
             batch.append(item)
-            size += len(item.texts)
+            size += len(item.items)
         return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [p for p in await self._collect() if not p.future.done()]  # a cancelled caller is skipped
+            batch = [t for t in await self._collect() if not t.future.done()]  # a caller gone meanwhile is skipped
             if not batch:
                 continue
             self._in_flight = batch
-            texts = [text for pending in batch for text in pending.texts]
+            items = [item for ticket in batch for item in ticket.items]
             try:
-                meta, results = await loop.run_in_executor(self.executor, self.run_batch, texts)
-                if len(results) != len(texts):
+                meta, results = await loop.run_in_executor(self.executor, self.run_batch, items)
+                if len(results) != len(items):
                     raise RuntimeError(
-                        f"{self.name}: batch function returned {len(results)} results for {len(texts)} texts"
+                        f"{self.name}: batch function returned {len(results)} results for {len(items)} inputs"
                     )
             except asyncio.CancelledError:
                 raise  # stop(): _fail_waiting answers this batch's callers
             except Exception as exc:  # every caller of the batch learns why; the worker lives on
-                log.exception("%s: batch of %d texts failed", self.name, len(texts))
+                log.exception("%s: batch of %d inputs failed", self.name, len(items))
                 outcome: Exception | tuple[M, Sequence[R]] = exc
             else:
                 outcome = (meta, results)
             self.batches += 1
             if self.on_batch is not None:
-                self.on_batch(len(texts))
+                self.on_batch(len(items))
             start = 0
-            for pending in batch:
-                end = start + len(pending.texts)
-                if not pending.future.done():
+            for ticket in batch:
+                end = start + len(ticket.items)
+                if not ticket.future.done():
                     if isinstance(outcome, Exception):
-                        pending.future.set_exception(outcome)
+                        ticket.future.set_exception(outcome)
                     else:
-                        pending.future.set_result((outcome[0], list(outcome[1][start:end])))
+                        ticket.future.set_result((outcome[0], list(outcome[1][start:end])))
                 start = end
             self._in_flight = []

@@ -23,8 +23,17 @@ class ServingConfig:
     * ``max_top_k``: the most labels a caller may ask for per text.
     * ``max_batch_texts`` / ``max_wait_ms``: the micro-batcher sends at most this many texts to the
       model at once, and waits at most this long after the oldest queued request for others to join.
-    * ``max_queued_requests``: beyond this backlog the service answers 503 + Retry-After instead of
-      queueing without bound (memory, and latencies nobody waits for).
+    * ``max_queued_texts``: the backlog each domain may hold, in texts (a ``/rank`` request counts 1:
+      its cost is one pass of the user tower over one rendered history; scoring even 5,000 candidates
+      is a matrix-vector product). A request that would take it over is answered 503 + Retry-After at
+      once. Counted in texts because the model's cost is per text: 4,096 queued *requests* could be
+      262,144 texts, minutes of work. Per domain, not per service, so that a flood on one domain fills
+      only its own queue; the single inference thread alternates between domains (see
+      :mod:`serving.batching`). The default, 2,048, is about 2.4 s of work for the int8 champion on
+      2 cores (868 texts/s at batch 32), in line with the deadline below.
+    * ``request_deadline_ms``: a request still queued this long after it arrived is dropped and answered
+      503 + Retry-After rather than run late (its client has likely given up); one already in a model
+      call is answered.
     * ``poll_seconds``: how often champion.json is checked for a new champion.
     * ``retry_failed_load_seconds``: a champion that failed to load is retried after this long even
       if the pointer did not change (a transient I/O error should not need a restart).
@@ -42,15 +51,22 @@ class ServingConfig:
     max_top_k: int = 20
     max_batch_texts: int = 64
     max_wait_ms: float = 5.0
-    max_queued_requests: int = 4096
+    max_queued_texts: int = 2048
+    request_deadline_ms: float = 2000.0
     poll_seconds: float = 1.0
     retry_failed_load_seconds: float = 30.0
     protect_operational: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_texts", "max_chars", "max_top_k", "max_batch_texts", "max_queued_requests"):
+        for name in ("max_texts", "max_chars", "max_top_k", "max_batch_texts", "max_queued_texts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queued_texts < self.max_texts:  # else a valid request of max_texts texts could never be admitted
+            raise ValueError(
+                f"max_queued_texts ({self.max_queued_texts}) must be at least max_texts ({self.max_texts})"
+            )
+        if self.request_deadline_ms <= 0:
+            raise ValueError(f"request_deadline_ms must be > 0, got {self.request_deadline_ms}")
         if self.max_wait_ms < 0 or self.poll_seconds <= 0:
             raise ValueError("max_wait_ms must be >= 0 and poll_seconds > 0")
         object.__setattr__(self, "registry_root", Path(self.registry_root).expanduser().resolve())

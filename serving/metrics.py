@@ -68,6 +68,22 @@ class ServingMetrics:
             "domainflow_model_loads", "Champion loads by outcome (loaded, failed).", ["domain", "outcome"], registry=r
         )
         self.queue_depth = Gauge("domainflow_queue_depth", "Requests waiting for the model.", ["domain"], registry=r)
+        self.queued_texts = Gauge(
+            "domainflow_queued_texts",
+            "Texts waiting for the model (the admission budget's unit).",
+            ["domain"],
+            registry=r,
+        )
+        # Why a reason label: a 503 for a full queue (add capacity), a passed deadline (the backlog
+        # outgrew the budget's estimate) and a client gone before its batch (client timeouts too short)
+        # call for different fixes, and the status code alone cannot tell them apart.
+        self.rejected = Counter(
+            "domainflow_rejected_requests",
+            "Requests answered 503 by the admission control, by reason: queue_full, deadline (both without a model "
+            "call), client_gone (disconnected first; its queued texts were dropped), shutting_down.",
+            ["domain", "reason"],
+            registry=r,
+        )
         for domain in self.served_domains:
             self.model_version.labels(domain).set(0)
 

@@ -7,17 +7,16 @@ history), and ``top_k``. The answer lists items best first with their score and 
 Same conventions as ``/predict``: the API key is checked first (middleware), the body is
 validated into a 422 whose message names the field (an empty history, unknown fields, wrong
 types, an item id the model does not know), and a missing model is a 503. The champion is
-loaded and hot-swapped by the same :class:`serving.model_store.ModelStore`; requests run one
-at a time on the shared inference thread (one user per request: there is nothing to batch).
+loaded and hot-swapped by the same :class:`serving.model_store.ModelStore`; requests go through
+the same admission control as ``/predict`` (a bounded queue, a deadline, see :func:`rank_function`)
+and run one at a time on the shared inference thread (one user per request: nothing to batch).
 
 :func:`rank_record` is also what ``domainflow recommend`` prints, so both share one shape.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
@@ -25,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 from domainflow.recsys.bundle import Recommendation, Recommender, UnknownItemsError
 from domainflow.registry import VersionInfo
 from serving.config import ServingConfig
+from serving.inference import NoModelError
 from serving.schemas import _check_text
 
 MAX_HISTORY = 200
@@ -118,17 +118,35 @@ def load_recommender(slot: Any, info: VersionInfo) -> Any:
     return ServedModel.of(slot.domain, info, recommender)
 
 
-async def rank(served: Any, body: Any, executor: Executor) -> dict[str, Any]:
-    """Run one ranking on the inference thread; :class:`UnknownItemsError` propagates for a 422."""
-    recommender: Recommender = served.loaded
-    loop = asyncio.get_running_loop()
-    items = await loop.run_in_executor(
-        executor,
-        lambda: recommender.recommend(
-            history=body.history, texts=body.history_texts, candidates=body.candidates, k=body.top_k
-        ),
-    )
-    return rank_record(served.domain, served.version, recommender.scorer_for(body.history), items)
+def rank_function(slot: Any) -> Callable[[list[Any]], tuple[Any, list[dict[str, Any] | UnknownItemsError]]]:
+    """What the domain's batcher runs on the inference thread: one ranking request per call.
+
+    Why through a batcher at all (there is nothing to merge): the batcher is the admission control,
+    a bounded queue in which a request has a deadline and can be withdrawn, and it puts at most one
+    ranking at a time in the shared executor, so a ranking flood cannot starve other domains.
+    An unknown item id is the caller's mistake, not the batch's: it comes back as the result (for a
+    422), not raised (which would log a traceback). The model is read from the slot per call, as for
+    /predict, so a hot swap is never seen half-way.
+    """
+
+    def run(bodies: list[Any]) -> tuple[Any, list[dict[str, Any] | UnknownItemsError]]:
+        served = slot.current
+        if served is None:
+            raise NoModelError(f"no model loaded for {slot.domain}")
+        recommender: Recommender = served.loaded
+        answers: list[dict[str, Any] | UnknownItemsError] = []
+        for body in bodies:
+            try:
+                items = recommender.recommend(
+                    history=body.history, texts=body.history_texts, candidates=body.candidates, k=body.top_k
+                )
+            except UnknownItemsError as exc:
+                answers.append(exc)
+                continue
+            answers.append(rank_record(served.domain, served.version, recommender.scorer_for(body.history), items))
+        return served, answers
+
+    return run
 
 
 def unknown_items_detail(exc: UnknownItemsError) -> dict[str, Any]:

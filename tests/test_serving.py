@@ -35,7 +35,7 @@ from domainflow.modeling import TextClassifier, load_classifier, load_encoder, p
 from domainflow.registry import ModelRegistry
 from serving import ApiKeys, AuthConfigError, ServingConfig, create_app
 from serving.auth import read_keys_file
-from serving.batching import MicroBatcher, QueueFullError
+from serving.batching import DeadlineExceededError, MicroBatcher, QueueFullError
 from serving.schemas import DomainsResponse, PredictResponse
 from tests.conftest import TINY_LABELS
 from tests.data_helpers import banking77_rows
@@ -93,6 +93,7 @@ class ThreadedUvicorn:
     """A real uvicorn server on 127.0.0.1 (an OS-chosen port, so no race for a free one), in a thread."""
 
     def __init__(self, app: Any) -> None:
+        self.app = app  # in-process: tests reach its batchers and model store through app.state
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -599,7 +600,7 @@ def test_batcher_merges_splits_at_the_limit_and_survives_a_failure() -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1) as pool:
-            batcher = MicroBatcher(run, pool, max_batch_texts=4, max_wait_ms=50, max_queued_requests=6)
+            batcher = MicroBatcher(run, pool, max_batch_texts=4, max_wait_ms=50, max_queued_texts=8)
             results = await asyncio.gather(*(batcher.submit(texts) for texts in (["a"], ["b", "c"], ["d", "e"], ["f"])))
             # ["d", "e"] does not fit after 3 texts: it heads the next call, in arrival order.
             assert calls == [["a", "b", "c"], ["d", "e", "f"]]
@@ -615,22 +616,287 @@ def test_batcher_merges_splits_at_the_limit_and_survives_a_failure() -> None:
             assert all(isinstance(o, ValueError) for o in outcome)
             assert (await batcher.submit(["y"]))[1] == ["Y"]
 
-            # Beyond the backlog limit the caller is told at once.
-            blocker = threading.Event()
-            batcher.run_batch = lambda texts: (blocker.wait(30), list(texts))
-            running = [asyncio.ensure_future(batcher.submit(["q"])) for _ in range(4)]
-            await asyncio.sleep(0.2)  # these four now fill the blocked model call
-            queued = [asyncio.ensure_future(batcher.submit(["q"])) for _ in range(6)]
-            await asyncio.sleep(0.05)
-            assert batcher.queued == 6
-            with pytest.raises(QueueFullError):
-                await batcher.submit(["overflow"])
-            blocker.set()
-            assert all(r[1] == ["q"] for r in await asyncio.gather(*running, *queued))
             await batcher.stop()
             assert batcher.batches >= 5
 
     asyncio.run(scenario())
+
+
+def test_batcher_admits_by_texts_and_drops_expired_and_withdrawn_work() -> None:
+    """The budget counts texts, not requests; a request past its deadline or withdrawn by its caller is
+    taken out of the queue (its texts free the budget) and never reaches the model; one in a model call
+    is answered whatever the clock says."""
+    calls: list[list[str]] = []
+    release = threading.Event()
+
+    async def scenario() -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        loop = asyncio.get_running_loop()
+        entered = asyncio.Event()
+
+        def run(texts: list[str]) -> tuple[str, list[str]]:
+            calls.append(list(texts))
+            loop.call_soon_threadsafe(entered.set)
+            release.wait(60)  # the first call holds the model until the queue has been exercised
+            return "meta", [t.upper() for t in texts]
+
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(run, pool, max_batch_texts=4, max_wait_ms=0, max_queued_texts=5, deadline_ms=60_000)
+            running = asyncio.ensure_future(batcher.submit(["a"]))
+            await entered.wait()  # "a" is in the model call; what follows waits in the queue
+            first = batcher.enqueue(["b", "c", "d"])
+            gone = batcher.enqueue(["e", "f"])
+            assert (batcher.queued, batcher.queued_texts) == (2, 5)
+            with pytest.raises(QueueFullError, match="5 texts already waiting"):
+                batcher.enqueue(["g"])  # two requests only, but six texts
+            assert batcher.withdraw(gone) and gone.future.cancelled() and batcher.queued_texts == 3
+            second = batcher.enqueue(["g"])
+
+            batcher.deadline = 0.05  # for the next request only: the others keep the deadline they were queued with
+            late = batcher.enqueue(["late"])
+            batcher.deadline = 60.0
+            with pytest.raises(DeadlineExceededError, match="still queued"):
+                await late.future
+            assert batcher.queued_texts == 4
+
+            cancelled = asyncio.ensure_future(batcher.submit(["h"]))  # a caller cancelled while queued
+            while batcher.queued_texts != 5:
+                await asyncio.sleep(0)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            assert batcher.queued_texts == 4
+
+            release.set()
+            assert (await running)[1] == ["A"]
+            assert (await first.future)[1] == ["B", "C", "D"] and (await second.future)[1] == ["G"]
+            await batcher.stop()
+        assert calls == [["a"], ["b", "c", "d", "g"]]  # e, f, late and h never reached the model
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+
+
+class GatedModel:
+    """Wraps a batcher's model call: records what reaches the model, and holds the first call until released."""
+
+    def __init__(self, batch_function: Callable[[list[Any]], Any], label: str, order: list[str]) -> None:
+        self.batch_function, self.label, self.order = batch_function, label, order
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.inputs: list[Any] = []
+
+    def __call__(self, items: list[Any]) -> Any:
+        self.inputs.extend(items)
+        self.order.append(self.label)
+        self.entered.set()
+        self.release.wait(120)
+        return self.batch_function(items)
+
+
+async def until(condition: Callable[[], Any], what: str) -> None:
+    """Wait in the event loop until ``condition()`` holds (the timeout only turns a hang into a failure)."""
+    async with asyncio.timeout(120):
+        while not condition():
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+def test_overload_is_shed_at_once_with_503_by_reason_and_shed_work_never_reaches_the_model(
+    start_server, tiny_domain: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """While the model is busy: a request over the budget of queued texts is refused at once; one whose
+    deadline passes in the queue is answered 503 (not run late); one whose client disconnects is dropped.
+    None of them reaches the model; what was admitted is answered when the model frees up."""
+    promote(ModelRegistry(tiny_domain, root=tmp_path / tiny_domain), model_dirs["v1"], "v1")
+    server = start_server(tmp_path, max_texts=8, max_queued_texts=10, request_deadline_ms=60_000, max_wait_ms=0)
+    batcher = server.app.state.batchers[tiny_domain]
+    gate = GatedModel(batcher.run_batch, "predict", [])
+    batcher.run_batch = gate
+    path = f"/v1/{tiny_domain}/predict"
+    admitted = [f"queued text {i}" for i in range(8)]
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url, headers={"X-API-Key": KEY}, timeout=120) as client:
+            blocker = asyncio.ensure_future(client.post(path, json={"texts": ["blocker"]}))
+            await asyncio.to_thread(gate.entered.wait, 120)
+            queued = asyncio.ensure_future(client.post(path, json={"texts": admitted}))
+            await until(lambda: batcher.queued_texts == 8, "8 texts queued")
+
+            full = await client.post(path, json={"texts": ["one", "two", "three"]})  # 11 > 10 texts
+            assert full.status_code == 503 and full.headers["retry-after"] == "1", full.text
+            assert "texts already waiting" in full.json()["detail"]
+
+            # A client that sends its request and leaves before its batch: its text is withdrawn.
+            body = json.dumps({"texts": ["client gone"]}).encode()
+            raw = socket.create_connection(("127.0.0.1", server.port))
+            raw.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await until(lambda: batcher.queued_texts == 9, "the departing client's text to be queued")
+            raw.close()
+            await until(lambda: batcher.queued_texts == 8, "the departed client's text to be withdrawn")
+
+            batcher.deadline = 0.05  # this request's deadline passes while the model is still busy
+            late = await client.post(path, json={"texts": ["too late"]})
+            batcher.deadline = 60.0
+            assert late.status_code == 503 and late.headers["retry-after"] == "1", late.text
+            assert "deadline" in late.json()["detail"]
+            assert batcher.queued_texts == 8
+
+            gate.release.set()
+            first, rest = await blocker, await queued
+            assert first.status_code == 200 and rest.status_code == 200, (first.text, rest.text)
+            assert len(rest.json()["predictions"]) == 8
+            metrics = (await client.get("/metrics")).text
+        assert gate.inputs == ["blocker", *admitted]  # nothing shed ever reached the model
+        for reason in ("queue_full", "deadline", "client_gone"):
+            assert metric_value(metrics, "domainflow_rejected_requests_total", domain=tiny_domain, reason=reason) == 1
+        assert metric_value(metrics, "domainflow_requests_total", endpoint="/v1/{domain}/predict", status="503") == 3
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.release.set()
+
+
+class GatedRecommender:
+    """A stand-in ranking champion: records each call, and holds the first one until released."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.order = order
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def recommend(self, history: Any, texts: Any, candidates: Any, k: int) -> list[Any]:
+        from domainflow.recsys.bundle import Recommendation
+
+        self.order.append("rank")
+        self.entered.set()
+        self.release.wait(120)
+        return [Recommendation("m1", "A film", 1.0)]
+
+    def scorer_for(self, history: Any) -> str:
+        return "ranker"
+
+
+def test_a_rank_flood_is_bounded_and_does_not_starve_predict_of_another_domain(
+    start_server, tiny_domain: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Rankings go through the same admission (a bounded queue, 503 beyond it) and take turns with the other
+    domains on the single inference thread: a /predict queued behind a flood runs right after the ranking
+    in progress, not after the whole flood."""
+    from serving.model_store import ServedModel
+
+    promote(ModelRegistry(tiny_domain, root=tmp_path / tiny_domain), model_dirs["v1"], "v1")
+    server = start_server(
+        tmp_path, domains=(tiny_domain, "recommendation"), max_texts=8, max_queued_texts=8, request_deadline_ms=60_000
+    )
+    order: list[str] = []
+    recommender = GatedRecommender(order)
+    slot = server.app.state.store.slots["recommendation"]
+    slot.current = ServedModel("recommendation", 7, "stand-in", tmp_path, recommender, "now")
+    ranker, batcher = server.app.state.batchers["recommendation"], server.app.state.batchers[tiny_domain]
+    predict_gate = GatedModel(batcher.run_batch, "predict", order)
+    predict_gate.release.set()  # recorded, never held
+    batcher.run_batch = predict_gate
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"X-API-Key": KEY}, timeout=120, limits=httpx.Limits(max_connections=32)
+        ) as client:
+
+            def rank() -> asyncio.Future[httpx.Response]:
+                return asyncio.ensure_future(client.post("/v1/recommendation/rank", json={"history": ["m0"]}))
+
+            first = rank()
+            await asyncio.to_thread(recommender.entered.wait, 120)
+            flood = [rank() for _ in range(12)]
+            await until(lambda: sum(f.done() for f in flood) == 4 and ranker.queued == 8, "8 queued, 4 refused")
+            shed = [f for f in flood if f.done()]
+            assert all(f.result().status_code == 503 and f.result().headers["retry-after"] == "1" for f in shed)
+
+            predicted = asyncio.ensure_future(client.post(f"/v1/{tiny_domain}/predict", json={"texts": ["hello"]}))
+            await until(lambda: batcher.in_flight == 1, "the predict batch to wait for the inference thread")
+            recommender.release.set()
+            answer = await predicted
+            assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+            ranked = [await first] + [await f for f in flood if f not in shed]
+            metrics = (await client.get("/metrics")).text
+        assert [r.status_code for r in ranked] == [200] * 9
+        assert ranked[0].json()["items"][0]["item_id"] == "m1" and ranked[0].json()["version"] == 7
+        assert order == ["rank", "predict"] + ["rank"] * 8  # predict ran after one ranking, not after nine
+        assert (
+            metric_value(metrics, "domainflow_rejected_requests_total", domain="recommendation", reason="queue_full")
+            == 4
+        )
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        recommender.release.set()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(served: ThreadedUvicorn, tiny_domain: str) -> None:
+    """No Content-Length (chunked transfer): the bytes are counted as they arrive, and crossing the limit is a
+    413, not a body buffered whole and then parsed. A chunked body within the limit is served as usual."""
+    produced = 0
+
+    def huge() -> Iterator[bytes]:
+        nonlocal produced
+        yield b'{"texts": ["'
+        for _ in range(500):  # 2 MB, a hundred times the limit of this app (8 texts of 300 characters)
+            produced += 1
+            yield b"x" * 4096
+
+    def small() -> Iterator[bytes]:
+        yield b'{"texts": ["where is '
+        yield b'my card?"], "top_k": 2}'
+
+    with httpx.Client(base_url=served.url, headers={"X-API-Key": KEY, "content-type": "application/json"}) as client:
+        refused = client.post(f"/v1/{tiny_domain}/predict", content=huge())
+        assert refused.status_code == 413 and "request body over" in refused.json()["detail"], refused.text
+        fine = client.post(f"/v1/{tiny_domain}/predict", content=small())
+        assert fine.status_code == 200 and len(fine.json()["predictions"]) == 1, fine.text
+
+
+def test_readiness_is_per_domain_and_a_broken_domain_does_not_fail_the_service(
+    start_server, tiny_domain: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """One domain serving and one whose champion cannot load: the service is ready (it answers the first),
+    ``/readyz/{domain}`` tells each apart, and names and statuses are only given with a key."""
+    promote(ModelRegistry(tiny_domain, root=tmp_path / tiny_domain), model_dirs["v1"], "v1")
+    promote(ModelRegistry("recommendation", root=tmp_path / "recommendation"), model_dirs["broken"], "broken")
+    server = start_server(tmp_path, domains=(tiny_domain, "recommendation"))
+    with httpx.Client(base_url=server.url) as client:
+        keyed = {"X-API-Key": KEY}
+        overall = client.get("/readyz")
+        assert overall.status_code == 200 and overall.json() == {"ready": True}
+        assert client.get("/readyz", headers=keyed).json() == {
+            "ready": True,
+            "domains": {tiny_domain: "serving", "recommendation": "load_failed"},
+        }
+        healthy = client.get(f"/readyz/{tiny_domain}")
+        assert healthy.status_code == 200 and healthy.json() == {"ready": True}
+        assert client.get(f"/readyz/{tiny_domain}", headers=keyed).json() == {
+            "ready": True,
+            "status": "serving",
+            "version": 1,
+        }
+        broken = client.get("/readyz/recommendation")
+        assert broken.status_code == 503 and broken.json() == {"ready": False}
+        assert client.get("/readyz/recommendation", headers=keyed).json() == {
+            "ready": False,
+            "status": "load_failed",
+            "version": None,
+        }
+        unknown = client.get("/readyz/no_such_domain")
+        assert unknown.status_code == 404 and unknown.json() == {"ready": False}
+        answer = client.post(f"/v1/{tiny_domain}/predict", json={"texts": ["hello"]}, headers=keyed)
+        assert answer.status_code == 200, answer.text
 
 
 # ------------------------------------------------------------------------------------ `domainflow serve` end to end
@@ -711,7 +977,9 @@ def test_domains_are_served_by_task_kind(tmp_path: Path, monkeypatch: pytest.Mon
     served_domains = set(default.state.store.slots)
     assert {"customer_service", "recommendation"} <= served_domains
     assert {get_domain(name).task_kind for name in served_domains} == {"text_classification", "ranking"}
-    assert "recommendation" not in default.state.batchers and "customer_service" in default.state.batchers
+    # Both kinds go through the admission control; a ranking is one request per model call.
+    assert default.state.batchers["recommendation"].max_batch_texts == 1
+    assert default.state.batchers["customer_service"].max_batch_texts == 64
     summaries = replace(get_domain("customer_service"), name="cs_summaries", task_kind="summarization")
     monkeypatch.setitem(catalog._registered, "cs_summaries", catalog.Entry(summaries, "module"))
     with pytest.raises(ValueError, match="cannot serve cs_summaries"):
