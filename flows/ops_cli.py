@@ -87,6 +87,12 @@ def serve(
     ),
     max_texts: int = typer.Option(64, min=1, help="Most texts per request."),
     max_chars: int = typer.Option(2000, min=1, help="Most characters per text."),
+    max_queued_texts: int = typer.Option(
+        2048, min=1, help="Backlog each domain may hold, in texts; a request beyond it gets 503 + Retry-After at once."
+    ),
+    request_deadline_ms: float = typer.Option(
+        2000.0, min=1.0, help="A request still queued this long is dropped and answered 503 (never run late)."
+    ),
     poll_seconds: float = typer.Option(
         1.0, min=0.05, help="How often the registry's champion pointer is checked (hot swap)."
     ),
@@ -127,6 +133,8 @@ def serve(
             max_wait_ms=max_wait_ms,
             max_texts=max_texts,
             max_chars=max_chars,
+            max_queued_texts=max_queued_texts,
+            request_deadline_ms=request_deadline_ms,
             poll_seconds=poll_seconds,
             protect_operational=protect_ops,
         )
