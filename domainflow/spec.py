@@ -292,8 +292,8 @@ class ClassificationSpec(DomainSpec):
         return len(self.label_names or ())
 
     def with_labels(self, labels: tuple[str, ...]) -> ClassificationSpec:
-        """The same spec with a fixed label list (inferred from the data, or from the champion's lineage)."""
-        return type(self).model_validate({**self.model_dump(by_alias=True), "labels": list(labels)})
+        """The same spec with a fixed label list (the labels ingest took from the data), validated again."""
+        return self.replace(label_names=tuple(labels))
 
     def label_index(self, value: Any) -> int | None:
         """Map a raw label (its name, or its integer id) to an index; None when unknown."""

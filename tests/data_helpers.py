@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,17 @@ def csv_line_of(rows: Sequence[Mapping[str, Any]], index: int, columns: Sequence
 def replace(record, **changes):  # noqa: ANN001, ANN201 - any spec record
     """``dataclasses.replace`` for the pydantic spec records: a validated copy with some fields changed."""
     return record.replace(**changes)
+
+
+#: A user's own domain that ships nowhere in the package (five intents of a veterinary clinic).
+PET_CLINIC = Path(__file__).parent / "domain_files" / "pet_clinic"
+
+
+def copy_domain(tmp_path: Path, name: str, body: str) -> Path:
+    """The pet clinic's data and replies in a fresh folder, with ``body`` as its domain file."""
+    folder = tmp_path / name
+    shutil.copytree(PET_CLINIC, folder)
+    (folder / "pet_clinic.toml").unlink()
+    path = folder / f"{name}.toml"
+    path.write_text(body)
+    return path

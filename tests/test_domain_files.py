@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,20 +23,10 @@ from domainflow.registry import ModelRegistry
 from domainflow.spec import ClassificationSpec
 from flows.cli import app
 from flows.pipeline import domain_pipeline
-from tests.test_pipeline import _task_states
+from tests.data_helpers import PET_CLINIC, copy_domain
+from tests.process_helpers import free_port, stop_group, task_states, wait_for
 
-PET_CLINIC = Path(__file__).parent / "domain_files" / "pet_clinic"
 PET_LABELS = ["book_visit", "cancel_visit", "emergency", "medicine_refill", "opening_hours"]
-
-
-def copy_domain(tmp_path: Path, name: str, body: str) -> Path:
-    """The pet clinic's data and replies in a fresh folder, with ``body`` as its domain file."""
-    folder = tmp_path / name
-    shutil.copytree(PET_CLINIC, folder)
-    (folder / "pet_clinic.toml").unlink()
-    path = folder / f"{name}.toml"
-    path.write_text(body)
-    return path
 
 
 # ------------------------------------------------------------------------------ reading files
@@ -131,7 +120,7 @@ def test_the_core_imports_nothing_above_it() -> None:
 
 def _run(path: Path, model: Path) -> tuple[dict, dict[str, list[str]]]:
     state = domain_pipeline(domain=str(path), model=str(model), num_layers=1, seed=3, return_state=True)
-    return state.result(), _task_states(state.state_details.flow_run_id)
+    return state.result(), task_states(state.state_details.flow_run_id)
 
 
 CACHEABLE = ("ingest", "linear-probe", "finetune", "quantize", "prune-magnitude", "evaluate", "measure-speed")
@@ -283,8 +272,6 @@ def test_a_new_domain_runs_from_the_cli_and_every_command_knows_it(tmp_path: Pat
 def _served_answer(domain: str, text: str) -> dict:
     """``domainflow serve DOMAIN`` in its own process (real uvicorn on a free loopback port): its answer to ``text``."""
     import httpx
-
-    from tests.test_schedule import free_port, stop_group, wait_for
 
     port, key = free_port(), "pet-clinic-key-0123456789abcdef"
     env = {**os.environ, "DOMAINFLOW_API_KEYS": key}

@@ -23,6 +23,7 @@ from flows.cli import app
 from flows.pipeline import domain_pipeline
 from tests.data_helpers import banking77_slice, write_csv
 from tests.file_checks import assert_no_pickles
+from tests.process_helpers import task_states
 
 
 def _fail_if_called(name: str):
@@ -44,29 +45,6 @@ def _registry_snapshot(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-def _task_states(flow_run_id) -> dict[str, list[str]]:
-    """Final state names of a flow run's task runs, by task name.
-
-    Task-run states reach the API through Prefect's event pipeline, shortly after the flow
-    returns; read again while any is still non-final (at most ~10 s: a state that never
-    settles shows up in the assertion that follows)."""
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    for _ in range(50):
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        if all(run.state is not None and run.state.is_final() for run in runs):
-            break
-        time.sleep(0.2)
-    states: dict[str, list[str]] = {}
-    for run in runs:
-        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
-    return states
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +169,7 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     assert second["decision"]["promote"] is False
     assert "tie" in second["decision"]["summary"].lower() or "not better" in second["decision"]["summary"].lower()
     assert registry.champion().version == 1
-    task_states = _task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id)
     for step in (
         "ingest",
         "linear-probe",
@@ -203,8 +181,8 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
         "distill",
         "measure-speed",
     ):
-        assert set(task_states.get(step, ["Cached"])) == {"Cached"}, task_states
-    assert task_states.get("deploy") == ["Completed"]
+        assert set(states.get(step, ["Cached"])) == {"Cached"}, states
+    assert states.get("deploy") == ["Completed"]
 
 
 def test_no_file_the_runs_wrote_is_a_pickle(session_home: Path) -> None:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +33,7 @@ from flows.retrain import pick_data_files, training_files
 from tasks.artifacts import artifact_key
 from tests.conftest import TINY_LABELS
 from tests.data_helpers import banking77_slice, write_csv
+from tests.process_helpers import clean_env, free_port, stop_group, wait_for
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCHEDULED_DOMAIN = "cs_sched"
@@ -56,45 +57,6 @@ register(
     )
 )
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """The environment of a fresh shell: none of this test session's Prefect / domainflow settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DOMAINFLOW_"))}
-    env.update(DOMAINFLOW_HOME=str(home), **extra)
-    return env
-
-
-def wait_for(
-    condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.5, log: Path | None = None
-) -> Any:
-    """Poll until ``condition()`` is truthy; the timeout only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = "\n" + log.read_text(errors="replace")[-6000:] if log and log.exists() else ""
-            raise AssertionError(f"timed out waiting for {what}{tail}")
-        time.sleep(interval)
-
-
-def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a process started in its own session, with whatever it started (flow-run processes)."""
-    if process.poll() is None:
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +102,31 @@ def api(server: SimpleNamespace, method: str, path: str, **kwargs: Any) -> Any:
     response = httpx.request(method, f"{server.api}{path}", timeout=30, **kwargs)
     response.raise_for_status()
     return response.json()
+
+
+def wait_for_deployment(
+    server: SimpleNamespace, name: str, process: subprocess.Popen, log: Path, *, unpaused: bool = False
+) -> dict:
+    """The deployment ``name`` once `schedule` has registered it (a schedule process that exits fails the wait)."""
+
+    def deployment() -> dict | None:
+        if process.poll() is not None:
+            raise AssertionError(f"schedule exited with {process.returncode}: {log.read_text()[-4000:]}")
+        found = api(server, "POST", "/deployments/filter", json={"deployments": {"name": {"any_": [name]}}})
+        return found[0] if found and not (unpaused and found[0]["paused"]) else None
+
+    return wait_for(deployment, "the deployment", timeout=180, log=log)  # the runner may not have started yet
+
+
+def run_now(server: SimpleNamespace, dep: dict, log: Path) -> tuple[dict, dict]:
+    """Start a run of ``dep`` as the UI's "Quick run" does; (the flow run, its final state) once it ends."""
+    flow_run = api(server, "POST", f"/deployments/{dep['id']}/create_flow_run", json={})
+
+    def finished() -> dict | None:
+        state = api(server, "GET", f"/flow_runs/{flow_run['id']}")["state"]
+        return state if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
+
+    return flow_run, wait_for(finished, "the retraining run", timeout=480, interval=1.0, log=log)
 
 
 # ------------------------------------------------------------------------------------ data pickup
@@ -350,19 +337,9 @@ def test_schedule_pauses_its_deployment_and_stops_on_sigterm(prefect_server: Sim
             start_new_session=True,
         )
     try:
-
-        def deployment() -> dict | None:
-            if process.poll() is not None:
-                raise AssertionError(f"schedule exited with {process.returncode}: {log.read_text()[-4000:]}")
-            found = api(
-                prefect_server,
-                "POST",
-                "/deployments/filter",
-                json={"deployments": {"name": {"any_": ["retrain-customer_service"]}}},
-            )
-            return found[0] if found and not found[0]["paused"] else None
-
-        dep = wait_for(deployment, "the deployment", timeout=180, log=log)  # the runner may not have started yet
+        dep = wait_for_deployment(
+            prefect_server, "retrain-customer_service", process, log, unpaused=True
+        )  # the runner may not have started yet
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=90)  # only turns a hang into a failure
@@ -434,19 +411,7 @@ def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(
             start_new_session=True,
         )
     try:
-
-        def deployment() -> dict | None:
-            if process.poll() is not None:
-                raise AssertionError(f"schedule exited with {process.returncode}: {log.read_text()[-4000:]}")
-            found = api(
-                prefect_server,
-                "POST",
-                "/deployments/filter",
-                json={"deployments": {"name": {"any_": [f"retrain-{SCHEDULED_DOMAIN}"]}}},
-            )
-            return found[0] if found else None
-
-        dep = wait_for(deployment, "the deployment", timeout=180, log=log)
+        dep = wait_for_deployment(prefect_server, f"retrain-{SCHEDULED_DOMAIN}", process, log)
         (schedule,) = dep["schedules"]
         assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"], schedule["active"]) == (
             CRON,
@@ -483,13 +448,7 @@ def test_scheduled_deployment_retrains_on_the_newest_file_behind_the_gates(
             assert (local.hour, local.minute) == (3, 15) and local.weekday() < 5, local
 
         # Run it now, as "Quick run" in the UI does; the serve process executes it.
-        flow_run = api(prefect_server, "POST", f"/deployments/{dep['id']}/create_flow_run", json={})
-
-        def finished() -> dict | None:
-            state = api(prefect_server, "GET", f"/flow_runs/{flow_run['id']}")["state"]
-            return state if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
-
-        state = wait_for(finished, "the retraining run", timeout=480, interval=1.0, log=log)
+        flow_run, state = run_now(prefect_server, dep, log)
         assert state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-6000:]}"
 
         # The pipeline ran as a subflow of the retraining run, and both are in the API.
@@ -550,7 +509,7 @@ def test_a_domain_file_added_by_name_is_scheduled_and_retrained(
 ) -> None:
     """A user's domain file, recorded with `domains add`, scheduled by its name: the run (a fresh
     process started by the Prefect runner) finds it through the home and deploys a champion."""
-    from tests.test_domain_files import PET_CLINIC, copy_domain
+    from tests.data_helpers import PET_CLINIC, copy_domain
 
     body = (PET_CLINIC / "pet_clinic.toml").read_text().replace('name = "pet_clinic"', 'name = "pet_sched"')
     domain_file = copy_domain(tmp_path, "pet_sched", body)
@@ -573,28 +532,10 @@ def test_a_domain_file_added_by_name_is_scheduled_and_retrained(
             start_new_session=True,
         )
     try:
-
-        def deployment() -> dict | None:
-            if process.poll() is not None:
-                raise AssertionError(f"schedule exited with {process.returncode}: {log.read_text()[-4000:]}")
-            found = api(
-                prefect_server,
-                "POST",
-                "/deployments/filter",
-                json={"deployments": {"name": {"any_": ["retrain-pet_sched"]}}},
-            )
-            return found[0] if found else None
-
-        dep = wait_for(deployment, "the deployment", timeout=180, log=log)
+        dep = wait_for_deployment(prefect_server, "retrain-pet_sched", process, log)
         assert dep["parameters"]["domain"] == "pet_sched"  # by name: the runs find the file through the home
         assert dep["global_concurrency_limit"]["limit"] == 1  # one retraining of a domain at a time
-        flow_run = api(prefect_server, "POST", f"/deployments/{dep['id']}/create_flow_run", json={})
-
-        def finished() -> dict | None:
-            state = api(prefect_server, "GET", f"/flow_runs/{flow_run['id']}")["state"]
-            return state if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"} else None
-
-        state = wait_for(finished, "the retraining run", timeout=480, interval=1.0, log=log)
+        flow_run, state = run_now(prefect_server, dep, log)
         assert state["type"] == "COMPLETED", f"{state}\n{log.read_text()[-6000:]}"
         champion = ModelRegistry("pet_sched", root=home / "registry" / "pet_sched").champion()
         assert champion is not None and champion.lineage["labels"] == sorted(champion.lineage["labels"])

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from domainflow.registry import ModelRegistry
-from tests.test_domain_files import PET_CLINIC, copy_domain
-from tests.test_schedule import clean_env
+from tests.data_helpers import PET_CLINIC, copy_domain
+from tests.process_helpers import clean_env
 
 FINISHED = re.compile(r"Task run '([a-z\-]+)-[0-9a-f]{3}' - Finished in state (\w+)\(")
 
