@@ -118,8 +118,10 @@ def run(
     from domainflow.data.validation import DataValidationError
     from domainflow.kinds import kind_of, resolve
     from domainflow.runlock import DomainBusyError
+    from flows.prefect_server import tether_ephemeral_server
 
     spec = _domain_spec(domain)
+    tether_ephemeral_server()  # a run killed with SIGKILL must not leave Prefect's server behind
     started = time.perf_counter()
     # With --json, stdout carries the summary alone: progress that libraries print goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()

@@ -113,6 +113,9 @@ def score(
     """Score new items with the champion, store them (idempotent), and alert on topic surges."""
     domain = domain_name(domain)
     from flows.monitor import monitor_batch, monitor_inbox
+    from flows.prefect_server import tether_ephemeral_server
+
+    tether_ephemeral_server()
 
     overrides = _overrides(window, baseline_windows, k, min_count, webhook_url) or None
     try:
@@ -174,6 +177,9 @@ def replay_command(
     Exits 1 unless exactly that alert is raised."""
     domain = domain_name(domain)
     from flows.monitor import replay
+    from flows.prefect_server import tether_ephemeral_server
+
+    tether_ephemeral_server()
 
     try:
         result = replay(
