@@ -22,7 +22,7 @@ from rich.table import Table  # noqa: E402
 from domainflow.catalog import MODULES_ENV, add_domain_modules  # noqa: E402
 from domainflow.domain_files import DomainFileError, looks_like_domain_file  # noqa: E402
 from domainflow.spec import ClassificationSpec, DomainSpec  # noqa: E402
-from flows.console import EXIT_BAD_DATA, EXIT_NOT_PROMOTED, domain_name, fail, make_console  # noqa: E402
+from flows.console import EXIT_BAD_DATA, EXIT_NOT_PROMOTED, EXIT_REGISTRY, domain_name, fail, make_console  # noqa: E402
 
 app = typer.Typer(
     help="domainflow: turn a pretrained transformer into a deployed model for a business domain, as Prefect flows.\n\n"
@@ -117,6 +117,7 @@ def run(
     Prints the candidates and the gate's decision."""
     from domainflow.data.validation import DataValidationError
     from domainflow.kinds import kind_of, resolve
+    from domainflow.registry import RegistryError
     from domainflow.runlock import DomainBusyError
     from flows.prefect_server import tether_ephemeral_server
 
@@ -145,6 +146,8 @@ def run(
         fail(f"data validation failed; nothing was trained and the registry is unchanged.\n{exc}", EXIT_BAD_DATA)
     except DomainBusyError as exc:
         fail(str(exc))
+    except RegistryError as exc:  # refused (a concurrent promotion) or damaged: nothing of it was changed
+        fail(f"registry: {exc}", EXIT_REGISTRY)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     seconds = time.perf_counter() - started

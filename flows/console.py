@@ -21,6 +21,7 @@ LOG_WIDTH = 160
 EXIT_USAGE = 2  # a wrong argument, an unknown domain, a bad domain file
 EXIT_BAD_DATA = 3  # the data failed validation: nothing was trained
 EXIT_NOT_PROMOTED = 4  # ran, nothing promoted (only with --require-promotion)
+EXIT_REGISTRY = 5  # the registry refused the change (another run promoted meanwhile) or is damaged
 
 
 def make_console(*, stderr: bool = False) -> Console:

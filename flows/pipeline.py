@@ -27,7 +27,7 @@ from domainflow.registry import ModelRegistry
 from domainflow.runlock import domain_run_lock
 from domainflow.spec import ClassificationSpec, CompressionDefaults, DomainSpec
 from tasks.compress import distill, prune_ffn, prune_magnitude, quantize
-from tasks.deploy import candidate_rows, champion_metrics_for, deploy
+from tasks.deploy import candidate_rows, champion_damage, champion_metrics_for, deploy
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune, linear_probe, make_train_config
 from tasks.ingest import ingest
@@ -226,7 +226,7 @@ def _train_and_deploy(
 
     champion_metrics = champion_metrics_for(domain, dataset.test_fingerprint)
     champion = registry.champion()
-    if champion is not None and champion_metrics is None:
+    if champion is not None and champion_metrics is None and champion_damage(registry, champion) is None:
         log.info("champion v%d was measured on another test set: re-evaluating it on this one", champion.version)
         champion_ref = ModelRef(
             name=f"champion-v{champion.version}",

@@ -23,7 +23,7 @@ from domainflow import settings
 from domainflow.gates import GateDecision, decide
 from domainflow.logs import run_logger
 from domainflow.records import Evaluation
-from domainflow.registry import ModelRegistry, RegistryError
+from domainflow.registry import ModelRegistry, RegistryError, VersionInfo
 from domainflow.retrieval import INDEX_FILES
 from domainflow.spec import DomainSpec
 from tasks.artifacts import artifact_key
@@ -69,6 +69,20 @@ def stored_metrics(evaluation: Evaluation) -> dict[str, Any]:
             "parameters": evaluation.parameters,
         },
     }
+
+
+def champion_damage(registry: ModelRegistry, champion: VersionInfo | None) -> str | None:
+    """Why the champion's files fail their manifest check (changed, missing), or None when they pass.
+
+    Why the gate checks: a champion whose bytes changed after promotion is not the model its metrics
+    describe, and a run that compared against it would keep a model nobody can load."""
+    if champion is None:
+        return None
+    try:
+        registry.get(champion.version, verify=True)
+    except RegistryError as exc:
+        return str(exc)
+    return None
 
 
 def champion_metrics_for(
@@ -119,7 +133,18 @@ def apply_decision(
 
     current = registry.champion()
     champion_version = current.version if current else None
-    if champion_metrics is None and current is not None:
+    damage = champion_damage(registry, current)
+    if damage is not None:
+        # Its files no longer match what was promoted, so it cannot be served (the service refuses to load it):
+        # the gate judges the challenger on the floors alone, as a first model; promoting is the repair.
+        run_logger(__name__).error(
+            "%s: champion v%s fails verification (%s): judging the challenger on the floors alone",
+            domain,
+            champion_version,
+            damage,
+        )
+        champion_metrics = None
+    elif champion_metrics is None and current is not None:
         champion_metrics = champion_metrics_for(domain, test_fingerprint, registry=registry)
         if champion_metrics is None:
             raise RegistryError(
@@ -128,7 +153,12 @@ def apply_decision(
                 "evaluate the champion on the new test set and pass its metrics"
             )
 
-    decision = decide_fn(spec, evaluations, champion_metrics, champion_version=champion_version).to_dict()
+    decision = decide_fn(
+        spec, evaluations, champion_metrics, champion_version=None if damage else champion_version
+    ).to_dict()
+    if damage is not None:
+        decision["champion_damage"] = damage
+        decision["summary"] = f"Champion v{champion_version} fails verification ({damage}). {decision['summary']}"
     decision["dataset_fingerprint"] = dataset_fingerprint
     decision["test_fingerprint"] = test_fingerprint
     decision_file = registry.record_decision(decision)
