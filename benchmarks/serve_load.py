@@ -1,89 +1,203 @@
-"""Load test of a running ``domainflow serve`` on loopback: throughput, latency percentiles, errors,
-and the micro-batching ratio against one-at-a-time inference.
+"""``domainflow serve`` under load from a real load generator, against the model's own batch-32 throughput.
 
-Usage (the service must be running; the key is one of its keys)::
+Usage (from the repository root; the domain needs a champion under ``DOMAINFLOW_HOME``)::
 
-    DOMAINFLOW_API_KEY=... python benchmarks/serve_load.py --url http://127.0.0.1:8000 \
-        --domain customer_service --requests 10000 --concurrency 32
+    python benchmarks/serve_load.py                          # customer_service; wrk when installed
+    python benchmarks/serve_load.py --client python          # the asyncio client below instead of wrk
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # a service already running
 
-Phases, each bounded in count *and* time (``--max-seconds``; a phase stops sending when its time
-is up and reports what it did):
+One run, one machine, in this order (a noisy machine slows everything alike, so read the ratios):
 
-1. warm-up: a few requests, not counted;
-2. load: ``--requests`` requests at ``--concurrency``, texts from the real Banking77 test split;
-3. baseline: one-at-a-time inference, by default ``--baseline-requests`` requests sent one after
-   the other to the same service (so every model call is a batch of one).
-   ``--baseline-url`` points it at a second service started with ``--max-batch 1`` instead, and
-   ``--baseline-concurrency`` loads that one like phase 2: the same load with batching off.
+1. **model**: the champion as the service loads it (``load_classifier`` + ``predict_proba``) classifies the
+   test texts at batch 32 in this process: the ceiling a service of one-text requests can approach.
+2. **load**: one-text requests (real test texts, rotated) at ``--concurrency`` for ``--seconds``:
+   throughput, p50/p90/p99 latency, errors.
+3. **model** again; the ceiling is the mean of both measurements.
+4. **overload**: ``--overload-factor`` times the connections, so the clients offer far more than the
+   service can answer: answered vs 503, the answered requests' p99 against the deadline, the server's own
+   time for each 503 (``domainflow_shed_latency_seconds`` from ``/metrics``) and the service's resident
+   memory before and after.
 
-It prints throughput, p50/p95/p99 latency and errors by kind for each phase, the mean batch size
-the server reports in ``/metrics`` (``domainflow_batch_size_texts``), and the ratio
-load throughput / baseline throughput. Only loopback addresses are accepted: this is a
-benchmark of the service, not a tool to load someone else's.
+The goal printed at the end: load throughput >= 80% of the model's batch-32 throughput with p99 <= 100 ms
+and no error; under overload, 503s only as fast refusals (<= 10 ms each, server side), answered requests
+within their deadline, memory flat (< 10% growth). Which client ran is printed: wrk is a C load generator
+(``apt install wrk``); the Python client saturates a 2-core machine well before the service does.
+
+Only loopback addresses are accepted: this loads a service of yours, not someone else's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import ipaddress
 import json
 import os
-import random
 import re
+import secrets
+import shutil
+import signal
 import socket
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benchmark the checkout this script belongs to, not another installed copy
 
-DEFAULT_TEXTS = Path(__file__).resolve().parent.parent / "data" / "banking77" / "test.csv"
+from benchmarks.common import labelled_test_texts  # noqa: E402
+from domainflow.settings import configure_environment  # noqa: E402
+
+configure_environment()
+
+import httpx  # noqa: E402
+
+GOAL_SHARE_OF_MODEL = 0.80
+GOAL_P99_MS = 100.0
+GOAL_SHED_MS = 10.0
+GOAL_MEMORY_GROWTH = 0.10
+MODEL_BATCH = 32
 
 
 @dataclass
-class PhaseResult:
+class Phase:
+    """What one load phase measured (either client)."""
+
     name: str
-    requests_planned: int
-    concurrency: int
-    texts_per_request: int
-    sent: int = 0
-    ok: int = 0
-    client_errors: int = 0  # 4xx
-    server_errors: int = 0  # 5xx
-    transport_errors: int = 0  # connection refused/reset, timeouts
+    client: str
+    connections: int
     seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list, repr=False)
-    status_counts: dict[str, int] = field(default_factory=dict)
-    stopped_by_time: bool = False
-    mean_batch_size: float | None = None
+    responses: int = 0
+    ok: int = 0  # 2xx
+    transport_errors: int = 0
+    p50_ms: float = float("nan")  # the client's view, all responses
+    p90_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    max_ms: float = float("nan")
+    # the server's view (from /metrics, predict endpoint, this phase only)
+    shed: int = 0  # 503s
+    shed_within_10ms: int = 0
+    answered_p99_at_most_ms: float = float("nan")
 
     @property
-    def throughput_rps(self) -> float:
-        return self.ok / self.seconds if self.seconds > 0 else 0.0
+    def other_errors(self) -> int:
+        """Neither answered nor shed: 4xx, 500, broken connections, timeouts."""
+        return self.responses - self.ok - self.shed + self.transport_errors
 
-    def percentile(self, q: float) -> float:
-        """Nearest-rank percentile of the successful requests' latencies, in ms."""
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        rank = max(1, min(len(ordered), int(round(q / 100 * len(ordered) + 0.5))))
-        return ordered[rank - 1]
+    def rate(self, count: int) -> float:
+        return count / self.seconds if self.seconds else 0.0
 
-    def summary(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
-        data.update(
-            throughput_requests_per_s=round(self.throughput_rps, 1),
-            throughput_texts_per_s=round(self.throughput_rps * self.texts_per_request, 1),
-            p50_ms=round(self.percentile(50), 2),
-            p95_ms=round(self.percentile(95), 2),
-            p99_ms=round(self.percentile(99), 2),
-            max_ms=round(max(self.latencies_ms), 2) if self.latencies_ms else None,
-        )
-        return data
+
+#: (name, url, key, bodies, connections, seconds) -> what the client saw
+PhaseFunction = Callable[[str, str, str, list[str], int, float], Phase]
+
+# ---------------------------------------------------------------------------------------------- wrk
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-API-Key"] = {key}
+local bodies = {bodies}
+function init(args) index = math.random(#bodies) end
+function request()
+  index = index % #bodies + 1
+  return wrk.format(nil, nil, nil, bodies[index])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {{"duration_us": %d, "requests": %d, "non_2xx": %d, "transport_errors": %d, "p50_us": %d, ' ..
+    '"p90_us": %d, "p99_us": %d, "max_us": %d}}\\n',
+    summary.duration, summary.requests, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def _lua_string(text: str) -> str:
+    """A Lua long-bracket literal: taken as is, no escapes (a level that does not occur in the text)."""
+    level = 0
+    while f"]{'=' * level}]" in text:
+        level += 1
+    return f"[{'=' * level}[{text}]{'=' * level}]"
+
+
+def wrk_phase(name: str, url: str, key: str, bodies: list[str], connections: int, seconds: float) -> Phase:
+    script = _WRK_SCRIPT.format(key=_lua_string(key), bodies="{" + ", ".join(_lua_string(b) for b in bodies) + "}")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False, encoding="utf-8") as handle:
+        handle.write(script)
+    try:
+        threads = min(2, connections)
+        command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", handle.name]
+        out = subprocess.run(command + [url], capture_output=True, text=True, timeout=seconds + 60, check=False)
+    finally:
+        os.unlink(handle.name)
+    match = re.search(r"^WRK_RESULT (.*)$", out.stdout, re.M)
+    if match is None:
+        raise SystemExit(f"wrk gave no result (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+    data = json.loads(match.group(1))
+    return Phase(
+        name,
+        "wrk",
+        connections,
+        seconds=data["duration_us"] / 1e6,
+        responses=data["requests"],
+        ok=data["requests"] - data["non_2xx"],
+        transport_errors=data["transport_errors"],
+        p50_ms=data["p50_us"] / 1000,
+        p90_ms=data["p90_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        max_ms=data["max_us"] / 1000,
+    )
+
+
+# ---------------------------------------------------------------------------------- python client
+
+
+def python_phase(name: str, url: str, key: str, bodies: list[str], connections: int, seconds: float) -> Phase:
+    """The same phase from an asyncio httpx client (when wrk is not installed); it saturates first."""
+
+    async def run() -> Phase:
+        phase = Phase(name, "python (httpx)", connections)
+        latencies: list[float] = []
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        headers = {"X-API-Key": key, "Content-Type": "application/json"}
+        started = time.perf_counter()
+        deadline = started + seconds
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(10.0)) as client:
+
+            async def worker(offset: int) -> None:
+                index = offset
+                while time.perf_counter() < deadline:
+                    index = (index + 1) % len(bodies)
+                    t0 = time.perf_counter()
+                    try:
+                        response = await client.post(url, content=bodies[index], headers=headers)
+                    except httpx.HTTPError:
+                        phase.transport_errors += 1
+                        continue
+                    phase.responses += 1
+                    phase.ok += response.is_success
+                    latencies.append((time.perf_counter() - t0) * 1000)
+
+            await asyncio.gather(*(worker(i * 7) for i in range(connections)))
+        phase.seconds = time.perf_counter() - started
+        if latencies:
+            ordered = sorted(latencies)
+            pick = lambda q: ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]  # noqa: E731
+            phase.p50_ms, phase.p90_ms, phase.p99_ms, phase.max_ms = pick(50), pick(90), pick(99), ordered[-1]
+        return phase
+
+    return asyncio.run(run())
+
+
+# ------------------------------------------------------------------------------------- the service
 
 
 def require_loopback(url: str) -> None:
@@ -96,218 +210,261 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"refusing to load {url}: {host} is not a loopback address ({', '.join(sorted(addresses))})")
 
 
-def load_texts(path: Path, limit: int = 5000, seed: int = 0) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        texts = [row["text"].strip() for row in csv.DictReader(handle) if row.get("text", "").strip()]
-    random.Random(seed).shuffle(texts)
-    return texts[:limit]
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def batch_stats(metrics_text: str, domain: str) -> tuple[float, float]:
-    """(sum, count) of the server's batch-size histogram for ``domain``."""
-    values = {}
-    for kind in ("sum", "count"):
-        match = re.search(
-            rf'^domainflow_batch_size_texts_{kind}\{{domain="{re.escape(domain)}"\}} ([0-9.e+]+)$', metrics_text, re.M
-        )
-        values[kind] = float(match.group(1)) if match else 0.0
-    return values["sum"], values["count"]
+def start_service(domain: str, key: str, deadline_ms: float) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "DOMAINFLOW_API_KEYS": key}
+    command = [sys.executable, "-m", "flows.cli", "serve", domain, "--port", str(port)]
+    command += ["--request-deadline-ms", str(deadline_ms)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    while time.monotonic() - started < 300:
+        if process.poll() is not None:
+            raise SystemExit(f"the service exited ({process.returncode}): {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"{base}/readyz/{domain}", timeout=2).status_code == 200:
+                return process, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit("the service was not ready within 300 s")
 
 
-async def scrape_batches(client: httpx.AsyncClient, base: str, domain: str) -> tuple[float, float] | None:
+def rss_mb(pid: int) -> float | None:
     try:
-        response = await client.get(f"{base}/metrics")
-        return batch_stats(response.text, domain) if response.status_code == 200 else None
-    except httpx.HTTPError:
-        return None
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
-async def run_phase(
+Histogram = dict[float, float]  # bucket bound (seconds) -> cumulative count
+
+
+def server_histograms(base: str, key: str, domain: str) -> dict[str, Histogram]:
+    """The server's own request times for the predict endpoint: ``all`` responses and the ``shed`` ones (503)."""
+    text = httpx.get(f"{base}/metrics", headers={"X-API-Key": key}, timeout=10).text
+    found: dict[str, Histogram] = {"all": {}, "shed": {}}
+    names = {"domainflow_request_latency_seconds_bucket": "all", "domainflow_shed_latency_seconds_bucket": "shed"}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name not in names:
+            continue
+        labels_text, _, value = rest.rpartition("} ")
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels_text))
+        if labels.get("domain") == domain and labels.get("endpoint") == "/v1/{domain}/predict":
+            bound = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
+            found[names[name]][bound] = float(value)
+    return found
+
+
+def difference(after: Histogram, before: Histogram) -> Histogram:
+    return {bound: count - before.get(bound, 0.0) for bound, count in after.items()}
+
+
+def quantile_bound(histogram: Histogram, q: float) -> float:
+    """The smallest bucket bound (seconds) under which at least ``q`` of the counted requests fall."""
+    total = histogram.get(float("inf"), 0.0)
+    for bound in sorted(histogram):
+        if total and histogram[bound] >= q * total:
+            return bound
+    return float("nan")
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def model_texts_per_second(domain: str, texts: list[str], rounds: int) -> tuple[float, float]:
+    """Median texts/s of the champion at batch 32 over ``rounds`` passes, in this process: length-sorted batches
+    (as ``benchmarks/inference.py`` measures the model), and batches of 32 in arrival order as a service gets them
+    (each cut into the service's length-sorted passes)."""
+    from domainflow.modeling import load_classifier, predict_proba
+    from domainflow.registry import ModelRegistry
+    from serving.inference import MODEL_PASS_TEXTS
+
+    champion = ModelRegistry(domain).champion()
+    if champion is None:
+        raise SystemExit(f"no champion for {domain}: run `domainflow run {domain}` first")
+    model = load_classifier(champion.model_dir)
+    predict_proba(model, texts[:MODEL_BATCH], batch_size=MODEL_BATCH)  # warm-up
+    speeds: dict[str, list[float]] = {"sorted": [], "arrival": []}
+    for _ in range(rounds):
+        started = time.perf_counter()
+        predict_proba(model, texts, batch_size=MODEL_BATCH)
+        speeds["sorted"].append(len(texts) / (time.perf_counter() - started))
+        started = time.perf_counter()
+        for start in range(0, len(texts), MODEL_BATCH):
+            predict_proba(model, texts[start : start + MODEL_BATCH], batch_size=MODEL_PASS_TEXTS)
+        speeds["arrival"].append(len(texts) / (time.perf_counter() - started))
+    return statistics.median(speeds["sorted"]), statistics.median(speeds["arrival"])
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def print_phase(phase: Phase) -> None:
+    print(
+        f"\n[{phase.name}] {phase.client}, {phase.connections} connections, {phase.seconds:.1f} s: "
+        f"{phase.rate(phase.responses):.1f} responses/s, {phase.rate(phase.ok):.1f} answered/s"
+    )
+    print(
+        f"  client latency ms (all responses): p50 {phase.p50_ms:.1f}  p90 {phase.p90_ms:.1f}  "
+        f"p99 {phase.p99_ms:.1f}  max {phase.max_ms:.1f}"
+    )
+    print(
+        f"  server: {phase.shed} x 503 ({phase.shed_within_10ms} within {GOAL_SHED_MS:g} ms), answered p99 <= "
+        f"{phase.answered_p99_at_most_ms:g} ms; other errors {phase.other_errors} "
+        f"(transport {phase.transport_errors})"
+    )
+
+
+def measured_phase(
+    phase_of: PhaseFunction,
     name: str,
     base: str,
-    domain: str,
     key: str,
-    texts: list[str],
-    requests: int,
-    concurrency: int,
-    per_request: int,
-    max_seconds: float,
-    offset: int = 0,
-) -> PhaseResult:
-    result = PhaseResult(name, requests, concurrency, per_request)
-    url = f"{base}/v1/{domain}/predict"
-    headers = {"X-API-Key": key}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    counter = iter(range(requests))
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0)) as client:
-        before = await scrape_batches(client, base, domain)
-        started = time.perf_counter()
-        deadline = started + max_seconds
-
-        async def worker() -> None:
-            for i in counter:
-                if time.perf_counter() >= deadline:
-                    result.stopped_by_time = True
-                    return
-                start = (offset + i * per_request) % len(texts)
-                body = {"texts": [texts[(start + j) % len(texts)] for j in range(per_request)], "top_k": 3}
-                t0 = time.perf_counter()
-                result.sent += 1
-                try:
-                    response = await client.post(url, json=body, headers=headers)
-                except httpx.HTTPError as exc:
-                    result.transport_errors += 1
-                    result.status_counts[type(exc).__name__] = result.status_counts.get(type(exc).__name__, 0) + 1
-                    continue
-                elapsed = (time.perf_counter() - t0) * 1000
-                code = str(response.status_code)
-                result.status_counts[code] = result.status_counts.get(code, 0) + 1
-                if response.status_code == 200:
-                    result.ok += 1
-                    result.latencies_ms.append(elapsed)
-                elif response.status_code >= 500:
-                    result.server_errors += 1
-                else:
-                    result.client_errors += 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        result.seconds = time.perf_counter() - started
-        after = await scrape_batches(client, base, domain)
-    if before and after and after[1] > before[1]:
-        result.mean_batch_size = round((after[0] - before[0]) / (after[1] - before[1]), 2)
-    return result
+    domain: str,
+    bodies: list[str],
+    connections: int,
+    seconds: float,
+) -> Phase:
+    """One load phase, with the server's own count and times of its 503s and answers during it."""
+    before = server_histograms(base, key, domain)
+    phase = phase_of(name, f"{base}/v1/{domain}/predict", key, bodies, connections, seconds)
+    after = server_histograms(base, key, domain)
+    shed = difference(after["shed"], before["shed"])
+    answered = {b: n - shed.get(b, 0.0) for b, n in difference(after["all"], before["all"]).items()}
+    phase.shed = int(shed.get(float("inf"), 0.0))
+    phase.shed_within_10ms = int(shed.get(GOAL_SHED_MS / 1000, 0.0))
+    phase.answered_p99_at_most_ms = quantile_bound(answered, 0.99) * 1000
+    return phase
 
 
-def print_phase(r: PhaseResult) -> None:
-    s = r.summary()
-    timed = " (stopped by --max-seconds)" if r.stopped_by_time else ""
-    print(
-        f"\n[{r.name}] {r.sent}/{r.requests_planned} requests at concurrency {r.concurrency}, {r.texts_per_request} "
-        f"text(s) each, {r.seconds:.1f} s{timed}"
-    )
-    print(f"  throughput   {s['throughput_requests_per_s']:.1f} req/s  ({s['throughput_texts_per_s']:.1f} texts/s)")
-    print(f"  latency ms   p50 {s['p50_ms']:.1f}  p95 {s['p95_ms']:.1f}  p99 {s['p99_ms']:.1f}  max {s['max_ms']}")
-    print(
-        f"  errors       5xx {r.server_errors}  4xx {r.client_errors}  transport {r.transport_errors}   statuses "
-        f"{r.status_counts}"
-    )
-    if r.mean_batch_size is not None:
-        print(f"  server mean batch size {r.mean_batch_size} texts per model call")
+def run(args: argparse.Namespace) -> dict:
+    texts, _ = labelled_test_texts(args.domain, args.max_texts, seed=0)
+    bodies = [json.dumps({"texts": [text]}, ensure_ascii=False) for text in texts]
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
+    if client == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt install wrk); use --client python")
+    phase_of: PhaseFunction = wrk_phase if client == "wrk" else python_phase
 
-
-async def main_async(args: argparse.Namespace) -> dict:
-    base = args.url.rstrip("/")
-    baseline_base = (args.baseline_url or args.url).rstrip("/")
-    for url in {base, baseline_base}:
-        require_loopback(url)
-    key = (
-        args.api_key
-        or os.environ.get("DOMAINFLOW_API_KEY")
-        or os.environ.get("DOMAINFLOW_API_KEYS", "").split(",")[0].strip()
-    )
-    if not key:
-        raise SystemExit("no API key: pass --api-key or set DOMAINFLOW_API_KEY (or DOMAINFLOW_API_KEYS)")
-    texts = load_texts(Path(args.texts))
-    async with httpx.AsyncClient(timeout=10) as client:
-        for target in {base, baseline_base}:
-            try:
-                ready = await client.get(f"{target}/readyz")
-            except httpx.HTTPError as exc:
-                raise SystemExit(f"no service at {target}: {exc}") from None
-            if ready.status_code != 200:
-                raise SystemExit(f"{target} is not ready: {ready.text}")
-
-    await run_phase(
-        "warm-up",
-        base,
-        args.domain,
-        key,
-        texts,
-        args.warmup,
-        min(args.concurrency, 4),
-        args.texts_per_request,
-        args.max_seconds,
-    )
-    load = await run_phase(
-        "load", base, args.domain, key, texts, args.requests, args.concurrency, args.texts_per_request, args.max_seconds
-    )
-    print_phase(load)
-    if baseline_base != base:
-        await run_phase(
-            "warm-up",
-            baseline_base,
-            args.domain,
-            key,
-            texts,
-            args.warmup,
-            min(args.concurrency, 4),
-            args.texts_per_request,
-            args.max_seconds,
+    process = None
+    key = args.api_key or os.environ.get("DOMAINFLOW_API_KEY") or ""
+    if args.url:
+        base = args.url.rstrip("/")
+        require_loopback(base)
+        if not key:
+            raise SystemExit("--url needs the service's key: --api-key or DOMAINFLOW_API_KEY")
+    else:
+        key = secrets.token_urlsafe(24)
+        process, base = start_service(args.domain, key, args.deadline_ms)
+    try:
+        print(f"service {base} ({args.domain}), client {client}, deadline {args.deadline_ms:g} ms")
+        sorted_before, arrival_before = model_texts_per_second(args.domain, texts, args.rounds)
+        phase_of("warm-up", f"{base}/v1/{args.domain}/predict", key, bodies, args.concurrency, 3)
+        load = measured_phase(phase_of, "load", base, key, args.domain, bodies, args.concurrency, args.seconds)
+        print_phase(load)
+        sorted_after, arrival_after = model_texts_per_second(args.domain, texts, args.rounds)
+        ceiling, arrival = (sorted_before + sorted_after) / 2, (arrival_before + arrival_after) / 2
+        print(
+            f"\nmodel alone, batch {MODEL_BATCH}: {ceiling:.1f} texts/s length-sorted (benchmarks/inference.py's "
+            f"measure), {arrival:.1f} in arrival order (mean of before and after the load)"
         )
-    baseline = await run_phase(
-        "one-at-a-time" if args.baseline_concurrency == 1 else "no-batching",
-        baseline_base,
-        args.domain,
-        key,
-        texts,
-        args.baseline_requests,
-        args.baseline_concurrency,
-        args.texts_per_request,
-        args.max_seconds,
-        offset=7,
+        rss_before = rss_mb(process.pid) if process else None
+        connections = args.concurrency * args.overload_factor
+        overload = measured_phase(phase_of, "overload", base, key, args.domain, bodies, connections, args.seconds)
+        rss_after = rss_mb(process.pid) if process else None
+        print_phase(overload)
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+    share = load.rate(load.ok) / ceiling if ceiling else 0.0
+    growth = (rss_after / rss_before - 1) if rss_before and rss_after else None
+    offered = overload.rate(overload.responses) / load.rate(load.ok) if load.ok else float("nan")
+    load_goal = share >= GOAL_SHARE_OF_MODEL and load.p99_ms <= GOAL_P99_MS and load.other_errors == 0 and not load.shed
+    overload_goal = (
+        overload.other_errors == 0
+        and overload.shed_within_10ms == overload.shed
+        and overload.answered_p99_at_most_ms <= 2 * args.deadline_ms  # queued at most the deadline, then one call
+        and (growth is None or growth < GOAL_MEMORY_GROWTH)
     )
-    print_phase(baseline)
-    ratio = load.throughput_rps / baseline.throughput_rps if baseline.throughput_rps else float("nan")
     print(
-        f"\nmicro-batching ratio: {ratio:.2f}x the throughput of {baseline.name} inference ({load.throughput_rps:.1f} "
-        f"vs {baseline.throughput_rps:.1f} req/s)"
+        f"\nload: {load.rate(load.ok):.1f} answered/s = {share:.0%} of the model's {ceiling:.1f} texts/s at batch "
+        f"{MODEL_BATCH} ({load.rate(load.ok) / arrival:.0%} of {arrival:.1f} in arrival order; goal >= "
+        f"{GOAL_SHARE_OF_MODEL:.0%}); p99 {load.p99_ms:.1f} ms (goal <= {GOAL_P99_MS:g}); errors "
+        f"{load.other_errors + load.shed} (goal 0) -> {'met' if load_goal else 'NOT met'}"
+    )
+    memory = f"RSS {rss_before:.0f} -> {rss_after:.0f} MB" if rss_before and rss_after else "RSS not measured"
+    print(
+        f"overload: {connections} connections offered {offered:.1f}x the sustained rate; {overload.shed_within_10ms}/"
+        f"{overload.shed} 503s within {GOAL_SHED_MS:g} ms in the server; answered p99 <= "
+        f"{overload.answered_p99_at_most_ms:g} ms in the server (deadline {args.deadline_ms:g} ms); other errors "
+        f"{overload.other_errors}; {memory} -> {'met' if overload_goal else 'NOT met'}"
     )
     return {
-        "load": load.summary(),
-        "baseline": baseline.summary(),
-        "ratio": round(ratio, 3),
-        "url": base,
-        "baseline_url": baseline_base,
-        "domain": args.domain,
+        "client": client,
+        "deadline_ms": args.deadline_ms,
+        "model_texts_per_second_batch32_sorted": round(ceiling, 1),
+        "model_texts_per_second_batch32_arrival_order": round(arrival, 1),
+        "load": {**asdict(load), "answered_per_second": round(load.rate(load.ok), 1)},
+        "load_share_of_model": round(share, 3),
+        "overload": {
+            **asdict(overload),
+            "responses_per_second": round(overload.rate(overload.responses), 1),
+            "offered_over_sustained": round(offered, 2),
+            "rss_mb_before": rss_before,
+            "rss_mb_after": rss_after,
+        },
+        "goal_met": {"load": load_goal, "overload": overload_goal},
     }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="The running service (loopback only).")
     parser.add_argument("--domain", default="customer_service")
-    parser.add_argument("--requests", "-n", type=int, default=10_000, help="Requests in the load phase.")
-    parser.add_argument("--concurrency", "-c", type=int, default=32)
-    parser.add_argument("--texts-per-request", type=int, default=1)
-    parser.add_argument("--baseline-requests", type=int, default=500, help="Requests in the baseline phase.")
-    parser.add_argument("--baseline-concurrency", type=int, default=1, help="1: one request at a time (default).")
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto", help="auto: wrk if installed.")
+    parser.add_argument("--concurrency", "-c", type=int, default=32, help="Connections in the load phase.")
+    parser.add_argument("--seconds", type=float, default=20.0, help="Length of each load phase.")
+    parser.add_argument("--overload-factor", type=int, default=10, help="Overload connections = this x concurrency.")
     parser.add_argument(
-        "--baseline-url", default=None, help="A second service started with --max-batch 1 (default: the same service)."
+        "--deadline-ms",
+        type=float,
+        default=250.0,
+        help="--request-deadline-ms of the service this script starts (an interactive client's budget).",
     )
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--max-seconds", type=float, default=600.0, help="Time bound of each phase.")
-    parser.add_argument(
-        "--api-key", default=None, help="Default: DOMAINFLOW_API_KEY, else the first of DOMAINFLOW_API_KEYS."
-    )
-    parser.add_argument("--texts", default=str(DEFAULT_TEXTS), help="CSV with a 'text' column.")
+    parser.add_argument("--rounds", type=int, default=3, help="Passes over the texts per model measurement.")
+    parser.add_argument("--max-texts", type=int, default=1000, help="Test texts used (a seeded sample).")
+    parser.add_argument("--url", default=None, help="Load a running service instead of starting one (loopback).")
+    parser.add_argument("--api-key", default=None, help="Its key (default: DOMAINFLOW_API_KEY).")
     parser.add_argument("--json", default=None, help="Also write the results to this file.")
     args = parser.parse_args(argv)
-    for name in ("requests", "concurrency", "texts_per_request", "baseline_requests", "baseline_concurrency"):
+    for name in ("concurrency", "overload_factor", "rounds", "max_texts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < args.max_seconds <= 3600:
-        parser.error("--max-seconds must be in (0, 3600]")
+    if not 1 <= args.seconds <= 600:
+        parser.error("--seconds must be in [1, 600]")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results = asyncio.run(main_async(args))
+    report = run(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 1 if results["load"]["server_errors"] or results["baseline"]["server_errors"] else 0
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0 if all(report["goal_met"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ from serving.schemas import DomainsResponse, DomainStatus, PredictResponse, requ
 
 log = logging.getLogger("domainflow.serving")
 
+CLIENT_CLOSED_REQUEST = 499
+
 #: A batch holding the old model ends within the request deadline (seconds at most); then it can be collected.
 REFREEZE_AFTER_SWAP_SECONDS = 30.0
 
@@ -285,8 +287,13 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     }
 
     def _shed(domain: str, reason: str, message: str) -> HTTPException:
-        """A 503 of the admission control, counted by reason (the client is asked to retry shortly)."""
+        """A 503 of the admission control, counted by reason (the client is asked to retry shortly).
+
+        A client that left gets 499 instead (nginx's "client closed request"): nobody reads that answer, and
+        counted as a 503 it would pass for a refusal that took as long as the client waited."""
         metrics.rejected.labels(domain, reason).inc()
+        if reason == "client_gone":
+            return HTTPException(CLIENT_CLOSED_REQUEST, f"{domain}: {message}")
         return HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain}: {message}; retry shortly", headers={"Retry-After": "1"}
         )

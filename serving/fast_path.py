@@ -101,7 +101,7 @@ class PredictFastPath:
         while more:  # the body-size limit outside this layer stops an oversized body as it streams
             message = await receive()
             if message["type"] == "http.disconnect":
-                return 499, {"detail": "client disconnected"}, {}  # nobody reads it; counted as a client error
+                return 499, {"detail": "client disconnected"}, {}  # nginx's "client closed request": nobody reads it
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         try:

@@ -44,6 +44,15 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Why apart from the latency above: under overload a 503 must come at once (its client retries
+        # elsewhere or later), and its time is invisible in a histogram dominated by the answered requests.
+        self.shed_latency = Histogram(
+            "domainflow_shed_latency_seconds",
+            "Time to answer a request with 503 (the admission control's refusals and no-model answers).",
+            ["endpoint", "domain"],
+            buckets=LATENCY_BUCKETS,  # the same bounds: answered = all - shed, bucket by bucket
+            registry=r,
+        )
         self.errors = Counter(
             "domainflow_errors",
             "Failed requests: kind is client (4xx), server (5xx) or inference (the model raised).",
@@ -139,7 +148,10 @@ class MetricsMiddleware:
             domain = self.metrics.domain_label(path_params.get("domain")) if "{domain}" in endpoint else ""
             m = self.metrics
             m.requests.labels(endpoint, domain, scope.get("method", ""), str(status_code)).inc()
-            m.latency.labels(endpoint, domain).observe(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            m.latency.labels(endpoint, domain).observe(seconds)
+            if status_code == 503:
+                m.shed_latency.labels(endpoint, domain).observe(seconds)
             if status_code >= 500:
                 m.errors.labels(endpoint, domain, "server").inc()
             elif status_code >= 400:
