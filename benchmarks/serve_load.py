@@ -85,10 +85,14 @@ class Phase:
     shed_within_10ms: int = 0
     answered_p99_at_most_ms: float = float("nan")
 
+    server_errors: int = 0  # answered neither 200 nor 503 (4xx, 500); 499 (the client left) is not counted
+
     @property
     def other_errors(self) -> int:
-        """Neither answered nor shed: 4xx, 500, broken connections, timeouts."""
-        return self.responses - self.ok - self.shed + self.transport_errors
+        """Neither answered nor shed: 4xx and 5xx other than 503 (the server's count), broken connections and
+        timeouts (the client's). Why not the client's non-2xx minus the server's 503s: requests in flight when
+        a phase ends are counted by one side and not the other."""
+        return self.server_errors + self.transport_errors
 
     def rate(self, count: int) -> float:
         return count / self.seconds if self.seconds else 0.0
@@ -251,10 +255,15 @@ Histogram = dict[float, float]  # bucket bound (seconds) -> cumulative count
 
 
 def server_histograms(base: str, key: str, domain: str) -> dict[str, Histogram]:
-    """The server's own request times for the predict endpoint: ``all`` responses and the ``shed`` ones (503)."""
+    """The server's own view of the predict endpoint: request times of ``all`` responses and of the ``shed``
+    ones (503) by bucket bound, and responses by ``status`` (keyed by the status code as a float)."""
     text = httpx.get(f"{base}/metrics", headers={"X-API-Key": key}, timeout=10).text
-    found: dict[str, Histogram] = {"all": {}, "shed": {}}
-    names = {"domainflow_request_latency_seconds_bucket": "all", "domainflow_shed_latency_seconds_bucket": "shed"}
+    found: dict[str, Histogram] = {"all": {}, "shed": {}, "status": {}}
+    names = {
+        "domainflow_request_latency_seconds_bucket": "all",
+        "domainflow_shed_latency_seconds_bucket": "shed",
+        "domainflow_requests_total": "status",
+    }
     for line in text.splitlines():
         name, _, rest = line.partition("{")
         if name not in names:
@@ -262,8 +271,11 @@ def server_histograms(base: str, key: str, domain: str) -> dict[str, Histogram]:
         labels_text, _, value = rest.rpartition("} ")
         labels = dict(re.findall(r'(\w+)="([^"]*)"', labels_text))
         if labels.get("domain") == domain and labels.get("endpoint") == "/v1/{domain}/predict":
-            bound = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
-            found[names[name]][bound] = float(value)
+            if names[name] == "status":
+                key_ = float(labels["status"])
+            else:
+                key_ = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
+            found[names[name]][key_] = float(value)
     return found
 
 
@@ -343,6 +355,8 @@ def measured_phase(
     after = server_histograms(base, key, domain)
     shed = difference(after["shed"], before["shed"])
     answered = {b: n - shed.get(b, 0.0) for b, n in difference(after["all"], before["all"]).items()}
+    statuses = difference(after["status"], before["status"])
+    phase.server_errors = int(sum(n for code, n in statuses.items() if code not in (200, 499, 503)))
     phase.shed = int(shed.get(float("inf"), 0.0))
     phase.shed_within_10ms = int(shed.get(GOAL_SHED_MS / 1000, 0.0))
     phase.answered_p99_at_most_ms = quantile_bound(answered, 0.99) * 1000

@@ -298,6 +298,12 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
             status.HTTP_503_SERVICE_UNAVAILABLE, f"{domain}: {message}; retry shortly", headers={"Retry-After": "1"}
         )
 
+    def _refuse_if_full(domain: str) -> None:
+        """503 now when the domain's batcher would refuse even a one-text request (see serving.fast_path)."""
+        batcher = batchers.get(domain)
+        if batcher is not None and batcher.expected_wait(1) > batcher.deadline:
+            raise _shed(domain, "queue_full", f"~{batcher.expected_wait(1) * 1000:.0f} ms of work already waiting")
+
     async def _answer(receive: Callable[[], Awaitable[Any]], domain: str, items: list[Any]) -> Any:
         """Queue ``items`` on the domain's batcher and wait for their answer, unless the client leaves first.
 
@@ -457,6 +463,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         handler=predict_payload,
         error_payload=_validation_payload,
         route=predict_route,
+        early_refusal=_refuse_if_full,
     )
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(

@@ -27,6 +27,9 @@ from pydantic import BaseModel, ValidationError
 PredictHandler = Callable[[str, Any, Callable[[], Awaitable[dict]]], Awaitable[dict]]
 #: Turns validation errors (FastAPI's shape: ``loc`` starts with "body") into a 422 payload.
 ErrorPayload = Callable[[list[dict]], dict]
+#: Raises the HTTPException (a 503) of a domain that could not take even one more text now, before the body is
+#: parsed: under overload most requests are refused, and refusing them must cost as little as possible.
+EarlyRefusal = Callable[[str], None]
 
 _PREDICT_PATH = re.compile(r"/v1/([^/]+)/predict")
 _JSON = b"application/json"
@@ -63,12 +66,14 @@ class PredictFastPath:
         handler: PredictHandler,
         error_payload: ErrorPayload,
         route: Any,
+        early_refusal: EarlyRefusal | None = None,
     ) -> None:
         self.app = app
         self.request_model = request_model
         self.handler = handler
         self.error_payload = error_payload
         self.route = route  # FastAPI's declared route: metrics read its template from the scope
+        self.early_refusal = early_refusal
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if (
@@ -104,6 +109,11 @@ class PredictFastPath:
                 return 499, {"detail": "client disconnected"}, {}  # nginx's "client closed request": nobody reads it
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
+        if self.early_refusal is not None:
+            try:
+                self.early_refusal(domain)
+            except HTTPException as exc:
+                return exc.status_code, {"detail": exc.detail}, dict(exc.headers or {})
         try:
             decoded, errors = _body_errors(b"".join(chunks), scope.get("headers", []))
         except UnicodeDecodeError:  # not text at all: a 400, as FastAPI answers it

@@ -41,6 +41,15 @@ TINY_LABELS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_logs_outlive_each_invocation() -> None:
+    """Prefect's log handler is bound to the stream current at its first flow run: set it up now, so that a
+    first run inside ``CliRunner.invoke`` (whose stream closes after it) cannot break every later run."""
+    from tests.process_helpers import prefect_logging_on_this_stream
+
+    prefect_logging_on_this_stream()
+
+
 @pytest.fixture(scope="session")
 def session_home() -> Path:
     return _SESSION_HOME

@@ -26,7 +26,7 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def wait_for(
-    condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.5, log: Path | None = None
+    condition: Callable[[], Any], what: str, timeout: float = 120.0, interval: float = 0.5, log: Path | None = None
 ) -> Any:
     """Poll until ``condition()`` is truthy; the timeout only turns a hang into a failure."""
     deadline = time.monotonic() + timeout
@@ -72,3 +72,82 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     for run in runs:
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
     return states
+
+
+def prefect_logging_on_this_stream() -> None:
+    """Set up Prefect's logging now, outside any ``CliRunner.invoke``.
+
+    Prefect binds its console log handler to ``sys.stderr`` the first time it sets up logging (lazily,
+    at the first flow run). If that first run happens inside ``CliRunner.invoke``, the handler keeps the
+    runner's stream, which is closed when the command returns: every later flow run of the session then
+    fails with "I/O operation on closed file" (a RecursionError in the end). Call this from a fixture
+    of a test module that invokes flows through the CLI, before the first ``invoke``."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+
+
+class ThreadedUvicorn:
+    """A real uvicorn server for an in-process app on 127.0.0.1 (an OS-chosen port), in a daemon thread.
+
+    ``start()`` returns once the server accepts connections (the app's lifespan, which loads the
+    champions, has run); ``stop()`` asks it to exit and waits until its thread has ended."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
+        )
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="test-uvicorn"
+        )
+
+    def start(self, timeout: float = 180) -> ThreadedUvicorn:
+        self.thread.start()
+
+        def started() -> bool:
+            if not self.thread.is_alive():
+                raise AssertionError("uvicorn exited during startup")
+            return bool(self.server.started)
+
+        wait_for(started, "uvicorn to start", timeout=timeout, interval=0.05)
+        return self
+
+    def stop(self, timeout: float = 120) -> None:
+        self.server.should_exit = True
+        try:
+            wait_for(lambda: not self.thread.is_alive(), "uvicorn to shut down", timeout=timeout, interval=0.05)
+        finally:
+            self.sock.close()
+
+
+def wait_for_exit(process: Any, what: str, timeout: float = 600) -> int | None:
+    """Wait until a ``multiprocessing.Process`` or ``subprocess.Popen`` has ended, and return its exit code.
+
+    For children that import torch (seconds to tens of seconds on a busy 2-core runner): instead of a
+    fixed ``join(60)`` followed by an exit-code check that fails when the child was merely slow, poll
+    until it ends; the timeout only turns a hang into a failure."""
+    if hasattr(process, "poll"):  # subprocess.Popen
+        wait_for(lambda: process.poll() is not None, what, timeout=timeout, interval=0.1)
+        return process.returncode
+    wait_for(lambda: not process.is_alive(), what, timeout=timeout, interval=0.1)
+    process.join()
+    return process.exitcode
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for whoever adopted it to reap it (Linux: reads /proc)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in {"Z", "X"}

@@ -5,7 +5,9 @@ that a broken candidate shows). Each method must run, change what it claims to c
 reload to exactly the predictions it was evaluated with, without a pickle anywhere. Then
 deliberately bad candidates — one whose answers collapse to a single class, one that is
 slower than its parent — go through ``evaluate_candidate``, ``measure_speeds`` and
-``decide`` like any other, and the gate must turn them down with numbers in its reasons.
+``decide`` like any other, and the gate must turn them down with numbers in its reasons
+(the slower one's speed is set from its parent's measured speed: a timing race on 72 texts
+is not asserted).
 """
 
 from __future__ import annotations
@@ -247,7 +249,22 @@ def judged(
         for c in candidates
     ]
     evaluations = measure_speeds(evaluations, dataset)
-    decision = decide(get_domain(dataset.domain), evaluations, champion_metrics=None)
+    # Which of two models wins a timing on 72 texts of a shared CI runner is noise, not a property of the
+    # code: the gate's speed rule is judged on figures derived from the parent's measured speed (the deeper
+    # copy at half of it, as twice the layers would be), so the verdict below cannot flip with the load.
+    parent_speed = next(e for e in evaluations if e.candidate.name == parent.name)
+    pinned = [
+        e.model_copy(
+            update={
+                "texts_per_second_batch32": parent_speed.texts_per_second_batch32 / 2,
+                "texts_per_second_batch1": parent_speed.texts_per_second_batch1 / 2,
+            }
+        )
+        if e.candidate.name == slower.name
+        else e
+        for e in evaluations
+    ]
+    decision = decide(get_domain(dataset.domain), pinned, champion_metrics=None)
     return evaluations, decision
 
 
@@ -262,13 +279,17 @@ def test_gate_rejects_a_collapsed_candidate_and_a_slower_one(judged, parent: Mod
     assert not verdict.eligible
     assert any("drop" in reason and "> budget" in reason for reason in verdict.reasons), verdict.reasons
 
-    assert slower.texts_per_second_batch32 < by_name[parent.name].texts_per_second_batch32
+    for evaluation in evaluations:  # every candidate's speed was measured (which is faster on 72 texts is noise)
+        name = evaluation.candidate.name
+        assert evaluation.texts_per_second_batch32 > 0 and evaluation.texts_per_second_batch1 > 0, name
+        assert 0 < evaluation.latency_ms_p50 <= evaluation.latency_ms_p95, name
+        assert evaluation.peak_rss_mb is not None and evaluation.peak_rss_mb > 0, name
     verdict = decision.verdict(slower.candidate.name)
-    assert not verdict.eligible
-    assert any("faster than its parent" in reason and "required" in reason for reason in verdict.reasons), (
+    assert not verdict.eligible  # as accurate as its parent, but at half its speed
+    assert any("only 0.50x faster than its parent" in reason and "required" in reason for reason in verdict.reasons), (
         verdict.reasons
     )
-    assert verdict.numbers["speedup"] < 1.0
+    assert verdict.numbers["speedup"] == pytest.approx(0.5)
 
     assert decision.chosen == parent.name and decision.promote  # no champion yet: the reference itself is promoted
 
@@ -296,9 +317,9 @@ def test_compression_report_has_every_figure(judged, dataset: DatasetRef, parent
         for key in deltas:
             assert (row[key] is None) == (name == parent.name), (name, key, row[key])
     assert rows[f"{parent.name}-collapsed"]["delta_accuracy"] < -0.3
-    assert (
-        rows[f"{parent.name}-deeper"]["speedup_b32"] < 1.0 and rows[f"{parent.name}-deeper"]["disk_ratio"] > 1.1
-    )  # (the embeddings dominate the file)
+    # measured speed-ups are reported (their size on 72 texts is noise); the file really is bigger
+    assert rows[f"{parent.name}-deeper"]["speedup_b32"] > 0 and rows[f"{parent.name}-deeper"]["speedup_b1"] > 0
+    assert rows[f"{parent.name}-deeper"]["disk_ratio"] > 1.1  # (the embeddings dominate the file)
     table = (out / "compression_report.md").read_text()
     for key in figures + deltas:
         assert key in table

@@ -1036,10 +1036,27 @@ def _counting_reader(monkeypatch, fail_first_with: BaseException | None = None) 
     return attempts
 
 
-def test_bad_data_fails_the_prefect_task_once_despite_its_retries(spec, tmp_path, monkeypatch):
+def _bad_label_csv(path: Path, rows: list[dict]) -> Path:
+    """A CSV whose row 4 has a label the domain does not know: bad data, the same on every read."""
+    rows = [dict(row) for row in rows]
+    rows[3]["category"] = "not_an_intent"
+    return write_csv(path, rows)
+
+
+@pytest.mark.parametrize(
+    "bad_train, suffix, message",
+    [
+        (_bad_jsonl, "jsonl", r"train\.jsonl.*lone surrogate.*line 1"),
+        (_bad_label_csv, "csv", r"train\.csv.*unknown label.*'not_an_intent'"),
+    ],
+    ids=["lone-surrogate", "unknown-label"],
+)
+def test_bad_data_fails_the_prefect_task_once_despite_its_retries(
+    spec, tmp_path, monkeypatch, bad_train, suffix, message
+):
     """Through a real flow: the DataValidationError is final, the task's two retries are not used."""
     monkeypatch.setenv("DOMAINFLOW_HOME", str(tmp_path / "home"))
-    train = _bad_jsonl(tmp_path / "train.jsonl", banking77_slice("train", LABELS, PER_CLASS_TRAIN))
+    train = bad_train(tmp_path / f"train.{suffix}", banking77_slice("train", LABELS, PER_CLASS_TRAIN))
     test = write_jsonl(tmp_path / "test.jsonl", banking77_slice("test", LABELS, PER_CLASS_TEST))
     attempts = _counting_reader(monkeypatch)
     quick = ingest.with_options(retry_delay_seconds=0, refresh_cache=True)
@@ -1047,13 +1064,15 @@ def test_bad_data_fails_the_prefect_task_once_despite_its_retries(spec, tmp_path
 
     @flow(name="ingest-bad-data")
     def ingest_bad_data():
-        return quick(spec.data_slice(), "customer_service", str(train), str(test), "fp-bad")
+        return quick(spec.data_slice(), "customer_service", str(train), str(test), f"fp-bad-{suffix}")
 
     state = ingest_bad_data(return_state=True)
     assert state.is_failed()
-    with pytest.raises(DataValidationError, match=r"train\.jsonl.*lone surrogate.*line 1"):
+    with pytest.raises(DataValidationError, match=message):
         state.result()
     assert attempts == [1], f"the task ran {len(attempts)} times: {attempts}"
+    datasets = tmp_path / "home" / "runs" / "customer_service" / "datasets"
+    assert not datasets.exists() or not any(datasets.iterdir()), "a failed ingest left a dataset behind"
 
 
 def test_a_transient_os_error_is_retried_by_prefect(spec, tmp_path, monkeypatch):
@@ -1071,3 +1090,28 @@ def test_a_transient_os_error_is_retried_by_prefect(spec, tmp_path, monkeypatch)
     assert attempts == [1, 2]
     assert ref.num_rows["test"] == len(LABELS) * PER_CLASS_TEST
     assert Path(ref.path).parent == tmp_path / "home" / "runs" / "customer_service" / "datasets"
+
+
+def test_an_os_error_that_does_not_pass_fails_after_the_retries(spec, tmp_path, monkeypatch):
+    """Retries are bounded: a read that fails every time is tried 1 + 2 times, then the flow fails with it."""
+    monkeypatch.setenv("DOMAINFLOW_HOME", str(tmp_path / "home"))
+    train, test = write_banking77_slice(tmp_path / "src", LABELS, PER_CLASS_TRAIN, PER_CLASS_TEST)
+    attempts: list[int] = []
+
+    def broken_disk(path, **kwargs):
+        if Path(path).stem == "train":
+            attempts.append(TaskRunContext.get().task_run.run_count)
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(tables, "read_table", broken_disk)
+    quick = ingest.with_options(retry_delay_seconds=0, refresh_cache=True)
+
+    @flow(name="ingest-dead-disk")
+    def ingest_dead_disk():
+        return quick(spec.data_slice(), "customer_service", str(train), str(test), "fp-dead-disk")
+
+    state = ingest_dead_disk(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(OSError, match="Input/output error"):
+        state.result()
+    assert attempts == [1, 2, 3]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.process_helpers import clean_env, wait_for
+from tests.process_helpers import clean_env, process_gone, wait_for
 
 CHILD = textwrap.dedent(
     """
@@ -37,15 +37,6 @@ CHILD = textwrap.dedent(
     time.sleep(600)
     """
 )
-
-
-def _gone(pid: int) -> bool:
-    """No such process, or a zombie waiting for whoever adopted it to reap it."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in {"Z", "X"}
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
@@ -71,13 +62,15 @@ def test_the_ephemeral_server_stops_when_its_run_is_killed(tmp_path: Path) -> No
             assert kind == "TetheredServer"
             break
     assert server_pid is not None, "".join(seen)[-3000:]
-    assert not _gone(server_pid), "the server should be serving while its run lives"
+    assert not process_gone(server_pid), "the server should be serving while its run lives"
     try:
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
-        wait_for(lambda: _gone(server_pid), "the orphaned Prefect server to stop by itself", timeout=30, interval=0.2)
+        wait_for(
+            lambda: process_gone(server_pid), "the orphaned Prefect server to stop by itself", timeout=30, interval=0.2
+        )
     finally:
-        if not _gone(server_pid):
+        if not process_gone(server_pid):
             os.kill(server_pid, signal.SIGKILL)
 
 

@@ -30,8 +30,9 @@ from domainflow.registry import ModelRegistry
 from flows.cli import app
 from flows.pipeline import pipeline_for
 from serving import ApiKeys, ServingConfig, create_app
+from tests.process_helpers import ThreadedUvicorn
 from tests.recsys_helpers import items_rows, register_series_domain, write_series_data
-from tests.test_serving import KEY, ThreadedUvicorn
+from tests.test_serving import KEY
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".ckpt")
 

@@ -23,6 +23,7 @@ from domainflow.registry import ModelRegistry, RegistryError, VersionInfo, verif
 from domainflow.spec import ClassificationSpec as DomainSpec
 from domainflow.spec import DataSource, QualityGates
 from tasks.deploy import apply_decision, artifact_key, candidate_rows, champion_metrics_for, decision_markdown
+from tests.process_helpers import wait_for_exit
 
 DECISION = {"promote": True, "chosen": "finetuned", "summary": "test promotion"}
 
@@ -439,8 +440,7 @@ def test_concurrent_promotions_get_distinct_versions(tmp_path, registry):
         worker.start()
     start.set()
     for worker in workers:
-        worker.join(60)
-        assert worker.exitcode == 0
+        assert wait_for_exit(worker, "a promoting process") == 0
     versions = registry.versions()
     assert [v.version for v in versions] == [1, 2, 3, 4, 5, 6]
     assert len({v.metrics["pid"] for v in versions}) == 2

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 import domainflow.registry as registry_module
 from domainflow.registry import ModelRegistry, RegistryError, RegistryWriteError, VersionInfo
+from tests.process_helpers import wait_for_exit
 
 DECISION = {"promote": True, "chosen": "finetuned", "summary": "fault test"}
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")  # the registry's temp file for <name>
@@ -333,8 +334,9 @@ def _run_and_die(registry: ModelRegistry, source: Path | None, action: str) -> N
     ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or patches
     child = ctx.Process(target=_stop_at_the_pointer_swap, args=(str(registry.root), str(source), action))
     child.start()
-    child.join(120)
-    assert child.exitcode == 9, "the child did not stop at the pointer swap"
+    assert wait_for_exit(child, "the child to stop at the pointer swap") == 9, (
+        "the child did not stop at the pointer swap"
+    )
 
 
 def test_a_process_killed_between_the_intent_and_the_pointer_swap(tmp_path, registry):

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from serving.batching import DeadlineExceededError, MicroBatcher, QueueFullError
 from serving.schemas import DomainsResponse, PredictResponse
 from tests.conftest import TINY_LABELS
 from tests.data_helpers import banking77_rows
+from tests.process_helpers import ThreadedUvicorn, wait_for
 
 ESCALATION_REPLY = get_domain("customer_service").answers.escalation_reply
 REPLY_TEMPLATES = get_domain("customer_service").answers.replies
@@ -87,52 +87,6 @@ def promote(registry: ModelRegistry, model_dir: Path, candidate: str) -> int:
         decision={"summary": f"test promotion of {candidate}"},
     )
     return info.version
-
-
-class ThreadedUvicorn:
-    """A real uvicorn server on 127.0.0.1 (an OS-chosen port, so no race for a free one), in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app  # in-process: tests reach its batchers and model store through app.state
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
-        )
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="test-uvicorn"
-        )
-
-    def start(self) -> ThreadedUvicorn:
-        self.thread.start()
-        deadline = time.monotonic() + 180
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("uvicorn exited during startup")
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start in 180 s")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-        self.sock.close()
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0, interval: float = 0.1) -> Any:
-    """Poll until ``condition()`` is truthy; the timeout only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -515,7 +469,11 @@ def test_promotion_swaps_the_model_under_load_and_a_bad_champion_keeps_the_old(
 
         async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as client:
             loops = asyncio.gather(*(client_loop(n, client) for n in range(4)))
-            await asyncio.sleep(0.3)  # traffic first, then the promotion lands in the middle of it
+            # traffic first (every client answered by v1 at least once), then the promotion lands in the middle of it
+            await until(
+                lambda: {c for c, status, body in seen if status == 200 and body["version"] == 1} == set(range(4)),
+                "each client to be answered by v1 before the promotion",
+            )
             await asyncio.to_thread(action)
             await asyncio.wait_for(loops, timeout=180)
         return seen
@@ -661,8 +619,7 @@ def test_batcher_admits_by_texts_and_drops_expired_and_withdrawn_work() -> None:
             assert batcher.queued_texts == 4
 
             cancelled = asyncio.ensure_future(batcher.submit(["h"]))  # a caller cancelled while queued
-            while batcher.queued_texts != 5:
-                await asyncio.sleep(0)
+            await until(lambda: batcher.queued_texts == 5, "the cancelled caller's text to be queued")
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
@@ -756,7 +713,9 @@ def test_overload_is_shed_at_once_with_503_by_reason_and_shed_work_never_reaches
         assert gate.inputs == ["blocker", *admitted]  # nothing shed ever reached the model
         for reason in ("queue_full", "deadline", "client_gone"):
             assert metric_value(metrics, "domainflow_rejected_requests_total", domain=tiny_domain, reason=reason) == 1
-        assert metric_value(metrics, "domainflow_requests_total", endpoint="/v1/{domain}/predict", status="503") == 3
+        assert metric_value(metrics, "domainflow_requests_total", endpoint="/v1/{domain}/predict", status="503") == 2
+        # the departed client's answer is a 499 (nobody reads it), not a refusal
+        assert metric_value(metrics, "domainflow_requests_total", endpoint="/v1/{domain}/predict", status="499") == 1
 
     try:
         asyncio.run(scenario())

@@ -20,7 +20,7 @@ import pytest
 
 from domainflow.registry import ModelRegistry
 from tests.data_helpers import PET_CLINIC, copy_domain
-from tests.process_helpers import clean_env
+from tests.process_helpers import clean_env, process_gone, wait_for
 
 FINISHED = re.compile(r"Task run '([a-z\-]+)-[0-9a-f]{3}' - Finished in state (\w+)\(")
 
@@ -44,24 +44,46 @@ def _finished(output: str, state: str) -> Counter[str]:
     return Counter(name for name, seen in FINISHED.findall(output) if seen == state)
 
 
+def _children(pid: int) -> list[int]:
+    """The process's live children (the ephemeral Prefect server among them), from /proc."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 def _run_and_kill(command: list[str], env: dict[str, str], marker: str) -> str:
-    """Start the run, read its output, SIGKILL it when ``marker`` appears; its output up to then."""
+    """Start the run, read its output, SIGKILL it when ``marker`` appears; its output up to then.
+
+    What it started must go with it: the run's ephemeral Prefect server notices its parent is gone and
+    stops by itself (before it was tethered, every killed run left a ~230 MB orphan behind)."""
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     seen: list[str] = []
+    children: list[int] = []
     assert process.stdout is not None
-    for line in process.stdout:
-        seen.append(line)
-        if marker in line:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-    process.wait(timeout=600)
-    try:  # the run's ephemeral Prefect server outlives a SIGKILL (a known gap): don't leave it behind
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    assert process.returncode == -signal.SIGKILL, f"the run ended before '{marker}':\n{''.join(seen)[-3000:]}"
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if marker in line:
+                children = _children(process.pid)
+                os.kill(process.pid, signal.SIGKILL)
+                break
+        process.wait(timeout=600)
+        assert process.returncode == -signal.SIGKILL, f"the run ended before '{marker}':\n{''.join(seen)[-3000:]}"
+        assert children, "the run had started no Prefect server"
+        wait_for(
+            lambda: all(process_gone(child) for child in children), "the killed run's children to stop", timeout=60
+        )
+    finally:
+        try:  # a safety net only: a failed assertion above must not leave them running
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return "".join(seen)
 
 
