@@ -17,6 +17,7 @@ Both candidates are saved as model directories (see ``domainflow.modeling``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import (
+    METADATA_FILE,
     TextClassifier,
     embed_texts,
     load_classifier,
@@ -42,7 +44,7 @@ from domainflow.modeling import (
 )
 from domainflow.records import DatasetRef, ModelRef
 from domainflow.spec import ClassificationSpec
-from tasks.caching import CODE_AND_INPUTS, step_dir
+from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 
 LINEAR_PROBE = "linear_probe"
 FINETUNED = "finetuned"
@@ -67,6 +69,9 @@ class TrainConfig(BaseModel):
     probe_c: float = 1.0
     class_weighting: bool = False
     seed: int = 42
+    # Data-parallel processes for the Trainer (torch DDP under torchrun; see tasks.distributed_train). Part of
+    # the key: gradients averaged over shards are not bit-identical to one process's.
+    processes: int = 1
 
 
 def make_train_config(
@@ -76,6 +81,7 @@ def make_train_config(
     epochs: float | None = None,
     seed: int = 42,
     num_layers: int | None = None,
+    processes: int = 1,
 ) -> TrainConfig:
     """The domain's training recipe, overridden by the user's choices: every knob a trained model depends on."""
     base = resolve_base_model(model or spec.default_model)
@@ -90,6 +96,7 @@ def make_train_config(
         max_length=spec.max_length,
         primary_metric=spec.primary_metric,
         seed=seed,
+        processes=processes,
         **recipe,
     )
 
@@ -214,6 +221,8 @@ def train_classifier(
 
     log = run_logger(__name__)
     started = time.perf_counter()
+    if config.processes > 1 and not os.environ.get("DOMAINFLOW_DDP_CHILD"):
+        return _train_in_processes(locals_of_call(locals()), config, out_dir, started, log)
     primary = config.primary_metric
     set_seed(config.seed)
     loaded = load_classifier(init_dir)
@@ -270,10 +279,11 @@ def train_classifier(
     )
     # Checkpoints sit beside the final folder (not the private build folder), so a crashed run's next try resumes.
     checkpoints = checkpoints or out_dir.parent / f"{out_dir.name}.checkpoints"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun (tasks.distributed_train)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=config.epochs if epochs is None else epochs,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=max(1, config.batch_size // world_size),  # the global batch stays the recipe's
         per_device_eval_batch_size=128,
         learning_rate=config.encoder_lr,
         warmup_steps=config.warmup_ratio,
@@ -291,6 +301,8 @@ def train_classifier(
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=True,
+        ddp_backend="gloo" if world_size > 1 else None,
+        ddp_find_unused_parameters=False,  # every parameter takes part in every step
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -338,6 +350,8 @@ def train_classifier(
         f"best_validation_{primary}": trainer.state.best_metric,
     }
     metadata.update(extra_metadata or {})
+    if not trainer.is_world_process_zero():  # under DDP rank 0 saves the model; the other ranks are done
+        return ModelRef(name=name, path=str(out_dir), fingerprint="", parent=parent, compression=compression)
     save_classifier(
         model,
         tokenizer,
@@ -361,6 +375,55 @@ def train_classifier(
         parent=parent,
         compression=compression,
         train_seconds=seconds,
+    )
+
+
+#: train_classifier's parameters, in the order a torchrun child receives them
+_CALL_PARAMETERS = (
+    "dataset",
+    "init_dir",
+    "config",
+    "out_dir",
+    "name",
+    "parent",
+    "compression",
+    "epochs",
+    "teacher_dir",
+    "distill_temperature",
+    "distill_alpha",
+    "extra_metadata",
+    "checkpoints",
+)
+
+
+def locals_of_call(values: dict[str, Any]) -> dict[str, Any]:
+    """train_classifier's arguments as JSON values (what tasks.distributed_train reads back)."""
+    call = {name: values[name] for name in _CALL_PARAMETERS}
+    call["dataset"] = call["dataset"].model_dump(mode="json")
+    call["config"] = call["config"].model_dump(mode="json")
+    for key in ("init_dir", "out_dir", "teacher_dir", "checkpoints"):
+        if call[key] is not None:
+            call[key] = str(call[key])
+    return call
+
+
+def _train_in_processes(call: dict[str, Any], config: TrainConfig, out_dir: Path, started: float, log: Any) -> ModelRef:
+    """Run the same training call in ``config.processes`` processes (torch DDP) and take what rank 0 saved."""
+    import tempfile
+
+    from tasks.distributed_train import launch
+
+    with tempfile.TemporaryDirectory(prefix="domainflow-ddp-") as work:
+        launch(call, config.processes, Path(work), log)
+    if not (out_dir / METADATA_FILE).is_file():
+        raise RuntimeError(f"distributed fine-tuning ended without a model in {out_dir}")
+    return ModelRef(
+        name=call["name"],
+        path=str(out_dir),
+        fingerprint=path_fingerprint(out_dir),
+        parent=call["parent"],
+        compression=call["compression"],
+        train_seconds=time.perf_counter() - started,  # the whole launch, as a user waits for it
     )
 
 
@@ -401,6 +464,7 @@ def checkpoints_for(target: Path) -> Path:
 @task(name="linear-probe", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def linear_probe(dataset: DatasetRef, config: TrainConfig) -> ModelRef:
     """Candidate (a): the frozen-encoder baseline."""
+    require_shared(dataset)
     target = model_dir(dataset, LINEAR_PROBE, linear_probe, config)
     return finish_atomically(lambda out: train_linear_probe(dataset, config, out), target)
 
@@ -408,6 +472,7 @@ def linear_probe(dataset: DatasetRef, config: TrainConfig) -> ModelRef:
 @task(name="finetune", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def finetune(dataset: DatasetRef, init: ModelRef, config: TrainConfig) -> ModelRef:
     """Candidate (b): full fine-tuning initialised from the probe."""
+    require_shared(dataset, init)
     target = model_dir(dataset, FINETUNED, finetune, init.fingerprint, config)
     return finish_atomically(
         lambda out: finetune_classifier(dataset, Path(init.path), config, out, checkpoints_for(target)), target
