@@ -6,11 +6,17 @@ their BERT pooler is not trained for it; a mean-pooled linear head lets the chea
 linear-probe baseline and the fine-tuned model share one architecture, so the
 probe's weights can initialise fine-tuning.
 
-A model directory holds ``config.json`` (the encoder's config, with id2label),
-``model.safetensors`` (encoder + head, fp32), the tokenizer files and
+A model directory holds ``config.json`` (the encoder's config fields, with
+id2label/label2id, under the model type that :mod:`domainflow.hf_export` registers with
+transformers), ``model.safetensors`` (encoder + head, fp32), the tokenizer files and
 ``domainflow.json`` (head layout, labels, and the compression recipe to
 re-apply at load time). An ONNX candidate holds ``model.int8.onnx`` (a protobuf
 graph, see :mod:`domainflow.onnxrt`) instead of the safetensors. Nothing is ever pickled.
+
+The same files are what ``transformers.AutoModelForSequenceClassification.from_pretrained``
+reads after ``import domainflow`` (fp32 folders only; see :mod:`domainflow.hf_export` for
+why this is one format and not an export step). Format 1 folders, whose ``config.json`` is
+the bare encoder's config, still load here.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from domainflow.onnxrt import OnnxClassifier
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-FORMAT_VERSION = 1
+# 2: config.json declares the registered model type (domainflow.hf_export); 1: the bare encoder's config.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 METADATA_FILE = "domainflow.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MODEL_ALIAS = "minilm"
@@ -188,15 +196,22 @@ def save_classifier(
     max_length: int,
     extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a model directory (see module docstring). Weights are always fp32 safetensors."""
+    """Write a model directory (see module docstring). Weights are always fp32 safetensors.
+
+    The config is written as :class:`~domainflow.hf_export.MeanPoolClassifierConfig`, so that
+    transformers loads the folder as this very model (mean pooling + linear head), not as a
+    ``BertForSequenceClassification`` with a different head.
+    """
     from safetensors.torch import save_file
+
+    from domainflow.hf_export import classifier_config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.encoder.config
     config.id2label = dict(enumerate(label_names))
     config.label2id = {name: i for i, name in enumerate(label_names)}
-    config.save_pretrained(out_dir)
+    classifier_config(config, label_names).save_pretrained(out_dir)
     state = {key: tensor.detach().contiguous().cpu() for key, tensor in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
@@ -236,10 +251,11 @@ def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) ->
     from transformers import AutoTokenizer
 
     from domainflow.compression import ONNX_RECIPES
+    from domainflow.hf_export import encoder_config_of
 
     model_dir = Path(model_dir)
     metadata = read_metadata(model_dir)
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_FORMATS:
         raise ValueError(f"{model_dir}: unsupported model format {metadata.get('format_version')!r}")
     recipe = metadata.get("compression")
     if recipe in ONNX_RECIPES:
@@ -255,22 +271,23 @@ def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) ->
             from domainflow.compression import apply_recipe
 
             model = apply_recipe(model, recipe)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The encoder's config, given rather than read: AutoTokenizer would otherwise build the folder's registered
+    # config, and with it import transformers' modeling code, which an ONNX model's process never needs.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, config=encoder_config_of(model_dir))
     return LoadedClassifier(model, tokenizer, list(metadata["label_names"]), int(metadata["max_length"]), metadata)
 
 
 def _load_torch_classifier(model_dir: Path, num_labels: int) -> TextClassifier:
-    """The fp32 ``TextClassifier`` stored as config.json + model.safetensors, in eval mode."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel
+    """The fp32 ``TextClassifier`` stored as config.json + model.safetensors, in eval mode.
 
-    config = AutoConfig.from_pretrained(model_dir)
-    encoder = (
-        AutoModel.from_config(config, add_pooling_layer=False)
-        if config.model_type in {"bert", "roberta", "xlm-roberta"}
-        else AutoModel.from_config(config)
-    )
-    model = TextClassifier(encoder, num_labels=num_labels)
+    The encoder's config is read from config.json's fields whatever the folder's format, so
+    loading never depends on the model type being registered with transformers.
+    """
+    from safetensors.torch import load_file
+
+    from domainflow.hf_export import encoder_config_of
+
+    model = TextClassifier(encoder_from_config(encoder_config_of(model_dir)), num_labels=num_labels)
     state = load_file(str(model_dir / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
@@ -279,6 +296,16 @@ def _load_torch_classifier(model_dir: Path, num_labels: int) -> TextClassifier:
             f"{model_dir}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     return model.eval()
+
+
+def encoder_from_config(config: Any) -> PreTrainedModel:
+    """A randomly initialised encoder of this config (weights are loaded afterwards); BERT-style
+    encoders without their pooler, which the mean-pooled head never uses."""
+    from transformers import AutoModel
+
+    if config.model_type in {"bert", "roberta", "xlm-roberta"}:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    return AutoModel.from_config(config)
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:

