@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from domainflow.settings import configure_environment
 
@@ -23,6 +24,9 @@ from domainflow.catalog import MODULES_ENV, add_domain_modules  # noqa: E402
 from domainflow.domain_files import DomainFileError, looks_like_domain_file  # noqa: E402
 from domainflow.spec import ClassificationSpec, DomainSpec  # noqa: E402
 from flows.console import EXIT_BAD_DATA, EXIT_NOT_PROMOTED, EXIT_REGISTRY, domain_name, fail, make_console  # noqa: E402
+
+if TYPE_CHECKING:
+    from flows.runners import DomainsReport
 
 app = typer.Typer(
     help="domainflow: turn a pretrained transformer into a deployed model for a business domain, as Prefect flows.\n\n"
@@ -74,16 +78,22 @@ def main_options(
 
 @app.command()
 def run(
-    domain: str = typer.Argument(..., help="Domain to run: a registered name or a domain file (path/to/domain.toml)."),
+    domains: list[str] | None = typer.Argument(
+        None,
+        help="Domain(s) to run: registered names or domain files (path/to/domain.toml). Several run at once.",
+        metavar="DOMAIN",
+        show_default=False,
+    ),
+    all_domains: bool = typer.Option(False, "--all", help="Run every registered domain (`domainflow domains`)."),
     model: str | None = typer.Option(
         None,
         help="Base encoder: 'minilm' (default, offline), a local folder, or a hub name (needs DOMAINFLOW_ONLINE=1).",
     ),
     data_dir: str | None = typer.Option(
-        None, help="Folder with the domain's train/test files (default: the domain's own files)."
+        None, help="Folder with the domain's train/test files (default: the domain's own files; one domain only)."
     ),
     train_file: str | None = typer.Option(
-        None, help="Explicit training file (CSV, JSON/JSONL or Parquet); needs --test-file."
+        None, help="Explicit training file (CSV, JSON/JSONL or Parquet); needs --test-file; one domain only."
     ),
     test_file: str | None = typer.Option(None, help="Explicit test file; needs --train-file."),
     max_train_samples: int | None = typer.Option(
@@ -97,6 +107,25 @@ def run(
     num_layers: int | None = typer.Option(None, min=1, help="Keep only the first N encoder layers (quick runs)."),
     refresh_cache: bool = typer.Option(
         False, "--refresh-cache", help="Recompute every step instead of reusing cached results."
+    ),
+    task_runner: str = typer.Option(
+        "default",
+        "--task-runner",
+        help="Where tasks run: 'default' (Prefect's thread pool, one thread unless --workers), 'dask' or 'ray' "
+        "(a local cluster, or the one at --dask-address / --ray-address). Every worker must see the same "
+        "DOMAINFLOW_HOME at the same path.",
+    ),
+    dask_address: str | None = typer.Option(
+        None, "--dask-address", help="Scheduler of an existing Dask cluster (tcp://HOST:8786); implies dask."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="An existing Ray cluster (HOST:6379 or ray://HOST:10001); implies ray."
+    ),
+    workers: int | None = typer.Option(
+        None,
+        min=1,
+        help="Threads of the default runner (default 1), or worker processes of a local Dask/Ray cluster "
+        "(default: the CPU count).",
     ),
     wait: bool = typer.Option(
         True,
@@ -112,50 +141,145 @@ def run(
         False, "--json", help="Print the summary (candidates, decision) as JSON on stdout instead of tables."
     ),
 ) -> None:
-    """Run ingest → fine-tune → compress → evaluate → deploy for DOMAIN.
+    """Run ingest → fine-tune → compress → evaluate → deploy for DOMAIN (or several domains at once).
 
-    Prints the candidates and the gate's decision."""
-    from domainflow.data.validation import DataValidationError
+    Prints the candidates and the gate's decision.
+
+    Several domains (or --all) run at once, as subflows of one flow; the exit code is that of the first that failed."""
     from domainflow.kinds import kind_of, resolve
-    from domainflow.registry import RegistryError
-    from domainflow.runlock import DomainBusyError
     from flows.prefect_server import tether_ephemeral_server
+    from flows.runners import ClusterSetupError, run_domains, start_runner
 
-    spec = _domain_spec(domain)
+    names = _domains_to_run(domains or [], all_domains)
+    kind = _runner_kind(task_runner, dask_address, ray_address)
+    if len(names) > 1 and (data_dir or train_file or test_file):
+        fail("--data-dir, --train-file and --test-file name one domain's data: run that domain alone")
+    options = {
+        "model": model,
+        "data_dir": data_dir,
+        "train_file": train_file,
+        "test_file": test_file,
+        "max_train_samples": max_train_samples,
+        "max_test_samples": max_test_samples,
+        "epochs": epochs,
+        "seed": seed,
+        "num_layers": num_layers,
+        "refresh_cache": refresh_cache,
+        "wait_for_lock": wait,
+    }
     tether_ephemeral_server()  # a run killed with SIGKILL must not leave Prefect's server behind
     started = time.perf_counter()
     # With --json, stdout carries the summary alone: progress that libraries print goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    report: DomainsReport | None = None
     try:
-        with quiet:
-            summary = resolve(kind_of(spec).flow)(
-                domain=str(Path(domain).resolve()) if looks_like_domain_file(domain) else domain,
-                model=model,
-                data_dir=data_dir,
-                train_file=train_file,
-                test_file=test_file,
-                max_train_samples=max_train_samples,
-                max_test_samples=max_test_samples,
-                epochs=epochs,
-                seed=seed,
-                num_layers=num_layers,
-                refresh_cache=refresh_cache,
-                wait_for_lock=wait,
-            )
-    except DataValidationError as exc:
-        fail(f"data validation failed; nothing was trained and the registry is unchanged.\n{exc}", EXIT_BAD_DATA)
-    except DomainBusyError as exc:
+        with quiet, start_runner(kind, address=dask_address or ray_address, workers=workers) as plan:
+            if len(names) > 1:
+                report = run_domains(names, plan, options)
+            else:
+                pipeline = resolve(kind_of(_domain_spec(names[0])).flow)
+                if kind != "default" or workers is not None:
+                    pipeline = pipeline.with_options(task_runner=plan.task_runner())
+                summary = pipeline(domain=names[0], **options)
+    except ClusterSetupError as exc:
         fail(str(exc))
-    except RegistryError as exc:  # refused (a concurrent promotion) or damaged: nothing of it was changed
-        fail(f"registry: {exc}", EXIT_REGISTRY)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        fail(_error_message(exc), code)
     seconds = time.perf_counter() - started
+    if report is not None:
+        _report_several(report, seconds, as_json, require_promotion)
+        return
     if as_json:
         typer.echo(json.dumps({**summary, "seconds": round(seconds, 1)}, default=str))
     else:
         _print_summary(summary, seconds)
     if require_promotion and summary.get("version") is None:
+        raise typer.Exit(code=EXIT_NOT_PROMOTED)
+
+
+def _domains_to_run(domains: list[str], all_domains: bool) -> list[str]:
+    """The domains a `run` names (files as absolute paths, so every worker reads the same one), in order, once."""
+    from domainflow.catalog import catalog
+
+    if all_domains and domains:
+        fail("give DOMAIN arguments or --all, not both")
+    if all_domains:
+        try:
+            return sorted(catalog())
+        except DomainFileError as exc:
+            fail(str(exc))
+    if not domains:
+        fail("name a DOMAIN to run (`domainflow domains` lists them), or --all")
+    names: list[str] = []
+    seen: set[str] = set()
+    for domain in domains:
+        spec = _domain_spec(domain)  # an unknown domain or a bad file stops the command before anything runs
+        if spec.name not in seen:
+            seen.add(spec.name)
+            names.append(str(Path(domain).resolve()) if looks_like_domain_file(domain) else domain)
+    return names
+
+
+def _runner_kind(task_runner: str, dask_address: str | None, ray_address: str | None) -> str:
+    """The runner asked for; an address implies its runner, and names only that one."""
+    from flows.runners import TASK_RUNNERS
+
+    if dask_address and ray_address:
+        fail("give --dask-address or --ray-address, not both")
+    implied = "dask" if dask_address else "ray" if ray_address else None
+    if task_runner not in TASK_RUNNERS:
+        fail(f"unknown task runner {task_runner!r}; known: {', '.join(TASK_RUNNERS)}")
+    if implied and task_runner not in ("default", implied):
+        fail(f"--{implied}-address needs --task-runner {implied}, not {task_runner}")
+    return implied or task_runner
+
+
+def _exit_code(exc: BaseException | set[str]) -> int | None:
+    """The exit code of a run's error (an exception, or the names of its classes when it comes from one domain of
+    several); None: not an error a run expects (a bug: its traceback is shown)."""
+    from flows.console import EXIT_USAGE
+
+    names = {klass.__name__ for klass in type(exc).__mro__} if isinstance(exc, BaseException) else exc
+    if "DataValidationError" in names:
+        return EXIT_BAD_DATA
+    if "RegistryError" in names:  # refused (a concurrent promotion) or damaged: nothing of it was changed
+        return EXIT_REGISTRY
+    if names & {"DomainBusyError", "FileNotFoundError", "ValueError"}:  # SharedPathError is a FileNotFoundError
+        return EXIT_USAGE
+    return None
+
+
+def _error_message(exc: BaseException) -> str:
+    if _exit_code(exc) == EXIT_BAD_DATA:
+        return f"data validation failed; nothing was trained and the registry is unchanged.\n{exc}"
+    if _exit_code(exc) == EXIT_REGISTRY:
+        return f"registry: {exc}"
+    return str(exc)
+
+
+def _report_several(report: DomainsReport, seconds: float, as_json: bool, require_promotion: bool) -> None:
+    """Each domain's summary (one JSON object for all with --json), then which domains failed and the exit code:
+    that of the first failed domain, or EXIT_NOT_PROMOTED under --require-promotion when one promoted nothing."""
+    if as_json:
+        typer.echo(json.dumps({**report.model_dump(), "seconds": round(seconds, 1)}, default=str))
+    else:
+        for summary in report.summaries.values():
+            _print_summary(summary, seconds)
+    codes = [_exit_code(set(kinds)) or 1 for kinds in report.error_types.values()]
+    for domain, error in report.errors.items():
+        make_console(stderr=True).print(f"[red]error:[/red] {domain} failed: {error}", highlight=False)
+    if codes:
+        failed, total = ", ".join(report.errors), len(report.errors) + len(report.summaries)
+        make_console(stderr=True).print(
+            f"{len(report.errors)} of {total} domain(s) failed: {failed}; finished: "
+            f"{', '.join(report.summaries) or 'none'} (task runner: {report.task_runner})",
+            highlight=False,
+        )
+        raise typer.Exit(code=codes[0])
+    if require_promotion and any(summary.get("version") is None for summary in report.summaries.values()):
         raise typer.Exit(code=EXIT_NOT_PROMOTED)
 
 

@@ -4,6 +4,12 @@ A thin flow: every step is a task in ``tasks/`` that takes paths and small recor
 and returns the same, so Prefect can cache each one on its inputs and code (a rerun
 skips finished steps; a crashed run resumes), retry the steps that do I/O, and show
 the artifacts each step publishes.
+
+Steps are submitted to the flow's task runner (``flows/runners.py``) and their futures
+resolved where the flow needs a value: steps that do not depend on each other (the
+evaluations of the candidates, the compressions of the reference) run side by side on a
+runner with several workers. The default runner has one thread, so a default run does
+its steps one after another, in the order they are submitted, as before.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from domainflow import settings
 from domainflow.atomic import clean_stale_partials
@@ -22,10 +29,11 @@ from domainflow.data.validation import DataValidationError
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.gates import select_reference
 from domainflow.kinds import kind_of, resolve
-from domainflow.records import DatasetRef, ModelRef
+from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.registry import ModelRegistry
 from domainflow.runlock import domain_run_lock
 from domainflow.spec import ClassificationSpec, CompressionDefaults, DomainSpec
+from flows.runners import runner_name, thread_pool
 from tasks.compress import distill, prune_ffn, prune_magnitude, quantize
 from tasks.deploy import candidate_rows, champion_damage, champion_metrics_for, deploy
 from tasks.evaluate import evaluate
@@ -69,23 +77,27 @@ def check_labels_match_champion(spec: ClassificationSpec, dataset: DatasetRef, r
 
 def compress_candidates(
     compression: CompressionDefaults, reference: ModelRef, dataset: DatasetRef, config: Any, options: dict
-) -> list[ModelRef]:
+) -> list[Any]:
     """The domain's compression methods applied to the best fp32 model (a distilled student is also quantized
-    with every int8 recipe the domain asks for)."""
+    with every int8 recipe the domain asks for), submitted at once: they depend only on the reference (a
+    student's int8 copies on the student's future), so a runner with several workers builds them side by side.
+    Futures of ``ModelRef`` (typed ``Any``: Prefect resolves a future given as an input), in report order."""
     methods = compression.methods
     known = set(RECIPES) | {"magnitude_prune", "ffn_prune", "distill"}
     unknown = set(methods) - known
     if unknown:
         raise ValueError(f"unknown compression methods {sorted(unknown)}; known: {sorted(known)}")
     int8_recipes = [method for method in methods if method in RECIPES]
-    candidates: list[ModelRef] = []
+    candidates: list[Any] = []
     for recipe in int8_recipes:
-        candidates.append(quantize.with_options(**options)(reference, dataset.domain, recipe))
+        candidates.append(quantize.with_options(**options).submit(reference, dataset.domain, recipe))
     if "magnitude_prune" in methods:
-        candidates.append(prune_magnitude.with_options(**options)(reference, dataset.domain, compression.sparsity))
+        candidates.append(
+            prune_magnitude.with_options(**options).submit(reference, dataset.domain, compression.sparsity)
+        )
     if "ffn_prune" in methods:
         candidates.append(
-            prune_ffn.with_options(**options)(
+            prune_ffn.with_options(**options).submit(
                 reference, dataset, config, compression.ffn_keep_ratio, compression.recovery_epochs
             )
         )
@@ -99,7 +111,7 @@ def compress_candidates(
         )
     elif "distill" in methods:
         epochs = compression.distill_epochs if compression.distill_epochs is not None else config.epochs
-        student = distill.with_options(**options)(
+        student: Any = distill.with_options(**options).submit(
             reference,
             dataset,
             config,
@@ -110,7 +122,7 @@ def compress_candidates(
         )
         candidates.append(student)
         for recipe in int8_recipes:
-            candidates.append(quantize.with_options(**options)(student, dataset.domain, recipe))
+            candidates.append(quantize.with_options(**options).submit(student, dataset.domain, recipe))
     return candidates
 
 
@@ -120,7 +132,9 @@ def pipeline_for(domain: str | DomainSpec) -> Any:
     return resolve(kind_of(spec).flow)
 
 
-@flow(name="domain-pipeline", log_prints=True)
+# One thread by default: see flows/runners.py (a training step already uses every core; two at once in one
+# process would share torch's random state). `domainflow run --task-runner/--workers` picks another.
+@flow(name="domain-pipeline", log_prints=True, task_runner=thread_pool(1))
 def domain_pipeline(
     domain: str = "customer_service",
     model: str | None = None,
@@ -194,15 +208,19 @@ def _train_and_deploy(
 
     train_path, test_path = resolve_data_files(spec, data_dir, train_file, test_file)
     source_fingerprint = value_fingerprint(path_fingerprint(train_path), path_fingerprint(test_path))
-    dataset: DatasetRef = ingest.with_options(**options)(
-        spec.data_slice(),
-        domain,
-        str(train_path),
-        str(test_path),
-        source_fingerprint,
-        max_train_samples=max_train_samples,
-        max_test_samples=max_test_samples,
-        seed=seed,
+    dataset: DatasetRef = (
+        ingest.with_options(**options)
+        .submit(
+            spec.data_slice(),
+            domain,
+            str(train_path),
+            str(test_path),
+            source_fingerprint,
+            max_train_samples=max_train_samples,
+            max_test_samples=max_test_samples,
+            seed=seed,
+        )
+        .result()
     )
     log.info("dataset %s: %s", dataset.fingerprint, dataset.num_rows)
     check_labels_match_champion(spec, dataset, registry)
@@ -213,15 +231,26 @@ def _train_and_deploy(
         )
 
     config = make_train_config(spec, model, epochs=epochs, seed=seed, num_layers=num_layers)
-    probe: ModelRef = linear_probe.with_options(**options)(dataset, config)
-    tuned: ModelRef = finetune.with_options(**options)(dataset, probe, config)
+    # Futures stand in for the records they will hold (typed Any): Prefect resolves them as inputs.
+    probe: Any = linear_probe.with_options(**options).submit(dataset, config)
+    tuned: Any = finetune.with_options(**options).submit(dataset, probe, config)
     measured = spec.evaluation_slice()
-    fp32 = [evaluate.with_options(**options)(candidate, dataset, measured) for candidate in (probe, tuned)]
+    # The probe's evaluation needs only the probe: on several workers it runs while fine-tuning goes on.
+    fp32_runs = [evaluate.with_options(**options).submit(candidate, dataset, measured) for candidate in (probe, tuned)]
+    for step in (probe, tuned):  # upstream first: a failed step raises its own error, not its dependents' "not run"
+        step.result()
+    fp32: list[Evaluation] = [run.result() for run in fp32_runs]
 
     reference = select_reference(fp32, spec.primary_metric).candidate  # the gate's own choice
     compressed = compress_candidates(spec.compression, reference, dataset, config, options)
-    evaluations = fp32 + [evaluate.with_options(**options)(candidate, dataset, measured) for candidate in compressed]
-    evaluations = measure_speed.with_options(**options)(evaluations, dataset)
+    # Each compressed candidate is evaluated as soon as it exists, beside the compressions still running.
+    compressed_runs = [
+        evaluate.with_options(**options).submit(candidate, dataset, measured) for candidate in compressed
+    ]
+    for step in compressed:  # each compression's own error first (in order: a student before its int8 copies)
+        step.result()
+    evaluations = fp32 + [run.result() for run in compressed_runs]
+    evaluations = measure_speed.with_options(**options).submit(evaluations, dataset).result()
     report(evaluations, dataset, spec)
 
     champion_metrics = champion_metrics_for(domain, dataset.test_fingerprint)
@@ -258,6 +287,8 @@ def _train_and_deploy(
         row["train_seconds"] = round(evaluation.candidate.train_seconds, 1)
     summary = {
         "domain": domain,
+        "task_runner": runner_name(),
+        "flow_run_id": flow_run.id,
         "dataset": dataset.model_dump(),
         "candidates": rows,
         "decision": decision,

@@ -10,6 +10,10 @@ cached on inputs and code; every decision recorded), with the models a recommend
 3. compress — the better of the two on validation NDCG@10 gets an int8 user tower;
 4. evaluate — all five models on the same users and items; speed of the three bundles side by side;
 5. deploy — the gate: the usual rules, plus "beat every baseline on test NDCG@10".
+
+Steps are submitted to the flow's task runner (``flows/runners.py``): the baselines and the two-tower
+encoder train side by side on a runner with several workers, and the baselines are evaluated while
+the text models train. The default runner has one thread: one step after another, as before.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from domainflow import settings
 from domainflow.atomic import clean_stale_partials
@@ -27,6 +32,7 @@ from domainflow.records import ModelRef
 from domainflow.recsys.spec import RankingSpec
 from domainflow.registry import ModelRegistry
 from domainflow.runlock import domain_run_lock
+from flows.runners import runner_name, thread_pool
 from tasks.deploy import champion_metrics_for
 from tasks.rank_compress import quantize_user_tower
 from tasks.rank_deploy import deploy_ranking
@@ -36,7 +42,7 @@ from tasks.rank_report import COLUMNS, rank_report
 from tasks.rank_train import build_item_tables, finetune_two_tower, fit_ranker, make_two_tower_config, train_baselines
 
 
-@flow(name="ranking-pipeline", log_prints=True)
+@flow(name="ranking-pipeline", log_prints=True, task_runner=thread_pool(1))  # see flows/runners.py
 def ranking_pipeline(
     domain: str = "recommendation",
     model: str | None = None,
@@ -96,22 +102,32 @@ def _train_and_deploy(
 
     files = spec.source_files(data_dir)
     source_fingerprint = value_fingerprint(*(path_fingerprint(path) for path in files.values()))
-    dataset = ingest_interactions.with_options(**options)(
-        spec, {k: str(v) for k, v in files.items()}, source_fingerprint, max_users=max_train_samples, seed=seed
+    dataset = (
+        ingest_interactions.with_options(**options)
+        .submit(spec, {k: str(v) for k, v in files.items()}, source_fingerprint, max_users=max_train_samples, seed=seed)
+        .result()
     )
 
-    baselines_ref = train_baselines.with_options(**options)(spec, dataset, seed)
+    # The baselines and the text encoder need only the dataset: submitted together, they train side by side
+    # on a runner with several workers (one after another on the default runner, in this order).
+    baselines_run = train_baselines.with_options(**options).submit(spec, dataset, seed)
     config = make_two_tower_config(spec, model, epochs=epochs, seed=seed, num_layers=num_layers)
-    encoder = finetune_two_tower.with_options(**options)(spec, dataset, config)
-    two_tower = build_item_tables.with_options(**options)(spec, dataset, encoder, baselines_ref, config)
-    ranker = fit_ranker.with_options(**options)(spec, dataset, two_tower, config)
+    # Futures stand in for the records they will hold (typed Any): Prefect resolves them as inputs.
+    encoder: Any = finetune_two_tower.with_options(**options).submit(spec, dataset, config)
+    baselines_ref = baselines_run.result()
+    two_tower: Any = build_item_tables.with_options(**options).submit(spec, dataset, encoder, baselines_ref, config)
+    ranker: Any = fit_ranker.with_options(**options).submit(spec, dataset, two_tower, config)
 
-    baselines = evaluate_baselines.with_options(**options)(spec, dataset, baselines_ref)
-    fp32 = evaluate_recommenders.with_options(**options)(spec, dataset, [two_tower, ranker])
+    baselines_eval = evaluate_baselines.with_options(**options).submit(spec, dataset, baselines_ref)
+    for step in (encoder, two_tower, ranker):  # upstream first: a failed step raises its own error, not "not run"
+        step.result()
+    fp32 = evaluate_recommenders.with_options(**options).submit(spec, dataset, [two_tower, ranker]).result()
     reference = select_reference(fp32, spec.primary_metric).candidate  # the gate's own choice, on validation
-    compressed = quantize_user_tower.with_options(**options)(spec, reference)
-    evaluations = fp32 + evaluate_recommenders.with_options(**options)(spec, dataset, [compressed])
-    evaluations = measure_rank_speed.with_options(**options)(spec, dataset, evaluations)
+    compressed: Any = quantize_user_tower.with_options(**options).submit(spec, reference)
+    compressed.result()
+    evaluations = fp32 + evaluate_recommenders.with_options(**options).submit(spec, dataset, [compressed]).result()
+    evaluations = measure_rank_speed.with_options(**options).submit(spec, dataset, evaluations).result()
+    baselines = baselines_eval.result()
     rank_report(spec, dataset, baselines_ref, baselines, evaluations)
 
     champion_metrics = champion_metrics_for(domain, dataset.test_fingerprint)
@@ -136,6 +152,8 @@ def _train_and_deploy(
     )
     return {
         "domain": domain,
+        "task_runner": runner_name(),
+        "flow_run_id": flow_run.id,
         "dataset": dataset.model_dump(),
         "columns": list(COLUMNS),
         "candidates": decision.pop("rows"),

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,3 +134,40 @@ def _plain(value: Any) -> Any:
     """JSON-able form of an input (records are pydantic models)."""
     dump = getattr(value, "model_dump", None)
     return dump(mode="json") if callable(dump) else value
+
+
+#: The rule every task runner obeys. Tasks hand each other absolute paths (datasets, models, reports) under the
+#: domainflow home, so a task that runs in another process or on another machine (a Dask or Ray worker) must find
+#: them at the same path.
+SHARED_HOME_RULE = (
+    "every process that runs domainflow tasks (the flow's own and each Dask or Ray worker) must see one shared "
+    "DOMAINFLOW_HOME, and the domain's data files, at the same path"
+)
+
+
+class SharedPathError(FileNotFoundError):
+    """A path handed to a task does not exist where the task runs: the shared-home rule is broken."""
+
+
+def require_shared(*items: Any) -> None:
+    """Fail at once, naming the path and the rule, when an input of a task is not visible here.
+
+    Why: on a Dask or Ray worker that does not share the flow's DOMAINFLOW_HOME, a missing folder would
+    otherwise surface deep inside a library as an unrelated error (or, worse, a fresh empty folder).
+    ``items`` are records with a ``path`` (datasets, models) or ``report_dir`` (evaluations), lists of
+    them, or plain paths.
+    """
+    for item in items:
+        if isinstance(item, list | tuple):
+            require_shared(*item)
+            continue
+        record = item if isinstance(item, dict) else getattr(item, "__dict__", {})
+        if record.get("candidate") is not None:  # an Evaluation (or its JSON form): its model and its report folder
+            require_shared(record["candidate"], record["report_dir"])
+            continue
+        path = record.get("path", item)
+        if not os.path.exists(path):
+            raise SharedPathError(
+                f"{path} does not exist on host {socket.gethostname()} (pid {os.getpid()}, DOMAINFLOW_HOME="
+                f"{settings.home()}): {SHARED_HOME_RULE}"
+            )

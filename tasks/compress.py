@@ -48,7 +48,7 @@ from domainflow.modeling import (
 )
 from domainflow.onnxrt import INT8_FILE, export_onnx_int8
 from domainflow.records import DatasetRef, ModelRef
-from tasks.caching import CODE_AND_INPUTS, step_dir
+from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 from tasks.finetune import TrainConfig, finish_atomically, train_classifier
 
 
@@ -245,6 +245,7 @@ def distill_model(
 @task(name="quantize", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def quantize(parent: ModelRef, domain: str, recipe: str = "onnx_int8") -> ModelRef:
     """int8 dynamic quantization of ``parent`` with ``recipe`` (``onnx_int8`` or ``dynamic_int8``)."""
+    require_shared(parent)
     name = f"{parent.name}-{CANDIDATE_SUFFIX.get(recipe, recipe)}"
     return compress_model(parent, recipe, _target(domain, name, quantize, parent.fingerprint, recipe))
 
@@ -252,6 +253,7 @@ def quantize(parent: ModelRef, domain: str, recipe: str = "onnx_int8") -> ModelR
 @task(name="prune-magnitude", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def prune_magnitude(parent: ModelRef, domain: str, sparsity: float) -> ModelRef:
     """Unstructured magnitude pruning at the domain's sparsity."""
+    require_shared(parent)
     target = _target(domain, f"{parent.name}-sparse", prune_magnitude, parent.fingerprint, sparsity)
     return finish_atomically(lambda out: magnitude_prune_model(parent, out, sparsity), target)
 
@@ -261,6 +263,7 @@ def prune_ffn(
     parent: ModelRef, dataset: DatasetRef, config: TrainConfig, keep_ratio: float, recovery_epochs: float
 ) -> ModelRef:
     """Structured feed-forward pruning plus recovery training."""
+    require_shared(parent, dataset)
     target = _target(
         dataset.domain,
         f"{parent.name}-ffn",
@@ -287,6 +290,7 @@ def distill(
     alpha: float,
 ) -> ModelRef:
     """Knowledge distillation of ``teacher`` into a shallower student."""
+    require_shared(teacher, dataset)
     target = _target(
         dataset.domain,
         "distilled",

@@ -27,6 +27,7 @@ from domainflow.registry import ModelRegistry, RegistryError, VersionInfo
 from domainflow.retrieval import INDEX_FILES
 from domainflow.spec import DomainSpec
 from tasks.artifacts import artifact_key
+from tasks.caching import require_shared
 from tasks.evaluate import RETRIEVAL_DIR
 
 
@@ -358,6 +359,7 @@ def deploy(
     labels: list[str] | None = None,
 ) -> dict:
     """Gate the candidates against the champion, promote if they pass, and show why either way."""
+    require_shared(evaluations)
     log = run_logger(__name__)
     domain = spec.name
     evaluations = _as_evaluations(evaluations)

@@ -34,7 +34,7 @@ from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.retrieval import build_index, fallback_policy
 from domainflow.spec import EvaluationSlice, RetrievalFallback
 from tasks.artifacts import artifact_key, png_data_uri
-from tasks.caching import CODE_AND_INPUTS, step_dir
+from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 
 RETRIEVAL_DIR = "retrieval"  # the candidate's known-question index, inside its report folder
 
@@ -246,6 +246,7 @@ def publish_evaluation_artifacts(evaluation: Evaluation, domain: str) -> None:
 def evaluate(candidate: ModelRef, dataset: DatasetRef, spec: EvaluationSlice) -> Evaluation:
     """Quality and size of a candidate on the dataset's test and validation splits; cached on both fingerprints
     and on the metrics and retrieval settings asked for."""
+    require_shared(candidate, dataset)
     out_dir = step_dir(
         settings.runs_dir() / dataset.domain / "reports",
         candidate.name,

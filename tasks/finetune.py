@@ -81,7 +81,7 @@ def make_train_config(
     epochs: float | None = None,
     seed: int = 42,
     num_layers: int | None = None,
-    processes: int = 1,
+    processes: int | None = None,
 ) -> TrainConfig:
     """The domain's training recipe, overridden by the user's choices: every knob a trained model depends on."""
     base = resolve_base_model(model or spec.default_model)
@@ -89,6 +89,8 @@ def make_train_config(
     recipe = spec.training.model_dump()
     if epochs is not None:
         recipe["epochs"] = epochs
+    if processes is not None:
+        recipe["processes"] = processes
     return TrainConfig(
         base_model=base,
         base_fingerprint=base_fingerprint,
@@ -96,7 +98,6 @@ def make_train_config(
         max_length=spec.max_length,
         primary_metric=spec.primary_metric,
         seed=seed,
-        processes=processes,
         **recipe,
     )
 

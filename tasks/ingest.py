@@ -26,7 +26,7 @@ from domainflow.logs import run_logger
 from domainflow.records import DatasetRef
 from domainflow.spec import DataSlice
 from tasks.artifacts import artifact_key
-from tasks.caching import CODE_AND_INPUTS, code_fingerprint
+from tasks.caching import CODE_AND_INPUTS, SharedPathError, code_fingerprint, require_shared
 
 # DataValidationError and read_table are re-exported for modules not yet switched to domainflow.data.
 __all__ = [
@@ -57,14 +57,15 @@ def _publish_artifact(ref: DatasetRef) -> None:
 
 
 def _retry_unless_invalid_data(task: Any, task_run: Any, state: Any) -> bool:
-    """Retries help a flaky disk, never a bad row: don't retry a DataValidationError."""
+    """Retries help a flaky disk, never a bad row or a worker that cannot see the shared home: don't retry a
+    DataValidationError or a SharedPathError."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
             state.result()
         except BaseException as raised:  # noqa: BLE001 - we only inspect its type
             exc = raised
-    return not isinstance(exc, DataValidationError)
+    return not isinstance(exc, DataValidationError | SharedPathError)
 
 
 @task(
@@ -92,6 +93,7 @@ def ingest(
     is an input so that Prefect's input-based cache key changes when file bytes change
     while their paths do not. The returned fingerprint is recomputed from content anyway.
     """
+    require_shared(train_path, test_path)
     run_logger(__name__).info("ingesting %s (source fingerprint %s)", domain, source_fingerprint)
     ref = ingest_dataset(
         data,

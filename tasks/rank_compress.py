@@ -21,7 +21,7 @@ from domainflow.fingerprint import path_fingerprint
 from domainflow.records import ModelRef
 from domainflow.recsys.bundle import METADATA_FILE, Recommender
 from domainflow.recsys.spec import RankingSpec
-from tasks.caching import CODE_AND_INPUTS
+from tasks.caching import CODE_AND_INPUTS, require_shared
 from tasks.rank_train import _out_dir, _publish
 
 RECIPE = "dynamic_int8"
@@ -41,6 +41,7 @@ def quantized_copy(source: Path, out: Path, render_history) -> None:
 @task(name="quantize-user-tower", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def quantize_user_tower(spec: RankingSpec, reference: ModelRef) -> ModelRef:
     """``<reference>-int8``: same weights and tables, user tower quantized at load time."""
+    require_shared(reference)
     name = f"{reference.name}-int8"
     target = _out_dir(spec.name, "models", name, quantize_user_tower, reference.fingerprint, RECIPE, spec.history_items)
     _publish(target, lambda out: quantized_copy(Path(reference.path), out, spec.history_text))

@@ -19,6 +19,7 @@ from domainflow.records import Evaluation
 from domainflow.recsys.gate import decide_ranking
 from domainflow.spec import DomainSpec
 from tasks.artifacts import artifact_key
+from tasks.caching import require_shared
 from tasks.deploy import apply_decision, decision_outcome
 from tasks.rank_report import _as_evaluations, markdown_table, model_rows
 
@@ -67,6 +68,7 @@ def deploy_ranking(
     run_config: dict,
 ) -> dict:
     """Gate the candidates against the champion and the baselines; promote if they pass; show why."""
+    require_shared(candidates, baselines)
     log = run_logger(__name__)
     domain = spec.name
     candidates, baselines = _as_evaluations(candidates), _as_evaluations(baselines)

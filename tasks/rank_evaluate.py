@@ -31,7 +31,7 @@ from domainflow.recsys.dataset import RankingData, StageRows
 from domainflow.recsys.protocol import ranking_metrics, target_ranks
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
-from tasks.caching import CODE_AND_INPUTS, code_fingerprint
+from tasks.caching import CODE_AND_INPUTS, code_fingerprint, require_shared
 from tasks.evaluate import weights_bytes
 
 CACHE_DEPENDS_ON = ("domainflow/recsys",)
@@ -74,6 +74,7 @@ def _evaluation(candidate: ModelRef, results: dict, report_dir: Path, size_bytes
 @task(name="evaluate-baselines", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def evaluate_baselines(spec: RankingSpec, dataset: RankingDatasetRef, baselines: BaselinesRef) -> list[Evaluation]:
     """Popularity (train positives per item) and BPR (its trained user factors) under the protocol."""
+    require_shared(dataset, baselines)
     from safetensors.numpy import load_file
 
     data = RankingData.load(dataset.path)
@@ -150,6 +151,7 @@ def evaluate_bundles(
 @task(name="evaluate-recommenders", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def evaluate_recommenders(spec: RankingSpec, dataset: RankingDatasetRef, bundles: list[ModelRef]) -> list[Evaluation]:
     """The candidate bundles under the protocol, loaded from disk as serving loads them."""
+    require_shared(dataset, bundles)
     return evaluate_bundles(spec, dataset, bundles, run_logger(__name__))
 
 
@@ -202,6 +204,7 @@ def measure_rank_speed(
     spec: RankingSpec, dataset: RankingDatasetRef, evaluations: list[Evaluation]
 ) -> list[Evaluation]:
     """The evaluations with their speed fields filled ("texts" here are user histories)."""
+    require_shared(dataset, evaluations)
     log = run_logger(__name__)
     evaluations = [e if isinstance(e, Evaluation) else Evaluation.model_validate(e) for e in evaluations]
     histories = [h for h in RankingData.load(dataset.path).stage("valid").histories if h]

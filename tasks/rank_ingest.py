@@ -29,7 +29,7 @@ from domainflow.recsys.protocol import leave_last_out
 from domainflow.recsys.records import RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
 from tasks.artifacts import artifact_key
-from tasks.caching import CODE_AND_INPUTS, code_fingerprint
+from tasks.caching import CODE_AND_INPUTS, code_fingerprint, require_shared
 
 
 def frame_digest(*frames: pd.DataFrame) -> str:
@@ -111,6 +111,7 @@ def ingest_interactions(
 ) -> RankingDatasetRef:
     """Validated, split dataset folder under ``runs/<domain>/datasets/`` (content-addressed; the spec's
     protocol knobs and item-text rules are in the key)."""
+    require_shared(list(files.values()))
     log = run_logger(__name__)
     domain = spec.name
     fingerprint = value_fingerprint(

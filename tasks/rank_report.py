@@ -21,6 +21,7 @@ from domainflow.records import Evaluation
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
 from tasks.artifacts import artifact_key
+from tasks.caching import require_shared
 
 METRIC_COLUMNS = ("test_hit_rate_at_10", "test_ndcg_at_10", "test_mrr", "validation_ndcg_at_10")
 COLUMNS = (
@@ -179,6 +180,7 @@ def rank_report(
     candidates: list[Evaluation],
 ) -> list[dict[str, Any]]:
     """Write each candidate's model card; publish the metrics table and the cards as artifacts."""
+    require_shared(dataset, baselines_ref, baselines, candidates)
     log = run_logger(__name__)
     baselines, candidates = _as_evaluations(baselines), _as_evaluations(candidates)
     rows = model_rows(baselines, candidates)

@@ -53,7 +53,7 @@ from domainflow.recsys.ranker import sample_groups
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
 from domainflow.recsys.two_tower import TwoTower, encode, train_two_tower, training_pairs
-from tasks.caching import CODE_AND_INPUTS, step_dir
+from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 
 TWO_TOWER = "two_tower"
 RANKER = "ranker"
@@ -181,6 +181,7 @@ def fit_baselines(data: RankingData, spec: Any, seed: int, out_dir: Path) -> Bas
 @task(name="train-baselines", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def train_baselines(spec: RankingSpec, dataset: RankingDatasetRef, seed: int = 42) -> BaselinesRef:
     """Popularity and BPR (epochs chosen on validation)."""
+    require_shared(dataset)
     log = run_logger(__name__)
     target = _out_dir(
         dataset.domain, "baselines", "popularity-bpr", train_baselines, dataset.fingerprint, spec.bpr, seed
@@ -258,6 +259,7 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
 @task(name="finetune-two-tower", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def finetune_two_tower(spec: RankingSpec, dataset: RankingDatasetRef, config: TwoTowerConfig) -> ModelRef:
     """The trained encoder directory (both towers)."""
+    require_shared(dataset)
     log = run_logger(__name__)
     target = _out_dir(
         dataset.domain,
@@ -318,6 +320,7 @@ def build_item_tables(
     spec: RankingSpec, dataset: RankingDatasetRef, encoder: ModelRef, baselines: BaselinesRef, config: TwoTowerConfig
 ) -> ModelRef:
     """The ``two_tower`` candidate bundle: precomputed item embeddings + the ranker's item tables."""
+    require_shared(dataset, encoder, baselines)
     target = _out_dir(
         dataset.domain,
         "models",
@@ -374,6 +377,7 @@ def fit_features(data: RankingData, recommender: Recommender, negatives: int, se
 @task(name="fit-ranker", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def fit_ranker(spec: RankingSpec, dataset: RankingDatasetRef, two_tower: ModelRef, config: TwoTowerConfig) -> ModelRef:
     """The ``ranker`` candidate: the ``two_tower`` bundle plus a conditional logit over its features."""
+    require_shared(dataset, two_tower)
     log = run_logger(__name__)
     target = _out_dir(
         dataset.domain,

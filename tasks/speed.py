@@ -25,7 +25,7 @@ from prefect import task
 from domainflow.logs import run_logger
 from domainflow.modeling import LoadedClassifier, load_classifier, predict_proba
 from domainflow.records import DatasetRef, Evaluation
-from tasks.caching import CODE_AND_INPUTS
+from tasks.caching import CODE_AND_INPUTS, require_shared
 
 LATENCY_REQUESTS = 96
 THROUGHPUT_TEXTS = 512
@@ -139,4 +139,5 @@ def measure_speeds(evaluations: list[Evaluation], dataset: DatasetRef) -> list[E
 @task(name="measure-speed", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def measure_speed(evaluations: list[Evaluation], dataset: DatasetRef) -> list[Evaluation]:
     """Side-by-side CPU speed and memory of all candidates of a run."""
+    require_shared(evaluations, dataset)
     return measure_speeds(evaluations, dataset)
