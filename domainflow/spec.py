@@ -106,6 +106,9 @@ class TrainingDefaults(Record):
     early_stopping_patience: int = Field(1, ge=0, description="epochs without validation gain before training stops")
     probe_c: float = Field(1.0, gt=0.0, description="inverse L2 strength of the linear probe (scikit-learn's C)")
     class_weighting: bool = Field(False, description="weigh the loss by inverse class frequency (imbalanced domains)")
+    processes: int = Field(
+        1, ge=1, description="data-parallel training processes (torch DDP under torchrun; gloo on CPUs, nccl on GPUs)"
+    )
 
 
 class CompressionDefaults(Record):

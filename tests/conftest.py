@@ -95,6 +95,22 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_domain: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny domain's slice ingested once (train/validation/test splits, seed 7), shared read-only."""
+    from tasks.ingest import ingest_dataset
+
+    spec = get_domain(tiny_domain)
+    return ingest_dataset(
+        spec.data_slice(),
+        spec.name,
+        tmp_path_factory.mktemp("tiny-dataset"),
+        train_path=tiny_data_dir / "train.csv",
+        test_path=tiny_data_dir / "test.csv",
+        seed=7,
+    )
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Stop Prefect's ephemeral API server while pytest's streams are still open.
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -151,3 +153,73 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return state in {"Z", "X"}
+
+
+@contextlib.contextmanager
+def running_prefect_server(home: Path) -> Iterator[SimpleNamespace]:
+    """`domainflow ui` on a free port with SQLite under ``home``, until the block ends (url, api, port, log)."""
+    import sys
+
+    import httpx
+
+    port = free_port()
+    log = home / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.ops_cli", "ui", "--port", str(port)],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=clean_env(home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = SimpleNamespace(
+        url=f"http://127.0.0.1:{port}",
+        api=f"http://127.0.0.1:{port}/api",
+        port=port,
+        home=home,
+        log=log,
+        process=process,
+    )
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the Prefect server exited: {log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{server.api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, "the Prefect server", timeout=180, log=log)
+        yield server
+    finally:
+        stop_group(process)
+
+
+def prefect_api(server: SimpleNamespace, method: str, path: str, **kwargs: Any) -> Any:
+    """One Prefect API call; a 503 is retried, as Prefect's own client does (the server answers 503 for errors a
+    client may retry, e.g. SQLite busy with a worker's and the scheduler's writes)."""
+    import httpx
+
+    for _ in range(20):
+        response = httpx.request(method, f"{server.api}{path}", timeout=30, **kwargs)
+        if response.status_code != 503:
+            break
+        time.sleep(0.5)
+    assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
+    return response.json()
+
+
+def session_members(session: int) -> list[str]:
+    """The processes still in a session (Linux /proc): what a command started and left behind."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended while we looked
+        fields = text.rpartition(")")[2].split()  # after "pid (comm)": state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and fields[0] != "Z":
+            members.append(text.split(")")[0] + ")")
+    return members

@@ -37,7 +37,6 @@ from domainflow.retrieval import normalized_embeddings
 from tasks.compress import distill_model, ffn_prune_model, magnitude_prune_model, quantize_model
 from tasks.evaluate import evaluate_candidate, weights_bytes, zero_fraction
 from tasks.finetune import TrainConfig, make_train_config, train_linear_probe
-from tasks.ingest import ingest_dataset
 from tasks.report import write_report
 from tasks.speed import measure_speeds
 from tests.file_checks import assert_no_pickles
@@ -65,16 +64,8 @@ def reloads_identically(model_dir: str | Path, texts: list[str]) -> torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def dataset(tiny_domain: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
-    spec = get_domain(tiny_domain)
-    return ingest_dataset(
-        spec.data_slice(),
-        spec.name,
-        tmp_path_factory.mktemp("datasets"),
-        train_path=tiny_data_dir / "train.csv",
-        test_path=tiny_data_dir / "test.csv",
-        seed=7,
-    )
+def dataset(tiny_dataset: DatasetRef) -> DatasetRef:
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")

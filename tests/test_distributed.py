@@ -17,20 +17,11 @@ from domainflow.metrics import compute_metrics
 from domainflow.modeling import load_classifier, predict_proba
 from domainflow.records import DatasetRef, ModelRef
 from tasks.finetune import TrainConfig, finetune_classifier, make_train_config, train_linear_probe
-from tasks.ingest import ingest_dataset
 
 
 @pytest.fixture(scope="module")
-def dataset(tiny_domain: str, tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DatasetRef:
-    spec = get_domain(tiny_domain)
-    return ingest_dataset(
-        spec.data_slice(),
-        spec.name,
-        tmp_path_factory.mktemp("ddp-datasets"),
-        train_path=tiny_data_dir / "train.csv",
-        test_path=tiny_data_dir / "test.csv",
-        seed=7,
-    )
+def dataset(tiny_dataset: DatasetRef) -> DatasetRef:
+    return tiny_dataset
 
 
 def _config(tiny_domain: str, tiny_model_dir: Path, processes: int) -> TrainConfig:

@@ -33,7 +33,15 @@ from flows.retrain import pick_data_files, training_files
 from tasks.artifacts import artifact_key
 from tests.conftest import TINY_LABELS
 from tests.data_helpers import banking77_slice, write_csv
-from tests.process_helpers import clean_env, free_port, stop_group, wait_for
+from tests.process_helpers import (
+    clean_env,
+    free_port,
+    prefect_api,
+    running_prefect_server,
+    session_members,
+    stop_group,
+    wait_for,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCHEDULED_DOMAIN = "cs_sched"
@@ -62,46 +70,11 @@ register(
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """`domainflow ui` on a free port, SQLite under a temporary home; stopped after the module."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = free_port()
-    log = home / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flows.ops_cli", "ui", "--port", str(port)],
-            cwd=PROJECT_ROOT,
-            env=clean_env(home),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = SimpleNamespace(
-        url=f"http://127.0.0.1:{port}",
-        api=f"http://127.0.0.1:{port}/api",
-        port=port,
-        home=home,
-        log=log,
-        process=process,
-    )
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"the Prefect server exited: {log.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{server.api}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, "the Prefect server", timeout=180, log=log)
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-server-home")) as server:
         yield server
-    finally:
-        stop_group(process)
 
 
-def api(server: SimpleNamespace, method: str, path: str, **kwargs: Any) -> Any:
-    response = httpx.request(method, f"{server.api}{path}", timeout=30, **kwargs)
-    response.raise_for_status()
-    return response.json()
+api = prefect_api
 
 
 def wait_for_deployment(
@@ -222,20 +195,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def session_members(session: int) -> list[str]:
-    """The processes still in a session (Linux /proc): what a command started and left behind."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # ended while we looked
-        fields = text.rpartition(")")[2].split()  # after "pid (comm)": state, ppid, pgrp, session, ...
-        if int(fields[3]) == session and fields[0] != "Z":
-            members.append(text.split(")")[0] + ")")
-    return members
 
 
 def stuck_request(port: int, path: str, headers: str = "") -> socket.socket:
