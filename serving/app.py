@@ -301,8 +301,12 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     def _refuse_if_full(domain: str) -> None:
         """503 now when the domain's batcher would refuse even a one-text request (see serving.fast_path)."""
         batcher = batchers.get(domain)
-        if batcher is not None and batcher.expected_wait(1) > batcher.deadline:
-            raise _shed(domain, "queue_full", f"~{batcher.expected_wait(1) * 1000:.0f} ms of work already waiting")
+        if batcher is None:
+            return  # an unknown domain: the handler answers 404
+        try:
+            batcher.check_admission(1)
+        except QueueFullError as exc:
+            raise _shed(domain, "queue_full", str(exc)) from None
 
     async def _answer(receive: Callable[[], Awaitable[Any]], domain: str, items: list[Any]) -> Any:
         """Queue ``items`` on the domain's batcher and wait for their answer, unless the client leaves first.

@@ -148,14 +148,7 @@ class MicroBatcher(Generic[T, M, R]):
         if self._closed:
             raise BatcherClosedError(f"{self.name} is shutting down")
         cost = len(items) if cost is None else cost
-        if self._queued_texts + cost > self.max_queued_texts:
-            raise QueueFullError(f"{self.name}: {self._queued_texts} texts already waiting")
-        wait = self.expected_wait(cost)
-        if wait > self.deadline:
-            raise QueueFullError(
-                f"{self.name}: {self._queued_texts} texts already waiting, ~{wait * 1000:.0f} ms of work, "
-                f"over the {self.deadline * 1000:.0f} ms deadline"
-            )
+        self.check_admission(cost)
         if self._task is None:
             self.start()
         loop = asyncio.get_running_loop()
@@ -166,6 +159,20 @@ class MicroBatcher(Generic[T, M, R]):
         self._queued_texts += cost
         self._arrived.set()
         return ticket
+
+    def check_admission(self, cost: int) -> None:
+        """:class:`QueueFullError` if ``cost`` more texts would overflow the budget or wait past the deadline.
+
+        The one admission rule: :meth:`enqueue` applies it, and a caller may apply it before it has even
+        parsed a request (the service does, with ``cost=1``, to make refusals under overload cheap)."""
+        if self._queued_texts + cost > self.max_queued_texts:
+            raise QueueFullError(f"{self.name}: {self._queued_texts} texts already waiting")
+        wait = self.expected_wait(cost)
+        if wait > self.deadline:
+            raise QueueFullError(
+                f"{self.name}: {self._queued_texts} texts already waiting, ~{wait * 1000:.0f} ms of work, "
+                f"over the {self.deadline * 1000:.0f} ms deadline"
+            )
 
     def expected_wait(self, cost: int) -> float:
         """Seconds until a request of ``cost`` texts queued now would be done, at the model's measured pace.
