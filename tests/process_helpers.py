@@ -156,17 +156,19 @@ def process_gone(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_prefect_server(home: Path) -> Iterator[SimpleNamespace]:
-    """`domainflow ui` on a free port with SQLite under ``home``, until the block ends (url, api, port, log)."""
+def running_prefect_server(home: Path, *ui_args: str) -> Iterator[SimpleNamespace]:
+    """`domainflow ui` on a free port (SQLite under ``home`` unless ``ui_args`` say otherwise, e.g. ``--database``)
+    until the block ends; yields url, api, port, home, log and the process."""
     import sys
 
     import httpx
 
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = home / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.ops_cli", "ui", "--port", str(port)],
+            [sys.executable, "-m", "flows.ops_cli", "ui", "--port", str(port), *ui_args],
             cwd=Path(__file__).resolve().parent.parent,
             env=clean_env(home),
             stdout=out,

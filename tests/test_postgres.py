@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from flows.ops_cli import ops_app, prefect_database_url, prefect_server_env
 from tasks.artifacts import artifact_key
 from tests.data_helpers import PET_CLINIC
-from tests.process_helpers import clean_env, free_port, stop_group, wait_for
+from tests.process_helpers import clean_env, free_port, running_prefect_server, wait_for
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,28 +102,9 @@ def other_connections(uri: str) -> int:
 
 
 def test_ui_keeps_prefect_state_in_postgresql(postgres: SimpleNamespace, tmp_path: Path) -> None:
-    home, log, port = tmp_path / "home", tmp_path / "ui.log", free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    with open(log, "w") as out:
-        ui = subprocess.Popen(
-            [sys.executable, "-m", "flows.ops_cli", "ui", "--port", str(port), "--database", postgres.uri],
-            cwd=PROJECT_ROOT,
-            env=clean_env(home),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-
-        def healthy() -> bool:
-            if ui.poll() is not None:
-                raise AssertionError(f"ui exited with {ui.returncode}: {log.read_text()[-4000:]}")
-            try:
-                return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, "the Prefect server on PostgreSQL", timeout=180, log=log)
+    home = tmp_path / "home"
+    with running_prefect_server(home, "--database", postgres.uri) as server:
+        ui, log, api_url = server.process, server.log, server.api
         assert "(state in postgresql+asyncpg://" in log.read_text()
         # Prefect created its schema in PostgreSQL (and no SQLite file beside it).
         tables = {row[0] for row in query(postgres.uri, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -173,8 +154,6 @@ def test_ui_keeps_prefect_state_in_postgresql(postgres: SimpleNamespace, tmp_pat
         wait_for(lambda: ui.poll() is not None, "ui to stop", timeout=90, log=log)
         assert ui.returncode == 0, log.read_text()[-3000:]
         wait_for(lambda: other_connections(postgres.uri) == 0, "the server's connections to close", timeout=60, log=log)
-    finally:
-        stop_group(ui, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------ the URL, checked before starting
