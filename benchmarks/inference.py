@@ -4,26 +4,41 @@ Usage (from the repository root)::
 
     python benchmarks/inference.py                       # champion of customer_service under DOMAINFLOW_HOME
     python benchmarks/inference.py --threads 1 --max-texts 1000
+    python benchmarks/inference.py --baseline-env both   # the pipeline at library defaults and under PASSIVE
     python benchmarks/inference.py --champion-dir DIR --fp32-dir DIR
 
-Both sides run in this one process on the same texts (the domain's test split, a seeded
-sample when ``--max-texts`` is given), in interleaved rounds whose order rotates, so that a
-noisy shared machine slows both alike; figures are medians over rounds, and the ratios are
-what to read.
+Each side runs in a process of its own, started with that side's environment
+(:mod:`benchmarks.inference_worker`: OpenMP reads its settings once, at start-up, so one process
+cannot run torch under two), and loads its model once. The parent sends the same texts (the domain's
+test split, a seeded sample when ``--max-texts`` is given) to every side and alternates timed rounds
+between them, in an order that rotates, so that a noisy shared machine slows every side alike;
+figures are medians over rounds, and the ratios are what to read.
 
 * **baseline** — the fine-tuned fp32 model (the champion's parent) behind
   ``transformers.pipeline("text-classification")``, used as a user would: ``pipe(texts,
-  batch_size=32, truncation=True)`` for throughput and ``pipe(text)`` per request for latency.
-  The model is our mean-pooling classifier wrapped as a ``PreTrainedModel``
-  (:mod:`domainflow.hf_pipeline`); its predictions are checked against our own fp32
-  inference on every text, and the agreement is printed.
+  batch_size=32, truncation=True)`` for throughput and ``pipe(text)`` per request for latency, at
+  the libraries' defaults (``--baseline-env defaults``: no ``OMP_WAIT_POLICY``, thread or tokenizer
+  variable reaches its process). ``--baseline-env project`` runs it under domainflow's settings
+  instead, ``both`` measures both. The model is our mean-pooling classifier wrapped as a
+  ``PreTrainedModel`` (:mod:`domainflow.hf_pipeline`); its predictions are checked against our own
+  fp32 inference on every text, and the agreement is printed.
 * **champion** — the registry's champion as serving loads it (``load_classifier`` +
-  ``predict_proba``: length-sorted batches, one tokenizer call, int8 in ONNX Runtime or torch).
+  ``predict_proba``: length-sorted batches, one tokenizer call, int8 in ONNX Runtime or torch),
+  by default under the environment ``domainflow serve`` runs it in (``--champion-env project``:
+  ``OMP_WAIT_POLICY=PASSIVE``, ``TOKENIZERS_PARALLELISM=false``).
 
-Printed: texts/s at batch 32 and at batch 1, p50/p95 latency of one-text requests, accuracy of
-both on the texts, and the champion/baseline ratios, against the goal (≥ 4× the pipeline's
-batch-32 throughput at ≤ 1 point of accuracy lost). ``--threads`` sets the threads of both
-sides (torch and ONNX Runtime alike); run it once per setting to compare settings.
+Printed: each side's environment as its process reports it (runtime variables, torch's and ONNX
+Runtime's threads), texts/s at batch 32 and at batch 1, p50/p95 latency of one-text requests,
+accuracy of both on the texts, and the champion/baseline ratios, against the goal (≥ 4× the
+pipeline's batch-32 throughput at ≤ 1 point of accuracy lost). ``--threads`` sets the threads of
+every side (torch and ONNX Runtime alike).
+
+How far from the machine's limit: each side's GEMM work per text (:func:`benchmarks.gemm_peak.encoder_flops`:
+per layer the Q/K/V/O projections, the feed-forward block and attention's two matmuls, at each
+text's own token count, averaged over the texts) times its texts/s, as a share of the peak GEMM
+throughput its process measures in its own runtime, threads and environment, in every round
+(:func:`benchmarks.gemm_peak.measure_peak`: ONNX Runtime's int8 ``MatMulInteger`` for an
+``onnx_int8`` champion, torch fp32 for the pipeline). ``--peak-seconds 0`` skips it.
 """
 
 from __future__ import annotations
@@ -32,25 +47,29 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this script belongs to, not another installed copy
 
 from benchmarks.common import labelled_test_texts  # noqa: E402
+from benchmarks.gemm_peak import EncoderShape, mean_flops_per_text  # noqa: E402
+from benchmarks.inference_worker import RUNTIME_VARIABLES, SETTINGS, SideProcess, WorkerError  # noqa: E402
 from domainflow.settings import configure_environment  # noqa: E402
 
-configure_environment()  # before transformers is imported: offline hub, quiet logs
-
-import torch  # noqa: E402
+configure_environment()  # offline hub and caches for this process and, through "project", for the sides
 
 GOAL_SPEEDUP = 4.0
 GOAL_MAX_DROP_POINTS = 1.0
 THROUGHPUT_BATCH = 32
+WARMUP_SINGLES = 4
+BASELINE = "pipeline_fp32"
+BASELINE_PROJECT = "pipeline_fp32_project"  # the second baseline of --baseline-env both
+CHAMPION = "champion"
 NO_CHAMPION_HELP = """no champion for {domain} under {home}.
 Make one (about 30-60 minutes on 2 busy cores) and run this again:
     DOMAINFLOW_HOME={home} domainflow run {domain}
@@ -62,33 +81,64 @@ class SideSummary(TypedDict):
 
     name: str
     model_dir: str
+    setting: str
+    environment: dict[str, Any]
     texts_per_second_batch32: float
     texts_per_second_batch1: float
     latency_ms_p50: float
     latency_ms_p95: float
     accuracy: float
+    gemm_runtime: str
+    mean_tokens: float
+    gemm_ops_per_text: float
+    gemm_peak: dict[str, Any] | None
+    share_of_peak_batch32: float | None
+    share_of_peak_batch1: float | None
+
+
+@dataclass(frozen=True)
+class SidePlan:
+    """Which model a side runs, how (the pipeline or domainflow's own inference), and under which environment."""
+
+    name: str
+    kind: str  # "pipeline" or "champion", as benchmarks/inference_worker.py knows them
+    model_dir: Path
+    setting: str
 
 
 @dataclass
 class SideResult:
-    """What one side measured: speed figures (medians over rounds) and its batch-32 predictions."""
+    """What one side measured: speed figures (medians over rounds), its batch-32 predictions, its peaks."""
 
-    name: str
-    model_dir: str
+    plan: SidePlan
+    description: dict[str, Any]
     batch32_seconds: list[float] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)
     predictions: list[int] = field(default_factory=list, repr=False)
+    peaks: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self, texts: int, labels: Sequence[int]) -> SideSummary:
         ordered = sorted(self.latencies_s)
+        per_second32 = texts / statistics.median(self.batch32_seconds)
+        per_second1 = len(ordered) / sum(ordered)
+        ops = mean_flops_per_text(EncoderShape(**self.description["encoder"]), self.description["token_counts"])
+        peak = max(self.peaks, key=lambda p: p["gops"]) if self.peaks else None  # noise only lowers a peak
         return {
-            "name": self.name,
-            "model_dir": self.model_dir,
-            "texts_per_second_batch32": texts / statistics.median(self.batch32_seconds),
-            "texts_per_second_batch1": len(ordered) / sum(ordered),
+            "name": self.plan.name,
+            "model_dir": str(self.plan.model_dir),
+            "setting": self.plan.setting,
+            "environment": self.description["environment"],
+            "texts_per_second_batch32": per_second32,
+            "texts_per_second_batch1": per_second1,
             "latency_ms_p50": 1000 * statistics.median(ordered),
             "latency_ms_p95": 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
             "accuracy": sum(p == y for p, y in zip(self.predictions, labels, strict=True)) / len(labels),
+            "gemm_runtime": self.description["runtime"],
+            "mean_tokens": statistics.fmean(self.description["token_counts"]),
+            "gemm_ops_per_text": ops,
+            "gemm_peak": peak,
+            "share_of_peak_batch32": per_second32 * ops / (1e9 * peak["gops"]) if peak else None,
+            "share_of_peak_batch1": per_second1 * ops / (1e9 * peak["gops"]) if peak else None,
         }
 
 
@@ -116,110 +166,145 @@ def resolve_models(domain: str, champion_dir: str | None, fp32_dir: str | None) 
         raise SystemExit(
             f"cannot find the fp32 parent of {champion_path} (lineage gives {parent_path!r}); pass --fp32-dir DIR"
         )
-    return Path(champion_path), Path(parent_path)
+    return Path(champion_path).resolve(), Path(parent_path).resolve()
+
+
+def side_plans(champion_dir: Path, fp32_dir: Path, baseline_env: str, champion_env: str) -> list[SidePlan]:
+    """The sides to run: the baseline first (it also gives the reference predictions), then the champion."""
+    first = "defaults" if baseline_env == "both" else baseline_env
+    plans = [
+        SidePlan(BASELINE, "pipeline", fp32_dir, first),
+        SidePlan(CHAMPION, "champion", champion_dir, champion_env),
+    ]
+    if baseline_env == "both":
+        plans.append(SidePlan(BASELINE_PROJECT, "pipeline", fp32_dir, "project"))
+    return plans
+
+
+@contextmanager
+def started_sides(
+    plans: Sequence[SidePlan], threads: int | None, texts: list[str]
+) -> Iterator[tuple[dict[str, SideProcess], dict[str, dict[str, Any]]]]:
+    """Start every side's process and load its model (all at once: loading is not timed); stop them all after.
+
+    Yields the processes and what each said about itself when loaded, by side name."""
+    with ExitStack() as stack:
+        processes = {plan.name: stack.enter_context(SideProcess(plan.name, plan.setting)) for plan in plans}
+        for plan in plans:
+            processes[plan.name].send(
+                "load", side=plan.kind, model_dir=str(plan.model_dir), threads=threads, texts=texts
+            )
+        yield processes, {plan.name: processes[plan.name].receive("load") for plan in plans}
 
 
 def measure(
-    sides: Mapping[str, tuple[Callable[[list[str]], list[int]], Callable[[str], object]]],
+    processes: Mapping[str, SideProcess],
     results: dict[str, SideResult],
-    texts: list[str],
-    singles: list[str],
+    texts: int,
+    singles: int,
     rounds: int,
+    peak_seconds: float,
 ) -> None:
-    """Interleaved rounds: each side classifies all ``texts`` at batch 32, then its share of one-text requests."""
-    names = list(sides)
-    per_round = [singles[i::rounds] for i in range(rounds)]
-    for name in names:  # warm-up: allocators, kernels, tokenizer caches
-        batch, single = sides[name]
-        batch(texts[:THROUGHPUT_BATCH])
-        for text in singles[:4]:
-            single(text)
+    """Interleaved rounds: each side classifies all texts at batch 32, then its share of one-text requests,
+    then (``peak_seconds`` > 0) measures its runtime's GEMM peak, while the other sides wait."""
+    names = list(processes)
+    per_round = [list(range(singles))[i::rounds] for i in range(rounds)]
+    for name in names:
+        processes[name].request("warmup", singles=WARMUP_SINGLES)
     for round_index in range(rounds):
         order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
-            batch, single = sides[name]
-            started = time.perf_counter()
-            predictions = batch(texts)
-            results[name].batch32_seconds.append(time.perf_counter() - started)
-            if not results[name].predictions:
-                results[name].predictions = predictions
-            for text in per_round[round_index]:
-                started = time.perf_counter()
-                single(text)
-                results[name].latencies_s.append(time.perf_counter() - started)
-            print(
-                f"  round {round_index + 1}/{rounds}: {name} {len(texts) / results[name].batch32_seconds[-1]:.1f} "
-                "texts/s at batch 32",
-                flush=True,
-            )
+            process, result = processes[name], results[name]
+            batch = process.request("batch")
+            result.batch32_seconds.append(batch["seconds"])
+            if not result.predictions:
+                result.predictions = batch["predictions"]
+            result.latencies_s.extend(process.request("singles", indices=per_round[round_index])["seconds"])
+            line = f"  round {round_index + 1}/{rounds}: {name} {texts / batch['seconds']:.1f} texts/s at batch 32"
+            if peak_seconds > 0:
+                result.peaks.append(process.request("peak", seconds=peak_seconds))
+                line += f"; GEMM peak {result.peaks[-1]['gops']:.0f} G ops/s"
+            print(line, flush=True)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from domainflow.hf_pipeline import text_classification_pipeline
-    from domainflow.modeling import load_classifier, predict_proba
-
-    if args.threads:
-        torch.set_num_threads(args.threads)  # before loading: ONNX Runtime sessions take their thread count from torch
     champion_dir, fp32_dir = resolve_models(args.domain, args.champion_dir, args.fp32_dir)
     texts, labels = labelled_test_texts(args.domain, args.max_texts, args.seed)
-    singles = texts[: args.latency_requests]
-
-    champion = load_classifier(champion_dir)
-    fp32 = load_classifier(fp32_dir)
-    pipe = text_classification_pipeline(fp32_dir)
-    label2id = pipe.model.config.label2id
-    tokenizer_kwargs = {"truncation": True, "max_length": fp32.max_length}
-    print(
-        f"champion {champion_dir} ({champion.metadata.get('candidate')}, "
-        f"{champion.metadata.get('compression') or 'fp32'})"
-    )
-    print(f"baseline {fp32_dir} ({fp32.metadata.get('candidate')}) behind transformers.pipeline('text-classification')")
-    print(
-        f"{len(texts)} texts, {len(singles)} one-text requests, {args.rounds} rounds, {torch.get_num_threads()} threads"
-    )
-
-    def pipeline_batch(batch: list[str]) -> list[int]:
-        return [label2id[out["label"]] for out in pipe(batch, batch_size=THROUGHPUT_BATCH, **tokenizer_kwargs)]
-
-    def champion_batch(batch: list[str]) -> list[int]:
-        return predict_proba(champion, batch, batch_size=THROUGHPUT_BATCH).argmax(dim=1).tolist()
-
-    sides = {
-        "pipeline_fp32": (pipeline_batch, lambda text: pipe(text, **tokenizer_kwargs)),
-        "champion": (champion_batch, lambda text: predict_proba(champion, [text], batch_size=1)),
-    }
-    results = {name: SideResult(name, str(champion_dir if name == "champion" else fp32_dir)) for name in sides}
-    measure(sides, results, texts, singles, args.rounds)
-
-    ours_fp32 = predict_proba(fp32, texts, batch_size=THROUGHPUT_BATCH).argmax(dim=1).tolist()
-    agreement = sum(a == b for a, b in zip(results["pipeline_fp32"].predictions, ours_fp32, strict=True)) / len(texts)
-    base = results["pipeline_fp32"].summary(len(texts), labels)
-    best = results["champion"].summary(len(texts), labels)
-    report = {
+    plans = side_plans(champion_dir, fp32_dir, args.baseline_env, args.champion_env)
+    with started_sides(plans, args.threads, texts) as (processes, descriptions):
+        results = {plan.name: SideResult(plan, descriptions[plan.name]) for plan in plans}
+        print_sides(results)
+        print(f"{len(texts)} texts, {args.latency_requests} one-text requests per side, {args.rounds} rounds")
+        measure(processes, results, len(texts), args.latency_requests, args.rounds, args.peak_seconds)
+        ours_fp32 = processes[BASELINE].request("reference")["predictions"]
+    summaries = {name: result.summary(len(texts), labels) for name, result in results.items()}
+    base, best = summaries[BASELINE], summaries[CHAMPION]
+    report: dict[str, Any] = {
         "texts": len(texts),
-        "threads": torch.get_num_threads(),
+        "threads": best["environment"]["torch_threads"],
         "rounds": args.rounds,
-        "pipeline_agreement_with_our_fp32": agreement,
+        "pipeline_agreement_with_our_fp32": _agreement(results[BASELINE].predictions, ours_fp32),
         "baseline": base,
         "champion": best,
-        "speedup_batch32": best["texts_per_second_batch32"] / base["texts_per_second_batch32"],
-        "speedup_batch1": best["texts_per_second_batch1"] / base["texts_per_second_batch1"],
-        "latency_p50_ratio": base["latency_ms_p50"] / best["latency_ms_p50"],
-        "latency_p95_ratio": base["latency_ms_p95"] / best["latency_ms_p95"],
-        "accuracy_drop_points": 100 * (base["accuracy"] - best["accuracy"]),
-        "champion_agreement_with_fp32": sum(
-            a == b for a, b in zip(results["champion"].predictions, ours_fp32, strict=True)
-        )
-        / len(texts),
+        **ratios(base, best),
+        "champion_agreement_with_fp32": _agreement(results[CHAMPION].predictions, ours_fp32),
     }
+    if BASELINE_PROJECT in summaries:
+        report["baseline_project"] = summaries[BASELINE_PROJECT]
+        report["vs_baseline_project"] = ratios(summaries[BASELINE_PROJECT], best)
     report["goal_met"] = (
         report["speedup_batch32"] >= GOAL_SPEEDUP and report["accuracy_drop_points"] <= GOAL_MAX_DROP_POINTS
     )
     return report
 
 
+def ratios(base: SideSummary, best: SideSummary) -> dict[str, float]:
+    """The champion against one baseline: speed-ups, latency ratios and accuracy lost."""
+    return {
+        "speedup_batch32": best["texts_per_second_batch32"] / base["texts_per_second_batch32"],
+        "speedup_batch1": best["texts_per_second_batch1"] / base["texts_per_second_batch1"],
+        "latency_p50_ratio": base["latency_ms_p50"] / best["latency_ms_p50"],
+        "latency_p95_ratio": base["latency_ms_p95"] / best["latency_ms_p95"],
+        "accuracy_drop_points": 100 * (base["accuracy"] - best["accuracy"]),
+    }
+
+
+def _agreement(a: Sequence[int], b: Sequence[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def describe_environment(setting: str, environment: Mapping[str, Any]) -> str:
+    """One line: the setting's name, the runtime variables that were set, and the thread counts."""
+    wait = environment.get("OMP_WAIT_POLICY")
+    parts = [f"OMP_WAIT_POLICY={wait}" if wait is not None else "OMP_WAIT_POLICY unset (library default)"]
+    others = [f"{v}={environment[v]}" for v in RUNTIME_VARIABLES if v != "OMP_WAIT_POLICY" and environment.get(v)]
+    parts.append(", ".join(others) if others else "no other thread variable set")
+    parts.append(f"torch {environment['torch_threads']} threads ({environment['torch_interop_threads']} inter-op)")
+    if "onnxruntime_intra_op_threads" in environment:
+        spinning = "on" if environment["onnxruntime_spinning"] else "off"
+        parts.append(
+            f"ONNX Runtime {environment['onnxruntime_intra_op_threads']} intra-op threads, spinning {spinning}"
+        )
+    return f"{setting}: " + "; ".join(parts)
+
+
+def print_sides(results: Mapping[str, SideResult]) -> None:
+    for name, result in results.items():
+        what = result.description
+        how = (
+            "behind transformers.pipeline('text-classification')"
+            if result.plan.kind == "pipeline"
+            else f"as serving loads it ({what['compression'] or 'fp32'})"
+        )
+        print(f"{name}: {result.plan.model_dir} ({what['candidate']}) {how}")
+        print(f"  environment {describe_environment(result.plan.setting, what['environment'])}")
+
+
 def print_report(report: dict) -> None:
-    base, best = report["baseline"], report["champion"]
+    sides: list[tuple[str, dict[str, Any]]] = [("pipeline fp32", report["baseline"])]
+    if "baseline_project" in report:
+        sides.append(("pipeline, project", report["baseline_project"]))
+    sides.append(("champion", report["champion"]))
     rows = [
         ("texts/s, batch 32", "texts_per_second_batch32", "{:.1f}"),
         ("texts/s, batch 1", "texts_per_second_batch1", "{:.1f}"),
@@ -228,28 +313,60 @@ def print_report(report: dict) -> None:
         ("accuracy", "accuracy", "{:.4f}"),
     ]
     print()
-    print(f"{'':28s} {'pipeline fp32':>14s} {'champion':>14s}")
+    print(f"{'':28s}" + "".join(f" {label:>18s}" for label, _ in sides))
+    print(f"{'environment':28s}" + "".join(f" {side['setting']:>18s}" for _, side in sides))
     for label, key, fmt in rows:
-        print(f"{label:28s} {fmt.format(base[key]):>14s} {fmt.format(best[key]):>14s}")
+        print(f"{label:28s}" + "".join(f" {fmt.format(side[key]):>18s}" for _, side in sides))
     print()
+    base, best = report["baseline"], report["champion"]
     print(
         f"pipeline agrees with our fp32 inference on {100 * report['pipeline_agreement_with_our_fp32']:.2f}% of texts; "
         f"champion agrees with fp32 on {100 * report['champion_agreement_with_fp32']:.2f}%"
     )
-    print(
-        f"throughput ratio champion / pipeline: {report['speedup_batch32']:.2f}x at batch 32, "
-        f"{report['speedup_batch1']:.2f}x at batch 1"
-    )
-    print(
-        f"latency ratio pipeline / champion: p50 {report['latency_p50_ratio']:.2f}x, p95 "
-        f"{report['latency_p95_ratio']:.2f}x"
-    )
+    print_ratios(report, f"pipeline at {base['setting']}")
+    if "vs_baseline_project" in report:
+        print_ratios(report["vs_baseline_project"], "pipeline at project")
     print(
         f"accuracy: {100 * base['accuracy']:.2f}% -> {100 * best['accuracy']:.2f}% "
         f"({100 * (best['accuracy'] - base['accuracy']):+.2f} points)"
     )
     verdict = "met" if report["goal_met"] else "NOT met"
-    print(f"goal (>= {GOAL_SPEEDUP:.0f}x batch-32 throughput, <= {GOAL_MAX_DROP_POINTS:.0f} point lost): {verdict}")
+    print(
+        f"goal (>= {GOAL_SPEEDUP:.0f}x batch-32 throughput against the pipeline at {base['setting']}, "
+        f"<= {GOAL_MAX_DROP_POINTS:.0f} point lost): {verdict}"
+    )
+    print()
+    print("how far from the machine's limit (GEMM work per text: Q/K/V/O, feed-forward, attention's two matmuls):")
+    for label, side in sides:
+        print_limit(label, side)
+
+
+def print_ratios(ratios_: Mapping[str, float], against: str) -> None:
+    print(
+        f"champion / {against}: throughput {ratios_['speedup_batch32']:.2f}x at batch 32, "
+        f"{ratios_['speedup_batch1']:.2f}x at batch 1; latency p50 {ratios_['latency_p50_ratio']:.2f}x, "
+        f"p95 {ratios_['latency_p95_ratio']:.2f}x"
+    )
+
+
+def print_limit(label: str, side: Mapping[str, Any]) -> None:
+    ops = side["gemm_ops_per_text"]
+    print(f"  {label}: {ops / 1e6:.1f} M ops per text (mean {side['mean_tokens']:.1f} tokens)")
+    peak = side["gemm_peak"]
+    if peak is None:
+        print("    no GEMM peak measured (--peak-seconds 0)")
+        return
+    allowed = 1e9 * peak["gops"] / ops
+    print(
+        f"    {side['gemm_runtime']} peak {peak['gops']:.1f} G ops/s at {peak['threads']} threads "
+        f"(best of rounds, shape {' x '.join(map(str, peak['best_shape']))}) allows {allowed:,.0f} texts/s"
+    )
+    for batch in ("32", "1"):
+        per_second, share = side[f"texts_per_second_batch{batch}"], side[f"share_of_peak_batch{batch}"]
+        print(
+            f"    batch {batch:>2s}: {per_second:.1f} texts/s = {per_second * ops / 1e9:.1f} G ops/s = "
+            f"{100 * share:.1f}% of that peak"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -271,7 +388,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (figures are medians over rounds)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="threads for both sides (default: torch's default, one per core)"
+        "--threads", type=int, default=None, help="threads for every side (default: torch's default, one per core)"
+    )
+    parser.add_argument(
+        "--baseline-env",
+        choices=[*SETTINGS, "both"],
+        default="defaults",
+        help="the pipeline's environment: library defaults (as its users run it), domainflow's settings, or both",
+    )
+    parser.add_argument(
+        "--champion-env",
+        choices=SETTINGS,
+        default="project",
+        help="the champion's environment (default: domainflow's settings, as `domainflow serve` runs it)",
+    )
+    parser.add_argument(
+        "--peak-seconds",
+        type=float,
+        default=0.1,
+        help="time per GEMM shape of each round's peak measurement (0: no peak, no share of it)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-texts sample")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -280,14 +415,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds < 1
         or args.latency_requests < args.rounds
         or (args.max_texts is not None and args.max_texts < THROUGHPUT_BATCH)
+        or (args.threads is not None and args.threads < 1)
+        or args.peak_seconds < 0
     ):
-        parser.error(f"need --rounds >= 1, --latency-requests >= --rounds, --max-texts >= {THROUGHPUT_BATCH}")
+        parser.error(
+            f"need --rounds >= 1, --latency-requests >= --rounds, --max-texts >= {THROUGHPUT_BATCH}, "
+            "--threads >= 1 and --peak-seconds >= 0"
+        )
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
