@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 
 
@@ -23,3 +24,10 @@ def labelled_test_texts(domain: str, max_texts: int | None, seed: int) -> tuple[
     if max_texts is not None and max_texts < len(rows):
         rows = random.Random(seed).sample(rows, max_texts)
     return [t for t, _ in rows], [y for _, y in rows]
+
+
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph as the description, the rest kept for --help."""
+    return argparse.ArgumentParser(
+        description=(doc or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )

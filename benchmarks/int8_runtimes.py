@@ -16,7 +16,6 @@ and, through them, ONNX Runtime's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this script belongs to, not another installed copy
 
-from benchmarks.common import labelled_test_texts  # noqa: E402
+from benchmarks.common import argument_parser, labelled_test_texts  # noqa: E402
 from domainflow.settings import configure_environment  # noqa: E402
 
 configure_environment()
@@ -35,9 +34,7 @@ import torch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--fp32-dir", required=True, help="an fp32 domainflow model folder (safetensors)")
     parser.add_argument("--domain", default="customer_service", help="domain whose test split is used")
     parser.add_argument(

@@ -29,6 +29,7 @@ temporary server, whose address is handed to the workers (it listens on 127.0.0.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import uuid
@@ -251,15 +252,18 @@ def _ray(address: str | None, workers: int | None, api_url: str) -> Iterator[Run
         ray.shutdown()
 
 
-def drain_prefect_services() -> None:
+async def drain_prefect_services() -> None:
     """Runs on a worker before its cluster closes: send the task runs' last logs and state events to the API and
     stop the threads that send them (otherwise the worker outlives the nanny's 4 s grace and is killed with them
-    unsent)."""
+    unsent). A coroutine because Dask's ``client.run`` calls it on the worker's event loop, where Prefect's
+    ``drain_all`` returns an awaitable instead of waiting (a plain function dropped it: nothing was drained)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
+    for service in (APILogWorker, EventsWorker):
+        pending = service.drain_all(timeout=30)
+        if inspect.isawaitable(pending):
+            await pending
 
 
 # ------------------------------------------------------------------------------ the shared-home check
