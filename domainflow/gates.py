@@ -14,7 +14,8 @@ The rules, in order (thresholds come from ``spec.gates``, a :class:`~domains.bas
 3. **Compressed children.** A compressed candidate is eligible only if it meets the floors, loses at
    most ``gates.max_compression_drop`` of its parent's test primary metric, and is at least
    ``gates.min_compression_speedup`` times as fast (texts/s at batch 32). Only children of the
-   reference compete.
+   reference compete. A cascade (fast student → the reference as served) is such a child; one whose
+   threshold could not be calibrated within its margin on validation is rejected, quoting its numbers.
 4. **Challenger.** The fastest eligible child of the reference, else the reference itself if it
    meets the floors, else nothing.
 5. **Champion.** Promote only if the challenger's test primary beats the champion's (same test
@@ -272,6 +273,15 @@ def decide(
                     f"{ref.compression} is only {speedup:.2f}x faster than its parent {parent.candidate.name} "
                     f"(< {gates.min_compression_speedup:.2f}x required; {detail})"
                 )
+        calibration = evaluation.fusion.get("calibration")
+        if isinstance(calibration, dict) and not calibration.get("met", True):
+            ok = False
+            verdict.reasons.append(
+                f"cascade calibration failed on validation: at threshold {calibration['threshold']:.4f} accuracy "
+                f"{calibration['validation_accuracy']:.4f} is not within {calibration['margin']:.4f} of the strong "
+                f"model's {calibration['strong_validation_accuracy']:.4f} while passing on at most the allowed share "
+                f"({100 * calibration['validation_passed_on']:.1f}% passed on)"
+            )
         if reference is None or parent.candidate.name != reference.candidate.name:
             ok = False
             verdict.reasons.append(

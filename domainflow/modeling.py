@@ -37,6 +37,8 @@ from domainflow.onnxrt import OnnxClassifier
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from domainflow.fusion import FusedClassifier
+
 # 2: config.json declares the registered model type (domainflow.hf_export); 1: the bare encoder's config.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -130,7 +132,7 @@ class TextClassifier(nn.Module):
 class LoadedClassifier:
     """A model ready for inference, with what is needed to feed it."""
 
-    model: TextClassifier | OnnxClassifier  # a dynamically quantized model is still a TextClassifier
+    model: TextClassifier | OnnxClassifier | FusedClassifier  # a dynamically quantized model is a TextClassifier
     tokenizer: Any
     label_names: list[str]
     max_length: int
@@ -251,6 +253,7 @@ def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) ->
     from transformers import AutoTokenizer
 
     from domainflow.compression import ONNX_RECIPES
+    from domainflow.fusion import FUSION_KEY, load_fused
     from domainflow.hf_export import encoder_config_of
 
     model_dir = Path(model_dir)
@@ -258,13 +261,16 @@ def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) ->
     if metadata.get("format_version") not in READABLE_FORMATS:
         raise ValueError(f"{model_dir}: unsupported model format {metadata.get('format_version')!r}")
     recipe = metadata.get("compression")
-    if recipe in ONNX_RECIPES:
+    model: Any
+    if FUSION_KEY in metadata:  # an ensemble or a cascade: its members, each loaded by this function
+        model = load_fused(model_dir, metadata[FUSION_KEY])
+    elif recipe in ONNX_RECIPES:
         if not apply_compression:
             raise ValueError(
                 f"{model_dir} holds only an ONNX graph ({recipe}); its fp32 weights are in its parent "
                 f"{metadata.get('parent')!r}"
             )
-        model: TextClassifier | OnnxClassifier = OnnxClassifier(model_dir / metadata["onnx_file"])
+        model = OnnxClassifier(model_dir / metadata["onnx_file"])
     else:
         model = _load_torch_classifier(model_dir, len(metadata["label_names"]))
         if apply_compression and recipe:
@@ -372,7 +378,11 @@ def predict_proba(loaded: LoadedClassifier, texts: Sequence[str], batch_size: in
 
 @torch.inference_mode()
 def embed_texts(
-    model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int = 64
+    model: TextClassifier | OnnxClassifier | FusedClassifier,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int = 64,
 ) -> torch.Tensor:
     """Mean-pooled encoder embeddings (for the linear probe and retrieval), in the original order."""
     if isinstance(model, nn.Module):
@@ -385,15 +395,21 @@ def embed_texts(
     return out
 
 
-def embedding_size(model: TextClassifier | OnnxClassifier) -> int:
+def embedding_size(model: TextClassifier | OnnxClassifier | FusedClassifier) -> int:
     """Width of the model's sentence embeddings."""
-    if isinstance(model, OnnxClassifier):
-        return model.embedding_size
+    if not isinstance(model, TextClassifier):  # an ONNX graph or a fused model says it itself
+        return int(model.embedding_size)
     return int(model.config.hidden_size)
 
 
-def count_parameters(model: nn.Module | OnnxClassifier) -> int:
-    """Parameters of a model, counting the packed weights of dynamically quantized layers and ONNX weights too."""
+def count_parameters(model: nn.Module | OnnxClassifier | FusedClassifier) -> int:
+    """Parameters of a model, counting the packed weights of dynamically quantized layers and ONNX weights too
+    (and every member of a fused model)."""
+    from domainflow.fusion import leaf_models
+
+    leaves = leaf_models(model)
+    if len(leaves) > 1 or leaves[0] is not model:
+        return sum(count_parameters(leaf) for leaf in leaves)
     if isinstance(model, OnnxClassifier):
         return model.initializer_stats()[0]
     total = sum(p.numel() for p in model.parameters())

@@ -7,6 +7,8 @@ tensors. They are pydantic models so that Prefect can persist them as JSON resul
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -63,5 +65,19 @@ class Evaluation(BaseModel):
         description=(
             "for a domain with a retrieval fallback: how test texts are answered "
             "(confidently, by the nearest known question, escalated) and how well"
+        ),
+    )
+    out_of_scope: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "for a domain with out-of-scope detection: its calibrated threshold and, on test, in-scope accuracy "
+            "with and without the flagging, false alarms, out-of-scope recall (overall and per source), AUROC"
+        ),
+    )
+    fusion: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "for a cascade: its members, threshold and validation calibration, and the share of test texts it "
+            "passed on to its strong model as it really ran"
         ),
     )

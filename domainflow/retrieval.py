@@ -179,18 +179,21 @@ def fallback_policy(
     probabilities: torch.Tensor,
     references: Sequence[int],
     consult_below: float,
+    flagged: np.ndarray | None = None,
 ) -> dict[str, float]:
     """What the answer policy does on labelled texts: answer confidently, answer from the nearest
     known question, or escalate — with how often each happens and how often the answers are right.
 
     ``escalated_without_retrieval`` is the escalation rate of the classifier alone, so the
-    figures show what retrieval buys and what it costs in precision.
+    figures show what retrieval buys and what it costs in precision. Texts ``flagged`` out of
+    scope (``domainflow.outofscope``) are escalated, never answered, however confident.
     """
     reference_ids = np.asarray(references)
+    out_of_scope = np.zeros(len(reference_ids), dtype=bool) if flagged is None else np.asarray(flagged, dtype=bool)
     scores, top = probabilities.max(dim=1)
-    confident = (scores >= consult_below).numpy()
+    confident = (scores >= consult_below).numpy() & ~out_of_scope
     predicted = top.numpy()
-    unsure = np.nonzero(~confident)[0]
+    unsure = np.nonzero(~confident & ~out_of_scope)[0]
     nearest = index.nearest(normalized_embeddings(loaded, [texts[int(i)] for i in unsure]))
     retrieved = np.zeros(len(reference_ids), dtype=bool)
     retrieved_correct = np.zeros(len(reference_ids), dtype=bool)
@@ -213,4 +216,6 @@ def fallback_policy(
         policy["retrieval_precision"] = float(retrieved_correct.sum() / retrieved.sum())
     if index.threshold is not None:
         policy["similarity_threshold"] = index.threshold
+    if flagged is not None:
+        policy["escalated_out_of_scope"] = float(out_of_scope.sum() / total)
     return policy

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from domainflow import settings
+from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.monitoring.config import MonitorConfig
 
 if TYPE_CHECKING:
@@ -93,6 +94,10 @@ class QualityGates(Record):
     )
 
 
+#: Where training can report (``TrainingArguments.report_to``); see domainflow/tracking.py.
+Reporter = Literal["tensorboard", "mlflow"]
+
+
 class TrainingDefaults(Record):
     """Fine-tuning recipe tuned for a 2-core CPU (see tasks/finetune.py for why)."""
 
@@ -109,14 +114,29 @@ class TrainingDefaults(Record):
     processes: int = Field(
         1, ge=1, description="data-parallel training processes (torch DDP under torchrun; gloo on CPUs, nccl on GPUs)"
     )
+    report_to: tuple[Reporter, ...] = Field(
+        (),
+        description=(
+            "where the Trainer reports losses and metrics: tensorboard, mlflow (each needs the extra of its name); "
+            "empty: off. Not part of a model's cache key"
+        ),
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many_reporters(cls, value: Any) -> Any:
+        """``report_to = "mlflow"`` means ``["mlflow"]``; a reporter named twice reports once."""
+        names = [value] if isinstance(value, str) else value
+        return tuple(dict.fromkeys(names)) if isinstance(names, list | tuple) else value
 
 
 class CompressionDefaults(Record):
     """Which compressed candidates a run builds from its best fp32 model, and how."""
 
     methods: tuple[str, ...] = Field(
-        ("onnx_int8", "magnitude_prune", "ffn_prune", "distill"),
-        description="candidates to build: onnx_int8, dynamic_int8, magnitude_prune, ffn_prune, distill",
+        ("onnx_int8", "magnitude_prune", "ffn_prune", "distill", "cascade"),
+        description="candidates to build: onnx_int8, dynamic_int8, magnitude_prune, ffn_prune, distill, cascade "
+        "(the int8 student answers what it is sure of, the reference's int8 copy the rest; needs distill)",
     )
     sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of encoder weights zeroed by magnitude pruning")
     ffn_keep_ratio: float = Field(
@@ -130,6 +150,15 @@ class CompressionDefaults(Record):
     distill_temperature: float = Field(2.0, gt=0.0, description="softening of the teacher's labels")
     distill_alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="weight of the teacher's labels against the true ones"
+    )
+    cascade_margin: float = Field(
+        0.005,
+        ge=0.0,
+        lt=1.0,
+        description="the cascade's threshold keeps validation accuracy within this of its strong model's",
+    )
+    cascade_max_passed_on: float = Field(
+        0.5, gt=0.0, le=1.0, description="most texts (share) a cascade may pass on to its strong model"
     )
 
 
@@ -146,6 +175,52 @@ class RetrievalFallback(Record):
     target_precision: float = Field(
         0.9, gt=0.0, le=1.0, description="how often an answer taken from the nearest known question must be right"
     )
+
+
+#: Out-of-scope scores (see domainflow/outofscope.py); all read what the model computes anyway.
+OutOfScopeScore = Literal["mahalanobis", "cosine", "energy", "max_softmax"]
+
+
+class OutOfScopeDetection(Record):
+    """Tell "none of my labels" apart from an unsure in-scope text, and escalate it (never answer it).
+
+    A score of the model's own outputs is thresholded; the threshold is calibrated per model on
+    the validation split so that flagging costs at most ``max_in_scope_cost`` of in-scope accuracy
+    (see ``domainflow.outofscope``). Measured on test against ``eval_files`` when given.
+    """
+
+    enabled: bool = Field(True, description="flag and escalate out-of-scope texts (false: measure nothing, flag none)")
+    score: OutOfScopeScore = Field(
+        "mahalanobis",
+        description=(
+            "mahalanobis (to the nearest class centroid of unit-length embeddings, shared covariance), "
+            "cosine (to the nearest class centroid), energy (-logsumexp of the logits) or max_softmax"
+        ),
+    )
+    max_in_scope_cost: float = Field(
+        0.01,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "in-scope accuracy the flagging may cost on validation: the share of in-scope validation texts "
+            "that are classified correctly and flagged"
+        ),
+    )
+    label: str | None = Field(
+        None,
+        description=(
+            "a label of the domain's data meaning out of scope (e.g. 'oos'): when present it is trained like any "
+            "other, and a text predicted as it is flagged"
+        ),
+    )
+    eval_files: tuple[str, ...] = Field(
+        (),
+        description=(
+            "files of out-of-scope texts (a 'text' column; CSV, JSON/JSONL or Parquet; relative to the domain "
+            "file) on which evaluation measures out-of-scope recall"
+        ),
+    )
+    eval_sample: int = Field(500, ge=1, description="at most this many texts of each eval file (a seeded sample)")
 
 
 class AnswerPolicy(Record):
@@ -239,6 +314,9 @@ class ClassificationSpec(DomainSpec):
     retrieval: RetrievalFallback | None = Field(
         None, description="answer unsure predictions from the nearest known question"
     )
+    out_of_scope: OutOfScopeDetection | None = Field(
+        None, description="flag texts that belong to none of the labels, and escalate them"
+    )
     answers: AnswerPolicy = Field(default_factory=AnswerPolicy, description="replies, escalation and per-label tags")
     monitoring: MonitorConfig | None = Field(None, description="topic tracking and surge alerts (`domainflow monitor`)")
     validation_fraction: float = Field(
@@ -288,6 +366,8 @@ class ClassificationSpec(DomainSpec):
                 raise ValueError(f"{what} names labels the domain does not have: {unknown}")
         if self.monitoring is not None and self.monitoring.negative_label not in known:
             raise ValueError(f"monitoring.negative_label {self.monitoring.negative_label!r} is not a label")
+        if self.out_of_scope is not None and self.out_of_scope.label not in (None, *known):
+            raise ValueError(f"out_of_scope.label {self.out_of_scope.label!r} is not a label")
         return self
 
     @property
@@ -321,7 +401,24 @@ class ClassificationSpec(DomainSpec):
         )
 
     def evaluation_slice(self) -> EvaluationSlice:
-        return EvaluationSlice(metrics=self.metrics, primary_metric=self.primary_metric, retrieval=self.retrieval)
+        detection = self.out_of_scope if self.out_of_scope is not None and self.out_of_scope.enabled else None
+        files: tuple[Path, ...] = ()
+        if detection is not None:  # absolute paths, and their contents in the slice: the cache key follows the texts
+            base = Path(self.source.base_dir) if self.source.base_dir else settings.data_dir()
+            files = tuple(
+                path if path.is_absolute() else (base / path).resolve() for path in map(Path, detection.eval_files)
+            )
+            missing = [str(path) for path in files if not path.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{self.name}: out_of_scope.eval_files do not exist: {', '.join(missing)}")
+            detection = detection.replace(eval_files=tuple(map(str, files)))
+        return EvaluationSlice(
+            metrics=self.metrics,
+            primary_metric=self.primary_metric,
+            retrieval=self.retrieval,
+            out_of_scope=detection,
+            out_of_scope_texts=value_fingerprint([path_fingerprint(path) for path in files]) if files else "",
+        )
 
 
 class DataSlice(Record):
@@ -356,6 +453,8 @@ class EvaluationSlice(Record):
     metrics: tuple[str, ...]
     primary_metric: str
     retrieval: RetrievalFallback | None = None
+    out_of_scope: OutOfScopeDetection | None = None  # enabled only, with absolute eval_files
+    out_of_scope_texts: str = Field("", description="fingerprint of the eval files' contents")
 
 
 def label_index(name_to_index: dict[str, int], value: Any) -> int | None:

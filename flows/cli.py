@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from domainflow.settings import configure_environment
 
@@ -140,6 +140,13 @@ def run(
     as_json: bool = typer.Option(
         False, "--json", help="Print the summary (candidates, decision) as JSON on stdout instead of tables."
     ),
+    report_to: list[str] | None = typer.Option(
+        None,
+        "--report-to",
+        help="Report training losses and metrics to tensorboard and/or mlflow (repeatable or a comma list; "
+        "'none': off). Default: the domain's training.report_to. A step served from the cache trains, and "
+        "reports, nothing: add --refresh-cache for the curves of a cached model.",
+    ),
 ) -> None:
     """Run ingest → fine-tune → compress → evaluate → deploy for DOMAIN (or several domains at once).
 
@@ -154,7 +161,7 @@ def run(
     kind = _runner_kind(task_runner, dask_address, ray_address)
     if len(names) > 1 and (data_dir or train_file or test_file):
         fail("--data-dir, --train-file and --test-file name one domain's data: run that domain alone")
-    options = {
+    options: dict[str, Any] = {
         "model": model,
         "data_dir": data_dir,
         "train_file": train_file,
@@ -167,6 +174,8 @@ def run(
         "refresh_cache": refresh_cache,
         "wait_for_lock": wait,
     }
+    if report_to:
+        options["report_to"] = _reporters_for(report_to, names)
     tether_ephemeral_server()  # a run killed with SIGKILL must not leave Prefect's server behind
     started = time.perf_counter()
     # With --json, stdout carries the summary alone: progress that libraries print goes to stderr.
@@ -221,6 +230,26 @@ def _domains_to_run(domains: list[str], all_domains: bool) -> list[str]:
             seen.add(spec.name)
             names.append(str(Path(domain).resolve()) if looks_like_domain_file(domain) else domain)
     return names
+
+
+def _reporters_for(values: list[str], domains: list[str]) -> list[str]:
+    """--report-to as a list of reporters, checked before anything runs: known names, installed libraries,
+    and only for domains trained by the transformers Trainer (text classification)."""
+    from domainflow.tracking import ReportingUnavailableError, parse_report_to, require_reporters
+
+    try:
+        reporters = parse_report_to(values)
+        require_reporters(reporters)
+    except ReportingUnavailableError as exc:
+        fail(str(exc))
+    for domain in domains:
+        spec = _domain_spec(domain)
+        if not isinstance(spec, ClassificationSpec):
+            fail(
+                f"--report-to applies to text classification domains: {spec.name} is a {spec.task_kind} domain, "
+                "whose training does not run the transformers Trainer; run it without --report-to"
+            )
+    return list(reporters)
 
 
 def _runner_kind(task_runner: str, dask_address: str | None, ray_address: str | None) -> str:
@@ -439,6 +468,7 @@ def predict(
     """Classify TEXTS with the domain's champion and show what the domain would do with each prediction."""
     from domainflow.kinds import kind_of
     from domainflow.modeling import load_classifier
+    from domainflow.outofscope import OutOfScopeDetector
     from domainflow.registry import ModelRegistry, RegistryError
     from domainflow.retrieval import QuestionIndex
     from serving.inference import prediction_record, score_texts
@@ -456,9 +486,13 @@ def predict(
         fail(f"no champion for {domain}: run `domainflow run {domain}` first")
     loaded = load_classifier(champion.model_dir)
     index = QuestionIndex.load(champion.model_dir) if spec.retrieval is not None else None
+    # as the service does: a champion promoted before detection was turned on has no detector and flags nothing
+    detecting = spec.out_of_scope is not None and spec.out_of_scope.enabled
+    detector = OutOfScopeDetector.load(champion.model_dir) if detecting else None
+    scored = score_texts(loaded, index, spec, list(texts), top_k, detector)
     results = [
         {"text": text, **prediction_record(spec, text, scores, top_k, ndigits=4)}
-        for text, scores in zip(texts, score_texts(loaded, index, spec, list(texts), top_k), strict=True)
+        for text, scores in zip(texts, scored, strict=True)
     ]
     console.print_json(json.dumps({"domain": domain, "version": champion.version, "predictions": results}))
 
@@ -636,6 +670,46 @@ def registry_repair(domain: str = typer.Argument(..., help="Domain (a name or a 
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if not report.consistent:
         fail(f"{domain}: the registry is not consistent after repair: {report.problem}")
+
+
+@registry_app.command("export")
+def registry_export(
+    domain: str = typer.Argument(..., help="Domain (a name or a domain file)."),
+    mlflow_uri: str = typer.Option(
+        ...,
+        "--mlflow",
+        help="MLflow tracking and model registry URI: http(s)://HOST:PORT (a server), sqlite:///path/mlflow.db …",
+    ),
+    name: str | None = typer.Option(None, "--name", help="Registered model name (default: domainflow-DOMAIN)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Log DOMAIN's champion to an MLflow model registry: a run (lineage, metrics, model), a model version and
+    the alias `champion` on it. Exporting the same champion again only re-points the alias.
+
+    Load it with mlflow.pyfunc.load_model("models:/domainflow-DOMAIN@champion").predict(texts) (needs
+    domainflow installed). Exit 2: no champion, not a text classification domain, or mlflow missing; 5: the
+    champion's files are damaged; 1: MLflow refused or could not be reached."""
+    from domainflow.mlflow_export import ExportError, ExportRefusedError, NoChampionError, export_champion
+    from domainflow.registry import RegistryError
+
+    domain = domain_name(domain)
+    try:
+        result = export_champion(domain, mlflow_uri, name=name)
+    except (NoChampionError, ExportRefusedError) as exc:
+        fail(str(exc))
+    except RegistryError as exc:
+        fail(f"registry: {exc}", EXIT_REGISTRY)
+    except ExportError as exc:
+        fail(str(exc), 1)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+        return
+    what = "registered as new version" if result.created else "already exported: version"
+    console.print(
+        f"{domain} v{result.domainflow_version} {what} {result.model_version} of {result.name} at {mlflow_uri}; "
+        f"alias {result.alias} → version {result.model_version} ({result.model_uri})",
+        highlight=False,
+    )
 
 
 def _domain_spec(domain: str) -> DomainSpec:

@@ -38,6 +38,7 @@ from tasks.compress import distill, prune_ffn, prune_magnitude, quantize
 from tasks.deploy import candidate_rows, champion_damage, champion_metrics_for, deploy
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune, linear_probe, make_train_config
+from tasks.fuse import build_cascade
 from tasks.ingest import ingest
 from tasks.report import report
 from tasks.speed import measure_speed
@@ -83,14 +84,16 @@ def compress_candidates(
     student's int8 copies on the student's future), so a runner with several workers builds them side by side.
     Futures of ``ModelRef`` (typed ``Any``: Prefect resolves a future given as an input), in report order."""
     methods = compression.methods
-    known = set(RECIPES) | {"magnitude_prune", "ffn_prune", "distill"}
+    known = set(RECIPES) | {"magnitude_prune", "ffn_prune", "distill", "cascade"}
     unknown = set(methods) - known
     if unknown:
         raise ValueError(f"unknown compression methods {sorted(unknown)}; known: {sorted(known)}")
     int8_recipes = [method for method in methods if method in RECIPES]
     candidates: list[Any] = []
+    reference_int8: list[Any] = []
     for recipe in int8_recipes:
-        candidates.append(quantize.with_options(**options).submit(reference, dataset.domain, recipe))
+        reference_int8.append(quantize.with_options(**options).submit(reference, dataset.domain, recipe))
+    candidates.extend(reference_int8)
     if "magnitude_prune" in methods:
         candidates.append(
             prune_magnitude.with_options(**options).submit(reference, dataset.domain, compression.sparsity)
@@ -121,8 +124,26 @@ def compress_candidates(
             compression.distill_alpha,
         )
         candidates.append(student)
-        for recipe in int8_recipes:
-            candidates.append(quantize.with_options(**options).submit(student, dataset.domain, recipe))
+        student_int8 = [
+            quantize.with_options(**options).submit(student, dataset.domain, recipe) for recipe in int8_recipes
+        ]
+        candidates.extend(student_int8)
+        if "cascade" in methods:
+            # fast: the student as served (its first int8 copy); strong: the reference as served (likewise)
+            fast: Any = (student_int8 or [student])[0]  # futures stand in for their records (see above)
+            strong: Any = (reference_int8 or [reference])[0]
+            candidates.append(
+                build_cascade.with_options(**options).submit(
+                    fast,
+                    strong,
+                    reference.name,
+                    dataset,
+                    compression.cascade_margin,
+                    compression.cascade_max_passed_on,
+                )
+            )
+    elif "cascade" in methods:
+        get_run_logger().warning("cascade skipped: its fast model is the distilled student, and no student is built")
     return candidates
 
 
@@ -148,6 +169,7 @@ def domain_pipeline(
     num_layers: int | None = None,
     refresh_cache: bool = False,
     wait_for_lock: bool = True,
+    report_to: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train, compress, evaluate and (behind the domain's gates) deploy a model for ``domain``.
 
@@ -162,6 +184,7 @@ def domain_pipeline(
         num_layers: keep only the first N encoder layers (quick runs and tests).
         refresh_cache: recompute every step even if a cached result exists.
         wait_for_lock: when another run of the domain is going, wait for it (else fail at once).
+        report_to: where training reports (tensorboard, mlflow); default: the domain's ``training.report_to``.
     """
     log = get_run_logger()
     spec = get_domain(domain)
@@ -182,6 +205,7 @@ def domain_pipeline(
             seed,
             num_layers,
             refresh_cache,
+            report_to,
         )
 
 
@@ -197,6 +221,7 @@ def _train_and_deploy(
     seed: int,
     num_layers: int | None,
     refresh_cache: bool,
+    report_to: list[str] | None = None,
 ) -> dict[str, Any]:
     """The pipeline's steps, run while holding the domain's run lock."""
     log = get_run_logger()
@@ -230,7 +255,7 @@ def _train_and_deploy(
             "%s: %d labels taken from the training data: %s", domain, spec.num_labels, ", ".join(spec.label_names or ())
         )
 
-    config = make_train_config(spec, model, epochs=epochs, seed=seed, num_layers=num_layers)
+    config = make_train_config(spec, model, epochs=epochs, seed=seed, num_layers=num_layers, report_to=report_to)
     # Futures stand in for the records they will hold (typed Any): Prefect resolves them as inputs.
     probe: Any = linear_probe.with_options(**options).submit(dataset, config)
     tuned: Any = finetune.with_options(**options).submit(dataset, probe, config)

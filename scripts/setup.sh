@@ -2,7 +2,8 @@
 # Set up domainflow in ./.venv on a fresh machine (network: the Python package registry only).
 #
 #   bash scripts/setup.sh          # the pipeline (with the ONNX extra: the default int8 candidate runs in ONNX Runtime)
-#   bash scripts/setup.sh --dev    # plus the test tools and what the tests drive: PostgreSQL (embedded), Dask
+#   bash scripts/setup.sh --dev    # plus the test tools and what the tests drive: PostgreSQL (embedded), Dask, Ray,
+#                                  # MLflow (skinny) and TensorBoard
 #
 # Order matters: torch is pinned to its CPU build and installed first, because an
 # unpinned torch (or one pulled in later as a dependency) resolves the multi-GB CUDA
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="[onnx]"
-[[ "${1:-}" == "--dev" ]] && extras="[onnx,dev,postgres,dask]"
+[[ "${1:-}" == "--dev" ]] && extras="[onnx,dev,postgres,dask,ray,mlflow,tensorboard]"
 
 python=${PYTHON:-python3}
 "$python" - <<'PY' || { echo "domainflow needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }

@@ -406,7 +406,8 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     )
     async def predict(domain: str, body: PredictRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
         """Label, score and top-k labels per text, plus what the domain does with it (customer_service:
-        the reply, or an escalation under its confidence threshold)."""
+        the reply, or an escalation under its confidence threshold or when the text is flagged out of scope,
+        with ``out_of_scope`` and its score)."""
         # Requests are answered by serving.fast_path with the same handler; this declaration documents the
         # route in OpenAPI and names it in the metrics.
         return JSONResponse(await predict_payload(domain, body, request.receive))

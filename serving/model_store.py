@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from domainflow.modeling import LoadedClassifier, load_classifier, predict_proba
+from domainflow.outofscope import OutOfScopeDetector, check_detector
 from domainflow.registry import ModelRegistry, VersionInfo
 from domainflow.retrieval import QuestionIndex
 from domainflow.spec import ClassificationSpec, DomainSpec
@@ -47,13 +48,21 @@ class ServedModel:
     loaded: LoadedClassifier | Any  # a Recommender for a ranking domain (serving.ranking)
     loaded_at: str
     index: QuestionIndex | None = None  # known questions, for a domain with a retrieval fallback
+    out_of_scope: OutOfScopeDetector | None = None  # for a domain with out-of-scope detection
 
     @property
     def label_names(self) -> list[str]:
         return list(getattr(self.loaded, "label_names", []))
 
     @classmethod
-    def of(cls, domain: str, info: VersionInfo, loaded: Any, index: QuestionIndex | None = None) -> ServedModel:
+    def of(
+        cls,
+        domain: str,
+        info: VersionInfo,
+        loaded: Any,
+        index: QuestionIndex | None = None,
+        out_of_scope: OutOfScopeDetector | None = None,
+    ) -> ServedModel:
         """A freshly loaded registry version, stamped with its version, candidate and load time."""
         return cls(
             domain=domain,
@@ -63,6 +72,7 @@ class ServedModel:
             loaded=loaded,
             loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
             index=index,
+            out_of_scope=out_of_scope,
         )
 
 
@@ -111,7 +121,12 @@ def load_served_model(slot: DomainSlot, info: VersionInfo) -> ServedModel:
     index = QuestionIndex.load(info.model_dir) if spec.retrieval is not None else None
     if index is not None and set(index.labels) - set(loaded.label_names):
         raise ValueError(f"{slot.domain} v{info.version}: its retrieval index names labels the model does not know")
-    return ServedModel.of(slot.domain, info, loaded, index)
+    # A champion promoted before the domain turned detection on has no detector: it serves without one.
+    detection = spec.out_of_scope is not None and spec.out_of_scope.enabled
+    detector = OutOfScopeDetector.load(info.model_dir) if detection else None
+    if detector is not None:  # it must score this model's outputs (a mismatched file fails here, not per request)
+        check_detector(detector, loaded, f"{slot.domain} v{info.version}")
+    return ServedModel.of(slot.domain, info, loaded, index, detector)
 
 
 @dataclass

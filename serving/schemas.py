@@ -76,6 +76,16 @@ class Prediction(BaseModel):
     )
     reply: str | None = Field(None, description="The reply template, or the escalation message.")
     nearest_question: NearestQuestion | None = None
+    out_of_scope: bool | None = Field(
+        None,
+        description=(
+            "For a domain with out-of-scope detection: whether the text belongs to none of its labels "
+            "(then it is escalated, never answered)."
+        ),
+    )
+    out_of_scope_score: float | None = Field(
+        None, description="The detector's score (higher: further from the labels); flagged above the model's threshold."
+    )
     details: dict[str, Any] | None = Field(None, description="Anything else the domain's response carries.")
 
 

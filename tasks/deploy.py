@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from domainflow import settings
 from domainflow.gates import GateDecision, decide
 from domainflow.logs import run_logger
+from domainflow.outofscope import DETECTOR_FILES
 from domainflow.records import Evaluation
 from domainflow.registry import ModelRegistry, RegistryError, VersionInfo
 from domainflow.retrieval import INDEX_FILES
@@ -198,7 +199,7 @@ def apply_decision(
             model_card=card if card.is_file() else None,
             model_extras=[
                 Path(chosen.report_dir) / RETRIEVAL_DIR / name
-                for name in INDEX_FILES
+                for name in (*INDEX_FILES, *DETECTOR_FILES)  # the known questions and the out-of-scope detector
                 if (Path(chosen.report_dir) / RETRIEVAL_DIR / name).is_file()
             ],
             expected_champion=champion_version,

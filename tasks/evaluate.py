@@ -20,6 +20,7 @@ import torch
 from prefect import task
 
 from domainflow import settings
+from domainflow.fusion import CascadeClassifier, EnsembleClassifier, FusedClassifier, leaf_models
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import (
@@ -27,21 +28,34 @@ from domainflow.modeling import (
     count_parameters,
     directory_size,
     load_classifier,
-    predict_proba,
 )
 from domainflow.onnxrt import OnnxClassifier
+from domainflow.outofscope import (
+    DISTANCE_KINDS,
+    ClassStatistics,
+    ModelOutputs,
+    OutOfScopeDetector,
+    eval_texts,
+    in_scope_columns,
+    measure_detector,
+    model_outputs,
+)
 from domainflow.records import DatasetRef, Evaluation, ModelRef
-from domainflow.retrieval import build_index, fallback_policy
-from domainflow.spec import EvaluationSlice, RetrievalFallback
+from domainflow.retrieval import QuestionIndex, build_index, fallback_policy
+from domainflow.spec import EvaluationSlice, OutOfScopeDetection, RetrievalFallback
 from tasks.artifacts import artifact_key, png_data_uri
 from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 
-RETRIEVAL_DIR = "retrieval"  # the candidate's known-question index, inside its report folder
+# The candidate's known-question index and out-of-scope detector, inside its report folder (deploy ships the
+# folder's files with the model).
+RETRIEVAL_DIR = "retrieval"
 
 
-def weights_bytes(model: torch.nn.Module | OnnxClassifier) -> int:
+def weights_bytes(model: torch.nn.Module | OnnxClassifier | FusedClassifier) -> int:
     """Bytes of the weights as held for inference; dynamically quantized layers count their int8 weights,
-    an ONNX graph the tensors stored in it."""
+    an ONNX graph the tensors stored in it, a fused model (ensemble, cascade) all of its members'."""
+    if isinstance(model, EnsembleClassifier | CascadeClassifier):
+        return sum(weights_bytes(leaf) for leaf in leaf_models(model))
     if isinstance(model, OnnxClassifier):
         return model.initializer_stats()[1]
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -55,12 +69,13 @@ def weights_bytes(model: torch.nn.Module | OnnxClassifier) -> int:
     return total
 
 
-def zero_fraction(model: torch.nn.Module | OnnxClassifier) -> float:
+def zero_fraction(model: torch.nn.Module | OnnxClassifier | FusedClassifier) -> float:
     """Share of exactly-zero weights in the encoder's Linear layers (what unstructured pruning leaves);
-    0 for an ONNX graph (only unpruned models are exported, and int8 rounding is not pruning)."""
+    0 for an ONNX graph (only unpruned models are exported, and int8 rounding is not pruning) and a fused model
+    (its members are measured as candidates of their own)."""
     from domainflow.compression import encoder_linears
 
-    if isinstance(model, OnnxClassifier):
+    if isinstance(model, OnnxClassifier | EnsembleClassifier | CascadeClassifier):
         return 0.0
     layers = [m for _, m in encoder_linears(model) if isinstance(getattr(m, "weight", None), torch.Tensor)]
     total = sum(m.weight.numel() for m in layers)
@@ -133,16 +148,47 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: Evaluatio
 
     results: dict[str, Any] = {}
     predictions: dict[str, np.ndarray] = {}
-    probabilities: dict[str, torch.Tensor] = {}
+    outputs: dict[str, ModelOutputs] = {}
+    detection = spec.out_of_scope
+    with_embeddings = detection is not None and detection.score in DISTANCE_KINDS
+    cascade = loaded.model if isinstance(loaded.model, CascadeClassifier) else None
     for split in ("test", "validation"):
         texts = list(splits[split]["text"])
         references = np.asarray(splits[split]["label"])
-        probabilities[split] = predict_proba(loaded, texts)
-        predictions[split] = probabilities[split].argmax(dim=1).numpy()
+        if cascade is not None:
+            cascade.reset_counts()
+        outputs[split] = model_outputs(loaded, texts, with_embeddings=with_embeddings)
+        if cascade is not None and split == "test":  # what the cascade really passed on, as it ran
+            fusion = {key: value for key, value in loaded.metadata["fusion"].items() if key != "members"}
+            results["fusion"] = {**fusion, "test_passed_on": cascade.share_passed_on()}
+        predictions[split] = outputs[split].logits.argmax(dim=1).numpy()
         results[split] = compute_metrics(spec.metrics, predictions[split], references)
+    probabilities = {split: split_outputs.probabilities for split, split_outputs in outputs.items()}
+    index = None
     if spec.retrieval is not None:
-        results["answer_policy"] = build_retrieval_fallback(
-            spec.retrieval, loaded, splits, probabilities, out_dir / RETRIEVAL_DIR
+        index = build_retrieval_index(spec.retrieval, loaded, splits, probabilities)
+        index.save(out_dir / RETRIEVAL_DIR)
+    flagged = None
+    if detection is not None:
+        detector = build_detector(detection, loaded, splits, outputs, index)
+        detector.save(out_dir / RETRIEVAL_DIR)
+        flagged = detector.flags(outputs["test"])[0]
+        results["out_of_scope"] = measure_out_of_scope(detector, detection, loaded, splits, outputs["test"])
+        log.info(
+            "%s: out-of-scope detection (%s) on test %s",
+            candidate.name,
+            detection.score,
+            ", ".join(f"{k}={v:.4f}" for k, v in results["out_of_scope"].items()),
+        )
+    if spec.retrieval is not None and index is not None:
+        results["answer_policy"] = fallback_policy(
+            index,
+            loaded,
+            list(splits["test"]["text"]),
+            probabilities["test"],
+            list(splits["test"]["label"]),
+            spec.retrieval.consult_below,
+            flagged=flagged,
         )
         log.info(
             "%s: answer policy on test %s",
@@ -177,21 +223,18 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: Evaluatio
         zero_fraction=results["zero_fraction"],
         report_dir=str(out_dir),
         answer_policy=results.get("answer_policy", {}),
+        out_of_scope=results.get("out_of_scope", {}),
+        fusion=results.get("fusion", {}),
     )
 
 
-def build_retrieval_fallback(
-    fallback: RetrievalFallback,
-    loaded: LoadedClassifier,
-    splits: Any,
-    probabilities: dict[str, torch.Tensor],
-    out_dir: Path,
-) -> dict[str, float]:
-    """Index the training texts as known questions, calibrate on the unsure validation texts, save
-    the index beside the report (deploy ships it with the model), and measure the policy on test."""
+def build_retrieval_index(
+    fallback: RetrievalFallback, loaded: LoadedClassifier, splits: Any, probabilities: dict[str, torch.Tensor]
+) -> QuestionIndex:
+    """Index the training texts as known questions and calibrate on the unsure validation texts."""
     unsure = np.nonzero((probabilities["validation"].max(dim=1).values < fallback.consult_below).numpy())[0].tolist()
     validation = splits["validation"].select(unsure)
-    index = build_index(
+    return build_index(
         loaded,
         list(splits["train"]["text"]),
         list(splits["train"]["label"]),
@@ -199,15 +242,52 @@ def build_retrieval_fallback(
         list(validation["label"]),
         target_precision=fallback.target_precision,
     )
-    index.save(out_dir)
-    return fallback_policy(
-        index,
-        loaded,
-        list(splits["test"]["text"]),
-        probabilities["test"],
-        list(splits["test"]["label"]),
-        fallback.consult_below,
+
+
+def build_detector(
+    detection: OutOfScopeDetection,
+    loaded: LoadedClassifier,
+    splits: Any,
+    outputs: dict[str, ModelOutputs],
+    index: QuestionIndex | None,
+) -> OutOfScopeDetector:
+    """The candidate's out-of-scope detector: class centroids from the training texts (the retrieval index's
+    embeddings when there is one: the same unit-length vectors, so not computed twice), the threshold
+    calibrated on the validation split."""
+    names = loaded.label_names
+    label_index = names.index(detection.label) if detection.label in names else None
+    statistics = None
+    if detection.score in DISTANCE_KINDS:
+        train_texts, train_labels = list(splits["train"]["text"]), list(splits["train"]["label"])
+        if index is not None and index.questions == train_texts:
+            unit = index.embeddings
+        else:
+            unit = model_outputs(loaded, train_texts, with_embeddings=True).unit_embeddings()
+        statistics = ClassStatistics.fit(unit, train_labels, in_scope_columns(len(names), label_index))
+    return OutOfScopeDetector.calibrated(
+        detection.score,
+        outputs["validation"],
+        list(splits["validation"]["label"]),
+        detection.max_in_scope_cost,
+        statistics=statistics,
+        label_index=label_index,
     )
+
+
+def measure_out_of_scope(
+    detector: OutOfScopeDetector,
+    detection: OutOfScopeDetection,
+    loaded: LoadedClassifier,
+    splits: Any,
+    test: ModelOutputs,
+) -> dict[str, float]:
+    """The detector on the test split (in scope, plus texts of the domain's out-of-scope label) and on the
+    domain's out-of-scope eval files: accuracy cost, false alarms, recall per source, AUROC."""
+    out_of_scope = {
+        name: model_outputs(loaded, texts, with_embeddings=detector.needs_embeddings)
+        for name, texts in eval_texts(detection.eval_files, detection.eval_sample).items()
+    }
+    return measure_detector(detector, test, list(splits["test"]["label"]), out_of_scope)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -20,13 +20,14 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from prefect import task
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from domainflow import settings
 from domainflow.atomic import build_atomically
@@ -44,6 +45,7 @@ from domainflow.modeling import (
 )
 from domainflow.records import DatasetRef, ModelRef
 from domainflow.spec import ClassificationSpec
+from domainflow.tracking import published_name, require_reporters, training_report
 from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 
 LINEAR_PROBE = "linear_probe"
@@ -72,6 +74,10 @@ class TrainConfig(BaseModel):
     # Data-parallel processes for the Trainer (torch DDP under torchrun; see tasks.distributed_train). Part of
     # the key: gradients averaged over shards are not bit-identical to one process's.
     processes: int = 1
+    # Where the Trainer reports (domainflow.tracking). Left out of the cache key, the step folders and the lineage
+    # (exclude=True drops it from model_dump, which Prefect's input hash and step_dir read): reporting changes no
+    # weight, so toggling it neither retrains nor renames a candidate; a cached step trains, and reports, nothing.
+    report_to: tuple[str, ...] = Field((), exclude=True)
 
 
 def make_train_config(
@@ -82,8 +88,13 @@ def make_train_config(
     seed: int = 42,
     num_layers: int | None = None,
     processes: int | None = None,
+    report_to: Sequence[str] | None = None,
 ) -> TrainConfig:
-    """The domain's training recipe, overridden by the user's choices: every knob a trained model depends on."""
+    """The domain's training recipe, overridden by the user's choices: every knob a trained model depends on.
+
+    ``report_to`` (``domainflow run --report-to``) replaces the domain's list; a reporter whose library
+    is missing fails here, before any training.
+    """
     base = resolve_base_model(model or spec.default_model)
     base_fingerprint = path_fingerprint(base) if Path(base).exists() else base
     recipe = spec.training.model_dump()
@@ -91,6 +102,9 @@ def make_train_config(
         recipe["epochs"] = epochs
     if processes is not None:
         recipe["processes"] = processes
+    if report_to is not None:
+        recipe["report_to"] = tuple(report_to)
+    require_reporters(recipe["report_to"])
     return TrainConfig(
         base_model=base,
         base_fingerprint=base_fingerprint,
@@ -222,6 +236,7 @@ def train_classifier(
 
     log = run_logger(__name__)
     started = time.perf_counter()
+    require_reporters(config.report_to)  # on the worker that trains: before any work
     if config.processes > 1 and not os.environ.get("DOMAINFLOW_DDP_CHILD"):
         return _train_in_processes(locals_of_call(locals()), config, out_dir, started, log)
     primary = config.primary_metric
@@ -281,6 +296,9 @@ def train_classifier(
     # Checkpoints sit beside the final folder (not the private build folder), so a crashed run's next try resumes.
     checkpoints = checkpoints or out_dir.parent / f"{out_dir.name}.checkpoints"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun (tasks.distributed_train)
+    run_name = published_name(out_dir)
+    # Progress every 50 steps, or 4 times an epoch when an epoch is shorter: a small domain's curves get points.
+    steps_per_epoch = -(-len(train) // config.batch_size)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=config.epochs if epochs is None else epochs,
@@ -298,13 +316,14 @@ def train_classifier(
         load_best_model_at_end=True,
         metric_for_best_model=primary,
         greater_is_better=True,
-        logging_steps=50,
+        logging_steps=max(1, min(50, steps_per_epoch // 4)),
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=True,
         ddp_backend="gloo" if world_size > 1 else None,
         ddp_find_unused_parameters=False,  # every parameter takes part in every step
-        report_to="none",
+        report_to=list(config.report_to) or "none",  # rank 0 reports (the Trainer's integrations)
+        run_name=run_name,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -339,7 +358,17 @@ def train_classifier(
         config.encoder_lr,
         config.head_lr,
     )
-    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    reported = {
+        **config.model_dump(),
+        "candidate": name,
+        "parent": parent,
+        "compression": compression,
+        "epochs": args.num_train_epochs,
+        "dataset_fingerprint": dataset.fingerprint,
+        "teacher": str(teacher_dir) if teacher_dir is not None else None,
+    }
+    with training_report(trainer, config.report_to, domain=dataset.domain, run_name=run_name, params=reported):
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     model.eval()
     model.class_weights = None
     seconds = time.perf_counter() - started
@@ -401,7 +430,7 @@ def locals_of_call(values: dict[str, Any]) -> dict[str, Any]:
     """train_classifier's arguments as JSON values (what tasks.distributed_train reads back)."""
     call = {name: values[name] for name in _CALL_PARAMETERS}
     call["dataset"] = call["dataset"].model_dump(mode="json")
-    call["config"] = call["config"].model_dump(mode="json")
+    call["config"] = {**call["config"].model_dump(mode="json"), "report_to": list(call["config"].report_to)}
     for key in ("init_dir", "out_dir", "teacher_dir", "checkpoints"):
         if call[key] is not None:
             call[key] = str(call[key])

@@ -19,6 +19,7 @@ from prefect import task
 from domainflow import settings
 from domainflow.fingerprint import value_fingerprint
 from domainflow.modeling import read_metadata
+from domainflow.outofscope import model_card_lines
 from domainflow.records import DatasetRef, Evaluation
 from domainflow.spec import ClassificationSpec
 from tasks.artifacts import artifact_key, png_data_uri
@@ -263,6 +264,7 @@ def model_card(spec: ClassificationSpec, ev: Evaluation, dataset: DatasetRef, co
         "dense kernels.",
         "",
         *answer_policy_lines(spec, ev),
+        *(model_card_lines(ev.out_of_scope, spec.out_of_scope) if spec.out_of_scope is not None else []),
         *loading_lines(ev, metadata),
         "## Intended use and limits",
         "- Trained for this domain's labels only; texts far from the training data get low confidence and should go "

@@ -243,3 +243,31 @@ def test_invalid_inputs_raise():
         decide(make_spec(), [ev("finetuned", 0.95), ev("finetuned", 0.94)], None)
     with pytest.raises(ValueError, match="primary metric"):
         decide(make_spec(), [ev("finetuned", 0.95)], {"macro_f1": 0.9})
+
+
+def _cascade(test: float, tps: float, met: bool) -> Evaluation:
+    calibration = {
+        "threshold": 0.62,
+        "margin": 0.005,
+        "met": met,
+        "validation_accuracy": 0.931 if met else 0.902,
+        "strong_validation_accuracy": 0.934,
+        "fast_validation_accuracy": 0.889,
+        "validation_passed_on": 0.21 if met else 0.5,
+    }
+    evaluation = ev("cascade-student", test, tps=tps, parent="finetuned", compression="cascade")
+    return evaluation.model_copy(update={"fusion": {"threshold": 0.62, "calibration": calibration}})
+
+
+@pytest.mark.parametrize("met", [True, False])
+def test_a_cascade_is_judged_as_a_child_of_the_reference_and_refused_when_its_calibration_failed(met: bool):
+    evaluations = [ev("finetuned", 0.935, tps=100.0), _cascade(0.930, 250.0, met)]
+    decision = decide(make_spec(), evaluations, None)
+    verdict = decision.verdict("cascade-student")
+    if met:
+        assert decision.chosen == "cascade-student" and verdict.eligible
+        assert "cascade is 2.50x faster than its parent finetuned" in " ".join(verdict.reasons)
+    else:
+        assert decision.chosen == "finetuned" and not verdict.eligible
+        reason = next(r for r in verdict.reasons if r.startswith("cascade calibration failed"))
+        assert "0.9020" in reason and "0.0050" in reason and "0.9340" in reason and "50.0% passed on" in reason

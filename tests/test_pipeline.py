@@ -42,6 +42,7 @@ MAX_DROP = {
     "ffn_prune_0.5": 0.10,
     "distill_l1": 0.10,
     "distill_l1+onnx_int8": 0.10,
+    "cascade": 0.10,  # within its margin of the reference's int8 copy on validation (14 texts), so near the student
 }
 KEY = "pipeline-champion-key-5e1d7c3b"
 
@@ -118,6 +119,7 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
         f"{reference}-ffn50",
         "distilled-l1",
         "distilled-l1-onnx-int8",
+        "cascade-distilled-l1-onnx-int8",
     }
     for row in first["candidates"]:
         assert 0.0 <= row["test_accuracy"] <= 1.0 and row["texts_per_second_batch32"] > 0 and row["size_mb"] > 0
@@ -206,6 +208,14 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
         assert row["test_accuracy"] >= parent["test_accuracy"] - MAX_DROP[row["compression"]], (row, parent)
         assert row["test_accuracy"] >= 0.75, row
     assert rows["distilled-l1-onnx-int8"]["test_accuracy"] >= rows["distilled-l1"]["test_accuracy"] - 0.03
+    # The cascade: the int8 student in front of the reference's int8 copy, threshold calibrated on validation,
+    # the share of test texts it passed on measured as it ran.
+    cascade_metrics = json.loads(
+        next(r for r in reports if r.name.startswith("cascade-")).joinpath("metrics.json").read_text()
+    )["fusion"]
+    assert cascade_metrics["fast"] == "distilled-l1-onnx-int8" and cascade_metrics["strong"] == f"{reference}-onnx-int8"
+    assert 0.0 <= cascade_metrics["threshold"] <= 1.0 + 1e-6 and 0.0 <= cascade_metrics["test_passed_on"] <= 1.0
+    assert cascade_metrics["calibration"]["validation_passed_on"] <= 0.5 or not cascade_metrics["calibration"]["met"]
 
     # 3. An identical rerun: every step is cached, and the tie keeps the champion.
     with monkeypatch.context() as patch:
@@ -231,6 +241,7 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
         "prune-magnitude",
         "prune-ffn",
         "distill",
+        "cascade",
         "measure-speed",
     ):
         assert set(states.get(step, ["Cached"])) == {"Cached"}, states
