@@ -162,6 +162,24 @@ class CompressionDefaults(Record):
     )
 
 
+class EnsembleSettings(Record):
+    """An ensemble candidate built from the run's own fp32 candidates (see ``domainflow.fusion``)."""
+
+    members: tuple[str, ...] = Field(
+        ("finetuned", "linear_probe"),
+        min_length=2,
+        description="fp32 candidates of the run whose class probabilities are averaged",
+    )
+    weights: Literal["equal", "validation"] = Field(
+        "equal",
+        description="equal, or fit on the validation split (lowest log-loss on a 0.05 grid; the ensemble's own "
+        "validation score is then slightly optimistic when candidates are ranked)",
+    )
+    distill_from_ensemble: bool = Field(
+        True, description="the distilled student learns from the ensemble's soft labels instead of the reference's"
+    )
+
+
 class RetrievalFallback(Record):
     """Answer an unsure prediction from the nearest known question (a training text) when it is close enough.
 
@@ -311,6 +329,9 @@ class ClassificationSpec(DomainSpec):
     )
     training: TrainingDefaults = Field(default_factory=TrainingDefaults, description="fine-tuning recipe")
     compression: CompressionDefaults = Field(default_factory=CompressionDefaults, description="compressed candidates")
+    ensemble: EnsembleSettings | None = Field(
+        None, description="an ensemble candidate of the run's fp32 candidates (absent: none)"
+    )
     retrieval: RetrievalFallback | None = Field(
         None, description="answer unsure predictions from the nearest known question"
     )

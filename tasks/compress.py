@@ -202,8 +202,16 @@ def distill_model(
     epochs: float,
     temperature: float,
     alpha: float,
+    soft_labels_from: ModelRef | None = None,
+    parent: str | None = None,
 ) -> ModelRef:
-    """A student with ``student_layers`` of the teacher's layers (spread evenly), trained on soft + true labels."""
+    """A student with ``student_layers`` of the teacher's layers (spread evenly), trained on soft + true labels.
+
+    ``soft_labels_from`` (an ensemble, say) gives the soft labels instead of ``teacher``, which still gives the
+    student's initial layers. ``parent`` (default: the teacher) is the candidate the gate judges the student
+    against: the run's reference, which may be that ensemble.
+    """
+    parent = parent or teacher.name
     loaded = load_classifier(teacher.path, apply_compression=False)
     student = loaded.torch_model
     depth = student.config.num_hidden_layers
@@ -211,7 +219,8 @@ def distill_model(
         raise ValueError(f"a student needs fewer layers than its teacher ({depth}), got {student_layers}")
     layers = alternate_layers(depth, student_layers)
     keep_layers(student, layers)
-    name = f"distilled-l{student_layers}"
+    name = f"distilled-l{student_layers}" + (f"-{soft_labels_from.name}" if soft_labels_from is not None else "")
+    labels_from = soft_labels_from or teacher
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
         init = Path(scratch) / "student-init"
         save_classifier(
@@ -228,15 +237,20 @@ def distill_model(
             config,
             out_dir,
             name=name,
-            parent=teacher.name,
+            parent=parent,
             compression=f"distill_l{student_layers}",
             epochs=epochs,
-            teacher_dir=Path(teacher.path),
+            teacher_dir=Path(labels_from.path),
             distill_temperature=temperature,
             distill_alpha=alpha,
             extra_metadata={
-                "parent": teacher.name,
-                "compression_details": {"teacher_layers_kept": layers, "temperature": temperature, "alpha": alpha},
+                "parent": parent,
+                "compression_details": {
+                    "teacher_layers_kept": layers,
+                    "temperature": temperature,
+                    "alpha": alpha,
+                    "soft_labels_from": labels_from.name,
+                },
             },
         )
     return ref
@@ -288,9 +302,11 @@ def distill(
     epochs: float,
     temperature: float,
     alpha: float,
+    soft_labels_from: ModelRef | None = None,
+    parent: str | None = None,
 ) -> ModelRef:
-    """Knowledge distillation of ``teacher`` into a shallower student."""
-    require_shared(teacher, dataset)
+    """Knowledge distillation of ``teacher`` (or of ``soft_labels_from``'s labels) into a shallower student."""
+    require_shared(teacher, dataset, *([soft_labels_from] if soft_labels_from is not None else []))
     target = _target(
         dataset.domain,
         "distilled",
@@ -302,6 +318,8 @@ def distill(
         epochs,
         temperature,
         alpha,
+        soft_labels_from.fingerprint if soft_labels_from is not None else None,
+        parent,
     )
     return finish_atomically(
         lambda out: distill_model(
@@ -313,6 +331,8 @@ def distill(
             epochs=epochs,
             temperature=temperature,
             alpha=alpha,
+            soft_labels_from=soft_labels_from,
+            parent=parent,
         ),
         target,
     )

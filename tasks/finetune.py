@@ -29,7 +29,7 @@ import torch
 from prefect import task
 from pydantic import BaseModel, Field
 
-from domainflow import settings
+from domainflow import process_locks, settings
 from domainflow.atomic import build_atomically
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.logs import run_logger
@@ -299,76 +299,81 @@ def train_classifier(
     run_name = published_name(out_dir)
     # Progress every 50 steps, or 4 times an epoch when an epoch is shorter: a small domain's curves get points.
     steps_per_epoch = -(-len(train) // config.batch_size)
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
-        num_train_epochs=config.epochs if epochs is None else epochs,
-        per_device_train_batch_size=max(1, config.batch_size // world_size),  # the global batch stays the recipe's
-        per_device_eval_batch_size=128,
-        learning_rate=config.encoder_lr,
-        warmup_steps=config.warmup_ratio,
-        lr_scheduler_type="linear",
-        label_smoothing_factor=config.label_smoothing,
-        train_sampling_strategy="group_by_length",
-        length_column_name="length",
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model=primary,
-        greater_is_better=True,
-        logging_steps=max(1, min(50, steps_per_epoch // 4)),
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=True,
-        ddp_backend="gloo" if world_size > 1 else None,
-        ddp_find_unused_parameters=False,  # every parameter takes part in every step
-        report_to=list(config.report_to) or "none",  # rank 0 reports (the Trainer's integrations)
-        run_name=run_name,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    # One training loop at a time in a process (see domainflow.process_locks); waiting for another domain's
+    # training is not this model's cost.
+    waiting = time.perf_counter()
+    with process_locks.TRAINING:
+        started += time.perf_counter() - waiting
+        args = TrainingArguments(
+            output_dir=str(checkpoints),
+            num_train_epochs=config.epochs if epochs is None else epochs,
+            per_device_train_batch_size=max(1, config.batch_size // world_size),  # the global batch stays the recipe's
+            per_device_eval_batch_size=128,
+            learning_rate=config.encoder_lr,
+            warmup_steps=config.warmup_ratio,
+            lr_scheduler_type="linear",
+            label_smoothing_factor=config.label_smoothing,
+            train_sampling_strategy="group_by_length",
+            length_column_name="length",
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            save_total_limit=2,
+            load_best_model_at_end=True,
+            metric_for_best_model=primary,
+            greater_is_better=True,
+            logging_steps=max(1, min(50, steps_per_epoch // 4)),
+            seed=config.seed,
+            data_seed=config.seed,
+            use_cpu=True,
+            ddp_backend="gloo" if world_size > 1 else None,
+            ddp_find_unused_parameters=False,  # every parameter takes part in every step
+            report_to=list(config.report_to) or "none",  # rank 0 reports (the Trainer's integrations)
+            run_name=run_name,
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+        )
 
-    def validation_metrics(prediction: Any) -> dict[str, float]:
-        """The domain's primary metric picks the best epoch (macro-F1 where classes are imbalanced)."""
-        predicted = np.argmax(prediction.predictions, axis=-1)
-        return compute_metrics(sorted({"accuracy", primary}), predicted, prediction.label_ids)
+        def validation_metrics(prediction: Any) -> dict[str, float]:
+            """The domain's primary metric picks the best epoch (macro-F1 where classes are imbalanced)."""
+            predicted = np.argmax(prediction.predictions, axis=-1)
+            return compute_metrics(sorted({"accuracy", primary}), predicted, prediction.label_ids)
 
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=valid,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=validation_metrics,
-        optimizers=(optimizer, None),
-        callbacks=[
-            EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
-            _ProgressToLogger(log),
-        ],
-    )
-    resume = last_complete_checkpoint(checkpoints, log)
-    if resume is not None:
-        log.info("resuming fine-tuning from %s", resume)
-    log.info(
-        "%s: training on %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)",
-        name,
-        len(train),
-        args.num_train_epochs,
-        config.batch_size,
-        config.encoder_lr,
-        config.head_lr,
-    )
-    reported = {
-        **config.model_dump(),
-        "candidate": name,
-        "parent": parent,
-        "compression": compression,
-        "epochs": args.num_train_epochs,
-        "dataset_fingerprint": dataset.fingerprint,
-        "teacher": str(teacher_dir) if teacher_dir is not None else None,
-    }
-    with training_report(trainer, config.report_to, domain=dataset.domain, run_name=run_name, params=reported):
-        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=valid,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=validation_metrics,
+            optimizers=(optimizer, None),
+            callbacks=[
+                EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
+                _ProgressToLogger(log),
+            ],
+        )
+        resume = last_complete_checkpoint(checkpoints, log)
+        if resume is not None:
+            log.info("resuming fine-tuning from %s", resume)
+        log.info(
+            "%s: training on %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)",
+            name,
+            len(train),
+            args.num_train_epochs,
+            config.batch_size,
+            config.encoder_lr,
+            config.head_lr,
+        )
+        reported = {
+            **config.model_dump(),
+            "candidate": name,
+            "parent": parent,
+            "compression": compression,
+            "epochs": args.num_train_epochs,
+            "dataset_fingerprint": dataset.fingerprint,
+            "teacher": str(teacher_dir) if teacher_dir is not None else None,
+        }
+        with training_report(trainer, config.report_to, domain=dataset.domain, run_name=run_name, params=reported):
+            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     model.eval()
     model.class_weights = None
     seconds = time.perf_counter() - started
