@@ -21,15 +21,14 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from domainflow import settings
 from domainflow.fingerprint import path_fingerprint
 from domainflow.fusion import CASCADE, ENSEMBLE, calibrate_threshold, fit_weights, write_fused
 from domainflow.logs import run_logger
 from domainflow.modeling import load_classifier, predict_proba
 from domainflow.records import DatasetRef, ModelRef
 from domainflow.spec import EnsembleSettings
-from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
-from tasks.finetune import finish_atomically
+from tasks.caching import CODE_AND_INPUTS, require_shared
+from tasks.finetune import finish_atomically, model_dir
 
 CASCADE_COMPRESSION = "cascade"
 
@@ -93,14 +92,13 @@ def build_cascade(
     """A cascade from ``fast`` to ``strong`` judged against ``reference``; cached on both models, the
     validation data and the calibration's settings."""
     require_shared(fast, strong, dataset)
-    target = step_dir(
-        models_dir(dataset),
+    target = model_dir(
+        dataset,
         f"cascade-{fast.name}",
         build_cascade,
         fast.fingerprint,
         strong.fingerprint,
         reference,
-        dataset.fingerprint,
         margin,
         max_passed_on,
     )
@@ -142,17 +140,5 @@ def build_ensemble_model(
 def build_ensemble(members: list[ModelRef], dataset: DatasetRef, ensemble: EnsembleSettings) -> ModelRef:
     """The ensemble candidate of ``members``; cached on the members, the validation data and the settings."""
     require_shared(*members, dataset)
-    target = step_dir(
-        models_dir(dataset),
-        ENSEMBLE_NAME,
-        build_ensemble,
-        [member.fingerprint for member in members],
-        dataset.fingerprint,
-        ensemble,
-    )
+    target = model_dir(dataset, ENSEMBLE_NAME, build_ensemble, [member.fingerprint for member in members], ensemble)
     return finish_atomically(lambda out: build_ensemble_model(members, dataset, ensemble, out), target)
-
-
-def models_dir(dataset: DatasetRef) -> Path:
-    """Where the run's candidate folders live (beside the trained ones)."""
-    return settings.runs_dir() / dataset.domain / "models"
