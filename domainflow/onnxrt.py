@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from domainflow import process_locks
+
 if TYPE_CHECKING:
     from domainflow.modeling import TextClassifier  # modeling imports this module
 
@@ -89,7 +91,9 @@ def export_onnx(model: TextClassifier, tokenizer: Any, path: str | Path) -> Path
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" lines: irrelevant to a text model
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # torch.export flips process-wide state that a training step in another thread would trip over
+        # (see domainflow.process_locks).
+        with process_locks.TORCH_GLOBALS, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 _LogitsAndEmbeddings(model),

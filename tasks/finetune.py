@@ -302,7 +302,7 @@ def train_classifier(
     # One training loop at a time in a process (see domainflow.process_locks); waiting for another domain's
     # training is not this model's cost.
     waiting = time.perf_counter()
-    with process_locks.TRAINING:
+    with process_locks.TORCH_GLOBALS:
         started += time.perf_counter() - waiting
         args = TrainingArguments(
             output_dir=str(checkpoints),

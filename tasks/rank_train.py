@@ -222,7 +222,7 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
         seed=config.seed,
     )
     log.info("two-tower: %d training pairs, %g epoch(s) of batches of %d", len(pairs), config.epochs, config.batch_size)
-    with process_locks.TRAINING:  # one training loop per process (see domainflow.process_locks)
+    with process_locks.TORCH_GLOBALS:  # one training loop per process (see domainflow.process_locks)
         result = train_two_tower(
             model,
             tokenizer,
