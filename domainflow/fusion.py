@@ -203,6 +203,33 @@ def calibrate_threshold(
     )
 
 
+def simplex_grid(members: int, step: float) -> np.ndarray:
+    """Every weight vector of ``members`` non-negative multiples of ``step`` that sum to 1 (rows)."""
+    units = round(1 / step)
+
+    def compositions(parts: int, total: int) -> list[list[int]]:
+        if parts == 1:
+            return [[total]]
+        return [[first, *rest] for first in range(total + 1) for rest in compositions(parts - 1, total - first)]
+
+    return np.asarray(compositions(members, units), dtype=np.float64) / units
+
+
+def fit_weights(member_probabilities: Sequence[np.ndarray], labels: np.ndarray, step: float = 0.05) -> list[float]:
+    """Ensemble weights with the lowest log-loss on (validation) ``labels``, searched on a grid of ``step``.
+
+    Why a grid rather than an optimiser: with two or three members it is exhaustive and cheap (231 points for
+    three members at 0.05), deterministic, and its coarseness is a guard against fitting the validation noise.
+    Ties keep the first grid point found (the most weight on the earliest members).
+    """
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probabilities])  # members x texts x labels
+    rows = np.arange(stacked.shape[1])
+    chosen = stacked[:, rows, np.asarray(labels)]  # each member's probability of the true label: members x texts
+    grid = simplex_grid(len(member_probabilities), step)[::-1]
+    losses = -np.log(np.clip(grid @ chosen, 1e-12, None)).mean(axis=1)
+    return [float(w) for w in grid[int(np.argmin(losses))]]
+
+
 # ------------------------------------------------------------------------------------------ folders
 
 

@@ -32,14 +32,15 @@ from domainflow.kinds import kind_of, resolve
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.registry import ModelRegistry
 from domainflow.runlock import domain_run_lock
-from domainflow.spec import ClassificationSpec, CompressionDefaults, DomainSpec
+from domainflow.spec import ClassificationSpec, CompressionDefaults, DomainSpec, EnsembleSettings
 from flows.runners import runner_name, thread_pool
 from tasks.compress import distill, prune_ffn, prune_magnitude, quantize
 from tasks.deploy import candidate_rows, champion_damage, champion_metrics_for, deploy
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune, linear_probe, make_train_config
-from tasks.fuse import build_cascade
+from tasks.fuse import build_cascade, build_ensemble
 from tasks.ingest import ingest
+from tasks.peft_train import adapter_candidates
 from tasks.report import report
 from tasks.speed import measure_speed
 
@@ -77,37 +78,59 @@ def check_labels_match_champion(spec: ClassificationSpec, dataset: DatasetRef, r
 
 
 def compress_candidates(
-    compression: CompressionDefaults, reference: ModelRef, dataset: DatasetRef, config: Any, options: dict
+    compression: CompressionDefaults,
+    reference: ModelRef,
+    dataset: DatasetRef,
+    config: Any,
+    options: dict,
+    *,
+    torch_reference: ModelRef | None = None,
+    soft_labels_from: ModelRef | None = None,
 ) -> list[Any]:
     """The domain's compression methods applied to the best fp32 model (a distilled student is also quantized
     with every int8 recipe the domain asks for), submitted at once: they depend only on the reference (a
     student's int8 copies on the student's future), so a runner with several workers builds them side by side.
-    Futures of ``ModelRef`` (typed ``Any``: Prefect resolves a future given as an input), in report order."""
+    Futures of ``ModelRef`` (typed ``Any``: Prefect resolves a future given as an input), in report order.
+
+    When the reference is an ensemble, ``torch_reference`` is the best single model: int8 and pruning apply to
+    one network, so they are skipped, and the student takes its first layers from that model while learning
+    from ``soft_labels_from`` (the ensemble). Every child names the reference as its parent for the gate."""
     methods = compression.methods
     known = set(RECIPES) | {"magnitude_prune", "ffn_prune", "distill", "cascade"}
     unknown = set(methods) - known
     if unknown:
         raise ValueError(f"unknown compression methods {sorted(unknown)}; known: {sorted(known)}")
+    log = get_run_logger()
+    torch_reference = torch_reference or reference
+    single = torch_reference.name == reference.name
     int8_recipes = [method for method in methods if method in RECIPES]
     candidates: list[Any] = []
     reference_int8: list[Any] = []
-    for recipe in int8_recipes:
-        reference_int8.append(quantize.with_options(**options).submit(reference, dataset.domain, recipe))
-    candidates.extend(reference_int8)
-    if "magnitude_prune" in methods:
-        candidates.append(
-            prune_magnitude.with_options(**options).submit(reference, dataset.domain, compression.sparsity)
+    if not single:
+        log.info(
+            "the reference %s is an ensemble: int8 and pruning (of one network) are skipped; the student starts "
+            "from %s",
+            reference.name,
+            torch_reference.name,
         )
-    if "ffn_prune" in methods:
-        candidates.append(
-            prune_ffn.with_options(**options).submit(
-                reference, dataset, config, compression.ffn_keep_ratio, compression.recovery_epochs
+    else:
+        for recipe in int8_recipes:
+            reference_int8.append(quantize.with_options(**options).submit(reference, dataset.domain, recipe))
+        candidates.extend(reference_int8)
+        if "magnitude_prune" in methods:
+            candidates.append(
+                prune_magnitude.with_options(**options).submit(reference, dataset.domain, compression.sparsity)
             )
-        )
-    depth = json.loads((Path(reference.path) / "config.json").read_text())["num_hidden_layers"]
+        if "ffn_prune" in methods:
+            candidates.append(
+                prune_ffn.with_options(**options).submit(
+                    reference, dataset, config, compression.ffn_keep_ratio, compression.recovery_epochs
+                )
+            )
+    depth = json.loads((Path(torch_reference.path) / "config.json").read_text())["num_hidden_layers"]
     student_layers = compression.student_layers
     if "distill" in methods and student_layers >= depth:
-        get_run_logger().warning(
+        log.warning(
             "distillation skipped: the student needs fewer than the teacher's %d layers, the domain asks for %d",
             depth,
             student_layers,
@@ -115,13 +138,15 @@ def compress_candidates(
     elif "distill" in methods:
         epochs = compression.distill_epochs if compression.distill_epochs is not None else config.epochs
         student: Any = distill.with_options(**options).submit(
-            reference,
+            torch_reference,
             dataset,
             config,
             student_layers,
             epochs,
             compression.distill_temperature,
             compression.distill_alpha,
+            soft_labels_from=soft_labels_from,
+            parent=reference.name,
         )
         candidates.append(student)
         student_int8 = [
@@ -143,8 +168,24 @@ def compress_candidates(
                 )
             )
     elif "cascade" in methods:
-        get_run_logger().warning("cascade skipped: its fast model is the distilled student, and no student is built")
+        log.warning("cascade skipped: its fast model is the distilled student, and no student is built")
     return candidates
+
+
+def ensemble_candidate(
+    ensemble: EnsembleSettings, fp32: list[Evaluation], dataset: DatasetRef, options: dict
+) -> ModelRef | None:
+    """The ensemble of the fp32 candidates the domain names (None, with a warning, when one is missing)."""
+    by_name = {evaluation.candidate.name: evaluation.candidate for evaluation in fp32}
+    missing = [name for name in ensemble.members if name not in by_name]
+    if missing:
+        get_run_logger().warning(
+            "ensemble skipped: %s not among this run's fp32 candidates (%s)", ", ".join(missing), ", ".join(by_name)
+        )
+        return None
+    members = [by_name[name] for name in ensemble.members]
+    result: ModelRef = build_ensemble.with_options(**options).submit(members, dataset, ensemble).result()
+    return result
 
 
 def pipeline_for(domain: str | DomainSpec) -> Any:
@@ -259,15 +300,29 @@ def _train_and_deploy(
     # Futures stand in for the records they will hold (typed Any): Prefect resolves them as inputs.
     probe: Any = linear_probe.with_options(**options).submit(dataset, config)
     tuned: Any = finetune.with_options(**options).submit(dataset, probe, config)
+    adapted = adapter_candidates(spec.peft, dataset, probe, config, options)  # LoRA, IA3… beside the fine-tune
     measured = spec.evaluation_slice()
     # The probe's evaluation needs only the probe: on several workers it runs while fine-tuning goes on.
-    fp32_runs = [evaluate.with_options(**options).submit(candidate, dataset, measured) for candidate in (probe, tuned)]
-    for step in (probe, tuned):  # upstream first: a failed step raises its own error, not its dependents' "not run"
+    trained = (probe, tuned, *adapted)
+    fp32_runs = [evaluate.with_options(**options).submit(candidate, dataset, measured) for candidate in trained]
+    for step in trained:  # upstream first: a failed step raises its own error, not its dependents' "not run"
         step.result()
     fp32: list[Evaluation] = [run.result() for run in fp32_runs]
+    single_models = list(fp32)
+    ensemble = ensemble_candidate(spec.ensemble, fp32, dataset, options) if spec.ensemble is not None else None
+    if ensemble is not None:  # an uncompressed candidate like the others: it may become the reference
+        fp32.append(evaluate.with_options(**options).submit(ensemble, dataset, measured).result())
 
     reference = select_reference(fp32, spec.primary_metric).candidate  # the gate's own choice
-    compressed = compress_candidates(spec.compression, reference, dataset, config, options)
+    compressed = compress_candidates(
+        spec.compression,
+        reference,
+        dataset,
+        config,
+        options,
+        torch_reference=select_reference(single_models, spec.primary_metric).candidate,
+        soft_labels_from=ensemble if spec.ensemble is not None and spec.ensemble.distill_from_ensemble else None,
+    )
     # Each compressed candidate is evaluated as soon as it exists, beside the compressions still running.
     compressed_runs = [
         evaluate.with_options(**options).submit(candidate, dataset, measured) for candidate in compressed

@@ -64,7 +64,8 @@ def ranking_pipeline(
         data_dir: folder with ``interactions.*`` and ``items.*`` (default: MovieLens-100K, fetched).
         train_file / test_file: not used by ranking domains (an error says so).
         max_train_samples: keep a seeded sample of this many users (quick runs).
-        max_test_samples: not used (every user with enough positives is evaluated; sample users instead).
+        max_test_samples: ignored with a warning (every user with enough positives is evaluated; sample users
+            instead), so that one `run --all --max-test-samples N` can slice the classification domains.
         epochs: two-tower epochs (default: the domain's).
         num_layers: keep only the first N encoder layers (quick runs and tests).
     """
@@ -72,10 +73,16 @@ def ranking_pipeline(
     spec = get_domain(domain)
     if not isinstance(spec, RankingSpec):
         raise ValueError(f"{spec.name} is a {spec.task_kind} domain; the ranking pipeline trains ranking domains only")
-    if train_file or test_file or max_test_samples:
+    if train_file or test_file:
         raise ValueError(
             "ranking domains read --data-dir (interactions.* and items.*) and sample users with --max-train-samples; "
-            "--train-file, --test-file and --max-test-samples do not apply"
+            "--train-file and --test-file do not apply"
+        )
+    if max_test_samples:  # a warning, not an error: `run --all --max-test-samples N` slices the other domains
+        log.warning(
+            "%s: --max-test-samples does not apply to a ranking domain (every user with enough positives is "
+            "evaluated; --max-train-samples samples users): ignored",
+            spec.name,
         )
     with domain_run_lock(
         spec.name, wait=wait_for_lock, on_wait=log.warning, description=f"ranking-pipeline run of {spec.name}"

@@ -45,7 +45,7 @@ from prefect.states import Completed, Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from domainflow import settings
+from domainflow import process_locks, settings
 from tasks.caching import SHARED_HOME_RULE
 
 # prefect-dask / distributed and prefect-ray / ray come with the optional `dask` and `ray` extras: they are imported
@@ -329,7 +329,9 @@ def domain_run(domain: str, plan: RunnerPlan, options: dict[str, Any]) -> dict[s
     """One domain's pipeline, as a subflow on the command's runner (its own lock, registry and run folder)."""
     from flows.pipeline import pipeline_for
 
-    return pipeline_for(domain).with_options(task_runner=plan.task_runner())(domain=domain, **options)
+    with process_locks.PARSING:  # a new flow object parses its docstring (see domainflow.process_locks)
+        pipeline = pipeline_for(domain).with_options(task_runner=plan.task_runner())
+    return pipeline(domain=domain, **options)
 
 
 class DomainsReport(BaseModel):

@@ -26,7 +26,7 @@ from typing import Any
 
 from prefect.cache_policies import INPUTS, CachePolicy
 
-from domainflow import settings
+from domainflow import process_locks, settings
 from domainflow.fingerprint import value_fingerprint
 
 #: Top-level packages of the project: imports of anything else (torch, prefect…) are not followed.
@@ -101,7 +101,9 @@ def code_fingerprint(module: str) -> str:
     """
     root = settings.PROJECT_ROOT
     files = []
-    for path in sorted(module_closure(module).values()):
+    with process_locks.PARSING:  # see domainflow.process_locks
+        closure = module_closure(module)
+    for path in sorted(closure.values()):
         stat = path.stat()
         name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
         files.append((path, name, stat.st_mtime_ns, stat.st_size))

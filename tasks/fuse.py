@@ -1,6 +1,11 @@
-"""The cascade candidate: a fast compressed model that hands what it is unsure of to a stronger one.
+"""Fused candidates from models the run already has (no training): an ensemble, and a cascade.
 
-Built from models the run already has (no training): the threshold is calibrated on the validation split
+**Ensemble**: the weighted mean of the class probabilities of the run's fp32 candidates named in the domain's
+``[ensemble]`` table (equal weights, or fit on validation). It is an uncompressed candidate: it competes for the
+reference like the others, and a distilled student can learn from its soft labels.
+
+**Cascade**: a fast compressed model that hands what it is unsure of to a stronger one. The threshold is
+calibrated on the validation split
 (:func:`domainflow.fusion.calibrate_threshold`) and the two members are copied into one folder that loads, serves
 and is measured like any candidate. For the gates it is a compressed child of the reference (``compression =
 "cascade"``, ``parent`` = the reference): it must stay within the accuracy budget of the reference and be
@@ -18,10 +23,11 @@ from prefect import task
 
 from domainflow import settings
 from domainflow.fingerprint import path_fingerprint
-from domainflow.fusion import CASCADE, calibrate_threshold, write_fused
+from domainflow.fusion import CASCADE, ENSEMBLE, calibrate_threshold, fit_weights, write_fused
 from domainflow.logs import run_logger
 from domainflow.modeling import load_classifier, predict_proba
 from domainflow.records import DatasetRef, ModelRef
+from domainflow.spec import EnsembleSettings
 from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 from tasks.finetune import finish_atomically
 
@@ -88,7 +94,7 @@ def build_cascade(
     validation data and the calibration's settings."""
     require_shared(fast, strong, dataset)
     target = step_dir(
-        settings.runs_dir() / dataset.domain / "models",
+        models_dir(dataset),
         f"cascade-{fast.name}",
         build_cascade,
         fast.fingerprint,
@@ -101,3 +107,52 @@ def build_cascade(
     return finish_atomically(
         lambda out: build_cascade_model(fast, strong, reference, dataset, margin, max_passed_on, out), target
     )
+
+
+ENSEMBLE_NAME = "ensemble"
+
+
+def build_ensemble_model(
+    members: list[ModelRef], dataset: DatasetRef, ensemble: EnsembleSettings, out_dir: Path
+) -> ModelRef:
+    """Weigh the members (equally, or by validation log-loss) and write the ensemble's folder."""
+    log = run_logger(__name__)
+    if ensemble.weights == "validation":
+        probabilities = [validation_probabilities(member, dataset) for member in members]
+        weights = fit_weights([p for p, _ in probabilities], probabilities[0][1])
+    else:
+        weights = [1.0 / len(members)] * len(members)
+    log.info("ensemble of %s, weights %s", ", ".join(m.name for m in members), ", ".join(f"{w:.2f}" for w in weights))
+    write_fused(
+        out_dir,
+        ENSEMBLE,
+        [Path(member.path) for member in members],
+        {"weights": weights, "member_names": [member.name for member in members], "weighting": ensemble.weights},
+        {"candidate": ENSEMBLE_NAME, "train_seconds": sum(member.train_seconds for member in members)},
+    )
+    return ModelRef(
+        name=ENSEMBLE_NAME,
+        path=str(out_dir),
+        fingerprint=path_fingerprint(out_dir),
+        train_seconds=sum(member.train_seconds for member in members),  # what its members cost to train
+    )
+
+
+@task(name="ensemble", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
+def build_ensemble(members: list[ModelRef], dataset: DatasetRef, ensemble: EnsembleSettings) -> ModelRef:
+    """The ensemble candidate of ``members``; cached on the members, the validation data and the settings."""
+    require_shared(*members, dataset)
+    target = step_dir(
+        models_dir(dataset),
+        ENSEMBLE_NAME,
+        build_ensemble,
+        [member.fingerprint for member in members],
+        dataset.fingerprint,
+        ensemble,
+    )
+    return finish_atomically(lambda out: build_ensemble_model(members, dataset, ensemble, out), target)
+
+
+def models_dir(dataset: DatasetRef) -> Path:
+    """Where the run's candidate folders live (beside the trained ones)."""
+    return settings.runs_dir() / dataset.domain / "models"

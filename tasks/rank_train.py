@@ -30,7 +30,7 @@ import torch
 from prefect import task
 from pydantic import BaseModel
 
-from domainflow import settings
+from domainflow import process_locks, settings
 from domainflow.atomic import build_atomically
 from domainflow.fingerprint import path_fingerprint
 from domainflow.logs import run_logger
@@ -222,21 +222,22 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
         seed=config.seed,
     )
     log.info("two-tower: %d training pairs, %g epoch(s) of batches of %d", len(pairs), config.epochs, config.batch_size)
-    result = train_two_tower(
-        model,
-        tokenizer,
-        pairs,
-        data.item_texts,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        temperature=config.temperature,
-        warmup_ratio=config.warmup_ratio,
-        history_max_length=config.history_max_length,
-        item_max_length=config.item_max_length,
-        seed=config.seed,
-        log=log,
-    )
+    with process_locks.TRAINING:  # one training loop per process (see domainflow.process_locks)
+        result = train_two_tower(
+            model,
+            tokenizer,
+            pairs,
+            data.item_texts,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            temperature=config.temperature,
+            warmup_ratio=config.warmup_ratio,
+            history_max_length=config.history_max_length,
+            item_max_length=config.item_max_length,
+            seed=config.seed,
+            log=log,
+        )
     encoder.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "training.json").write_text(

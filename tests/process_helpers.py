@@ -132,14 +132,14 @@ class ThreadedUvicorn:
             self.sock.close()
 
 
-def wait_for_exit(process: Any, what: str, timeout: float = 600) -> int | None:
+def wait_for_exit(process: Any, what: str, timeout: float = 600, log: Path | None = None) -> int | None:
     """Wait until a ``multiprocessing.Process`` or ``subprocess.Popen`` has ended, and return its exit code.
 
     For children that import torch (seconds to tens of seconds on a busy 2-core runner): instead of a
     fixed ``join(60)`` followed by an exit-code check that fails when the child was merely slow, poll
     until it ends; the timeout only turns a hang into a failure."""
     if hasattr(process, "poll"):  # subprocess.Popen
-        wait_for(lambda: process.poll() is not None, what, timeout=timeout, interval=0.1)
+        wait_for(lambda: process.poll() is not None, what, timeout=timeout, interval=0.1, log=log)
         return process.returncode
     wait_for(lambda: not process.is_alive(), what, timeout=timeout, interval=0.1)
     process.join()

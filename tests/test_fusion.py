@@ -22,6 +22,7 @@ from domainflow.fusion import (
     CascadeClassifier,
     FusionError,
     calibrate_threshold,
+    fit_weights,
     write_fused,
 )
 from domainflow.modeling import count_parameters, load_classifier, predict_proba, read_metadata, write_metadata
@@ -185,3 +186,80 @@ def test_a_cascade_champion_is_served_as_one_model(
     assert [p["label"] for p in served] == [names[int(i)] for i in expected.argmax(dim=1)]
     assert {p["label"] for p in served} <= set(TINY_LABELS)
     assert [p["score"] for p in served] == pytest.approx(expected.max(dim=1).values.tolist(), abs=1e-4)
+
+
+def test_fit_weights_finds_the_lowest_log_loss_on_the_grid() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 300)
+    good = np.eye(3)[labels] * 0.8 + 0.2 / 3  # right, 0.8 sure
+    noise = rng.dirichlet(np.ones(3), 300)  # uninformative
+    assert fit_weights([good, noise], labels) == [1.0, 0.0]
+    assert fit_weights([noise, good], labels) == [0.0, 1.0]
+    # two halves each right on their own half: the best mix is found and beats both ends
+    half = np.where((np.arange(300) < 150)[:, None], good, noise)
+    other_half = np.where((np.arange(300) >= 150)[:, None], good, noise)
+    weights = fit_weights([half, other_half], labels, step=0.05)
+
+    def loss(w: list[float]) -> float:
+        mixed = w[0] * half + w[1] * other_half
+        return float(-np.log(mixed[np.arange(300), labels]).mean())
+
+    assert loss(weights) <= min(loss([1.0, 0.0]), loss([0.0, 1.0]), loss([0.5, 0.5])) + 1e-12
+    assert all(loss(weights) <= loss([w, 1 - w]) + 1e-12 for w in np.linspace(0, 1, 21))
+
+
+def test_a_student_learns_from_the_ensembles_labels_and_is_judged_against_the_reference(
+    tiny_domain: str,
+    tiny_model_dir: Path,
+    tiny_dataset: DatasetRef,
+    tiny_probe: ModelRef,
+    other: ModelRef,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ensemble (validation weights) is built from real members; the student's soft labels are the
+    ensemble's (the teacher loaded for them is the ensemble's folder), its first layers the probe's."""
+    import tasks.finetune
+    from domainflow.spec import EnsembleSettings
+    from tasks.compress import distill_model
+    from tasks.fuse import build_ensemble_model, validation_probabilities
+
+    ensemble = build_ensemble_model(
+        [tiny_probe, other], tiny_dataset, EnsembleSettings(weights="validation"), tmp_path / "ensemble"
+    )
+    fusion = read_metadata(ensemble.path)["fusion"]
+    probabilities = [validation_probabilities(member, tiny_dataset) for member in (tiny_probe, other)]
+    assert fusion["weights"] == fit_weights([p for p, _ in probabilities], probabilities[0][1])
+    assert fusion["member_names"] == ["linear_probe", "linear_probe"] and ensemble.name == "ensemble"
+
+    loaded_as_teacher: list[str] = []
+    real_load = tasks.finetune.load_classifier
+
+    def recording_load(path, *args, **kwargs):  # the real loader; remembers which folders training read
+        loaded_as_teacher.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.finetune, "load_classifier", recording_load)
+    config = make_train_config(get_domain(tiny_domain), str(tiny_model_dir), epochs=1.0, seed=5)
+    student = distill_model(
+        tiny_probe,
+        tiny_dataset,
+        config,
+        tmp_path / "student",
+        student_layers=1,
+        epochs=1.0,
+        temperature=2.0,
+        alpha=0.5,
+        soft_labels_from=ensemble,
+        parent="ensemble",
+    )
+    assert loaded_as_teacher[-1] == ensemble.path  # (the student's own initial folder is read first)
+    assert not any(path == tiny_probe.path for path in loaded_as_teacher)
+    metadata = read_metadata(student.path)
+    assert student.name == "distilled-l1-ensemble" and student.parent == "ensemble" and metadata["parent"] == "ensemble"
+    assert metadata["compression_details"]["soft_labels_from"] == "ensemble"
+    from datasets import load_from_disk
+
+    test = load_from_disk(tiny_dataset.path)["test"]
+    predicted = _probabilities(student.path, list(test["text"])).argmax(dim=1).numpy()
+    assert float((predicted == np.asarray(test["label"])).mean()) >= 0.5  # six intents: chance is 1/6

@@ -216,3 +216,42 @@ def test_a_task_given_a_path_it_cannot_see_names_the_path_and_the_rule(tmp_path:
 def test_run_rejects_conflicting_choices_before_running(args: list[str], message: str) -> None:
     result = _run(*args)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_run_all_trains_the_three_shipped_domains_at_once_and_each_registry_ends_consistent(tmp_path: Path) -> None:
+    """`domainflow run --all` in a fresh process and home (so "all" is the three shipped domains, not the ones
+    this session registered), three at once (--workers 3), on slices and a one-layer MiniLM. The slices cannot
+    meet the shipped floors, so the gates promote nothing: what must hold is that each domain ran to its own
+    decision, the three overlapped in time, and every registry is consistent."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    home, prefect_home = tmp_path / "home", tmp_path / "prefect"
+    env = {**os.environ, "DOMAINFLOW_HOME": str(home), "PREFECT_HOME": str(prefect_home)}
+    env["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "results")
+    env.pop("PREFECT_API_URL", None)
+    command = [str(Path(sys.executable).parent / "domainflow"), "run", "--all", "--workers", "3", "--json"]
+    command += ["--num-layers", "1", "--epochs", "1", "--max-train-samples", "800", "--max-test-samples", "200"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    shipped = {"customer_service", "finance_sentiment", "recommendation"}
+    assert report["errors"] == {} and set(report["summaries"]) == shipped
+    assert report["task_runner"] == "default (3 threads)"
+    for name, summary in report["summaries"].items():
+        assert summary["decision"]["summary"], name  # the gate decided (and said why)
+        assert Path(summary["decision"]["decision_file"]).is_file()
+        registry = ModelRegistry(name, root=home / "registry" / name)
+        assert registry.repair().consistent, name
+        assert registry.champion() is None or registry.champion().version == summary["version"]
+    assert "--max-test-samples does not apply to a ranking domain" in done.stderr
+    # the three subflows overlapped: read their windows from the run's own Prefect database
+    ids = [summary["flow_run_id"] for summary in report["summaries"].values()]
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
+        rows = db.execute(
+            f"SELECT start_time, end_time FROM flow_run WHERE id IN ({', '.join('?' * len(ids))})", ids
+        ).fetchall()
+    assert len(rows) == 3
+    assert max(start for start, _ in rows) < min(end for _, end in rows), rows

@@ -152,11 +152,11 @@ def test_schedule_registers_in_a_work_pool_and_a_worker_retrains(
         # SIGTERM (to the worker only, as `kill PID` or a process manager does) stops it, and it leaves nothing
         # of its session running (the flow-run processes it started have ended).
         worker.send_signal(signal.SIGTERM)
-        code = wait_for_exit(worker, "the worker to stop", timeout=90)
+        code = wait_for_exit(worker, "the worker to stop", log=worker_log)  # measured 5-20 s; minutes under load
         assert code in (0, -signal.SIGTERM), f"exit {code}\n{worker_log.read_text()[-3000:]}"
         if Path("/proc/self/stat").exists():
             wait_for(
-                lambda: not session_members(worker.pid), "the worker's processes to end", timeout=30, log=worker_log
+                lambda: not session_members(worker.pid), "the worker's processes to end", timeout=300, log=worker_log
             )
     finally:
         stop_group(worker, signal.SIGKILL)
