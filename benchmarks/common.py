@@ -1,9 +1,11 @@
-"""What the benchmark scripts share: the domain's labelled test texts."""
+"""What the benchmark scripts share: the domain's labelled test texts, a probe to train from, the parser."""
 
 from __future__ import annotations
 
 import argparse
 import random
+from pathlib import Path
+from typing import Any
 
 
 def labelled_test_texts(domain: str, max_texts: int | None, seed: int) -> tuple[list[str], list[int]]:
@@ -31,3 +33,26 @@ def argument_parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         description=(doc or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def ingest_and_probe(
+    spec: Any, model: str | None, work: Path, *, max_train_samples: int | None, epochs: float | None, seed: int
+) -> tuple[Any, Any, Any]:
+    """The domain's data ingested by the pipeline's own code (a stratified training slice when asked), its training
+    recipe, and the linear probe every trained candidate starts from: ``(DatasetRef, TrainConfig, ModelRef)``."""
+    from domainflow.data.dataset import ingest_dataset
+    from tasks.finetune import make_train_config, train_linear_probe
+
+    files = spec.source.resolve()
+    dataset = ingest_dataset(
+        spec.data_slice(),
+        spec.name,
+        work / "dataset",
+        train_path=files["train"],
+        test_path=files["test"],
+        max_train_samples=max_train_samples,
+        seed=seed,
+    )
+    print(f"{spec.name}: {dataset.num_rows}", flush=True)
+    config = make_train_config(spec, model, epochs=epochs, seed=seed)
+    return dataset, config, train_linear_probe(dataset, config, work / "probe")

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark the checkout this script belongs to, not another installed copy
 
-from benchmarks.common import argument_parser  # noqa: E402
+from benchmarks.common import argument_parser, ingest_and_probe  # noqa: E402
 from domainflow.settings import configure_environment  # noqa: E402
 
 configure_environment()
@@ -46,29 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import load_from_disk
 
     from domainflow.catalog import get_domain
-    from domainflow.data.dataset import ingest_dataset
     from domainflow.metrics import compute_metrics
     from domainflow.modeling import load_classifier, predict_proba
     from domainflow.records import ModelRef
     from domainflow.spec import ClassificationSpec
-    from tasks.finetune import finetune_classifier, make_train_config, train_linear_probe
+    from tasks.finetune import finetune_classifier
 
     spec = get_domain(args.domain).as_kind(ClassificationSpec)
-    files = spec.source.resolve()
     with tempfile.TemporaryDirectory(prefix="ddp-bench-") as scratch:
         work = args.work_dir or Path(scratch)
-        dataset = ingest_dataset(
-            spec.data_slice(),
-            spec.name,
-            work / "dataset",
-            train_path=files["train"],
-            test_path=files["test"],
-            max_train_samples=args.max_train_samples,
-            seed=args.seed,
+        dataset, config, probe = ingest_and_probe(
+            spec, args.model, work, max_train_samples=args.max_train_samples, epochs=args.epochs, seed=args.seed
         )
-        print(f"{spec.name}: {dataset.num_rows}", flush=True)
-        config = make_train_config(spec, args.model, epochs=args.epochs, seed=args.seed)
-        probe = train_linear_probe(dataset, config, work / "probe")
         test = load_from_disk(dataset.path)["test"]
 
         def measure(processes: int) -> dict[str, float]:

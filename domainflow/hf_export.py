@@ -36,6 +36,8 @@ What transformers cannot load, and refuses with a message that says why:
   transformers can read; load its fp32 parent, or the folder with domainflow / ONNX Runtime;
 * a ``dynamic_int8`` candidate stores its parent's fp32 weights and is re-quantized by domainflow
   at load time; transformers would run the fp32 weights, a different model from the one evaluated.
+* a parameter-efficient candidate (LoRA, IA3) holds an adapter and a head for a base encoder stored
+  elsewhere; :func:`export_for_transformers` writes a copy with the adapter merged that transformers loads.
 
 This module imports only transformers' configuration machinery (which the auto classes have
 already imported when the hook in ``domainflow/__init__.py`` calls it); the model class, which
@@ -57,6 +59,7 @@ MODEL_TYPE = "domainflow_mean_pool"
 ARCHITECTURE = "MeanPoolForSequenceClassification"
 METADATA_FILE = "domainflow.json"  # the same name as domainflow.modeling.METADATA_FILE (not imported: torch)
 ONNX_RECIPES = ("onnx_int8",)  # the same as domainflow.compression.ONNX_RECIPES (not imported: torch)
+ADAPTER_KEY = "adapter"  # the same as domainflow.peft_models.ADAPTER_KEY (not imported: torch)
 # Keys of the classifier's config.json that describe the classifier, not the encoder.
 _CLASSIFIER_KEYS = ("model_type", "encoder_model_type", "architectures", "transformers_version", "_name_or_path")
 
@@ -146,6 +149,14 @@ def check_transformers_loadable(model_dir: str | Path) -> None:
             "quantizes them when it loads the folder, so transformers would run a different model from the one "
             "evaluated. Load the fp32 parent with transformers, or this folder with domainflow.modeling.load_classifier"
         )
+    adapter = metadata.get(ADAPTER_KEY)
+    if isinstance(adapter, dict):
+        raise ValueError(
+            f"{path} is a parameter-efficient candidate: it holds a {adapter.get('kind')} adapter and a head for the "
+            f"base encoder {adapter.get('base', {}).get('path')!r}, not a whole model. Write a copy with the adapter "
+            "merged that transformers loads with domainflow.hf_export.export_for_transformers, or load the folder "
+            "with domainflow.modeling.load_classifier"
+        )
     if not is_transformers_folder(path):
         raise ValueError(
             f"{path} was written before domainflow classifier folders carried the model type {MODEL_TYPE!r} "
@@ -166,7 +177,9 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path) -> Path:
     if metadata.get("compression"):
         check_transformers_loadable(model_dir)  # raises, saying why
     loaded = load_classifier(model_dir, apply_compression=False)
-    kept = {k: v for k, v in metadata.items() if k not in {"format_version", "label_names", "max_length"}}
+    # an adapter folder is written whole, its adapter merged (load_classifier merges it): no adapter entry is kept
+    dropped = {"format_version", "label_names", "max_length", ADAPTER_KEY}
+    kept = {k: v for k, v in metadata.items() if k not in dropped}
     return save_classifier(
         loaded.torch_model,
         loaded.tokenizer,

@@ -86,13 +86,14 @@ def text_classification_pipeline(model_dir: str | Path) -> Any:
     """
     from transformers import pipeline
 
-    from domainflow.hf_export import is_transformers_folder, register
+    from domainflow.hf_export import ADAPTER_KEY, is_transformers_folder, register
 
-    recipe = read_metadata(model_dir).get("compression")
+    metadata = read_metadata(model_dir)
+    recipe = metadata.get("compression")
     if recipe:
         raise ValueError(f"{model_dir} is a compressed candidate ({recipe}); the pipeline baseline needs an fp32 model")
     register()  # already done by `import domainflow` once transformers' auto classes load; explicit here
-    if is_transformers_folder(model_dir):
+    if is_transformers_folder(model_dir) and ADAPTER_KEY not in metadata:  # an adapter folder: merged by domainflow
         return pipeline("text-classification", model=str(model_dir), device="cpu")
     loaded = load_classifier(model_dir)
     model = MeanPoolForSequenceClassification.from_text_classifier(loaded.torch_model, loaded.label_names)

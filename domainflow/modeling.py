@@ -206,27 +206,38 @@ def save_classifier(
     """
     from safetensors.torch import save_file
 
+    out_dir = Path(out_dir)
+    write_classifier_files(model.encoder.config, tokenizer, out_dir, label_names)
+    state = {key: tensor.detach().contiguous().cpu() for key, tensor in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    metadata = classifier_metadata(label_names, max_length)
+    metadata.update(extra_metadata or {})
+    write_metadata(out_dir, metadata)
+    return out_dir
+
+
+def write_classifier_files(config: Any, tokenizer: Any, out_dir: str | Path, label_names: Sequence[str]) -> None:
+    """``config.json`` (the encoder's config with the labels) and the tokenizer: what every classifier folder
+    holds beside its weights, whichever way those are stored (a full state dict, or an adapter and a head)."""
     from domainflow.hf_export import classifier_config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = model.encoder.config
     config.id2label = dict(enumerate(label_names))
     config.label2id = {name: i for i, name in enumerate(label_names)}
     classifier_config(config, label_names).save_pretrained(out_dir)
-    state = {key: tensor.detach().contiguous().cpu() for key, tensor in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
-    metadata = {
+
+
+def classifier_metadata(label_names: Sequence[str], max_length: int) -> dict[str, Any]:
+    """The ``domainflow.json`` entries every fp32 classifier folder starts from."""
+    return {
         "format_version": FORMAT_VERSION,
         "architecture": "mean_pool_linear",
         "label_names": list(label_names),
         "max_length": max_length,
         "compression": None,
     }
-    metadata.update(extra_metadata or {})
-    write_metadata(out_dir, metadata)
-    return out_dir
 
 
 def write_metadata(model_dir: str | Path, metadata: dict[str, Any]) -> None:
@@ -243,18 +254,23 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) -> LoadedClassifier:
+def load_classifier(
+    model_dir: str | Path, *, apply_compression: bool = True, merge_adapter: bool = True
+) -> LoadedClassifier:
     """Rebuild a classifier from its directory (safetensors or an ONNX graph) and re-apply its compression recipe.
 
     ``apply_compression=False`` gives the fp32 model a torch recipe was applied to; an ONNX
     candidate has no fp32 weights of its own (they live in its parent), so asking for them
-    is an error rather than a silent fallback.
+    is an error rather than a silent fallback. A PEFT candidate (an adapter on a base encoder, see
+    :mod:`domainflow.peft_models`) is loaded with its adapter merged into the base weights, an ordinary
+    ``TextClassifier``; ``merge_adapter=False`` keeps the adapter apart, as it was trained.
     """
     from transformers import AutoTokenizer
 
     from domainflow.compression import ONNX_RECIPES
     from domainflow.fusion import FUSION_KEY, load_fused
     from domainflow.hf_export import encoder_config_of
+    from domainflow.peft_models import ADAPTER_KEY, load_adapter_classifier
 
     model_dir = Path(model_dir)
     metadata = read_metadata(model_dir)
@@ -272,7 +288,10 @@ def load_classifier(model_dir: str | Path, *, apply_compression: bool = True) ->
             )
         model = OnnxClassifier(model_dir / metadata["onnx_file"])
     else:
-        model = _load_torch_classifier(model_dir, len(metadata["label_names"]))
+        if ADAPTER_KEY in metadata:  # a PEFT candidate: its adapter and head, on the base encoder it names
+            model = load_adapter_classifier(model_dir, metadata, merge=merge_adapter)
+        else:
+            model = _load_torch_classifier(model_dir, len(metadata["label_names"]))
         if apply_compression and recipe:
             from domainflow.compression import apply_recipe
 

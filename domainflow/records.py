@@ -81,3 +81,11 @@ class Evaluation(BaseModel):
             "passed on to its strong model as it really ran"
         ),
     )
+    training: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "what training the candidate (or its fp32 ancestor) cost, where recorded: trainable parameters, "
+            "wall seconds, peak resident memory (MB) while training, and for a PEFT candidate the bytes its "
+            "adapter and head add to the base encoder on disk"
+        ),
+    )

@@ -40,6 +40,7 @@ from tasks.evaluate import evaluate
 from tasks.finetune import finetune, linear_probe, make_train_config
 from tasks.fuse import build_cascade, build_ensemble
 from tasks.ingest import ingest
+from tasks.peft_train import adapter_candidates
 from tasks.report import report
 from tasks.speed import measure_speed
 
@@ -299,10 +300,12 @@ def _train_and_deploy(
     # Futures stand in for the records they will hold (typed Any): Prefect resolves them as inputs.
     probe: Any = linear_probe.with_options(**options).submit(dataset, config)
     tuned: Any = finetune.with_options(**options).submit(dataset, probe, config)
+    adapted = adapter_candidates(spec.peft, dataset, probe, config, options)  # LoRA, IA3… beside the fine-tune
     measured = spec.evaluation_slice()
     # The probe's evaluation needs only the probe: on several workers it runs while fine-tuning goes on.
-    fp32_runs = [evaluate.with_options(**options).submit(candidate, dataset, measured) for candidate in (probe, tuned)]
-    for step in (probe, tuned):  # upstream first: a failed step raises its own error, not its dependents' "not run"
+    trained = (probe, tuned, *adapted)
+    fp32_runs = [evaluate.with_options(**options).submit(candidate, dataset, measured) for candidate in trained]
+    for step in trained:  # upstream first: a failed step raises its own error, not its dependents' "not run"
         step.result()
     fp32: list[Evaluation] = [run.result() for run in fp32_runs]
     single_models = list(fp32)

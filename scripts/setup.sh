@@ -13,8 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="[onnx]"
-[[ "${1:-}" == "--dev" ]] && extras="[onnx,dev,postgres,dask,ray,mlflow,tensorboard]"
+extras="[onnx,peft]"
+[[ "${1:-}" == "--dev" ]] && extras="[onnx,peft,dev,postgres,dask,ray,mlflow,tensorboard]"
 
 python=${PYTHON:-python3}
 "$python" - <<'PY' || { echo "domainflow needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from domainflow.modeling import (
     write_metadata,
 )
 from domainflow.onnxrt import INT8_FILE, export_onnx_int8
+from domainflow.peft_models import ADAPTER_KEY, write_merged_copy
 from domainflow.records import DatasetRef, ModelRef
 from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 from tasks.finetune import TrainConfig, finish_atomically, train_classifier
@@ -70,7 +72,8 @@ def quantize_model(parent: ModelRef, out_dir: Path, recipe: str = "dynamic_int8"
 
     ``dynamic_int8`` copies the parent's files and records the recipe that loading re-applies;
     ``onnx_int8`` exports the parent to ONNX, quantizes it with ONNX Runtime and stores the
-    int8 graph in place of the safetensors (config and tokenizer are kept for serving).
+    int8 graph in place of the safetensors (config and tokenizer are kept for serving). A PEFT
+    parent's adapter is merged into its base weights first, so either copy stands alone.
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown compression recipe {recipe!r}; known: {', '.join(RECIPES)}")
@@ -80,13 +83,15 @@ def quantize_model(parent: ModelRef, out_dir: Path, recipe: str = "dynamic_int8"
             f"{parent.name} is already quantized ({metadata['compression']}); quantize its fp32 form instead"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    if recipe in ONNX_RECIPES:
-        loaded = load_classifier(parent.path, apply_compression=False)
-        export_onnx_int8(loaded.torch_model, loaded.tokenizer, out_dir / INT8_FILE)
-        metadata["onnx_file"] = INT8_FILE
-    for item in Path(parent.path).iterdir():
-        if not (recipe in ONNX_RECIPES and item.name == WEIGHTS_FILE):
-            shutil.copy2(item, out_dir / item.name)
+    with standalone_weights(Path(parent.path), out_dir.parent) as source:
+        metadata = read_metadata(source)
+        if recipe in ONNX_RECIPES:
+            loaded = load_classifier(source, apply_compression=False)
+            export_onnx_int8(loaded.torch_model, loaded.tokenizer, out_dir / INT8_FILE)
+            metadata["onnx_file"] = INT8_FILE
+        for item in source.iterdir():
+            if not (recipe in ONNX_RECIPES and item.name == WEIGHTS_FILE):
+                shutil.copy2(item, out_dir / item.name)
     name = f"{parent.name}-{CANDIDATE_SUFFIX[recipe]}"
     metadata.update(
         {
@@ -108,6 +113,18 @@ def quantize_model(parent: ModelRef, out_dir: Path, recipe: str = "dynamic_int8"
     )
 
 
+@contextmanager
+def standalone_weights(model_dir: Path, scratch_in: Path) -> Iterator[Path]:
+    """``model_dir``, or for a PEFT candidate a scratch copy with its adapter merged into the base weights
+    (peft's ``merge_and_unload``): what an int8 export or a pruned copy is made from must be whole weights,
+    not an adapter that needs its base on disk (see ``domainflow.peft_models``)."""
+    if ADAPTER_KEY not in read_metadata(model_dir):
+        yield model_dir
+        return
+    with tempfile.TemporaryDirectory(dir=scratch_in) as scratch:
+        yield write_merged_copy(model_dir, Path(scratch) / "merged")
+
+
 def compress_model(parent: ModelRef, recipe: str, out_dir: Path) -> ModelRef:
     """Back-compatible name for a recipe candidate, written atomically."""
     return finish_atomically(lambda out: quantize_model(parent, out, recipe), out_dir)
@@ -116,8 +133,10 @@ def compress_model(parent: ModelRef, recipe: str, out_dir: Path) -> ModelRef:
 def _rewrite_weights(
     parent: ModelRef, out_dir: Path, change: Callable[[TextClassifier], dict], name: str, compression: str
 ) -> ModelRef:
-    """Load ``parent`` in fp32, apply ``change`` to its weights, save a normal model directory."""
-    loaded = load_classifier(parent.path, apply_compression=False)
+    """Load ``parent`` in fp32 (a PEFT candidate's adapter merged), apply ``change`` to its weights, save a normal
+    model directory."""
+    with standalone_weights(Path(parent.path), out_dir.parent) as source:
+        loaded = load_classifier(source, apply_compression=False)
     model = loaded.torch_model
     details = change(model)
     metadata = {

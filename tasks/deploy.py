@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from domainflow import settings
+from domainflow.footprint import training_columns
 from domainflow.gates import GateDecision, decide
 from domainflow.logs import run_logger
 from domainflow.outofscope import DETECTOR_FILES
@@ -70,6 +71,7 @@ def stored_metrics(evaluation: Evaluation) -> dict[str, Any]:
             "disk_bytes": evaluation.disk_bytes,
             "parameters": evaluation.parameters,
         },
+        "training": dict(evaluation.training),  # trainable parameters, peak RSS, adapter bytes where recorded
     }
 
 
@@ -252,6 +254,7 @@ def candidate_rows(result: dict[str, Any], evaluations: list[Evaluation]) -> lis
         row["latency_ms_p50"] = round(evaluation.latency_ms_p50 or 0.0, 2)
         row["size_mb"] = round(evaluation.size_bytes / 1e6, 1)
         row["disk_mb"] = round(evaluation.disk_bytes / 1e6, 1)
+        row.update(training_columns(evaluation.training))
         row["eligible"] = bool(verdict["eligible"])
         row["chosen"] = name == result.get("chosen")
         row["reasons"] = "; ".join(verdict["reasons"])

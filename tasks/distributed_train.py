@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("init_dir", "out_dir", "teacher_dir", "checkpoints"):
         if call.get(key) is not None:
             call[key] = Path(call[key])
+    if call.get("adapter") is not None:  # a parameter-efficient candidate's method (domainflow.peft_models)
+        from domainflow.peft_models import AdapterMethod
+
+        call["adapter"] = AdapterMethod.model_validate(call["adapter"])
     train_classifier(**call)
 
 

@@ -20,6 +20,7 @@ import torch
 from prefect import task
 
 from domainflow import settings
+from domainflow.footprint import training_figures
 from domainflow.fusion import CascadeClassifier, EnsembleClassifier, FusedClassifier, leaf_models
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
@@ -200,6 +201,7 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: Evaluatio
     results["size_bytes"] = weights_bytes(loaded.model)
     results["disk_bytes"] = directory_size(candidate.path)
     results["zero_fraction"] = zero_fraction(loaded.model)
+    results["training"] = training_figures(loaded.metadata)
     results["per_class"] = per_class_report(dataset.label_names, predictions["test"], test_labels)
     results["candidate"] = candidate.model_dump()
 
@@ -225,6 +227,7 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: Evaluatio
         answer_policy=results.get("answer_policy", {}),
         out_of_scope=results.get("out_of_scope", {}),
         fusion=results.get("fusion", {}),
+        training=results["training"],
     )
 
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from pydantic import BaseModel, Field
 from domainflow import process_locks, settings
 from domainflow.atomic import build_atomically
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
+from domainflow.footprint import FOOTPRINT_KEY, footprint, peak_rss
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import (
@@ -43,6 +45,7 @@ from domainflow.modeling import (
     resolve_base_model,
     save_classifier,
 )
+from domainflow.peft_models import AdapterMethod, BaseEncoder, attach_adapter, save_adapter_classifier
 from domainflow.records import DatasetRef, ModelRef
 from domainflow.spec import ClassificationSpec
 from domainflow.tracking import published_name, require_reporters, training_report
@@ -216,13 +219,143 @@ def train_classifier(
     distill_alpha: float = 0.5,
     extra_metadata: dict[str, Any] | None = None,
     checkpoints: Path | None = None,
+    adapter: AdapterMethod | None = None,
 ) -> ModelRef:
     """Train the model in ``init_dir`` on the dataset with the Trainer and save it to ``out_dir``.
 
-    Shared by fine-tuning, by recovery training after structured pruning, and by
-    distillation (``teacher_dir``: the teacher's logits on every training text are computed
-    once, up front, and travel with the batches, so training costs no teacher forward passes).
+    Shared by fine-tuning, by recovery training after structured pruning, by distillation
+    (``teacher_dir``: the teacher's logits on every training text are computed once, up front,
+    and travel with the batches, so training costs no teacher forward passes) and by
+    parameter-efficient fine-tuning (``adapter``: the encoder stays frozen, an adapter and the head
+    train, and the folder stores only them; see ``domainflow.peft_models``). The candidate's metadata
+    records what training cost (``domainflow.footprint``): trainable parameters, peak memory, wall time.
     """
+    log = run_logger(__name__)
+    started = time.perf_counter()
+    require_reporters(config.report_to)  # on the worker that trains: before any work
+    if config.processes > 1 and not os.environ.get("DOMAINFLOW_DDP_CHILD"):
+        return _train_in_processes(locals_of_call(locals()), config, out_dir, started, log)
+    # Checkpoints sit beside the final folder (not the private build folder), so a crashed run's next try resumes.
+    checkpoints = checkpoints or out_dir.parent / f"{out_dir.name}.checkpoints"
+    # One training loop at a time in a process (see domainflow.process_locks); waiting for another domain's
+    # training is not this model's cost.
+    with process_locks.TORCH_GLOBALS:
+        started = time.perf_counter()
+        with peak_rss() as peak:
+            fitted = fit_classifier(
+                dataset,
+                init_dir,
+                config,
+                out_dir,
+                checkpoints,
+                name=name,
+                epochs=epochs,
+                adapter=adapter,
+                distillation=(
+                    Distillation(teacher_dir, distill_temperature, distill_alpha) if teacher_dir is not None else None
+                ),
+                reported={"candidate": name, "parent": parent, "compression": compression},
+            )
+    seconds = time.perf_counter() - started
+    model, primary = fitted.model, config.primary_metric
+    metadata = {
+        "candidate": name,
+        "base_model": config.base_model,
+        "init": str(init_dir),
+        "train_seconds": seconds,
+        f"best_validation_{primary}": fitted.best_metric,
+        FOOTPRINT_KEY: footprint(model, peak, seconds),
+    }
+    metadata.update(extra_metadata or {})
+    if not fitted.main_process:  # under DDP rank 0 saves the model; the other ranks are done
+        return ModelRef(name=name, path=str(out_dir), fingerprint="", parent=parent, compression=compression)
+    labels, max_length = dataset.label_names, config.max_length
+    if adapter is not None and fitted.base is not None:
+        save_adapter_classifier(
+            model,
+            fitted.tokenizer,
+            out_dir,
+            label_names=labels,
+            max_length=max_length,
+            method=adapter,
+            base=fitted.base,
+            extra_metadata=metadata,
+        )
+    else:
+        save_classifier(
+            model, fitted.tokenizer, out_dir, label_names=labels, max_length=max_length, extra_metadata=metadata
+        )
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    log.info(
+        "%s trained in %.1f s; best validation %s %.4f", name, seconds, primary, fitted.best_metric or float("nan")
+    )
+    return ModelRef(
+        name=name,
+        path=str(out_dir),
+        fingerprint=path_fingerprint(out_dir),
+        parent=parent,
+        compression=compression,
+        train_seconds=seconds,
+    )
+
+
+@dataclass
+class Fitted:
+    """A model the Trainer has trained, in eval mode, not yet saved."""
+
+    model: TextClassifier
+    tokenizer: Any
+    best_metric: float | None
+    main_process: bool  # False on the ranks of a DDP run other than 0, which save nothing
+    base: BaseEncoder | None = None  # the frozen base encoder under an adapter
+
+
+def parameter_groups(model: TextClassifier, config: TrainConfig, adapter: AdapterMethod | None) -> list[dict]:
+    """The optimizer's groups over the trainable parameters: the head at ``head_lr``; the encoder at
+    ``encoder_lr``, decayed except its biases and LayerNorms, or an adapter at its own learning rate without
+    decay (IA3's scales start at 1: decay would pull them towards 0, not towards the base model)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if n.startswith("classifier.")]
+    encoder = [(n, p) for n, p in trainable if n.startswith("encoder.")]
+    if adapter is not None:
+        return [
+            {"params": [p for _, p in encoder], "lr": adapter.learning_rate, "weight_decay": 0.0},
+            {"params": head, "lr": config.head_lr, "weight_decay": 0.0},
+        ]
+    no_decay = [p for n, p in encoder if "bias" in n or "LayerNorm" in n]
+    decay = [p for n, p in encoder if not ("bias" in n or "LayerNorm" in n)]
+    return [
+        {"params": decay, "lr": config.encoder_lr, "weight_decay": config.weight_decay},
+        {"params": no_decay, "lr": config.encoder_lr, "weight_decay": 0.0},
+        {"params": head, "lr": config.head_lr, "weight_decay": 0.0},
+    ]
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Soft labels from a teacher: its folder, the softening temperature and their weight against the true labels."""
+
+    teacher_dir: Path
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+
+def fit_classifier(
+    dataset: DatasetRef,
+    init_dir: Path,
+    config: TrainConfig,
+    out_dir: Path,
+    checkpoints: Path,
+    *,
+    name: str,
+    epochs: float | None = None,
+    adapter: AdapterMethod | None = None,
+    distillation: Distillation | None = None,
+    reported: dict[str, Any] | None = None,
+) -> Fitted:
+    """The Trainer recipe of :func:`train_classifier` (see the module docstring), up to the trained model in
+    memory: what saving needs, and what a test inspects (an adapter's base must not have moved). ``reported``
+    joins the parameters the training reporters record (the candidate's name and lineage)."""
     from datasets import load_from_disk
     from transformers import (
         DataCollatorWithPadding,
@@ -235,18 +368,18 @@ def train_classifier(
     from domainflow.modeling import predict_logits
 
     log = run_logger(__name__)
-    started = time.perf_counter()
-    require_reporters(config.report_to)  # on the worker that trains: before any work
-    if config.processes > 1 and not os.environ.get("DOMAINFLOW_DDP_CHILD"):
-        return _train_in_processes(locals_of_call(locals()), config, out_dir, started, log)
     primary = config.primary_metric
     set_seed(config.seed)
     loaded = load_classifier(init_dir)
     model, tokenizer = loaded.torch_model, loaded.tokenizer
+    base = None
+    if adapter is not None:
+        base = attach_adapter(model, adapter, config.base_model, config.num_layers)
     model.train()
     splits = load_from_disk(dataset.path)
-    if teacher_dir is not None:
-        teacher = load_classifier(teacher_dir)
+    teacher_dir = distillation.teacher_dir if distillation is not None else None
+    if distillation is not None:
+        teacher = load_classifier(distillation.teacher_dir)
         log.info("distillation: scoring %d training texts with the teacher %s", splits["train"].num_rows, teacher_dir)
         logits = predict_logits(teacher, list(splits["train"]["text"]), batch_size=128)
         splits["train"] = splits["train"].add_column(
@@ -254,7 +387,7 @@ def train_classifier(
             logits.tolist(),
             new_fingerprint=f"teacher-{value_fingerprint(str(teacher_dir), dataset.fingerprint)}",
         )
-        model.distill_temperature, model.distill_alpha = distill_temperature, distill_alpha
+        model.distill_temperature, model.distill_alpha = distillation.temperature, distillation.alpha
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(batch["text"], truncation=True, max_length=config.max_length)
@@ -279,138 +412,85 @@ def train_classifier(
         weights = _class_weights(np.asarray(splits["train"]["label"]), len(dataset.label_names))
         model.class_weights = torch.tensor(weights, dtype=torch.float32)
 
-    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
-    no_decay = [
-        p for n, p in model.named_parameters() if n.startswith("encoder.") and ("bias" in n or "LayerNorm" in n)
-    ]
-    decay = [
-        p for n, p in model.named_parameters() if n.startswith("encoder.") and not ("bias" in n or "LayerNorm" in n)
-    ]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "lr": config.encoder_lr, "weight_decay": config.weight_decay},
-            {"params": no_decay, "lr": config.encoder_lr, "weight_decay": 0.0},
-            {"params": head, "lr": config.head_lr, "weight_decay": 0.0},
-        ]
-    )
-    # Checkpoints sit beside the final folder (not the private build folder), so a crashed run's next try resumes.
-    checkpoints = checkpoints or out_dir.parent / f"{out_dir.name}.checkpoints"
+    optimizer = torch.optim.AdamW(parameter_groups(model, config, adapter))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun (tasks.distributed_train)
     run_name = published_name(out_dir)
     # Progress every 50 steps, or 4 times an epoch when an epoch is shorter: a small domain's curves get points.
     steps_per_epoch = -(-len(train) // config.batch_size)
-    # One training loop at a time in a process (see domainflow.process_locks); waiting for another domain's
-    # training is not this model's cost.
-    waiting = time.perf_counter()
-    with process_locks.TORCH_GLOBALS:
-        started += time.perf_counter() - waiting
-        args = TrainingArguments(
-            output_dir=str(checkpoints),
-            num_train_epochs=config.epochs if epochs is None else epochs,
-            per_device_train_batch_size=max(1, config.batch_size // world_size),  # the global batch stays the recipe's
-            per_device_eval_batch_size=128,
-            learning_rate=config.encoder_lr,
-            warmup_steps=config.warmup_ratio,
-            lr_scheduler_type="linear",
-            label_smoothing_factor=config.label_smoothing,
-            train_sampling_strategy="group_by_length",
-            length_column_name="length",
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            save_total_limit=2,
-            load_best_model_at_end=True,
-            metric_for_best_model=primary,
-            greater_is_better=True,
-            logging_steps=max(1, min(50, steps_per_epoch // 4)),
-            seed=config.seed,
-            data_seed=config.seed,
-            use_cpu=True,
-            ddp_backend="gloo" if world_size > 1 else None,
-            ddp_find_unused_parameters=False,  # every parameter takes part in every step
-            report_to=list(config.report_to) or "none",  # rank 0 reports (the Trainer's integrations)
-            run_name=run_name,
-            dataloader_num_workers=0,
-            disable_tqdm=False,
-        )
+    learning_rate = config.encoder_lr if adapter is None else adapter.learning_rate
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs if epochs is None else epochs,
+        per_device_train_batch_size=max(1, config.batch_size // world_size),  # the global batch stays the recipe's
+        per_device_eval_batch_size=128,
+        learning_rate=learning_rate,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="linear",
+        label_smoothing_factor=config.label_smoothing,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=primary,
+        greater_is_better=True,
+        logging_steps=max(1, min(50, steps_per_epoch // 4)),
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=True,
+        ddp_backend="gloo" if world_size > 1 else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in every step
+        report_to=list(config.report_to) or "none",  # rank 0 reports (the Trainer's integrations)
+        run_name=run_name,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
 
-        def validation_metrics(prediction: Any) -> dict[str, float]:
-            """The domain's primary metric picks the best epoch (macro-F1 where classes are imbalanced)."""
-            predicted = np.argmax(prediction.predictions, axis=-1)
-            return compute_metrics(sorted({"accuracy", primary}), predicted, prediction.label_ids)
+    def validation_metrics(prediction: Any) -> dict[str, float]:
+        """The domain's primary metric picks the best epoch (macro-F1 where classes are imbalanced)."""
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        return compute_metrics(sorted({"accuracy", primary}), predicted, prediction.label_ids)
 
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            eval_dataset=valid,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=validation_metrics,
-            optimizers=(optimizer, None),
-            callbacks=[
-                EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
-                _ProgressToLogger(log),
-            ],
-        )
-        resume = last_complete_checkpoint(checkpoints, log)
-        if resume is not None:
-            log.info("resuming fine-tuning from %s", resume)
-        log.info(
-            "%s: training on %d texts for up to %s epochs (batch %d, encoder lr %g, head lr %g)",
-            name,
-            len(train),
-            args.num_train_epochs,
-            config.batch_size,
-            config.encoder_lr,
-            config.head_lr,
-        )
-        reported = {
-            **config.model_dump(),
-            "candidate": name,
-            "parent": parent,
-            "compression": compression,
-            "epochs": args.num_train_epochs,
-            "dataset_fingerprint": dataset.fingerprint,
-            "teacher": str(teacher_dir) if teacher_dir is not None else None,
-        }
-        with training_report(trainer, config.report_to, domain=dataset.domain, run_name=run_name, params=reported):
-            trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=valid,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=validation_metrics,
+        optimizers=(optimizer, None),
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
+            _ProgressToLogger(log),
+        ],
+    )
+    resume = last_complete_checkpoint(checkpoints, log)
+    if resume is not None:
+        log.info("resuming fine-tuning from %s", resume)
+    log.info(
+        "%s: training on %d texts for up to %s epochs (batch %d, %s lr %g, head lr %g)",
+        name,
+        len(train),
+        args.num_train_epochs,
+        config.batch_size,
+        "encoder" if adapter is None else f"{adapter.kind} adapter",
+        learning_rate,
+        config.head_lr,
+    )
+    reported = {
+        **config.model_dump(),
+        **(reported or {"candidate": name}),
+        "epochs": args.num_train_epochs,
+        "dataset_fingerprint": dataset.fingerprint,
+        "teacher": str(teacher_dir) if teacher_dir is not None else None,
+        **({"adapter": adapter.model_dump(mode="json")} if adapter is not None else {}),
+    }
+    with training_report(trainer, config.report_to, domain=dataset.domain, run_name=run_name, params=reported):
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     model.eval()
     model.class_weights = None
-    seconds = time.perf_counter() - started
-    metadata = {
-        "candidate": name,
-        "base_model": config.base_model,
-        "init": str(init_dir),
-        "train_seconds": seconds,
-        f"best_validation_{primary}": trainer.state.best_metric,
-    }
-    metadata.update(extra_metadata or {})
-    if not trainer.is_world_process_zero():  # under DDP rank 0 saves the model; the other ranks are done
-        return ModelRef(name=name, path=str(out_dir), fingerprint="", parent=parent, compression=compression)
-    save_classifier(
-        model,
-        tokenizer,
-        out_dir,
-        label_names=dataset.label_names,
-        max_length=config.max_length,
-        extra_metadata=metadata,
-    )
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    log.info(
-        "%s trained in %.1f s; best validation %s %.4f",
-        name,
-        seconds,
-        primary,
-        trainer.state.best_metric or float("nan"),
-    )
-    return ModelRef(
-        name=name,
-        path=str(out_dir),
-        fingerprint=path_fingerprint(out_dir),
-        parent=parent,
-        compression=compression,
-        train_seconds=seconds,
-    )
+    return Fitted(model, tokenizer, trainer.state.best_metric, trainer.is_world_process_zero(), base)
 
 
 #: train_classifier's parameters, in the order a torchrun child receives them
@@ -428,6 +508,7 @@ _CALL_PARAMETERS = (
     "distill_alpha",
     "extra_metadata",
     "checkpoints",
+    "adapter",
 )
 
 
@@ -439,6 +520,8 @@ def locals_of_call(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("init_dir", "out_dir", "teacher_dir", "checkpoints"):
         if call[key] is not None:
             call[key] = str(call[key])
+    if call["adapter"] is not None:
+        call["adapter"] = call["adapter"].model_dump(mode="json")
     return call
 
 

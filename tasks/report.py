@@ -18,8 +18,10 @@ from prefect import task
 
 from domainflow import settings
 from domainflow.fingerprint import value_fingerprint
+from domainflow.footprint import training_columns
 from domainflow.modeling import read_metadata
 from domainflow.outofscope import model_card_lines
+from domainflow.peft_models import ADAPTER_KEY
 from domainflow.records import DatasetRef, Evaluation
 from domainflow.spec import ClassificationSpec
 from tasks.artifacts import artifact_key, png_data_uri
@@ -45,6 +47,8 @@ def compression_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
             "texts_per_s_b32": round(ev.texts_per_second_batch32 or 0.0, 1),
             "p50_ms": round(ev.latency_ms_p50 or 0.0, 2),
             "p95_ms": round(ev.latency_ms_p95 or 0.0, 2),
+            "train_s": round(ev.candidate.train_seconds, 1),
+            **training_columns(ev.training),
         }
         row.update({f"test_{m}": round(v, 4) for m, v in ev.test_metrics.items()})
         row.update(_deltas(ev, parent))
@@ -126,8 +130,11 @@ def hub_base_model(base_model: str | None) -> str | None:
 
 def library_of(metadata: dict[str, Any]) -> str:
     """Which library runs the candidate's folder: transformers for fp32 weights (after ``import domainflow``),
-    ONNX Runtime for an ONNX graph, domainflow alone for a recipe it re-applies at load time."""
+    ONNX Runtime for an ONNX graph, domainflow alone for a recipe it re-applies at load time, peft for an
+    adapter on a base encoder."""
     recipe = metadata.get("compression")
+    if ADAPTER_KEY in metadata:  # an adapter on a base encoder: peft applies it (domainflow.peft_models)
+        return "peft"
     if recipe is None:
         return "transformers"
     return "onnx" if metadata.get("onnx_file") else "domainflow"
@@ -193,6 +200,17 @@ def loading_lines(ev: Evaluation, metadata: dict[str, Any]) -> list[str]:
             'classify = pipeline("text-classification", model="path/to/model")',
             f'classify(["..."], truncation=True, max_length={metadata.get("max_length", 64)})',
             "```",
+            "",
+        ]
+    if library == "peft":
+        entry = metadata[ADAPTER_KEY]
+        return [
+            "## Loading it",
+            f"The folder holds an adapter ({entry['kind']}, in peft's format in `{entry['adapter_dir']}/`) and the "
+            f"head (`{entry['head_file']}`), not a whole model: they apply to the base encoder "
+            f"`{entry['base']['path']}` (fingerprint `{entry['base']['fingerprint']}`), which must be present. "
+            "`domainflow.modeling.load_classifier` loads the base, checks its fingerprint and merges the adapter; "
+            "`peft.PeftModel.from_pretrained(base_encoder, adapter_dir)` gives the encoder alone.",
             "",
         ]
     why = (
