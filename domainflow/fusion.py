@@ -203,6 +203,40 @@ def calibrate_threshold(
     )
 
 
+#: Thresholds at which the report draws a cascade's accuracy/speed trade-off (above 1: the strong model alone).
+CURVE_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.01)
+
+
+def cascade_curve(
+    fast_probabilities: np.ndarray,
+    strong_probabilities: np.ndarray,
+    labels: np.ndarray,
+    metrics: Sequence[str] = ("accuracy",),
+    thresholds: Sequence[float] = CURVE_THRESHOLDS,
+) -> list[dict[str, float]]:
+    """The cascade's ``metrics`` and share passed on at each threshold, from both members' probabilities on the
+    same texts: what the calibrated threshold was chosen from, as a curve a person can read (threshold 0 is the
+    fast model alone, above 1 the strong one alone). Each point is exactly what the cascade would answer there."""
+    from domainflow.metrics import compute_metrics
+
+    labels = np.asarray(labels)
+    confidence = fast_probabilities.max(axis=1)
+    fast_answer, strong_answer = fast_probabilities.argmax(axis=1), strong_probabilities.argmax(axis=1)
+    points = []
+    for threshold in thresholds:
+        passed = confidence < threshold
+        answers = np.where(passed, strong_answer, fast_answer)
+        scores = compute_metrics(list(metrics), answers, labels)
+        points.append({"threshold": float(threshold), "passed_on": float(passed.mean()), **scores})
+    return points
+
+
+def cascade_texts_per_second(fast: float, strong: float, passed_on: float) -> float:
+    """Throughput of a cascade whose fast model reads every text and whose strong model reads ``passed_on`` of
+    them, from each member's own measured texts/s (what the curve's speed axis is estimated from)."""
+    return 1.0 / (1.0 / fast + passed_on / strong)
+
+
 def simplex_grid(members: int, step: float) -> np.ndarray:
     """Every weight vector of ``members`` non-negative multiples of ``step`` that sum to 1 (rows)."""
     units = round(1 / step)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from prefect import task
 
 from domainflow import settings
 from domainflow.footprint import training_figures
-from domainflow.fusion import CascadeClassifier, EnsembleClassifier, FusedClassifier, leaf_models
+from domainflow.fusion import CascadeClassifier, EnsembleClassifier, FusedClassifier, cascade_curve, leaf_models
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import (
@@ -29,6 +30,7 @@ from domainflow.modeling import (
     count_parameters,
     directory_size,
     load_classifier,
+    predict_proba,
 )
 from domainflow.onnxrt import OnnxClassifier
 from domainflow.outofscope import (
@@ -138,6 +140,17 @@ def plot_confusion_matrix(
     return path
 
 
+def cascade_test_curve(
+    loaded: LoadedClassifier, cascade: CascadeClassifier, texts: list[str], labels: np.ndarray, metrics: Sequence[str]
+) -> list[dict[str, float]]:
+    """The cascade's test accuracy and share passed on over a range of thresholds (the report draws it against
+    speed): both members read every test text once more, so each point is what the cascade would answer there."""
+    fast, strong = (
+        predict_proba(replace(loaded, model=member), texts).numpy() for member in (cascade.fast, cascade.strong)
+    )
+    return cascade_curve(fast, strong, labels, metrics)
+
+
 def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: EvaluationSlice, out_dir: Path) -> Evaluation:
     """Measure one candidate and write its report folder (pure: no Prefect needed)."""
     from datasets import load_from_disk
@@ -162,6 +175,7 @@ def evaluate_candidate(candidate: ModelRef, dataset: DatasetRef, spec: Evaluatio
         if cascade is not None and split == "test":  # what the cascade really passed on, as it ran
             fusion = {key: value for key, value in loaded.metadata["fusion"].items() if key != "members"}
             results["fusion"] = {**fusion, "test_passed_on": cascade.share_passed_on()}
+            results["fusion"]["curve"] = cascade_test_curve(loaded, cascade, texts, references, spec.metrics)
         predictions[split] = outputs[split].logits.argmax(dim=1).numpy()
         results[split] = compute_metrics(spec.metrics, predictions[split], references)
     probabilities = {split: split_outputs.probabilities for split, split_outputs in outputs.items()}

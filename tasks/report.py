@@ -19,6 +19,7 @@ from prefect import task
 from domainflow import settings
 from domainflow.fingerprint import value_fingerprint
 from domainflow.footprint import training_columns
+from domainflow.fusion import cascade_texts_per_second
 from domainflow.modeling import read_metadata
 from domainflow.outofscope import model_card_lines
 from domainflow.peft_models import ADAPTER_KEY
@@ -85,18 +86,50 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_latency_vs_quality(rows: Sequence[dict[str, Any]], primary: str, path: Path) -> Path:
-    """Each candidate as a point: throughput at batch 32 against the primary metric."""
+def cascade_curves(
+    evaluations: Sequence[Evaluation], rows: Sequence[dict[str, Any]], primary: str
+) -> dict[str, list[tuple[float, float]]]:
+    """Each cascade's (texts/s at batch 32, test ``primary``) over its threshold curve (``tasks.evaluate``).
+
+    Speed is estimated from the two members' own measured throughputs in this run (the fast model reads every
+    text, the strong one the share passed on); the cascade's measured point is drawn beside it, so a person can
+    see how far the estimate is from what it really ran at."""
+    speed = {row["candidate"]: row["texts_per_s_b32"] for row in rows}
+    curves = {}
+    for ev in evaluations:
+        curve, fast, strong = ev.fusion.get("curve"), ev.fusion.get("fast"), ev.fusion.get("strong")
+        if not curve or not speed.get(fast) or not speed.get(strong) or primary not in curve[0]:
+            continue
+        curves[ev.candidate.name] = [
+            (cascade_texts_per_second(speed[fast], speed[strong], point["passed_on"]), point[primary])
+            for point in curve
+        ]
+    return curves
+
+
+def plot_latency_vs_quality(
+    rows: Sequence[dict[str, Any]],
+    primary: str,
+    path: Path,
+    curves: dict[str, list[tuple[float, float]]] | None = None,
+) -> Path:
+    """Each candidate as a point: throughput at batch 32 against the primary metric; each cascade's threshold
+    curve as a dashed line (speed estimated from its members')."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in (curves or {}).items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, "--", color="tab:green", alpha=0.7, label=f"{name}: thresholds 0 to >1")
     for row in rows:
         x, y = row["texts_per_s_b32"], row[f"test_{primary}"]
         ax.scatter(x, y, s=40, color="tab:blue" if row["method"] == "fp32" else "tab:orange")
         ax.annotate(row["candidate"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if curves:
+        ax.legend(fontsize=7, loc="lower left")
     ax.set_xlabel("texts/s at batch 32 (CPU, measured side by side)")
     ax.set_ylabel(f"test {primary}")
     ax.set_title("Speed vs quality of this run's candidates (blue: fp32, orange: compressed)")
@@ -331,7 +364,8 @@ def write_report(evaluations: Sequence[Evaluation], dataset: DatasetRef, spec: C
     out.mkdir(parents=True, exist_ok=True)
     (out / "compression_report.json").write_text(json.dumps(rows, indent=2))
     (out / "compression_report.md").write_text(f"# Compression report: {spec.name}\n\n{table}")
-    plot_latency_vs_quality(rows, spec.primary_metric, out / "speed_vs_quality.png")
+    curves = cascade_curves(evaluations, rows, spec.primary_metric)
+    plot_latency_vs_quality(rows, spec.primary_metric, out / "speed_vs_quality.png", curves)
     for ev in evaluations:
         (Path(ev.report_dir) / "model_card.md").write_text(model_card(spec, ev, dataset, table))
     return out

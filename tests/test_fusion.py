@@ -22,6 +22,8 @@ from domainflow.fusion import (
     CascadeClassifier,
     FusionError,
     calibrate_threshold,
+    cascade_curve,
+    cascade_texts_per_second,
     fit_weights,
     write_fused,
 )
@@ -140,6 +142,30 @@ def test_calibration_takes_the_lowest_threshold_within_the_margin() -> None:
     lower = sorted({float(c) for c in fast.max(axis=1) if c < calibration.threshold})
     assert all(_accuracy_at(t, fast, strong, labels) < 0.95 - margin for t in [0.0, *lower])
     assert calibration.validation_passed_on == pytest.approx(float((fast.max(axis=1) < calibration.threshold).mean()))
+
+
+def test_the_cascade_curve_runs_from_the_fast_model_alone_to_the_strong_one_and_matches_each_threshold() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 300)
+    fast = rng.dirichlet(np.ones(3), 300)
+    strong = np.eye(3)[labels] * 0.8 + 0.2 / 3
+    strong[:30] = np.eye(3)[(labels[:30] + 1) % 3] * 0.8 + 0.2 / 3  # 90% right
+    thresholds = (0.0, 0.4, 0.6, 1.01)
+    curve = cascade_curve(fast, strong, labels, ("accuracy", "macro_f1"), thresholds)
+    assert [point["threshold"] for point in curve] == list(thresholds)
+    assert curve[0]["passed_on"] == 0.0 and curve[-1]["passed_on"] == 1.0
+    assert curve[0]["accuracy"] == pytest.approx(float((fast.argmax(1) == labels).mean()))  # the fast model alone
+    assert curve[-1]["accuracy"] == pytest.approx(0.9)  # the strong model alone
+    for point in curve:
+        assert point["accuracy"] == pytest.approx(_accuracy_at(point["threshold"], fast, strong, labels))
+    assert [p["passed_on"] for p in curve] == sorted(p["passed_on"] for p in curve)
+    assert 0.0 < curve[1]["macro_f1"] <= 1.0
+
+
+def test_a_cascades_estimated_speed_is_its_fast_model_alone_or_both_in_turn() -> None:
+    assert cascade_texts_per_second(1000.0, 100.0, 0.0) == pytest.approx(1000.0)
+    assert cascade_texts_per_second(1000.0, 100.0, 1.0) == pytest.approx(1 / (1 / 1000 + 1 / 100))
+    assert cascade_texts_per_second(1000.0, 100.0, 0.2) == pytest.approx(1 / (0.001 + 0.002))
 
 
 def test_a_calibration_that_must_pass_on_too_much_is_not_met() -> None:

@@ -163,6 +163,21 @@ def test_crash_resume_deploy_and_cache(run_args: dict, monkeypatch: pytest.Monke
     ]
     compression = next(rows for rows in reports_of_domain if {row["candidate"] for row in rows} == names)
     by_name = {row["candidate"]: row for row in compression}
+    # The cascade's threshold curve (drawn in the speed-vs-quality plot): at 0 it is its fast model alone, above 1
+    # its strong model alone, each as this run measured them on the same test texts.
+    rows = {row["candidate"]: row for row in first["candidates"]}
+    cascade = "cascade-distilled-l1-onnx-int8"
+    fusions = [json.loads((r / "metrics.json").read_text()) for r in reports]
+    fusion = next(
+        m["fusion"]
+        for m in fusions
+        if m["candidate"]["name"] == cascade
+        and m["test"]["accuracy"] == pytest.approx(rows[cascade]["test_accuracy"], abs=1e-4)
+    )
+    curve = fusion["curve"]
+    assert curve[0]["passed_on"] == 0.0 and curve[-1]["passed_on"] == 1.0
+    assert curve[0]["accuracy"] == pytest.approx(rows[fusion["fast"]]["test_accuracy"], abs=1e-4)
+    assert curve[-1]["accuracy"] == pytest.approx(rows[fusion["strong"]]["test_accuracy"], abs=1e-4)
     assert by_name[f"{reference}-sparse50"]["zeros"] >= 0.45  # half the encoder weights are zero …
     assert (
         by_name[f"{reference}-sparse50"]["parameters"] == by_name[reference]["parameters"]
