@@ -2,7 +2,8 @@
 
 Promotion, lineage and the decision record are those of :func:`tasks.deploy.apply_decision`;
 only the gate differs (:func:`domainflow.recsys.gate.decide_ranking`: the challenger must also
-beat every baseline). Never cached, like ``deploy``: it changes registry state.
+beat every baseline, outside the 95% paired bootstrap interval over users, computed from the
+per-user test ranks each evaluation stored). Never cached, like ``deploy``: it changes registry state.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from domainflow.spec import DomainSpec
 from tasks.artifacts import artifact_key
 from tasks.caching import require_shared
 from tasks.deploy import apply_decision, decision_outcome
+from tasks.rank_evaluate import stored_test_ranks
 from tasks.rank_report import _as_evaluations, markdown_table, model_rows
 
 
@@ -42,8 +44,8 @@ def decision_markdown(result: dict[str, Any], rows: list[dict[str, Any]]) -> str
             if champion
             else "no champion before this run"
         ),
-        f"- baselines (test {primary}): {result['gates'].get('baselines')}; tie tolerance "
-        f"{result['gates']['tie_tolerance']}; "
+        f"- baselines (test {primary}): {result['gates'].get('baselines')}; rule: "
+        f"{result['gates'].get('baseline_rule')}; champion tie tolerance {result['gates']['tie_tolerance']}; "
         f"compression budget {result['gates']['max_compression_drop']} / speed-up >= "
         f"{result['gates']['min_compression_speedup']}x",
         f"- test set {result.get('test_fingerprint')}; decision file `{result.get('decision_file')}`",
@@ -79,7 +81,7 @@ def deploy_ranking(
         dataset_fingerprint,
         test_fingerprint,
         run_config,
-        decide_fn=partial(decide_ranking, baselines=baselines),
+        decide_fn=partial(decide_ranking, baselines=baselines, test_ranks=stored_test_ranks(baselines + candidates)),
     )
     rows = model_rows(baselines, candidates, result)
     result["rows"] = rows

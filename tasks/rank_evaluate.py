@@ -1,6 +1,7 @@
 """Evaluate stage of a ranking domain: every model under the same protocol, then side-by-side speed.
 
-All models — popularity, BPR, the two-tower text model, the ranker and its int8 copy — are
+All models — the baselines (popularity, BPR, BPR with the history folded in, item-kNN), the
+two-tower text model, the ranker and its int8 copy — are
 scored on the same users, with the same excluded items, ranks computed by
 :func:`domainflow.recsys.protocol.target_ranks` and metrics by the project's ``evaluate``
 modules (HR@10, NDCG@10, MRR), at the ``valid`` stage (model choice) and the ``test`` stage (the
@@ -26,8 +27,10 @@ from domainflow.fingerprint import value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.modeling import count_parameters, directory_size
 from domainflow.records import Evaluation, ModelRef
+from domainflow.recsys.baselines import fold_in_scores, item_knn_scores
 from domainflow.recsys.bundle import Recommender
 from domainflow.recsys.dataset import RankingData, StageRows
+from domainflow.recsys.features import RECENT, cooccurrence_cosine
 from domainflow.recsys.protocol import ranking_metrics, target_ranks
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
@@ -71,40 +74,90 @@ def _evaluation(candidate: ModelRef, results: dict, report_dir: Path, size_bytes
     )
 
 
+BaselineScorer = Callable[[StageRows], np.ndarray]
+
+
+def baseline_scorers(
+    spec: RankingSpec, data: RankingData, arrays: dict[str, np.ndarray], baselines: BaselinesRef
+) -> dict[str, tuple[BaselineScorer, int, int, float]]:
+    """Each baseline the domain lists: (scorer of a stage's rows, bytes, parameters, train seconds).
+
+    * ``popularity`` — train positives per item, the same list for everyone;
+    * ``bpr`` — the trained user factors (they never saw the validation item);
+    * ``bpr_fold_in`` — the same item factors, the user's vector refitted from the stage's whole
+      history (at test: validation item included, as the ranker's history);
+    * ``item_knn`` — co-occurrence (cosine of user sets, all train interactions) with the last
+      :data:`~domainflow.recsys.features.RECENT` items of the history: no training.
+    """
+    started = time.perf_counter()
+    users, items = data.train["user_id"].map(data.index.user_pos), data.train["item_id"].map(data.index.item_pos)
+    cooccurrence = cooccurrence_cosine(users.to_numpy(), items.to_numpy(), len(data.index.users), len(data.index.items))
+    knn_seconds = time.perf_counter() - started
+    popularity = arrays["popularity"].astype(np.float64)
+    bpr_keys = ("bpr_items", "bpr_bias")
+    size = lambda keys: (sum(arrays[k].nbytes for k in keys), sum(arrays[k].size for k in keys))  # noqa: E731
+    available: dict[str, tuple[BaselineScorer, int, int, float]] = {
+        "popularity": (
+            lambda rows: np.tile(popularity, (len(rows.users), 1)),
+            *size(["popularity"]),
+            baselines.train_seconds["popularity"],
+        ),
+        "bpr": (
+            lambda rows: arrays["bpr_users"][rows.users] @ arrays["bpr_items"].T + arrays["bpr_bias"],
+            *size(["bpr_users", *bpr_keys]),
+            baselines.train_seconds["bpr"],
+        ),
+        "bpr_fold_in": (
+            lambda rows: fold_in_scores(arrays["bpr_items"], arrays["bpr_bias"], rows.histories, spec.bpr.fold_in_reg),
+            *size(bpr_keys),
+            baselines.train_seconds["bpr"],
+        ),
+        "item_knn": (
+            lambda rows: item_knn_scores(cooccurrence, rows.histories, RECENT),
+            cooccurrence.nbytes,
+            0,
+            knn_seconds,
+        ),
+    }
+    unknown = [name for name in spec.baselines if name not in available]
+    if unknown:
+        raise ValueError(f"{spec.name}: unknown baseline(s) {unknown}; available: {sorted(available)}")
+    return {name: available[name] for name in spec.baselines}
+
+
 @task(name="evaluate-baselines", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def evaluate_baselines(spec: RankingSpec, dataset: RankingDatasetRef, baselines: BaselinesRef) -> list[Evaluation]:
-    """Popularity (train positives per item) and BPR (its trained user factors) under the protocol."""
+    """The domain's baselines (see :func:`baseline_scorers`) under the protocol, on both stages."""
     require_shared(dataset, baselines)
     from safetensors.numpy import load_file
 
     data = RankingData.load(dataset.path)
     arrays = load_file(str(Path(baselines.path) / "baselines.safetensors"))
-    scorers = {
-        "popularity": (
-            lambda users: np.tile(arrays["popularity"].astype(np.float64), (len(users), 1)),
-            ["popularity"],
-            baselines.train_seconds["popularity"],
-        ),
-        "bpr": (
-            lambda users: arrays["bpr_users"][users] @ arrays["bpr_items"].T + arrays["bpr_bias"],
-            ["bpr_users", "bpr_items", "bpr_bias"],
-            baselines.train_seconds["bpr"],
-        ),
-    }
+    stages = {stage: data.stage(stage) for stage in STAGES}
     evaluations = []
-    for name, (score, keys, seconds) in scorers.items():
-        results = {}
-        for stage in STAGES:
-            rows = data.stage(stage)
-            results[stage] = stage_result(score(rows.users), rows, spec.metrics)
+    for name, (score, size_bytes, parameters, seconds) in baseline_scorers(spec, data, arrays, baselines).items():
+        results = {stage: stage_result(score(rows), rows, spec.metrics) for stage, rows in stages.items()}
         report = write_report(
-            dataset.domain, name, value_fingerprint(dataset.fingerprint, baselines.fingerprint, spec.metrics), results
+            dataset.domain,
+            name,
+            value_fingerprint(dataset.fingerprint, baselines.fingerprint, spec.metrics, spec.bpr.fold_in_reg),
+            results,
         )
         ref = ModelRef(name=name, path=baselines.path, fingerprint=baselines.fingerprint, train_seconds=seconds)
-        evaluations.append(
-            _evaluation(ref, results, report, sum(arrays[k].nbytes for k in keys), sum(arrays[k].size for k in keys))
-        )
+        evaluations.append(_evaluation(ref, results, report, size_bytes, parameters))
     return evaluations
+
+
+def stored_test_ranks(evaluations: list[Evaluation]) -> dict[str, list[int]]:
+    """Each model's per-user test ranks from its report folder (``ranks.json``): what the gate's
+    confidence intervals are computed from."""
+    out = {}
+    for evaluation in evaluations:
+        path = Path(evaluation.report_dir) / "ranks.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{evaluation.candidate.name}: no per-user ranks at {path}")
+        out[evaluation.candidate.name] = json.loads(path.read_text())["test"]
+    return out
 
 
 def evaluate_bundles(

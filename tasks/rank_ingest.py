@@ -49,7 +49,9 @@ def ingest_ranking(
     interactions, items, sources = spec.read_source({k: Path(v) for k, v in files.items()})
     clean, clean_items, repairs = validate(interactions, items, sources)
     clean = sample_users(clean, max_users, seed)
-    split = leave_last_out(clean, spec.positive_threshold, spec.min_positives)
+    split = leave_last_out(
+        clean, spec.positive_threshold, spec.min_positives, catalogue=clean_items["item_id"].tolist()
+    )
     if split.holdout.empty:
         raise RankingDataError(
             f"{sources['interactions']}: no user has {spec.min_positives} positive interactions, "

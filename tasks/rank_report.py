@@ -1,9 +1,10 @@
 """Reports of a ranking run: one table of every model, the model cards, and their Prefect artifacts.
 
 The table puts the baselines and the candidates side by side with the same columns, because the
-question a reader asks is "did the text model and the ranker beat popularity and BPR, on what,
-at what cost". Each candidate's model card states the protocol, so a number is never read
-without the situation it measures.
+question a reader asks is "did the text model and the ranker beat the baselines (popularity, BPR,
+BPR with the history folded in, item-kNN), by more than noise, on what, at what cost". Each
+candidate's model card states the protocol, so a number is never read without the situation it
+measures.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from domainflow.logs import run_logger
 from domainflow.records import Evaluation
+from domainflow.recsys.bootstrap import paired_difference
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
 from tasks.artifacts import artifact_key
 from tasks.caching import require_shared
+from tasks.rank_evaluate import stored_test_ranks
 
 METRIC_COLUMNS = ("test_hit_rate_at_10", "test_ndcg_at_10", "test_mrr", "validation_ndcg_at_10")
 COLUMNS = (
@@ -86,12 +89,30 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def baseline_comparisons(
+    spec: Any, evaluation: Evaluation, baselines: list[Evaluation], ranks: dict[str, list[int]]
+) -> list[str]:
+    """One line per baseline: this model's test primary metric minus the baseline's, with its 95% paired
+    bootstrap interval over users and the verdict the gate would give (win / tie / loss)."""
+    primary = spec.primary_metric
+    mine = ranks[evaluation.candidate.name]
+    lines = []
+    for baseline in baselines:
+        interval = paired_difference(mine, ranks[baseline.candidate.name], primary)
+        lines.append(
+            f"- vs `{baseline.candidate.name}` ({baseline.test_metrics[primary]:.4f}): difference "
+            f"{interval.text()} — **{interval.verdict}**"
+        )
+    return lines
+
+
 def model_card(
     spec: Any,
     dataset: RankingDatasetRef,
     baselines_ref: BaselinesRef,
     evaluation: Evaluation,
     rows: list[dict[str, Any]],
+    comparisons: list[str] | None = None,
 ) -> str:
     """A candidate's card: what it is, the protocol, every model's numbers, how it was trained."""
     bundle = Path(evaluation.candidate.path)
@@ -141,6 +162,16 @@ def model_card(
         "(encode + score the whole catalogue) on this machine's CPU, side by side; baselines have no per-request "
         "model.",
         "",
+        "## Against the baselines (test, paired bootstrap over users)",
+        "",
+        f"Mean per-user difference of {spec.primary_metric} (this model − baseline) with its 95% interval "
+        "(2,000 resamples of the evaluated users, the same resample for both models). An interval that "
+        "includes 0 is a **tie** even when the difference is positive, and the gate promotes a model only if "
+        "it **wins** against every baseline (interval above 0): a tie means it was not shown to beat that "
+        "baseline, so nothing is promoted and the champion, if any, stays.",
+        "",
+        *(comparisons or ["- (no per-user ranks found)"]),
+        "",
         "## Training",
         "",
         f"- two-tower: {training.get('pairs', '?')} (history, next positive) pairs from the train split without each "
@@ -184,8 +215,10 @@ def rank_report(
     log = run_logger(__name__)
     baselines, candidates = _as_evaluations(baselines), _as_evaluations(candidates)
     rows = model_rows(baselines, candidates)
+    ranks = stored_test_ranks(baselines + candidates)
     for evaluation in candidates:
-        card = model_card(spec, dataset, baselines_ref, evaluation, rows)
+        comparisons = baseline_comparisons(spec, evaluation, baselines, ranks)
+        card = model_card(spec, dataset, baselines_ref, evaluation, rows, comparisons)
         (Path(evaluation.report_dir) / "model_card.md").write_text(card)
         try:
             create_markdown_artifact(

@@ -35,7 +35,12 @@ from tests.test_recommendation_protocol import ITEMS, SOURCES, hand_made
 def hand_data(tmp_path: Path) -> RankingData:
     clean, items, _ = data.validate(hand_made(), ITEMS, SOURCES)
     items["text"] = items["title"]
-    write_dataset(tmp_path / "ds", items, protocol.leave_last_out(clean, 4.0, min_positives=3), {})
+    write_dataset(
+        tmp_path / "ds",
+        items,
+        protocol.leave_last_out(clean, 4.0, min_positives=3, catalogue=items["item_id"].tolist()),
+        {},
+    )
     return RankingData.load(tmp_path / "ds")
 
 
@@ -199,56 +204,91 @@ def test_bundle_answers_and_errors(tiny_model_dir: Path, tmp_path: Path) -> None
     assert not list(Path(ranker_bundle).rglob("*.pkl")) and not list(Path(ranker_bundle).rglob("*.bin"))
 
 
+USERS = 900
+
+
+def ranks_hitting(users: list[int] | range) -> list[int]:
+    """Test ranks of USERS users: rank 1 for ``users``, 100 (NDCG@10 0) for everyone else."""
+    ranks = [100] * USERS
+    for user in users:
+        ranks[user] = 1
+    return ranks
+
+
 def evaluation(
     name: str,
     valid: float,
-    test: float,
+    hits: list[int] | range,
     compression: str | None = None,
     parent: str | None = None,
-    tmp: Path | None = None,
-) -> Evaluation:
+) -> tuple[Evaluation, list[int]]:
+    """An evaluation whose test NDCG@10 is that of its per-user ranks (len(hits) / USERS)."""
+    ranks = ranks_hitting(hits)
+    test = len(hits) / USERS
     return Evaluation(
-        candidate=ModelRef(
-            name=name, path=str(tmp or "/nonexistent"), fingerprint=name, compression=compression, parent=parent
-        ),
-        test_metrics={"ndcg_at_10": test, "hit_rate_at_10": 2 * test, "mrr": test},
+        candidate=ModelRef(name=name, path="/nonexistent", fingerprint=name, compression=compression, parent=parent),
+        test_metrics={"ndcg_at_10": test, "hit_rate_at_10": test, "mrr": test},
         validation_metrics={"ndcg_at_10": valid},
         size_bytes=1,
         disk_bytes=1,
         parameters=1,
-        report_dir=str(tmp or "/nonexistent"),
+        report_dir="/nonexistent",
         texts_per_second_batch32=10.0,
-    )
+    ), ranks
 
 
 def test_ranking_gate_by_hand(tmp_path: Path) -> None:
-    spec = get_domain("recommendation")  # primary ndcg_at_10, tie tolerance 0.001
-    candidates = [evaluation("two_tower", 0.030, 0.031), evaluation("ranker", 0.080, 0.070)]
-    baselines = [evaluation("popularity", 0.040, 0.047), evaluation("bpr", 0.060, 0.064)]
-
-    first = decide_ranking(spec, candidates, None, baselines=baselines)
-    assert first.promote and first.chosen == "ranker"  # chosen on validation, gated on test
-    assert first.gates["baselines"] == {"popularity": 0.047, "bpr": 0.064}
-    assert "beats baseline bpr: ndcg_at_10 0.0700 vs 0.0640, margin +0.0060" in " ".join(
-        first.verdict("ranker").reasons
-    )
-    assert first.verdict("bpr").role == "baseline" and not first.verdict("bpr").eligible
-
-    close = [evaluation("popularity", 0.040, 0.047), evaluation("bpr", 0.060, 0.0695)]  # ranker is only +0.0005 ahead
-    second = decide_ranking(spec, candidates, None, baselines=close)
-    assert not second.promote and second.chosen == "ranker"
-    assert second.summary == (
-        "Nothing promoted for recommendation: challenger ranker does not beat baseline bpr "
-        "(ndcg_at_10 0.0700 vs 0.0695, margin +0.0005)."
-    )
-
-    third = decide_ranking(spec, candidates, {"ndcg_at_10": 0.075}, champion_version=3, baselines=baselines)
-    assert not third.promote and "worse than champion v3" in " ".join(third.verdict("ranker").reasons)
-
-    # Through the deploy path: a rejection is recorded with its numbers, nothing is promoted.
-    registry = ModelRegistry("rec_gate_test", root=tmp_path / "registry")
+    """900 users. The ranker finds the item of users 0-89 (NDCG@10 0.1). Popularity finds 0-29 and
+    BPR 0-44: the ranker is never worse on a user, so both are wins. Item-kNN finds 0-79 and
+    100-106: the ranker is better on 10 users and worse on 7, +0.0033 — a tie (interval ~±0.009),
+    which blocks promotion. A baseline finding 0-149 beats the ranker: a loss."""
     from functools import partial
 
+    spec = get_domain("recommendation")
+    models = dict(
+        [
+            ("two_tower", evaluation("two_tower", 0.030, range(20))),
+            ("ranker", evaluation("ranker", 0.080, range(90))),
+            ("popularity", evaluation("popularity", 0.040, range(30))),
+            ("bpr", evaluation("bpr", 0.060, range(45))),
+            ("item_knn", evaluation("item_knn", 0.070, [*range(80), *range(100, 107)])),
+            ("strong", evaluation("strong", 0.070, range(150))),
+        ]
+    )
+    ranks = {name: r for name, (_, r) in models.items()}
+    candidates = [models["two_tower"][0], models["ranker"][0]]
+    baselines = [models["popularity"][0], models["bpr"][0]]
+
+    first = decide_ranking(spec, candidates, None, baselines=baselines, test_ranks=ranks)
+    assert first.promote and first.chosen == "ranker"  # chosen on validation, gated on test
+    assert first.gates["baselines"] == {"popularity": 30 / USERS, "bpr": 0.05}
+    assert first.gates["baseline_comparisons"]["bpr"]["verdict"] == "win"
+    assert first.gates["baseline_comparisons"]["bpr"]["mean"] == pytest.approx(0.1 - 0.05)
+    reasons = " ".join(first.verdict("ranker").reasons)
+    assert "beats baseline bpr: ndcg_at_10 0.1000 vs 0.0500, difference +0.0500 [+0.03" in reasons
+    assert first.verdict("bpr").role == "baseline" and not first.verdict("bpr").eligible
+    assert "It beats every baseline outside the 95% CI" in first.summary
+
+    close = [*baselines, models["item_knn"][0]]
+    second = decide_ranking(spec, candidates, None, baselines=close, test_ranks=ranks)
+    assert not second.promote and second.chosen == "ranker"
+    comparison = second.gates["baseline_comparisons"]["item_knn"]
+    assert comparison["verdict"] == "tie" and comparison["low"] < 0 < comparison["mean"] == pytest.approx(3 / USERS)
+    assert second.summary.startswith(
+        "Nothing promoted for recommendation: challenger ranker is not shown to beat every baseline: it ties "
+        "baseline item_knn (ndcg_at_10 0.1000 vs 0.0967, difference +0.0033 ["
+    )
+    assert "ties baseline item_knn" in " ".join(second.verdict("ranker").reasons)
+
+    third = decide_ranking(
+        spec, candidates, {"ndcg_at_10": 0.11}, champion_version=3, baselines=baselines, test_ranks=ranks
+    )
+    assert not third.promote and "worse than champion v3" in " ".join(third.verdict("ranker").reasons)
+    fourth = decide_ranking(spec, candidates, None, baselines=[models["strong"][0]], test_ranks=ranks)
+    assert not fourth.promote and "loses to baseline strong" in fourth.summary
+
+    # Through the deploy path: a rejection is recorded with its numbers and intervals, nothing is promoted.
+    registry = ModelRegistry("rec_gate_test", root=tmp_path / "registry")
     result = apply_decision(
         spec,
         candidates,
@@ -257,17 +297,23 @@ def test_ranking_gate_by_hand(tmp_path: Path) -> None:
         "test-fp",
         {},
         registry=registry,
-        decide_fn=partial(decide_ranking, baselines=close),
+        decide_fn=partial(decide_ranking, baselines=close, test_ranks=ranks),
     )
     assert result["version"] is None and registry.champion() is None
     stored = json.loads(Path(result["decision_file"]).read_text())
-    assert stored["promote"] is False and stored["gates"]["baselines"]["bpr"] == 0.0695
+    assert stored["promote"] is False and stored["gates"]["baselines"]["item_knn"] == pytest.approx(87 / USERS)
+    assert stored["gates"]["baseline_comparisons"]["item_knn"]["verdict"] == "tie"
     assert [e["event"] for e in registry.history()] == ["rejection"]
 
     with pytest.raises(ValueError, match="at least one evaluated baseline"):
-        decide_ranking(spec, candidates, None, baselines=[])
-    compressed = candidates + [evaluation("ranker-int8", 0.080, 0.0699, compression="dynamic_int8", parent="ranker")]
-    compressed[-1] = compressed[-1].model_copy(update={"texts_per_second_batch32": 14.0})
-    assert (
-        decide_ranking(replace(spec), compressed, None, baselines=baselines).chosen == "ranker-int8"
-    )  # within budget, 1.4x faster
+        decide_ranking(spec, candidates, None, baselines=[], test_ranks=ranks)
+    with pytest.raises(ValueError, match="needs the per-user test ranks of 'popularity'"):
+        decide_ranking(spec, candidates, None, baselines=baselines, test_ranks={"ranker": ranks["ranker"]})
+    with pytest.raises(ValueError, match="the test ranks of 'ranker' give ndcg_at_10 0.050000, but its evaluation"):
+        decide_ranking(spec, candidates, None, baselines=baselines, test_ranks={**ranks, "ranker": ranks["bpr"]})
+    int8, int8_ranks = evaluation("ranker-int8", 0.080, range(89), compression="dynamic_int8", parent="ranker")
+    compressed = [*candidates, int8.model_copy(update={"texts_per_second_batch32": 14.0})]
+    decision = decide_ranking(
+        replace(spec), compressed, None, baselines=baselines, test_ranks={**ranks, "ranker-int8": int8_ranks}
+    )
+    assert decision.chosen == "ranker-int8" and decision.promote  # within budget, 1.4x faster

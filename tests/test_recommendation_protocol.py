@@ -36,7 +36,7 @@ def hand_made() -> pd.DataFrame:
 
 def split_and_index():
     clean, items, _ = data.validate(hand_made(), ITEMS, SOURCES)
-    split = protocol.leave_last_out(clean, 4.0, min_positives=3)
+    split = protocol.leave_last_out(clean, 4.0, min_positives=3, catalogue=items["item_id"].tolist())
     return split, protocol.build_index(items, clean)
 
 
@@ -150,3 +150,21 @@ def test_fold_in_recovers_a_user() -> None:
     factors = np.eye(4)
     vector = baselines.fold_in(factors, [0, 2], reg=1.0)
     assert vector.tolist() == pytest.approx([0.5, 0.0, 0.5, 0.0])
+
+
+def test_same_second_interactions_are_ordered_by_catalogue_position() -> None:
+    """Items "9" and "10" rated in the same second: as text "10" < "9", by catalogue position 9 comes
+    first. So "10" is the test item and "9" the validation item, whatever order the file lists them in."""
+    catalogue = [str(i) for i in range(1, 11)]
+    items = pd.DataFrame({"item_id": catalogue, "title": [f"film {i}" for i in catalogue]})
+    rows = [("u", "3", 5, 100), ("u", "10", 4, 200), ("u", "9", 5, 200), ("u", "1", 2, 50)]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).astype(str)
+    splits = []
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        clean, clean_items, _ = data.validate(frame.iloc[order].reset_index(drop=True), items, SOURCES)
+        assert clean["item_id"].tolist() == ["1", "3", "9", "10"]  # validate's order is already the protocol's
+        split = protocol.leave_last_out(clean, 4.0, min_positives=3, catalogue=clean_items["item_id"].tolist())
+        splits.append(split.holdout[["user_id", "valid_item", "test_item"]].values.tolist())
+    assert splits == [[["u", "9", "10"]]] * 3
+    with pytest.raises(ValueError, match=r"not in the catalogue: \['77'\]"):
+        protocol.chronological(pd.DataFrame({"user_id": ["u"], "item_id": ["77"], "timestamp": [1.0]}), catalogue)

@@ -1,6 +1,11 @@
-"""The honest baselines: most-popular and BPR matrix factorisation (our own short torch implementation).
+"""The honest baselines: most-popular, BPR matrix factorisation (our own short torch implementation),
+BPR with the user's whole history folded in, and a training-free item-kNN over the recent history.
 
-Both are trained on the train split only and scored under the same protocol as the text model.
+All are fitted on the train split only and scored under the same protocol as the text model.
+Why four: popularity and BPR are the classic floors, but on MovieLens co-occurrence with the
+user's last few films alone is much stronger than both (NDCG@10 ~0.09 vs 0.06), and BPR's trained
+user factors never see the validation item while the ranker's history does at test time; the
+ranker must beat the strongest simple model given the same history, not only the weakest.
 """
 
 from __future__ import annotations
@@ -160,3 +165,23 @@ def fold_in(item_factors: np.ndarray, history: list[int], reg: float) -> np.ndar
         return np.zeros(dim)
     v = item_factors[history]
     return np.linalg.solve(v.T @ v + reg * np.eye(dim), v.T @ np.ones(len(history)))
+
+
+def item_knn_scores(cooccurrence: np.ndarray, histories: list[list[int]], recent: int) -> np.ndarray:
+    """users x items: mean co-occurrence (item-item cosine of their user sets) of each item with the
+    user's last ``recent`` history items; 0 for an empty history. Training-free: a table of counts."""
+    scores = np.zeros((len(histories), cooccurrence.shape[0]), dtype=np.float64)
+    for row, history in enumerate(histories):
+        if history:
+            scores[row] = cooccurrence[history[-recent:]].mean(axis=0)
+    return scores
+
+
+def fold_in_scores(
+    item_factors: np.ndarray, item_bias: np.ndarray, histories: list[list[int]], reg: float
+) -> np.ndarray:
+    """users x items: BPR scores with each user's vector re-estimated from their whole history
+    (:func:`fold_in`), so the test-time history (validation item included) is used as the ranker uses it."""
+    factors = item_factors.astype(np.float64)
+    users = np.stack([fold_in(factors, history, reg) for history in histories]) if histories else np.zeros((0, 0))
+    return users @ factors.T + item_bias

@@ -25,6 +25,7 @@ import pandas as pd
 
 from domainflow.data.problems import DataValidationError
 from domainflow.data.tables import FORMATS, locations, read_table
+from domainflow.recsys.protocol import chronological
 
 __all__ = ["RankingDataError", "find_files", "read_table", "validate"]
 
@@ -176,7 +177,7 @@ def validate(
             "timestamp": timestamps.to_numpy(),
         }
     )
-    clean = clean.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    clean = chronological(clean, clean_items["item_id"].tolist())  # the protocol's order; ties by catalogue position
     before = len(clean)
     clean = clean.drop_duplicates(["user_id", "item_id"], keep="last").reset_index(drop=True)
     return clean, clean_items, {"repeat_interactions_dropped": before - len(clean)}

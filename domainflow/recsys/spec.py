@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PROTOCOL = (
-    "Implicit feedback: rating >= {threshold} is positive. Per user, interactions ordered by (timestamp, item_id); "
+    "Implicit feedback: rating >= {threshold} is positive. Per user, interactions ordered by (timestamp, the item's "
+    "position in the catalogue file; for MovieLens the integer item id); "
     "last positive -> test, second-last positive -> validation, train = interactions before the validation item; "
     "users with < {min_positives} positives are not evaluated. Full ranking over all catalogue items the user has not "
     "interacted with in train (test also excludes the validation item); score ties broken by catalogue position. "
@@ -83,7 +84,12 @@ class RankingSpec(DomainSpec):
     two_tower: TwoTowerDefaults = Field(default_factory=TwoTowerDefaults, description="text model training")
     bpr: BprDefaults = Field(default_factory=BprDefaults, description="BPR baseline training")
     ranker_negatives: int = Field(30, ge=1, description="sampled negatives per positive when fitting the ranker")
-    baselines: tuple[str, ...] = Field(("popularity", "bpr"), description="baselines the deployed ranker must beat")
+    baselines: tuple[str, ...] = Field(
+        ("popularity", "bpr", "bpr_fold_in", "item_knn"),
+        description="baselines the deployed ranker must beat outside the 95% paired bootstrap interval over users "
+        "(popularity, bpr, bpr_fold_in: BPR with the whole history folded in, item_knn: co-occurrence with the "
+        "last 5 items)",
+    )
 
     def source_files(self, data_dir: str | Path | None = None, *, quiet: bool = False) -> dict[str, Path]:
         """The interactions and items files: ``interactions.*`` + ``items.*`` in ``data_dir``, else the

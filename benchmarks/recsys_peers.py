@@ -1,0 +1,448 @@
+"""Peers on exactly our split: RecBole's Pop, ItemKNN, BPR, GRU4Rec and SASRec beside domainflow's ranker.
+
+    .venv/bin/pip install -e ".[recsys-peers]"          # recbole==1.2.1 (+ colorlog, texttable, tabulate)
+    .venv/bin/domainflow run recommendation              # the ranker and the split it was evaluated on
+    .venv/bin/python benchmarks/recsys_peers.py [--seeds 0 1 2] [--max-epochs 60] [--quick]
+
+The split is the one the pipeline ingested (``runs/recommendation/datasets/ranking-<fingerprint>``,
+found through the ranker bundle's ``dataset_fingerprint``), exported to RecBole's pre-split
+benchmark files (:mod:`domainflow.recsys.atomic_export`): RecBole trains on our train split and
+early-stops on our validation items. Every model is then scored *by us*: its full score matrix
+over the catalogue for our evaluated users, ranked with our masks
+(:func:`domainflow.recsys.protocol.target_ranks`), so every row of the table uses the same
+candidates, the same tie rule and the same per-user ranks. For the general models the script also
+checks that RecBole's own full-ranking masks equal ours (same users, targets, excluded items).
+
+Choices, all on validation (test is read once per reported number): a small grid per model
+(seed 0), then the chosen setting retrained with each seed and scored on test. The table shows the
+mean over seeds of HR@10 / NDCG@10 / MRR with a 95% bootstrap interval over users (of the
+per-user metric averaged over seeds), and the ranker's paired difference with each peer.
+
+Peers read what RecBole's models read: general models the user's train interactions (ItemKNN's
+test scores add the validation item to the history, as its similarity matrix allows; BPR keeps its
+trained user factors, RecBole's convention), sequential models the history before the target
+(at test: train + validation item, truncated to ``MAX_ITEM_LIST_LENGTH`` = 50). All train on every
+train interaction whatever its rating (RecBole's implicit-feedback convention); targets are
+positives (rating >= 4).
+
+Compatibility with torch 2.13 / numpy 2.4 (RecBole 1.2.1 dates from 2023), shimmed here without
+touching the models: (1) ``Config`` calls ``np.float_``, ``np.complex_`` and ``np.unicode_``, removed in
+numpy 2.0 (AttributeError), so those three aliases are restored before RecBole is imported; (2)
+``torch.load`` defaults to ``weights_only=True`` since torch 2.6, which refuses RecBole's checkpoint
+(it pickles the config), so the best checkpoint — our own file — is loaded here with
+``weights_only=False``; (3) pandas 3 made ``Series.agg(len)`` return the Series' length instead of
+each element's, which breaks RecBole's ``token_seq`` fields (the sequential models' input lists), so
+``agg(len)`` is mapped element-wise while RecBole builds its dataset (:func:`elementwise_len_agg`).
+``thop``, ``plotly`` and ``ray`` are only imported by RecBole's FLOPs counter and hyper-parameter
+tuning, which this script does not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from domainflow import settings  # noqa: E402
+from domainflow.recsys import atomic_export  # noqa: E402
+from domainflow.recsys.bootstrap import METRICS, bootstrap_mean, per_user  # noqa: E402
+from domainflow.recsys.dataset import RankingData, StageRows  # noqa: E402
+from domainflow.recsys.protocol import target_ranks  # noqa: E402
+
+NAME = "split"
+MAX_LENGTH = 50
+PEERS = ("Pop", "ItemKNN", "BPR", "GRU4Rec", "SASRec")
+SEQUENTIAL = {"GRU4Rec", "SASRec"}
+# Small grids (chosen on validation NDCG@10, seed 0). Everything else is RecBole's default for the model.
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "Pop": [{}],
+    "ItemKNN": [{"k": k, "shrink": 0.0} for k in (20, 50, 100, 200)],
+    "BPR": [{"embedding_size": 64, "learning_rate": lr} for lr in (1e-3, 5e-3)],
+    "GRU4Rec": [
+        {"embedding_size": 64, "hidden_size": 128, "learning_rate": 1e-3, "dropout_prob": p, "loss_type": "CE"}
+        for p in (0.2, 0.4)
+    ],
+    "SASRec": [
+        {
+            "hidden_size": 64,
+            "inner_size": 256,
+            "n_layers": 2,
+            "n_heads": 2,
+            "learning_rate": 1e-3,
+            "loss_type": "CE",
+            "hidden_dropout_prob": p,
+            "attn_dropout_prob": p,
+        }
+        for p in (0.2, 0.5)
+    ],
+}
+
+
+@contextmanager
+def elementwise_len_agg() -> Iterator[None]:
+    """pandas 3 made ``Series.agg(len)`` the length of the Series (pandas 2: each element's length),
+    which breaks RecBole's handling of ``token_seq`` fields (``item_id_list``: "Length of values (1)
+    does not match length of index"). While RecBole builds a dataset, ``agg(len)`` maps element-wise."""
+    import pandas as pd
+
+    series: Any = pd.Series  # patched on the class: RecBole calls it on its own Series
+    original = series.agg
+
+    def agg(self: pd.Series, func: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if func is len:
+            return self.map(len)
+        return original(self, func, *args, **kwargs)
+
+    series.agg = agg
+    try:
+        yield
+    finally:
+        series.agg = original
+
+
+def numpy_aliases() -> None:
+    """RecBole 1.2.1's ``Config.compatibility_settings`` reads aliases numpy 2 removed; restore them."""
+    for alias, target in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
+        if not hasattr(np, alias):
+            setattr(np, alias, target)
+
+
+# ------------------------------------------------------------------------------------- our side
+
+
+def find_ranker(domain: str, ranker: str | None) -> tuple[Path, Path]:
+    """The ranker bundle (given, else the newest full-data one) and the dataset folder it was built on."""
+    runs = settings.runs_dir() / domain
+    if ranker:
+        bundles = [Path(ranker)]
+    else:
+        bundles = sorted((runs / "models").glob("ranker-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for bundle in bundles:
+        metadata = json.loads((bundle / "recommender.json").read_text())
+        if metadata.get("scorer") != "ranker" or metadata.get("compression"):
+            continue
+        dataset = runs / "datasets" / f"ranking-{metadata['dataset_fingerprint']}"
+        report = json.loads((dataset / "report.json").read_text()) if dataset.is_dir() else {}
+        if report and report.get("max_users") is None:
+            return bundle, dataset
+    raise SystemExit(f"no full-data ranker under {runs / 'models'}: run `domainflow run {domain}` first")
+
+
+def ranker_ranks(bundle: Path, data: RankingData, spec: Any) -> dict[str, np.ndarray]:
+    """The ranker's per-user ranks on both stages, loaded and scored as the pipeline evaluates it."""
+    from domainflow.recsys.bundle import Recommender
+
+    recommender = Recommender(bundle, spec.history_text)
+    if recommender.item_ids != data.index.items:
+        raise SystemExit(f"{bundle} was built for another catalogue than {data}")
+    out = {}
+    for stage in ("valid", "test"):
+        rows = data.stage(stage)
+        out[stage] = target_ranks(recommender.score_histories(rows.histories), rows.targets, rows.excluded)
+    return out
+
+
+# ------------------------------------------------------------------------------------- RecBole
+
+
+@dataclass
+class Run:
+    """One trained peer: its setting, seed and per-user ranks on both stages."""
+
+    model: str
+    params: dict[str, Any]
+    seed: int
+    ranks: dict[str, np.ndarray]
+    seconds: float
+    epochs: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def recbole_config(model: str, folder: Path, params: dict[str, Any], seed: int, max_epochs: int, work: Path) -> Any:
+    from recbole.config import Config  # type: ignore[import-untyped]
+
+    sequential = model in SEQUENTIAL
+    load = ["user_id", "item_id", "timestamp", *(["item_id_list"] if sequential else [])]
+    config = {
+        "data_path": str(folder.parent),
+        "benchmark_filename": list(atomic_export.STAGE_FILES),
+        "load_col": {"inter": load, "item": ["item_id"]},
+        "USER_ID_FIELD": "user_id",
+        "ITEM_ID_FIELD": "item_id",
+        "TIME_FIELD": "timestamp",
+        "MAX_ITEM_LIST_LENGTH": MAX_LENGTH,
+        "eval_args": {"group_by": "user", "order": "TO", "split": {"RS": [0.8, 0.1, 0.1]}, "mode": "full"},
+        "metrics": ["Hit", "NDCG", "MRR"],
+        "topk": [10],
+        "valid_metric": "NDCG@10",
+        "epochs": max_epochs,
+        "stopping_step": 5,
+        "eval_step": 1,
+        "train_batch_size": 2048 if not sequential else 512,
+        "eval_batch_size": 4096,
+        "seed": seed,
+        "reproducibility": True,
+        "use_gpu": False,
+        "device": "cpu",
+        "show_progress": False,
+        "checkpoint_dir": str(work / "checkpoints"),
+        "log_wandb": False,
+        "save_dataset": False,
+        "save_dataloaders": False,
+        "train_neg_sample_args": None
+        if params.get("loss_type") == "CE"
+        else {"distribution": "uniform", "sample_num": 1},
+        **params,
+    }
+    return Config(model=model, dataset=folder.name, config_dict=config)
+
+
+def internal_items(dataset: Any) -> np.ndarray:
+    """Our item position of each RecBole internal item id (index 0 is RecBole's padding: -1)."""
+    tokens = dataset.field2id_token["item_id"]
+    return np.array([-1] + [int(token) for token in tokens[1:]])
+
+
+def check_masks(eval_loader: Any, dataset: Any, ours: StageRows) -> None:
+    """RecBole's full-ranking history mask and targets for each user must be ours."""
+    user_tokens = dataset.field2id_token["user_id"]
+    item_of = internal_items(dataset)
+    for row, user in enumerate(ours.users):
+        uid = int(dataset.field2token_id["user_id"][str(user)])
+        history = set(item_of[eval_loader.uid2history_item[uid].numpy()].tolist())
+        positive = item_of[eval_loader.uid2positive_item[uid].numpy()].tolist()
+        if history != set(np.flatnonzero(ours.excluded[row]).tolist()) or positive != [int(ours.targets[row])]:
+            raise AssertionError(f"RecBole's masks differ from ours for user {user_tokens[uid]}")
+
+
+def score_matrix(model_name: str, model: Any, dataset: Any, rows: StageRows, num_items: int) -> np.ndarray:
+    """users x our catalogue: the RecBole model's full-sort scores for our rows (histories at this stage)."""
+    import torch
+    from recbole.data.interaction import Interaction  # type: ignore[import-untyped]
+
+    item_of = internal_items(dataset)
+    token_id = dataset.field2token_id
+    uids = torch.tensor([int(token_id["user_id"][str(u)]) for u in rows.users])
+    if model_name in SEQUENTIAL:
+        sequences = torch.zeros((len(rows.users), MAX_LENGTH), dtype=torch.long)
+        lengths = torch.zeros(len(rows.users), dtype=torch.long)
+        for row, history in enumerate(rows.histories):
+            recent = [int(token_id["item_id"][str(i)]) for i in history[-MAX_LENGTH:]]
+            sequences[row, : len(recent)] = torch.tensor(recent)
+            lengths[row] = len(recent)
+        interaction = Interaction({"user_id": uids, "item_id_list": sequences, "item_length": lengths})
+    else:
+        interaction = Interaction({"user_id": uids})
+    model.eval()
+    with torch.no_grad():
+        raw = model.full_sort_predict(interaction).reshape(len(rows.users), -1).double().numpy()
+    if model_name == "ItemKNN":  # the stage's whole history (at test: + validation item) times the similarity
+        vectors = np.zeros((len(rows.users), raw.shape[1]))
+        for row, items in enumerate(rows.histories):
+            vectors[row, [int(token_id["item_id"][str(i)]) for i in items]] = 1.0
+        raw = np.asarray((model.w.T @ vectors.T).T)  # = history @ w, RecBole's pred_mat for item kNN
+    scores = np.full((len(rows.users), num_items), -np.inf)
+    scores[:, item_of[1:]] = raw[:, 1:]
+    return scores
+
+
+@dataclass
+class Bench:
+    """What every peer run shares: the exported files, our split and stages, the epoch cap, a work folder."""
+
+    folders: dict[str, Path]
+    data: RankingData
+    stages: dict[str, StageRows]
+    max_epochs: int
+    work: Path
+    log: Callable[[str], None]
+
+
+def train_peer(model_name: str, params: dict[str, Any], seed: int, bench: Bench) -> Run:
+    import torch
+    from recbole.data import create_dataset, data_preparation  # type: ignore[import-untyped]
+    from recbole.utils import get_model, get_trainer, init_seed  # type: ignore[import-untyped]
+
+    folder = bench.folders["sequential" if model_name in SEQUENTIAL else "general"]
+    config = recbole_config(model_name, folder, params, seed, bench.max_epochs, bench.work)
+    stages = bench.stages
+    init_seed(config["seed"], config["reproducibility"])
+    logging.getLogger("recbole").setLevel(logging.WARNING)
+    with elementwise_len_agg():
+        dataset = create_dataset(config)
+        train_data, valid_data, test_data = data_preparation(config, dataset)
+    if model_name not in SEQUENTIAL:
+        check_masks(valid_data, dataset, stages["valid"])
+        check_masks(test_data, dataset, stages["test"])
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    started = time.perf_counter()
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False)
+    seconds = time.perf_counter() - started
+    checkpoint = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)  # our own file
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    num_items = len(bench.data.index.items)
+    ranks = {
+        stage: target_ranks(score_matrix(model_name, model, dataset, rows, num_items), rows.targets, rows.excluded)
+        for stage, rows in stages.items()
+    }
+    valid_ndcg = float(per_user(ranks["valid"], "ndcg_at_10").mean())
+    bench.log(
+        f"  {model_name} {params} seed {seed}: valid NDCG@10 {valid_ndcg:.4f} "
+        f"(RecBole's own best valid {trainer.best_valid_score:.4f}), {seconds:.0f} s"
+    )
+    return Run(model_name, params, seed, ranks, seconds, getattr(trainer, "cur_step", None))
+
+
+def run_peer(
+    model_name: str, seeds: list[int], grid: list[dict[str, Any]], bench: Bench
+) -> tuple[list[Run], dict[str, Any]]:
+    """Grid on validation with the first seed, then the chosen setting with every seed."""
+    first = [train_peer(model_name, params, seeds[0], bench) for params in grid]
+    best = max(first, key=lambda run: per_user(run.ranks["valid"], "ndcg_at_10").mean())
+    deterministic = model_name in {"Pop", "ItemKNN"}
+    runs = [best] + ([] if deterministic else [train_peer(model_name, best.params, s, bench) for s in seeds[1:]])
+    return runs, best.params
+
+
+# ------------------------------------------------------------------------------------- the table
+
+
+def summarise(name: str, runs_ranks: list[np.ndarray], reference: list[np.ndarray] | None) -> dict[str, Any]:
+    """Mean over seeds of each metric, with a bootstrap interval over users of the seed-averaged
+    per-user metric; with ``reference`` (the ranker's ranks), the paired difference too."""
+    row: dict[str, Any] = {"model": name, "seeds": len(runs_ranks)}
+    for metric in METRICS:
+        values = np.mean([per_user(r, metric) for r in runs_ranks], axis=0)
+        row[metric] = bootstrap_mean(values)
+        row[f"{metric}_seed_std"] = float(np.std([per_user(r, metric).mean() for r in runs_ranks]))
+    if reference is not None:
+        ours = np.mean([per_user(r, "ndcg_at_10") for r in reference], axis=0)
+        theirs = np.mean([per_user(r, "ndcg_at_10") for r in runs_ranks], axis=0)
+        row["ranker_minus"] = bootstrap_mean(ours - theirs)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def cell(interval: Any) -> str:
+        return f"{interval.mean:.4f} [{interval.low:.4f}, {interval.high:.4f}]"
+
+    lines = [
+        "| model | seeds | HR@10 [95% CI] | NDCG@10 [95% CI] | MRR [95% CI] | valid NDCG@10 "
+        "| ranker − model, NDCG@10 [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        difference = row.get("ranker_minus")
+        lines.append(
+            f"| {row['model']} | {row['seeds']} | {cell(row['hit_rate_at_10'])} | {cell(row['ndcg_at_10'])} | "
+            f"{cell(row['mrr'])} | {row['valid_ndcg']:.4f} | "
+            + (f"{difference.text()} ({difference.verdict})" if difference is not None else "–")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # argparse directly, not benchmarks.common: opacus's wheel installs a top-level `benchmarks` package
+    # into site-packages that shadows this folder's namespace package.
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--domain", default="recommendation")
+    parser.add_argument("--ranker", default=None, help="ranker bundle folder (default: the newest full-data one)")
+    parser.add_argument(
+        "--dataset", default=None, help="a split dataset folder: peers only, no ranker row (smoke runs)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-epochs", type=int, default=60, help="most epochs (early stopping on validation, 5)")
+    parser.add_argument("--models", nargs="+", default=list(PEERS), choices=PEERS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core CPU)")
+    parser.add_argument("--quick", action="store_true", help="first grid point only, 3 epochs (a smoke run)")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    numpy_aliases()
+    import torch
+
+    from domainflow.catalog import get_domain
+
+    # Small models on a shared 2-core CPU: one thread is many times faster per step than two fighting
+    # for the cores (measured for our BPR in domainflow.recsys.baselines; RecBole's BPR: 90 s/epoch with 2).
+    torch.set_num_threads(args.threads)
+    spec = get_domain(args.domain)
+    bundle, dataset_dir = (None, Path(args.dataset)) if args.dataset else find_ranker(args.domain, args.ranker)
+    data = RankingData.load(dataset_dir)
+    stages = {stage: data.stage(stage) for stage in ("valid", "test")}
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    log(
+        f"split {dataset_dir.name}: {len(stages['test'].users)} evaluated users, {len(data.index.items)} items; "
+        f"ranker {bundle.name if bundle else 'none'}"
+    )
+    started = time.perf_counter()
+    ours = ranker_ranks(bundle, data, spec) if bundle else None
+    if ours is not None:
+        log(
+            f"  ranker: valid NDCG@10 {per_user(ours['valid'], 'ndcg_at_10').mean():.4f} "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="recsys-peers-") as tmp, contextlib.chdir(tmp):
+        work = Path(tmp)  # also the working directory: RecBole writes log/ and log_tensorboard/ into it
+        folders = {
+            "general": atomic_export.export_general(data, work / "general" / NAME, NAME),
+            "sequential": atomic_export.export_sequential(data, work / "sequential" / NAME, NAME, MAX_LENGTH),
+        }
+        bench = Bench(folders, data, stages, 3 if args.quick else args.max_epochs, work, log)
+        for model_name in args.models:
+            grid = GRIDS[model_name][:1] if args.quick else GRIDS[model_name]
+            runs, chosen = run_peer(model_name, args.seeds, grid, bench)
+            row = summarise(model_name, [run.ranks["test"] for run in runs], [ours["test"]] if ours else None)
+            row["valid_ndcg"] = float(np.mean([per_user(run.ranks["valid"], "ndcg_at_10").mean() for run in runs]))
+            row["params"] = chosen
+            row["train_seconds"] = float(np.mean([run.seconds for run in runs]))
+            row["test_ranks"] = [run.ranks["test"].tolist() for run in runs]  # for a later paired comparison
+            rows.append(row)
+    peers = list(rows)
+    if ours is not None:
+        ranker_row = summarise("domainflow ranker", [ours["test"]], None)
+        ranker_row["valid_ndcg"] = float(per_user(ours["valid"], "ndcg_at_10").mean())
+        rows.append(ranker_row)
+    print()
+    print(table(rows))
+    best = max(peers, key=lambda row: row["ndcg_at_10"].mean) if peers else None
+    if best is not None and ours is not None:
+        verdict = best["ranker_minus"].verdict
+        print(
+            f"\nBest peer on test NDCG@10: {best['model']} ({best['ndcg_at_10'].mean:.4f}); ranker − it = "
+            f"{best['ranker_minus'].text()}: {'goal reached' if verdict == 'win' else 'goal NOT reached'} "
+            f"({verdict})."
+        )
+    for row in peers:
+        print(f"  {row['model']}: chosen {row['params']}, mean train {row['train_seconds']:.0f} s")
+    if args.out:
+
+        def plain(value: Any) -> Any:
+            return value.to_dict() if hasattr(value, "to_dict") else value
+
+        Path(args.out).write_text(json.dumps([{k: plain(v) for k, v in row.items()} for row in rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
