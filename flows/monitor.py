@@ -48,6 +48,7 @@ from domainflow.monitoring.store import ScoreStore, default_store_path  # noqa: 
 from domainflow.monitoring.surge import Surge, baseline_frame, detect_surges  # noqa: E402
 from domainflow.monitoring.topics import TopicExtractor  # noqa: E402
 from domainflow.monitoring.webhook import Delivery, deliver, redact  # noqa: E402
+from domainflow.pii import PiiMode  # noqa: E402
 
 BATCH_SUFFIXES = (".csv", ".json", ".jsonl", ".ndjson", ".parquet")
 SURGE_EVENT = "domainflow.sentiment.surge"
@@ -120,9 +121,18 @@ def store_for(domain: str, store_path: str | None) -> ScoreStore:
     return ScoreStore(Path(store_path) if store_path else default_store_path(domain))
 
 
-def batch_fingerprint(batch_file: str | Path, config: MonitorConfig) -> str:
-    """The file's bytes plus what turns them into stored items (topic rules)."""
-    return value_fingerprint("monitor-batch", file_digest(Path(batch_file)), config.keywords, config.cashtags)
+def pii_setting(domain: str) -> PiiMode:
+    """The domain's ``pii`` setting (domainflow/pii.py): texts are masked before the store sees them."""
+    from domainflow.catalog import get_domain
+
+    mode: PiiMode = getattr(get_domain(domain), "pii", "off")  # a classification domain's setting
+    return mode
+
+
+def batch_fingerprint(batch_file: str | Path, config: MonitorConfig, pii: str = "off") -> str:
+    """The file's bytes plus what turns them into stored items (topic rules, personal data masked or not)."""
+    masking = [pii] if pii != "off" else []  # unchanged keys for stores filled before the setting existed
+    return value_fingerprint("monitor-batch", file_digest(Path(batch_file)), config.keywords, config.cashtags, *masking)
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -144,10 +154,13 @@ def champion_for(domain: str) -> ChampionRef:
 
 
 @task(name="prepare-batch", cache_policy=NO_CACHE)
-def prepare_batch(batch_file: str, config: MonitorConfig, fingerprint: str, store_path: str) -> BatchRef:
-    """Validate the file, give each item its id and topics, and write them as Parquet beside the store."""
+def prepare_batch(
+    batch_file: str, config: MonitorConfig, fingerprint: str, store_path: str, pii: PiiMode = "off"
+) -> BatchRef:
+    """Validate the file, mask personal data (``pii``), give each item its id and topics, and write them as
+    Parquet beside the store."""
     source = Path(batch_file)
-    items, duplicates = read_batch(source, TopicExtractor(config.keywords, config.cashtags))
+    items, duplicates = read_batch(source, TopicExtractor(config.keywords, config.cashtags), pii)
     frame = pd.DataFrame(
         {
             "item_id": [i.item_id for i in items],
@@ -414,7 +427,8 @@ def monitor_batch(
     source = Path(batch_file)
     if not source.is_file():
         raise MonitorError(f"batch file {source} does not exist")
-    fingerprint = batch_fingerprint(source, settings_)
+    pii = pii_setting(domain)
+    fingerprint = batch_fingerprint(source, settings_, pii)
     summary: dict[str, Any] = {
         "domain": domain,
         "batch": str(source),
@@ -434,7 +448,7 @@ def monitor_batch(
         }
 
     champion = champion_for(domain)
-    batch = prepare_batch(str(source), settings_, fingerprint, str(store.path))
+    batch = prepare_batch(str(source), settings_, fingerprint, str(store.path), pii)
     scored = score_batch(batch, champion, str(store.path), settings_.score_chunk_size)
     scan = find_surges(str(store.path), batch.windows, settings_, labels, fingerprint)
 

@@ -8,6 +8,10 @@ spec (columns, labels, validation fraction…), the limits and seed, and the cod
 The fingerprint is computed before reading, so a folder that exists is returned without any
 work; folders are published with :func:`domainflow.atomic.build_atomically`, so one that exists
 is complete, and two runs building the same key at once do not clobber each other.
+
+Personal data in the texts (the slice's ``pii`` setting, :mod:`domainflow.pii`) is masked or refused
+right after the files are read, before validation: nothing later, not even an error message, sees a
+value; the report counts what was masked per file and kind.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value
 from datasets.table import InMemoryTable
 
+from domainflow import pii
 from domainflow.atomic import build_atomically
 from domainflow.data import tables
 from domainflow.data.labels import Labels, ids_to_names
@@ -63,11 +68,13 @@ def package_code_key() -> str:
 def ingest_recipe(
     data: DataSlice, domain: str, max_train: int | None, max_test: int | None, seed: int, code_key: str | None
 ) -> dict[str, Any]:
-    """Everything besides the source bytes that changes what ingest writes."""
+    """Everything besides the source bytes that changes what ingest writes (with ``pii`` on, the detectors'
+    library versions too: a new numbering plan can mask other texts)."""
     return {
         "code": code_key or package_code_key(),
         "domain": domain,
         "data": data.model_dump(mode="json", exclude=set(ACCEPT_ONLY_FIELDS)),
+        "pii_detectors": pii.detector_version() if data.pii != "off" else None,
         "max_train_samples": max_train,
         "max_test_samples": max_test,
         "seed": seed,
@@ -114,6 +121,36 @@ def _label_counts(labels: Labels, rows: Rows) -> dict[str, int]:
     return {labels.names[label]: counts[label] for label in sorted(counts)}
 
 
+def protect_tables(data: DataSlice, train: Table, test: Table) -> tuple[Table, Table, dict[str, dict[str, int]]]:
+    """Both files' texts as the domain's ``pii`` setting lets them through, and the values masked per file and kind.
+
+    Why first, before validation: every later message, log line, report and file shows texts (a leakage pair,
+    a conflicting duplicate), so the values must be gone before any of them is made. ``reject`` raises a
+    :class:`~domainflow.pii.PiiRejectedError` naming the file, the lines and the kinds, never a value.
+    """
+    if data.pii == "off":
+        return train, test, {}
+    counts: dict[str, dict[str, int]] = {}
+    protected: list[Table] = []
+    for name, table in (("train", train), ("test", test)):
+        if data.text_column not in table.frame.columns:  # validation reports the missing column
+            protected.append(table)
+            continue
+        result = pii.protect(
+            data.pii,
+            table.frame[data.text_column].tolist(),
+            table.where(),
+            f"{table.name}, column {data.text_column!r}",
+            hint='Remove them from the file, or set pii = "mask" in the domain file to replace them by typed '
+            "placeholders" + (f" ({table.note})" if table.note else ""),
+        )
+        frame = table.frame.copy()
+        frame[data.text_column] = pd.Series(result.texts, index=frame.index, dtype=object)
+        protected.append(Table(name=table.name, source=table.source, fmt=table.fmt, frame=frame))
+        counts[name] = result.counts
+    return protected[0], protected[1], counts
+
+
 def _report(
     domain: str,
     fingerprint: str,
@@ -121,6 +158,7 @@ def _report(
     sources: dict[str, dict[str, Any]],
     prepared: Prepared,
     splits: Mapping[str, Rows],
+    masked: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
     labels = prepared.labels
     return {
@@ -139,6 +177,8 @@ def _report(
         "test_overlaps": prepared.test_overlaps,  # every train row dropped for its text being in test
         "dropped_exact_duplicates": len(prepared.duplicates),
         "exact_duplicates": prepared.duplicates,  # every extra copy dropped from train
+        "pii": recipe["data"].get("pii", "off"),
+        "pii_masked": masked,  # values replaced per source file ("train" holds validation too) and kind
     }
 
 
@@ -181,11 +221,11 @@ def build_dataset(
     if _finished(target):
         log.info("dataset %s already ingested at %s", fingerprint, target)
         return _ref_from_report(read_ingest_report(target), target)
-    train, test = load()
+    train, test, masked = protect_tables(data, *load())
     prepared = validate(data, domain, train, test)
     splits = split(prepared.train, prepared.test, data.validation_fraction, max_train, max_test, seed)
     check_split_sizes(data, prepared.labels, train, test, splits["train"], splits["test"], max_train, max_test)
-    report = _report(domain, fingerprint, recipe, sources(train, test), prepared, splits)
+    report = _report(domain, fingerprint, recipe, sources(train, test), prepared, splits, masked)
 
     def write(folder: Path) -> None:
         _dataset_dict(prepared.labels, splits, fingerprint).save_to_disk(str(folder))
@@ -304,9 +344,21 @@ def dataset_summary_markdown(report: Mapping[str, Any], *, extremes: int = 5) ->
         f"- dropped exact duplicates (train): {report.get('dropped_exact_duplicates', 0)}",
         f"- dropped train rows whose text is in test, exactly or up to case/whitespace "
         f"(leakage = {report.get('leakage', 'drop')}): {report.get('dropped_test_overlaps', 0)}",
+        f"- personal data (pii = {report.get('pii', 'off')}): {_masked_summary(report.get('pii_masked', {}))}",
         f"- fingerprint: `{report['fingerprint']}`",
         f"- test fingerprint: `{report['test_fingerprint']}`",
     ]
     for name, source in report.get("sources", {}).items():
         lines.append(f"- {name} source: `{source.get('path')}` ({source.get('format')}, {source.get('rows')} rows)")
     return "\n".join(lines) + "\n"
+
+
+def _masked_summary(masked: Mapping[str, Mapping[str, int]]) -> str:
+    """``train file: 3 CARD_NUMBER, 1 EMAIL; test file: none`` (the counts only, never a value)."""
+    if not masked:
+        return "not scanned"
+    parts = []
+    for name, counts in masked.items():
+        found = ", ".join(f"{count} {kind}" for kind, count in counts.items())
+        parts.append(f"{name} file: {found or 'none'} masked")
+    return "; ".join(parts)

@@ -10,6 +10,10 @@ Why each item gets an id before scoring: the store's primary key is what makes a
 second processing of the same batch, or of an overlapping one, add nothing. The id is
 the file's ``id`` value when it has one, else a hash of (timestamp, text, given topic):
 the same headline at the same instant is the same item, whichever file brings it.
+
+Personal data (the domain's ``pii`` setting, see :mod:`domainflow.pii`) is masked before anything
+else reads a text, so the store, the Parquet copy of the batch and every message hold the masked
+text, and the content hash is taken of it too; ``reject`` refuses the batch naming line and kind.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pandas as pd
 from domainflow.data.problems import DataValidationError
 from domainflow.data.tables import read_table  # the project's one reader: formats, line numbers, UTF-8 checks
 from domainflow.monitoring.topics import TopicExtractor, parse_given_topics
+from domainflow.pii import PiiMode, PiiRejectedError, protect
 
 TIMESTAMP, TEXT, TOPIC, ID = "timestamp", "text", "topic", "id"
 MAX_LISTED = 10
@@ -73,10 +78,11 @@ def item_id(explicit: Any, timestamp: pd.Timestamp, text: str, given_topic: str)
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def read_batch(path: str | Path, extractor: TopicExtractor) -> tuple[list[BatchItem], int]:
+def read_batch(path: str | Path, extractor: TopicExtractor, pii: PiiMode = "off") -> tuple[list[BatchItem], int]:
     """Validated items of a batch file (first copy of each id kept) and how many in-file duplicates were dropped.
 
-    Raises :class:`BatchValidationError` listing every bad row.
+    Raises :class:`BatchValidationError` listing every bad row (or, with ``pii = "reject"``, every text holding
+    personal data).
     """
     path = Path(path)
     try:
@@ -100,7 +106,12 @@ def read_batch(path: str | Path, extractor: TopicExtractor) -> tuple[list[BatchI
     duplicates = 0
     topics_col = frame[TOPIC].tolist() if TOPIC in frame.columns else [None] * len(frame)
     ids_col = frame[ID].tolist() if ID in frame.columns else [None] * len(frame)
-    rows = zip(frame.index, frame[TIMESTAMP].tolist(), frame[TEXT].tolist(), topics_col, ids_col, strict=True)
+    texts = frame[TEXT].tolist()
+    try:
+        texts = protect(pii, texts, [f"{unit} {i}" for i in frame.index], f"{path.name}, column '{TEXT}'").texts
+    except PiiRejectedError as exc:
+        raise BatchValidationError(f"{exc}\n(file: {path})") from None
+    rows = zip(frame.index, frame[TIMESTAMP].tolist(), texts, topics_col, ids_col, strict=True)
     for location, stamp_raw, text, topic_raw, explicit in rows:
         where = f"{unit} {location}"
         bad = False
