@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -227,18 +227,25 @@ def start_service(domain: str, key: str, deadline_ms: float) -> tuple[subprocess
     command += ["--request-deadline-ms", str(deadline_ms)]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
+    wait_until_ready(process, base, [domain])
+    return process, base
+
+
+def wait_until_ready(process: subprocess.Popen, base: str, domains: Sequence[str], timeout: float = 300) -> None:
+    """Return once ``/readyz/{domain}`` answers 200 for every domain; SystemExit when the service exits or the
+    timeout passes (the service is then killed)."""
     started = time.monotonic()
-    while time.monotonic() - started < 300:
+    while time.monotonic() - started < timeout:
         if process.poll() is not None:
             raise SystemExit(f"the service exited ({process.returncode}): {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
         try:
-            if httpx.get(f"{base}/readyz/{domain}", timeout=2).status_code == 200:
-                return process, base
+            if all(httpx.get(f"{base}/readyz/{domain}", timeout=2).status_code == 200 for domain in domains):
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     process.kill()
-    raise SystemExit("the service was not ready within 300 s")
+    raise SystemExit(f"the service was not ready within {timeout:.0f} s")
 
 
 def rss_mb(pid: int) -> float | None:

@@ -95,6 +95,9 @@ class TextClassifier(nn.Module):
         self.class_weights: torch.Tensor | None = None
         self.distill_temperature: float = 2.0
         self.distill_alpha: float = 0.5
+        # The base encoder this model shares with others in the process (domainflow.shared_bases), kept here
+        # so that the base stays loaded while the model lives; None: the weights are the model's own.
+        self.shared_base: Any = None
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
@@ -255,7 +258,7 @@ def read_metadata(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_classifier(
-    model_dir: str | Path, *, apply_compression: bool = True, merge_adapter: bool = True
+    model_dir: str | Path, *, apply_compression: bool = True, merge_adapter: bool = True, share_base: bool = False
 ) -> LoadedClassifier:
     """Rebuild a classifier from its directory (safetensors or an ONNX graph) and re-apply its compression recipe.
 
@@ -263,7 +266,9 @@ def load_classifier(
     candidate has no fp32 weights of its own (they live in its parent), so asking for them
     is an error rather than a silent fallback. A PEFT candidate (an adapter on a base encoder, see
     :mod:`domainflow.peft_models`) is loaded with its adapter merged into the base weights, an ordinary
-    ``TextClassifier``; ``merge_adapter=False`` keeps the adapter apart, as it was trained.
+    ``TextClassifier``; ``merge_adapter=False`` keeps the adapter apart, as it was trained. ``share_base=True``
+    keeps it apart on the process's shared copy of the base (:mod:`domainflow.shared_bases`; what serving does),
+    unless a compression recipe is to be applied: that rewrites weights, so the model gets a merged copy of its own.
     """
     from transformers import AutoTokenizer
 
@@ -289,7 +294,8 @@ def load_classifier(
         model = OnnxClassifier(model_dir / metadata["onnx_file"])
     else:
         if ADAPTER_KEY in metadata:  # a PEFT candidate: its adapter and head, on the base encoder it names
-            model = load_adapter_classifier(model_dir, metadata, merge=merge_adapter)
+            shared = share_base and not (apply_compression and recipe)
+            model = load_adapter_classifier(model_dir, metadata, merge=merge_adapter, share_base=shared)
         else:
             model = _load_torch_classifier(model_dir, len(metadata["label_names"]))
         if apply_compression and recipe:

@@ -20,7 +20,9 @@ loaded from its path, its weights' fingerprint checked against the recorded one 
 weights computes something nobody evaluated, so a mismatch is refused naming both), the adapter applied and, by
 default, merged into the weights (peft's ``merge_and_unload``): the served model is then an ordinary
 ``TextClassifier``, exactly as fast as a full fine-tune and free to be pruned, distilled or exported to ONNX.
-``merge_adapter=False`` keeps the adapter separate (the trained form).
+``merge_adapter=False`` keeps the adapter separate (the trained form). ``share_base=True`` (what ``domainflow
+serve`` does by default) keeps it separate on a base loaded once for every model of the process that names it:
+see :mod:`domainflow.shared_bases`.
 
 ``peft`` is an optional extra (``pip install -e '.[peft]'``): nothing here imports it until an adapter is
 trained or loaded.
@@ -271,9 +273,15 @@ def save_adapter_classifier(
     return out_dir
 
 
-def load_adapter_classifier(model_dir: Path, metadata: dict[str, Any], *, merge: bool = True) -> TextClassifier:
+def load_adapter_classifier(
+    model_dir: Path, metadata: dict[str, Any], *, merge: bool = True, share_base: bool = False
+) -> TextClassifier:
     """The classifier a PEFT folder describes, in eval mode: its base (checked), its adapter (merged into the
-    base weights unless ``merge=False``) and its head."""
+    base weights unless ``merge=False``) and its head.
+
+    ``share_base=True`` takes the base from the process's cache (:mod:`domainflow.shared_bases`: loaded and
+    checked once for every model on it) and keeps the adapter unmerged whatever ``merge`` says: merging writes
+    into the base weights, which other models use too."""
     require_peft()
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -284,11 +292,20 @@ def load_adapter_classifier(model_dir: Path, metadata: dict[str, Any], *, merge:
         adapter_dir, head_file = model_dir / entry["adapter_dir"], model_dir / entry["head_file"]
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterError(f"{model_dir}: the adapter entry of its metadata is malformed ({exc})") from exc
-    encoder: Any = PeftModel.from_pretrained(load_base_encoder(base, needed_by=str(model_dir)), str(adapter_dir))
-    if merge:
+    shared = None
+    if share_base:
+        from domainflow.shared_bases import SHARED_BASES
+
+        shared = SHARED_BASES.get(base, needed_by=str(model_dir))
+        base_encoder = shared.private_tree()
+    else:
+        base_encoder = load_base_encoder(base, needed_by=str(model_dir))
+    encoder: Any = PeftModel.from_pretrained(base_encoder, str(adapter_dir))
+    if merge and shared is None:
         encoder = encoder.merge_and_unload()
     model = TextClassifier(encoder, num_labels=len(metadata["label_names"]))
     model.classifier.load_state_dict(load_file(str(head_file)))
+    model.shared_base = shared  # what keeps the base in the cache while this model lives (None: a copy of its own)
     return model.eval()
 
 

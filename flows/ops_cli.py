@@ -112,6 +112,16 @@ def serve(
             "to anyone who can reach the port."
         ),
     ),
+    share_base: bool = typer.Option(
+        True,
+        "--share-base/--merge-adapters",
+        help=(
+            "Champions that are adapters (LoRA, IA3) on the same base encoder share one copy of it, loaded once; "
+            "each domain keeps only its adapter and head (default: memory for one base instead of one model per "
+            "domain; the unmerged adapter costs some speed per call). --merge-adapters merges each adapter into a "
+            "full copy of its own: faster, one base's memory per domain."
+        ),
+    ),
 ) -> None:
     """Serve each domain's champion over HTTP.
 
@@ -137,6 +147,7 @@ def serve(
             request_deadline_ms=request_deadline_ms,
             poll_seconds=poll_seconds,
             protect_operational=protect_ops,
+            share_base_encoders=share_base,
         )
         app = create_app(config, api_keys=keys)
     except (AuthConfigError, ValueError) as exc:

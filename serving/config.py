@@ -42,6 +42,10 @@ class ServingConfig:
       anyone who can reach the port which domains are served, at which version, with how much traffic,
       and the service already demands a key for ``/v1``. Off for a scrape on a trusted network that
       cannot send credentials. ``/healthz`` is always open and says nothing but "ok".
+    * ``share_base_encoders``: a champion that is an adapter (LoRA, IA3) is served unmerged on its base encoder,
+      loaded once for every domain on that base (:mod:`domainflow.shared_bases`): memory for one base plus each
+      domain's adapter and head, instead of one full model per domain. Off: each adapter is merged into a copy
+      of its own, which answers a little faster (no adapter work per call).
     """
 
     registry_root: Path = field(default_factory=settings.registry_dir)
@@ -56,6 +60,7 @@ class ServingConfig:
     poll_seconds: float = 1.0
     retry_failed_load_seconds: float = 30.0
     protect_operational: bool = True
+    share_base_encoders: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_chars", "max_top_k", "max_batch_texts", "max_queued_texts"):

@@ -12,6 +12,10 @@ reference swapped, a single assignment. Batches already running keep the model o
 started with, so in-flight requests finish on the old version; the next batch uses the new one.
 A load that fails keeps the old model serving, records the error (``/v1/domains``, metrics,
 log) and is retried when the pointer changes again or after ``retry_failed_load_seconds``.
+
+A champion that is an adapter (LoRA, IA3: see :mod:`domainflow.peft_models`) is served, by default, unmerged on
+the base encoder its folder names, loaded once for all the domains on it (:mod:`domainflow.shared_bases`): a hot
+swap of one domain replaces its adapter and head only, and the other domains' models are not touched.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class DomainSlot:
     signature: Signature | None = None
     failed_at: float | None = None
     loads: int = 0
+    share_base: bool = True  # an adapter champion keeps its adapter unmerged on the process's shared base encoder
 
     @property
     def status(self) -> str:
@@ -110,7 +115,10 @@ def _pointer_signature(path: Path) -> Signature | None:
 def load_served_model(slot: DomainSlot, info: VersionInfo) -> ServedModel:
     """Load a version, check it fits the domain, and run one prediction (blocking: call in a thread)."""
     spec = slot.spec.as_kind(ClassificationSpec)
-    loaded = load_classifier(info.model_dir)
+    loaded = load_classifier(info.model_dir, share_base=slot.share_base)
+    shared = getattr(loaded.model, "shared_base", None)
+    if shared is not None:
+        log.info("%s v%d: its adapter serves on the shared base encoder %s", slot.domain, info.version, shared.key.path)
     declared = spec.label_names  # None: the domain takes its labels from its data, and the model carries them
     unknown = sorted(set(loaded.label_names) - set(declared)) if declared is not None else []
     if unknown:
@@ -142,9 +150,12 @@ class ModelStore:
     _task: asyncio.Task | None = None
 
     @classmethod
-    def for_domains(cls, specs: dict[str, DomainSpec], registry_root: Path, **kwargs) -> ModelStore:
+    def for_domains(
+        cls, specs: dict[str, DomainSpec], registry_root: Path, *, share_base: bool = True, **kwargs
+    ) -> ModelStore:
+        """Slots for ``specs``; ``share_base=False`` serves adapter champions merged, each a full copy (faster)."""
         slots = {
-            name: DomainSlot(name, spec, ModelRegistry(name, root=Path(registry_root) / name))
+            name: DomainSlot(name, spec, ModelRegistry(name, root=Path(registry_root) / name), share_base=share_base)
             for name, spec in specs.items()
         }
         return cls(slots, **kwargs)
