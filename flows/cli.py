@@ -26,6 +26,7 @@ from domainflow.spec import ClassificationSpec, DomainSpec  # noqa: E402
 from flows.console import EXIT_BAD_DATA, EXIT_NOT_PROMOTED, EXIT_REGISTRY, domain_name, fail, make_console  # noqa: E402
 
 if TYPE_CHECKING:
+    from domainflow.registry import VersionInfo
     from flows.runners import DomainsReport
 
 app = typer.Typer(
@@ -469,7 +470,6 @@ def predict(
     from domainflow.kinds import kind_of
     from domainflow.modeling import load_classifier
     from domainflow.outofscope import OutOfScopeDetector
-    from domainflow.registry import ModelRegistry, RegistryError
     from domainflow.retrieval import QuestionIndex
     from serving.inference import prediction_record, score_texts
 
@@ -478,12 +478,7 @@ def predict(
     if kind_of(spec).cli_verb != "predict":
         fail(f"{domain} is a {spec.task_kind} domain: use `{kind_of(spec).usage.format(domain=domain)}`")
     spec = spec.as_kind(ClassificationSpec)
-    try:
-        champion = ModelRegistry(domain).load_champion()  # its files checked against the version's manifest
-    except RegistryError as exc:
-        fail(str(exc))
-    if champion is None:
-        fail(f"no champion for {domain}: run `domainflow run {domain}` first")
+    champion = _champion_of(domain)
     loaded = load_classifier(champion.model_dir)
     index = QuestionIndex.load(champion.model_dir) if spec.retrieval is not None else None
     # as the service does: a champion promoted before detection was turned on has no detector and flags nothing
@@ -495,6 +490,54 @@ def predict(
         for text, scores in zip(texts, scored, strict=True)
     ]
     console.print_json(json.dumps({"domain": domain, "version": champion.version, "predictions": results}))
+
+
+def _champion_of(domain: str) -> VersionInfo:
+    """The domain's champion (its files checked against the version's manifest), or exit with why there is none."""
+    from domainflow.registry import ModelRegistry, RegistryError
+
+    try:
+        champion = ModelRegistry(domain).load_champion()
+    except RegistryError as exc:
+        fail(str(exc))
+    if champion is None:
+        fail(f"no champion for {domain}: run `domainflow run {domain}` first")
+    return champion
+
+
+@app.command()
+def explain(
+    domain: str = typer.Argument(..., help="Domain whose champion answers."),
+    text: str = typer.Argument(..., help="The text to explain."),
+    method: str = typer.Option(
+        "occlusion",
+        "--method",
+        help="occlusion (leave one word out: explains the champion itself, int8 included) or integrated_gradients "
+        "(captum; only for a champion with fp32 torch weights).",
+    ),
+    label: str | None = typer.Option(None, "--label", help="Another label to explain as well."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer of POST /v1/DOMAIN/explain instead."),
+) -> None:
+    """Why the champion classifies TEXT as it does: each word shaded by how much it raises the label's log-odds
+    (green for, red against)."""
+    from domainflow.explain import explain_text, render_explanation
+    from domainflow.kinds import kind_of
+    from domainflow.modeling import load_classifier
+
+    spec = _domain_spec(domain)
+    domain = spec.name
+    if kind_of(spec).cli_verb != "predict":
+        fail(f"{domain} is a {spec.task_kind} domain: only classifier domains are explained")
+    champion = _champion_of(domain)
+    try:
+        explanation = explain_text(load_classifier(champion.model_dir), text, method, label)
+    except ValueError as exc:  # an empty text, an unknown method or label, a method that cannot explain this model
+        fail(f"{domain} v{champion.version}: {exc}")
+    if as_json:
+        typer.echo(json.dumps({"domain": domain, "version": champion.version, **explanation.as_dict(digits=4)}))
+        return
+    console.print(f"{domain} v{champion.version} ({champion.lineage.get('candidate')})", highlight=False)
+    console.print(render_explanation(explanation), highlight=False)
 
 
 @app.command()
@@ -513,7 +556,6 @@ def recommend(
     from domainflow.kinds import kind_of
     from domainflow.recsys.bundle import Recommender
     from domainflow.recsys.spec import RankingSpec
-    from domainflow.registry import ModelRegistry, RegistryError
     from serving.ranking import rank_record
 
     spec = _domain_spec(domain)
@@ -521,12 +563,7 @@ def recommend(
     if kind_of(spec).cli_verb != "recommend":
         fail(f"{domain} is a {spec.task_kind} domain: use `{kind_of(spec).usage.format(domain=domain)}`")
     spec = spec.as_kind(RankingSpec)
-    try:
-        champion = ModelRegistry(domain).load_champion()  # its files checked against the version's manifest
-    except RegistryError as exc:
-        fail(str(exc))
-    if champion is None:
-        fail(f"no champion for {domain}: run `domainflow run {domain}` first")
+    champion = _champion_of(domain)
     recommender = Recommender(champion.model_dir, spec.history_text)
     try:
         items = recommender.recommend(history=history or [], texts=text or [], candidates=candidate or None, k=top_k)

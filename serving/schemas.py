@@ -6,10 +6,11 @@ appear in the OpenAPI schema (``/docs``) exactly as they are enforced.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 
+from domainflow.explain import OFFERED_METHODS
 from serving.config import ServingConfig
 
 
@@ -47,6 +48,53 @@ def request_model(config: ServingConfig) -> type[BaseModel]:
         ),
         top_k=(StrictInt, Field(3, ge=1, le=config.max_top_k, description="How many labels to return per text.")),
     )
+
+
+def explain_request_model(config: ServingConfig) -> type[BaseModel]:
+    """``{"text": "...", "label": "other_label", "method": "occlusion"}``: one text, with predict's limits on it."""
+    Text = Annotated[StrictStr, Field(min_length=1, max_length=config.max_chars), AfterValidator(_check_text)]
+    methods = Literal[OFFERED_METHODS]  # type: ignore[valid-type]  # the methods that beat random deletion
+    return create_model(
+        "ExplainRequest",
+        __config__=ConfigDict(
+            extra="forbid",
+            json_schema_extra={"examples": [{"text": "my card still has not arrived", "label": "lost_or_stolen_card"}]},
+        ),
+        text=(Text, Field(description=f"The text to explain (1 to {config.max_chars} characters).")),
+        label=(
+            StrictStr | None,
+            Field(None, description="Another label to explain as well (the predicted one always is)."),
+        ),
+        method=(
+            methods,
+            Field(
+                "occlusion",
+                description="occlusion (leave one word out; explains the served model itself, int8 or not) or "
+                "integrated_gradients (captum; only for a champion with fp32 torch weights).",
+            ),
+        ),
+    )
+
+
+class WordScore(BaseModel):
+    word: str
+    start: int = Field(description="Character offset of the word in the text.")
+    end: int = Field(description="Offset just past the word.")
+    score: float = Field(
+        description="How much the word raises the predicted label's log-odds (negative: it speaks against it)."
+    )
+    other_score: float | None = Field(None, description="The same for the requested other label.")
+
+
+class ExplainResponse(BaseModel):
+    domain: str
+    version: int = Field(description="Registry version of the model that answered.")
+    method: str
+    label: str = Field(description="The predicted label.")
+    score: float = Field(description="Its probability.")
+    other_label: str | None = None
+    other_score: float | None = Field(None, description="The other label's probability.")
+    words: list[WordScore] = Field(description="The text's words in order, each with its scores.")
 
 
 class LabelScore(BaseModel):
