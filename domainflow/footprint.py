@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from domainflow.peft_models import adapter_bytes
+from domainflow.training_keys import FEDERATED_KEY, PRIVACY_KEY
 
 FOOTPRINT_KEY = "training_footprint"
 SAMPLE_SECONDS = 0.05
@@ -92,9 +93,13 @@ def footprint(model: nn.Module, peak: PeakMemory, seconds: float) -> dict[str, A
 
 def training_figures(metadata: dict[str, Any]) -> dict[str, Any]:
     """What evaluation reports of a candidate's training, from its metadata: the footprint recorded when it was
-    trained (a compressed copy carries its parent's) and, for a PEFT candidate, ``adapter_bytes``. Empty for
+    trained (a compressed copy carries its parent's), for a PEFT candidate ``adapter_bytes``, and for a DP or
+    federated candidate its :data:`PRIVACY_KEY` / :data:`FEDERATED_KEY` record. Empty for
     a candidate trained before footprints were recorded, or not by the Trainer (the linear probe)."""
     figures = dict(metadata.get(FOOTPRINT_KEY) or {})
+    for key in (PRIVACY_KEY, FEDERATED_KEY):  # a compressed copy carries its parent's, as it does the footprint
+        if isinstance(metadata.get(key), dict):
+            figures[key] = dict(metadata[key])
     extra = adapter_bytes(metadata)
     if extra is not None:
         figures["adapter_bytes"] = extra

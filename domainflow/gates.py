@@ -6,7 +6,11 @@ Prefect. :mod:`tasks.deploy` does the I/O (registry, artifacts) around :func:`de
 
 The rules, in order (thresholds come from ``spec.gates``, a :class:`~domains.base.QualityGates`):
 
-1. **Floors.** Every candidate must meet every floor in ``gates.min_metrics`` on its *test* metrics.
+1. **Floors.** Every candidate must meet every floor in ``gates.min_metrics`` on its *test* metrics, and, when
+   the domain sets ``gates.max_epsilon``, carry a differential-privacy guarantee (``training`` of its evaluation:
+   see ``domainflow.private_training``) whose spent epsilon is at most that. A candidate without one is not even
+   ranked for the reference (rule 2): whether a model is private is known before any test metric, so filtering
+   on it does not fit the choice to the test set.
 2. **Reference.** Uncompressed candidates are ranked by their *validation* primary metric (ties:
    test primary, then name). The best is the reference. Selection uses validation, not test, so
    that the test set stays a gate and is not overfitted by picking whichever candidate got lucky
@@ -33,6 +37,7 @@ from typing import Any
 
 from domainflow.records import Evaluation
 from domainflow.spec import DomainSpec
+from domainflow.training_keys import PRIVACY_KEY
 
 # Float slack for threshold comparisons: 130/100 must count as "1.30x faster".
 _EPS = 1e-9
@@ -107,6 +112,22 @@ def _floor_reasons(evaluation: Evaluation, floors: dict[str, float]) -> tuple[bo
     return ok, reasons
 
 
+def privacy_reason(evaluation: Evaluation, max_epsilon: float | None) -> tuple[bool, str | None]:
+    """Whether a candidate meets ``max_epsilon`` (always, when it is None), and the reason quoting its numbers."""
+    if max_epsilon is None:
+        return True, None
+    guarantee = evaluation.training.get(PRIVACY_KEY)
+    if not isinstance(guarantee, dict) or guarantee.get("epsilon") is None:
+        return False, (
+            f"no differential-privacy guarantee (trained without DP-SGD); max_epsilon {max_epsilon:g} required"
+        )
+    epsilon, delta = float(guarantee["epsilon"]), guarantee.get("delta")
+    spent = f"epsilon {epsilon:.3f} (delta {delta:.2g})" if delta is not None else f"epsilon {epsilon:.3f}"
+    if epsilon <= max_epsilon + _EPS:
+        return True, f"{spent} <= max_epsilon {max_epsilon:g}"
+    return False, f"{spent} > max_epsilon {max_epsilon:g}"
+
+
 def _numbers(evaluation: Evaluation, primary: str) -> dict[str, Any]:
     ref = evaluation.candidate
     return {
@@ -116,7 +137,15 @@ def _numbers(evaluation: Evaluation, primary: str) -> dict[str, Any]:
         "size_bytes": evaluation.size_bytes,
         "compression": ref.compression,
         "parent": ref.parent,
+        **_privacy_numbers(evaluation),
     }
+
+
+def _privacy_numbers(evaluation: Evaluation) -> dict[str, Any]:
+    guarantee = evaluation.training.get(PRIVACY_KEY)
+    if not isinstance(guarantee, dict):
+        return {}
+    return {"epsilon": guarantee.get("epsilon"), "delta": guarantee.get("delta")}
 
 
 def _rank_key(evaluation: Evaluation, primary: str) -> tuple:
@@ -130,12 +159,19 @@ def _rank_key(evaluation: Evaluation, primary: str) -> tuple:
     )
 
 
-def select_reference(evaluations: Iterable[Evaluation], primary: str) -> Evaluation:
-    """The uncompressed candidate the gate treats as the reference (the pipeline compresses this one)."""
+def select_reference(evaluations: Iterable[Evaluation], primary: str, max_epsilon: float | None = None) -> Evaluation:
+    """The uncompressed candidate the gate treats as the reference (the pipeline compresses this one): among those
+    meeting ``max_epsilon`` when the domain sets it."""
     uncompressed = [e for e in evaluations if e.candidate.compression is None]
     if not uncompressed:
         raise ValueError("no uncompressed candidate to choose a reference from")
-    return min(uncompressed, key=lambda e: _rank_key(e, primary))
+    private = [e for e in uncompressed if privacy_reason(e, max_epsilon)[0]]
+    if not private:
+        raise ValueError(
+            f"no uncompressed candidate has a differential-privacy guarantee within max_epsilon {max_epsilon:g}: "
+            "train one ([privacy] methods) or lift gates.max_epsilon"
+        )
+    return min(private, key=lambda e: _rank_key(e, primary))
 
 
 def _check_unique(evaluations: Iterable[Evaluation]) -> None:
@@ -171,9 +207,14 @@ def decide(
     by_name = {e.candidate.name: e for e in evaluations}
     verdicts: dict[str, CandidateVerdict] = {}
     floors_ok: dict[str, bool] = {}
+    private: dict[str, bool] = {}
     for evaluation in evaluations:
         name = evaluation.candidate.name
         ok, reasons = _floor_reasons(evaluation, floors)
+        private[name], why = privacy_reason(evaluation, gates.max_epsilon)
+        if why is not None:
+            reasons.append(why)
+        ok = ok and private[name]
         floors_ok[name] = ok
         verdicts[name] = CandidateVerdict(
             name=name, eligible=ok, reasons=reasons, numbers=_numbers(evaluation, primary)
@@ -181,8 +222,12 @@ def decide(
 
     # Rule 2: the reference among uncompressed candidates, chosen on validation.
     uncompressed = sorted(
-        (e for e in evaluations if e.candidate.compression is None), key=lambda e: _rank_key(e, primary)
+        (e for e in evaluations if e.candidate.compression is None and private[e.candidate.name]),
+        key=lambda e: _rank_key(e, primary),
     )
+    for evaluation in evaluations:
+        if evaluation.candidate.compression is None and not private[evaluation.candidate.name]:
+            verdicts[evaluation.candidate.name].reasons.append("not ranked for the reference: fails max_epsilon")
     reference = uncompressed[0] if uncompressed else None
     if reference is not None:
         ref_name = reference.candidate.name
@@ -329,6 +374,7 @@ def decide(
         "tie_tolerance": gates.tie_tolerance,
         "max_compression_drop": gates.max_compression_drop,
         "min_compression_speedup": gates.min_compression_speedup,
+        "max_epsilon": gates.max_epsilon,
     }
     decided_at = datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -351,6 +397,11 @@ def decide(
     if challenger is None:
         if not evaluations:
             why = "no candidates were evaluated"
+        elif reference is None and gates.max_epsilon is not None:
+            why = (
+                "no uncompressed candidate has a differential-privacy guarantee within max_epsilon "
+                f"{gates.max_epsilon:g}"
+            )
         elif reference is None:
             why = "no uncompressed candidate to serve as reference"
         else:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from domainflow import settings
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.monitoring.config import MonitorConfig
+from domainflow.pii import PiiMode
 
 if TYPE_CHECKING:
     from domainflow.retrieval import Nearest
@@ -91,6 +92,14 @@ class QualityGates(Record):
     )
     min_compression_speedup: float = Field(
         1.3, ge=0.0, description="and must be at least this much faster (texts/s at batch 32, measured side by side)"
+    )
+    max_epsilon: float | None = Field(
+        None,
+        gt=0.0,
+        description=(
+            "differential privacy required of the model that ships: a candidate without a DP guarantee (see "
+            "[privacy]), or whose spent epsilon is higher, fails the gates and is not ranked; absent: no requirement"
+        ),
     )
 
 
@@ -176,6 +185,88 @@ class PeftSettings(Record):
         if stray:
             raise ValueError(f"ia3_feedforward_modules {stray} are not among ia3_target_modules")
         return self
+
+
+#: What a private (DP-SGD) or federated candidate trains on the frozen pretrained encoder: the linear head alone,
+#: or a LoRA adapter (the ``[peft]`` table's rank, alpha and modules) and the head. See domainflow/local_training.py.
+TrainableSet = Literal["head", "lora"]
+
+
+class PrivacySettings(Record):
+    """Differentially private candidates (``dp-head``, ``dp-lora``): DP-SGD with opacus (per-example gradient
+    clipping, Gaussian noise, Poisson sampling), the noise calibrated to spend at most ``target_epsilon`` over
+    ``epochs``. They start from the pretrained encoder and a zero head, not from the linear probe (which saw the
+    training texts without any guarantee). Off unless ``methods`` names one: DP training is the costliest
+    candidate. See domainflow/private_training.py."""
+
+    methods: tuple[TrainableSet, ...] = Field(
+        (), description="DP candidates to train: head, lora (needs the privacy extra: opacus); empty: none"
+    )
+    target_epsilon: float = Field(8.0, gt=0.0, description="privacy budget epsilon the whole training may spend")
+    target_delta: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="delta of the (epsilon, delta) guarantee; absent: 1 / (10 x training rows), below 1/n",
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="each example's gradient is clipped to this L2 norm")
+    epochs: int = Field(
+        10, ge=1, description="passes over the training split (the noise is calibrated for them; measured: README)"
+    )
+    batch_size: int = Field(
+        512,
+        ge=1,
+        description="about the expected batch size: Poisson sampling puts each row in each step with rate "
+        "1/ceil(n/b) (opacus), so a step averages n/ceil(n/b) rows",
+    )
+    head_lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the head")
+    lora_lr: float = Field(2e-3, gt=0.0, description="Adam learning rate of the LoRA weights")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_once(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        return _listed_once(methods)
+
+
+class FederatedSettings(Record):
+    """Federated candidates (``federated-head``, ``federated-lora``), simulated on this machine with Flower: the
+    training split is divided among ``clients`` (non-IID by label), each trains the trainable weights locally for
+    ``local_epochs`` per round, and Flower's FedAvg averages them (weighted by client rows) over ``rounds``. They
+    start from the pretrained encoder and a zero head. See domainflow/federated.py."""
+
+    methods: tuple[TrainableSet, ...] = Field(
+        (), description="federated candidates to train: head, lora (needs the federated extra: flwr); empty: none"
+    )
+    clients: int = Field(5, ge=2, description="simulated clients (branches) the training split is divided among")
+    rounds: int = Field(10, ge=1, description="FedAvg rounds")
+    local_epochs: float = Field(1.0, gt=0.0, description="passes over its own rows each client makes per round")
+    partition: Literal["dirichlet", "shards", "iid"] = Field(
+        "dirichlet",
+        description="how rows are divided: dirichlet (each label's rows split by Dirichlet(alpha) shares), shards "
+        "(rows sorted by label, cut into shards, shards_per_client each) or iid (uniformly at random)",
+    )
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration: small is more skewed by label")
+    shards_per_client: int = Field(2, ge=1, description="label-sorted shards per client (partition = shards)")
+    batch_size: int = Field(32, ge=1, description="local training batch size")
+    head_lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the head (local training)")
+    lora_lr: float = Field(2e-3, gt=0.0, description="Adam learning rate of the LoRA weights (local training)")
+    engine: Literal["in_process", "simulation"] = Field(
+        "in_process",
+        description="in_process: Flower's FedAvg strategy drives the clients in this process (no Ray start, one "
+        "copy of the model); simulation: Flower's simulation engine (clients in Ray actors; needs ray)",
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_once(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        return _listed_once(methods)
+
+
+def _listed_once(methods: tuple[str, ...]) -> tuple[str, ...]:
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise ValueError(f"methods are listed twice: {repeated}")
+    return methods
 
 
 class CompressionDefaults(Record):
@@ -377,6 +468,12 @@ class ClassificationSpec(DomainSpec):
     )
     training: TrainingDefaults = Field(default_factory=TrainingDefaults, description="fine-tuning recipe")
     peft: PeftSettings = Field(default_factory=PeftSettings, description="parameter-efficient fine-tuning candidates")
+    privacy: PrivacySettings = Field(
+        default_factory=PrivacySettings, description="differentially private (DP-SGD) candidates"
+    )
+    federated: FederatedSettings = Field(
+        default_factory=FederatedSettings, description="federated candidates (simulated clients, FedAvg)"
+    )
     compression: CompressionDefaults = Field(default_factory=CompressionDefaults, description="compressed candidates")
     ensemble: EnsembleSettings | None = Field(
         None, description="an ensemble candidate of the run's fp32 candidates (absent: none)"
@@ -406,6 +503,15 @@ class ClassificationSpec(DomainSpec):
     max_file_mb: int = Field(
         2048, ge=1, description="largest train/test file ingest reads, in MiB (files are read whole into memory)"
     )
+    pii: PiiMode = Field(
+        "mask",
+        description=(
+            "personal data in texts (e-mail addresses, phone, card and account numbers, IBANs; see domainflow/pii.py): "
+            "mask (replaced by typed placeholders such as <CARD_NUMBER> at ingest, before anything is written, and "
+            "in serving and monitoring before a text is logged, stored or explained), reject (ingest stops naming "
+            "file, line and kind; the service answers 422), or off"
+        ),
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
     _name_to_index: dict[str, int] = PrivateAttr(default_factory=dict)
@@ -424,6 +530,22 @@ class ClassificationSpec(DomainSpec):
         if duplicated:
             raise ValueError(f"labels are listed twice: {duplicated}")
         return labels
+
+    @model_validator(mode="after")
+    def _privacy_gate_can_be_met(self) -> ClassificationSpec:
+        """``gates.max_epsilon`` only DP candidates can meet: without one, or with a larger target, no candidate
+        could ever ship, which is a mistake in the domain file, not a run to make."""
+        limit = self.gates.max_epsilon
+        if limit is None:
+            return self
+        if not self.privacy.methods:
+            raise ValueError(f"gates.max_epsilon = {limit} requires DP candidates: list [privacy] methods")
+        if self.privacy.target_epsilon > limit:
+            raise ValueError(
+                f"privacy.target_epsilon {self.privacy.target_epsilon} exceeds gates.max_epsilon {limit}: "
+                "every DP candidate would fail the gate"
+            )
+        return self
 
     @model_validator(mode="after")
     def _policy_names_known_labels(self) -> ClassificationSpec:
@@ -468,6 +590,7 @@ class ClassificationSpec(DomainSpec):
             min_test_rows=self.min_test_rows,
             leakage=self.leakage,
             max_file_mb=self.max_file_mb,
+            pii=self.pii,
         )
 
     def evaluation_slice(self) -> EvaluationSlice:
@@ -503,6 +626,7 @@ class DataSlice(Record):
     min_test_rows: int = Field(20, ge=1)
     leakage: Literal["drop", "fail"] = "drop"
     max_file_mb: int = Field(2048, ge=1)
+    pii: PiiMode = "mask"
     _name_to_index: dict[str, int] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, context: Any, /) -> None:

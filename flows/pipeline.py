@@ -41,6 +41,7 @@ from tasks.finetune import finetune, linear_probe, make_train_config
 from tasks.fuse import build_cascade, build_ensemble
 from tasks.ingest import ingest
 from tasks.peft_train import adapter_candidates
+from tasks.private_train import private_candidates
 from tasks.report import report
 from tasks.speed import measure_speed
 
@@ -301,9 +302,12 @@ def _train_and_deploy(
     probe: Any = linear_probe.with_options(**options).submit(dataset, config)
     tuned: Any = finetune.with_options(**options).submit(dataset, probe, config)
     adapted = adapter_candidates(spec.peft, dataset, probe, config, options)  # LoRA, IA3… beside the fine-tune
+    # Issue 15: DP-SGD (dp-head, dp-lora) and federated (federated-head, federated-lora) candidates, from the
+    # pretrained encoder (not the probe); none unless the domain's [privacy] / [federated] tables name methods.
+    private = private_candidates(spec.privacy, spec.federated, spec.peft, dataset, config, options)
     measured = spec.evaluation_slice()
     # The probe's evaluation needs only the probe: on several workers it runs while fine-tuning goes on.
-    trained = (probe, tuned, *adapted)
+    trained = (probe, tuned, *adapted, *private)
     fp32_runs = [evaluate.with_options(**options).submit(candidate, dataset, measured) for candidate in trained]
     for step in trained:  # upstream first: a failed step raises its own error, not its dependents' "not run"
         step.result()
@@ -313,14 +317,15 @@ def _train_and_deploy(
     if ensemble is not None:  # an uncompressed candidate like the others: it may become the reference
         fp32.append(evaluate.with_options(**options).submit(ensemble, dataset, measured).result())
 
-    reference = select_reference(fp32, spec.primary_metric).candidate  # the gate's own choice
+    max_epsilon = spec.gates.max_epsilon  # a domain that requires DP ranks only private candidates
+    reference = select_reference(fp32, spec.primary_metric, max_epsilon).candidate  # the gate's own choice
     compressed = compress_candidates(
         spec.compression,
         reference,
         dataset,
         config,
         options,
-        torch_reference=select_reference(single_models, spec.primary_metric).candidate,
+        torch_reference=select_reference(single_models, spec.primary_metric, max_epsilon).candidate,
         soft_labels_from=ensemble if spec.ensemble is not None and spec.ensemble.distill_from_ensemble else None,
     )
     # Each compressed candidate is evaluated as soon as it exists, beside the compressions still running.

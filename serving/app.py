@@ -1,5 +1,6 @@
 """The FastAPI application: each domain's champion behind ``POST /v1/{domain}/predict`` (text
-classification) or ``POST /v1/{domain}/rank`` (ranking, see :mod:`serving.ranking`).
+classification; ``POST /v1/{domain}/explain`` says why, word by word: :mod:`domainflow.explain`) or
+``POST /v1/{domain}/rank`` (ranking, see :mod:`serving.ranking`).
 
 ``create_app`` wires the parts, each in its own module: API keys (:mod:`serving.auth`), limits
 (:mod:`serving.config`, :mod:`serving.schemas`), micro-batching (:mod:`serving.batching`), the
@@ -11,7 +12,8 @@ Status codes: 401 no or wrong key; 404 unknown domain; 413 body too large (decla
 streams in); 422 invalid body (the message names the field and the problem); 503 with
 ``Retry-After``: no model loaded yet, or shed by the admission control (the domain's backlog of
 texts is full, or the request's deadline passed while it was queued; counted by reason in
-``domainflow_rejected_requests``). A 500 means a bug or a broken model, never bad input.
+``domainflow_rejected_requests``); 409 from /explain: the method cannot explain the served model
+(integrated gradients on an int8 graph). A 500 means a bug or a broken model, never bad input.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the request model built at
 run time in ``create_app`` as a real annotation.)
@@ -30,7 +32,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from domainflow.catalog import get_domain, list_domains
+from domainflow.explain import (
+    Explanation,
+    ExplanationUnavailableError,
+    explain_text,
+    integrated_gradients_unavailable,
+    label_index,
+)
 from domainflow.kinds import KINDS, kind_of, resolve
+from domainflow.pii import PiiRejectedError, protect
 from domainflow.recsys.bundle import UnknownItemsError
 from domainflow.registry import VersionInfo
 from domainflow.spec import ClassificationSpec, DomainSpec
@@ -42,7 +52,14 @@ from serving.inference import NoModelError, batch_function, prediction_record
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.model_store import DomainSlot, ModelStore, ServedModel
 from serving.ranking import RankResponse, rank_function, rank_request_model, unknown_items_detail
-from serving.schemas import DomainsResponse, DomainStatus, PredictResponse, request_model
+from serving.schemas import (
+    DomainsResponse,
+    DomainStatus,
+    ExplainResponse,
+    PredictResponse,
+    explain_request_model,
+    request_model,
+)
 
 log = logging.getLogger("domainflow.serving")
 
@@ -59,6 +76,42 @@ def _load_champion(slot: DomainSlot, info: VersionInfo) -> ServedModel:
 
 def _endpoint(spec: Any) -> str:
     return kind_of(spec).endpoint
+
+
+def _explain_function(slot: DomainSlot) -> Callable[[list[Any]], tuple[ServedModel, list[Explanation | ValueError]]]:
+    """What a domain's explainer batcher runs in the inference thread: one explain request per call (its text and
+    one-word-deleted variants are one model call already). The model is read from the slot once, as for predict;
+    an unknown label or a method that cannot explain this model comes back as the request's answer (a 4xx)."""
+
+    def run(requests: list[Any]) -> tuple[ServedModel, list[Explanation | ValueError]]:
+        served = slot.current
+        if served is None:
+            raise NoModelError(f"no model loaded for {slot.domain}")
+        answers: list[Explanation | ValueError] = []
+        for request in requests:
+            try:
+                answers.append(explain_text(served.loaded, request.text, request.method, request.label))
+            except ValueError as exc:
+                answers.append(exc)
+        return served, answers
+
+    return run
+
+
+def _protected(slot: DomainSlot, texts: list[str]) -> list[str]:
+    """A request's texts as the domain's ``pii`` setting lets them through (domainflow/pii.py): masked, or a 422
+    naming the text and the kind of personal data found (never the value) under ``reject``."""
+    spec = slot.spec.as_kind(ClassificationSpec)
+    hint = 'this domain refuses personal data (pii = "reject"): remove it and send the text again'
+    try:
+        return protect(spec.pii, texts, [f"texts[{i}]" for i in range(len(texts))], slot.domain, hint).texts
+    except PiiRejectedError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+
+def _protected_request(slot: DomainSlot, body: Any) -> Any:
+    """An explain request with its text as the domain's ``pii`` setting lets it through (see :func:`_protected`)."""
+    return body.model_copy(update={"text": _protected(slot, [body.text])[0]})
 
 
 class BodyTooLargeError(HTTPException):
@@ -205,6 +258,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         retry_failed_load_seconds=config.retry_failed_load_seconds,
         on_load=on_load,
         loader=_load_champion,
+        share_base=config.share_base_encoders,
     )
     # One inference thread for all domains: two model calls at once on a small CPU only slow each other.
     # Every domain, /rank ones included, gets a batcher in front of it: the admission control (a bounded
@@ -224,20 +278,35 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
             on_batch=None if ranks else metrics.batch_size.labels(name).observe,
             name=f"{'ranker' if ranks else 'batcher'}-{name}",
         )
+    # /explain: a batcher of one explanation per call for each classifier domain, on the same executor (it takes
+    # turns with predict) and with the same admission rules; an explanation counts 1 of its backlog.
+    explainers: dict[str, MicroBatcher] = {
+        name: MicroBatcher(
+            _explain_function(slot),
+            executor,
+            max_batch_texts=1,
+            max_wait_ms=0.0,
+            max_queued_texts=config.max_queued_texts,
+            deadline_ms=config.request_deadline_ms,
+            name=f"explainer-{name}",
+        )
+        for name, slot in store.slots.items()
+        if _endpoint(slot.spec) == "predict"
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.refresh()  # champions load before the server accepts connections
         _freeze_long_lived_objects()
         started.append(True)
-        for batcher in batchers.values():
+        for batcher in (*batchers.values(), *explainers.values()):
             batcher.start()
         store.start_watching()
         try:
             yield
         finally:
             await store.stop_watching()
-            for batcher in batchers.values():
+            for batcher in (*batchers.values(), *explainers.values()):
                 await batcher.stop()  # in-flight requests are answered first
             executor.shutdown(wait=True)
 
@@ -253,6 +322,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
     authenticated = [Depends(require_api_key(keys))]
     PredictRequest = request_model(config)
     RankRequest = rank_request_model(config)
+    ExplainRequest = explain_request_model(config)
 
     def _served_slot(domain: str, endpoint: str) -> DomainSlot:
         """The domain's slot with a model loaded: 404 when it is not served at this endpoint, 503 when it has
@@ -308,15 +378,18 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         except QueueFullError as exc:
             raise _shed(domain, "queue_full", str(exc)) from None
 
-    async def _answer(receive: Callable[[], Awaitable[Any]], domain: str, items: list[Any]) -> Any:
-        """Queue ``items`` on the domain's batcher and wait for their answer, unless the client leaves first.
+    async def _answer(
+        receive: Callable[[], Awaitable[Any]], domain: str, items: list[Any], batcher: MicroBatcher | None = None
+    ) -> Any:
+        """Queue ``items`` on the domain's batcher (or ``batcher``) and wait for their answer, unless the client
+        leaves first.
 
         Why watch for the disconnect: Starlette does not cancel a handler whose client went away, so
         its texts would still reach the model. The body has been read, so the next ``receive`` returns
         only when the client disconnects; then the request is withdrawn from the queue (never run) or,
         already in a model call, its rows are discarded.
         """
-        batcher = batchers[domain]
+        batcher = batcher or batchers[domain]
         try:
             ticket: Ticket = batcher.enqueue(items)
         except QueueFullError as exc:
@@ -412,22 +485,25 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         # route in OpenAPI and names it in the metrics.
         return JSONResponse(await predict_payload(domain, body, request.receive))
 
-    async def predict_payload(domain: str, body: Any, receive: Callable[[], Awaitable[Any]]) -> dict:
-        """The answer to a validated predict request; HTTPException for a 4xx/5xx."""
-        slot = _served_slot(domain, "predict")
-        texts: list[str] = body.texts
+    async def _model_call(call: Awaitable[Any], domain: str, route: str, what: str) -> Any:
+        """``call``'s answer: no champion yet is a 503 (retry later), any other failure a 500 that names only the
+        exception's type (the traceback goes to the log) and is counted in the route's inference errors."""
         try:
-            served, scores = await _answer(receive, domain, texts)
+            return await call
         except HTTPException:
             raise
         except NoModelError as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "5"}) from None
         except Exception as exc:
-            metrics.errors.labels("/v1/{domain}/predict", domain, "inference").inc()
-            log.exception("%s: inference failed", domain)
-            raise HTTPException(
-                status.HTTP_500_INTERNAL_SERVER_ERROR, f"inference failed: {type(exc).__name__}"
-            ) from None
+            metrics.errors.labels(route, domain, "inference").inc()
+            log.exception("%s: %s failed", domain, what)
+            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, f"{what} failed: {type(exc).__name__}") from None
+
+    async def predict_payload(domain: str, body: Any, receive: Callable[[], Awaitable[Any]]) -> dict:
+        """The answer to a validated predict request; HTTPException for a 4xx/5xx."""
+        slot = _served_slot(domain, "predict")
+        texts = _protected(slot, body.texts)  # masked (or refused) before a model, log or metric sees them
+        served, scores = await _model_call(_answer(receive, domain, texts), domain, "/v1/{domain}/predict", "inference")
         top_k: int = body.top_k
         spec = slot.spec.as_kind(ClassificationSpec)
         predictions = [prediction_record(spec, text, row, top_k) for text, row in zip(texts, scores, strict=True)]
@@ -458,6 +534,49 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         if isinstance(answer, UnknownItemsError):
             return JSONResponse(unknown_items_detail(answer), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
         return JSONResponse(answer)
+
+    @app.post(
+        "/v1/{domain}/explain",
+        response_model=ExplainResponse,
+        dependencies=authenticated,
+        tags=["predict"],
+        responses={
+            **errors,
+            409: {"description": "The method cannot explain the served model (the message says why)"},
+        },
+    )
+    async def explain(domain: str, body: ExplainRequest, request: Request) -> JSONResponse:  # type: ignore[valid-type]
+        """The prediction for one text and one score per word (how much the word raises the label's log-odds): for
+        the predicted label and, with ``label``, for another one. ``occlusion`` explains the served model itself
+        (int8 included) from one model call; ``integrated_gradients`` needs a champion with fp32 torch weights
+        (409 otherwise). Same key, limits and admission control as /predict."""
+        served = _served_slot(domain, "predict").current  # not None: a domain without a model is a 503 there
+        body = _protected_request(store.slots[domain], body)  # personal data masked (or refused) as for predict
+        asked: Any = body  # the model class is built at run time: mypy cannot see its fields
+        label: str | None = asked.label
+        if served is not None and label is not None:
+            try:
+                label_index(served.loaded, label)
+            except ValueError as exc:
+                return _unprocessable("label", str(exc))
+        if served is not None and asked.method != "occlusion":
+            reason = integrated_gradients_unavailable(served.loaded)
+            if reason is not None:
+                raise HTTPException(status.HTTP_409_CONFLICT, f"{domain} v{served.version}: {reason}")
+        answered_by, (answer,) = await _model_call(
+            _answer(request.receive, domain, [body], explainers[domain]), domain, "/v1/{domain}/explain", "explanation"
+        )
+        if isinstance(answer, ExplanationUnavailableError):  # a hot swap put in a model the method cannot explain
+            raise HTTPException(status.HTTP_409_CONFLICT, f"{domain} v{answered_by.version}: {answer}")
+        if isinstance(answer, ValueError):  # a hot swap put in a model without the label
+            return _unprocessable("label", str(answer))
+        return JSONResponse({"domain": domain, "version": answered_by.version, **answer.as_dict()})
+
+    def _unprocessable(field: str, message: str) -> JSONResponse:
+        """A 422 for a body that is valid JSON but names what the served model does not have, shaped like every
+        other validation error."""
+        error = {"type": "value_error", "loc": ["body", field], "msg": message}
+        return JSONResponse(_validation_payload([error]), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     (predict_route,) = (r for r in app.router.routes if getattr(r, "path", None) == "/v1/{domain}/predict")
     # add_middleware puts each new one outside the previous: metrics → key check → body size → predict fast

@@ -28,6 +28,7 @@ from domainflow.records import Evaluation
 from domainflow.registry import ModelRegistry, RegistryError, VersionInfo
 from domainflow.retrieval import INDEX_FILES
 from domainflow.spec import DomainSpec
+from domainflow.training_keys import FEDERATED_KEY, PRIVACY_KEY
 from tasks.artifacts import artifact_key
 from tasks.caching import require_shared
 from tasks.evaluate import RETRIEVAL_DIR
@@ -185,6 +186,9 @@ def apply_decision(
             ),
             "compression": chosen.candidate.compression,
             "train_seconds": chosen.candidate.train_seconds,
+            # the DP budget spent and the federation it came from, where the candidate has them (issue 15)
+            "privacy": chosen.training.get(PRIVACY_KEY),
+            "federated": chosen.training.get(FEDERATED_KEY),
             "dataset_fingerprint": dataset_fingerprint,
             "test_fingerprint": test_fingerprint,
             "run_config": run_config,
