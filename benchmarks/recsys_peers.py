@@ -172,7 +172,7 @@ class Run:
 
 
 def recbole_config(model: str, folder: Path, params: dict[str, Any], seed: int, max_epochs: int, work: Path) -> Any:
-    from recbole.config import Config  # type: ignore[import-untyped]
+    from recbole.config import Config
 
     sequential = model in SEQUENTIAL
     load = ["user_id", "item_id", "timestamp", *(["item_id_list"] if sequential else [])]
@@ -231,7 +231,7 @@ def check_masks(eval_loader: Any, dataset: Any, ours: StageRows) -> None:
 def score_matrix(model_name: str, model: Any, dataset: Any, rows: StageRows, num_items: int) -> np.ndarray:
     """users x our catalogue: the RecBole model's full-sort scores for our rows (histories at this stage)."""
     import torch
-    from recbole.data.interaction import Interaction  # type: ignore[import-untyped]
+    from recbole.data.interaction import Interaction
 
     item_of = internal_items(dataset)
     token_id = dataset.field2token_id
@@ -273,8 +273,8 @@ class Bench:
 
 def train_peer(model_name: str, params: dict[str, Any], seed: int, bench: Bench) -> Run:
     import torch
-    from recbole.data import create_dataset, data_preparation  # type: ignore[import-untyped]
-    from recbole.utils import get_model, get_trainer, init_seed  # type: ignore[import-untyped]
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, get_trainer, init_seed
 
     folder = bench.folders["sequential" if model_name in SEQUENTIAL else "general"]
     config = recbole_config(model_name, folder, params, seed, bench.max_epochs, bench.work)
