@@ -348,3 +348,19 @@ def test_source_never_unpickles() -> None:
                     ):
                         problems.append(f"{where} calls torch.load without weights_only=True")
     assert not problems, problems
+
+
+def test_a_models_memory_is_its_own_process_peak_not_the_pipelines(parent: ModelRef) -> None:
+    """The memory probe is a child of the pipeline's process; Linux carries a parent's peak across exec into the
+    child's ru_maxrss, so the probe must read its own high-water mark. Here the parent holds 1.5 GB more than the
+    probe could ever need for a one-layer model: a figure that includes it is the parent's, not the model's."""
+    from domainflow.footprint import resident_bytes
+    from tasks.speed import peak_rss_mb
+
+    ballast = bytearray(1536 * 2**20)
+    ballast[:: 2**12] = b"\1" * len(ballast[:: 2**12])  # touch every page: resident, not just reserved
+    parent_mb = (resident_bytes() or 0) / 2**20
+    assert parent_mb > 1536
+    probe_mb = peak_rss_mb(parent.path, ["my card has not arrived"] * 8)
+    assert probe_mb is not None and 50 < probe_mb < parent_mb - 1024, (probe_mb, parent_mb)
+    del ballast
