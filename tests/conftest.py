@@ -80,8 +80,8 @@ def tiny_domain() -> str:
             gates=replace(spec.gates, min_metrics={"accuracy": 0.5}),
             training=replace(spec.training, epochs=1.0, batch_size=16),
             compression=replace(spec.compression, student_layers=1, recovery_epochs=1.0),
-            peft=replace(spec.peft, methods=()),  # customer_service trains LoRA/IA3 too: tests/test_peft.py covers them
-            ensemble=None,  # it names the LoRA/IA3 members skipped above; tests/test_fusion.py tests ensembles
+            peft=replace(spec.peft, methods=()),  # off as shipped too; tests/test_peft.py trains LoRA/IA3
+            ensemble=None,  # off as shipped too; tests/test_fusion.py tests ensembles
             min_examples_per_class=3,
             # Off here: calibrated on ~14 validation texts it would escalate some in-scope test texts, which the
             # answer-policy tests do not expect; tests/test_out_of_scope.py tests it on domains of its own.
