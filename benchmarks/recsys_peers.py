@@ -28,10 +28,10 @@ positives (rating >= 4).
 Compatibility with torch 2.13 / numpy 2.4 (RecBole 1.2.1 dates from 2023), shimmed here without
 touching the models: (1) ``Config`` calls ``np.float_``, ``np.complex_`` and ``np.unicode_``, removed in
 numpy 2.0 (AttributeError), so those three aliases are restored before RecBole is imported; (2)
-``torch.load`` defaults to ``weights_only=True`` since torch 2.6, which refuses RecBole's checkpoint
-(it pickles the config), so the best checkpoint — our own file — is loaded here with
-``weights_only=False``; (3) pandas 3 made ``Series.agg(len)`` return the Series' length instead of
-each element's, which breaks RecBole's ``token_seq`` fields (the sequential models' input lists), so
+RecBole keeps its best epoch as a checkpoint that pickles its config, which ``torch.load`` refuses since
+torch 2.6 (``weights_only=True``) and which this project never unpickles, so the trainer's checkpoint hook
+keeps the best epoch's weights in memory instead; (3) pandas 3 made ``Series.agg(len)`` return the Series'
+length instead of each element's, which breaks RecBole's ``token_seq`` fields (the sequential models' input lists), so
 ``agg(len)`` is mapped element-wise while RecBole builds its dataset (:func:`elementwise_len_agg`).
 ``thop``, ``plotly`` and ``ray`` are only imported by RecBole's FLOPs counter and hyper-parameter
 tuning, which this script does not use.
@@ -272,7 +272,6 @@ class Bench:
 
 
 def train_peer(model_name: str, params: dict[str, Any], seed: int, bench: Bench) -> Run:
-    import torch
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_seed
 
@@ -290,12 +289,20 @@ def train_peer(model_name: str, params: dict[str, Any], seed: int, bench: Bench)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    # RecBole saves the best epoch as a pickled checkpoint (its config object included), which would have to be
+    # read back with torch.load(weights_only=False); the best epoch's weights are kept in memory instead.
+    best: dict[str, Any] = {}
+
+    def keep_best(epoch: int, *_: Any, **__: Any) -> None:
+        best["state_dict"] = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        best["other_parameter"] = model.other_parameter()
+
+    trainer._save_checkpoint = keep_best
     started = time.perf_counter()
     trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False)
     seconds = time.perf_counter() - started
-    checkpoint = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)  # our own file
-    model.load_state_dict(checkpoint["state_dict"])
-    model.load_other_parameter(checkpoint.get("other_parameter"))
+    model.load_state_dict(best["state_dict"])
+    model.load_other_parameter(best["other_parameter"])
     num_items = len(bench.data.index.items)
     ranks = {
         stage: target_ranks(score_matrix(model_name, model, dataset, rows, num_items), rows.targets, rows.excluded)
