@@ -7,6 +7,9 @@ scored on the same users, with the same excluded items, ranks computed by
 modules (HR@10, NDCG@10, MRR), at the ``valid`` stage (model choice) and the ``test`` stage (the
 gate). A bundle is evaluated by loading it from disk exactly as serving does.
 
+Under the cold-start protocol each stage's metrics also hold ``cold_<metric>``: the same metric
+over the users whose held-out item is a cold item (:func:`cold_metrics`).
+
 Each report folder holds ``metrics.json`` and ``ranks.json`` (the held-out item's rank per
 user, so any metric can be recomputed and two models compared user by user).
 """
@@ -31,7 +34,7 @@ from domainflow.recsys.baselines import fold_in_scores, item_knn_scores
 from domainflow.recsys.bundle import Recommender
 from domainflow.recsys.dataset import RankingData, StageRows
 from domainflow.recsys.features import RECENT, cooccurrence_cosine
-from domainflow.recsys.protocol import ranking_metrics, target_ranks
+from domainflow.recsys.protocol import cold_target_rows, ranking_metrics, target_ranks
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
 from tasks.caching import CODE_AND_INPUTS, code_fingerprint, require_shared
@@ -42,9 +45,28 @@ STAGES = ("valid", "test")
 SPEED_BATCH = 32
 
 
-def stage_result(scores: np.ndarray, rows: StageRows, metrics: tuple[str, ...]) -> tuple[dict[str, float], list[int]]:
+COLD_PREFIX = "cold_"
+
+
+def cold_metrics(ranks: np.ndarray, rows: StageRows, cold_mask: np.ndarray, metrics: tuple[str, ...]) -> dict:
+    """``cold_<metric>`` over the rows whose target is a cold item, and their count (``cold_targets``);
+    empty when no target is cold (the standard protocol)."""
+    cold = cold_target_rows(rows.targets, cold_mask)
+    if not cold.any():
+        return {}
+    values = ranking_metrics(np.asarray(ranks)[cold], metrics)
+    return {f"{COLD_PREFIX}{name}": value for name, value in values.items()} | {"cold_targets": float(cold.sum())}
+
+
+def stage_result(
+    scores: np.ndarray, rows: StageRows, metrics: tuple[str, ...], cold_mask: np.ndarray | None = None
+) -> tuple[dict[str, float], list[int]]:
+    """Metrics of a stage (with the cold-target ones when ``cold_mask`` flags cold items) and the ranks."""
     ranks = target_ranks(scores, rows.targets, rows.excluded)
-    return ranking_metrics(ranks, metrics), [int(r) for r in ranks]
+    values = ranking_metrics(ranks, metrics)
+    if cold_mask is not None:
+        values |= cold_metrics(ranks, rows, cold_mask, metrics)
+    return values, [int(r) for r in ranks]
 
 
 def write_report(
@@ -136,7 +158,9 @@ def evaluate_baselines(spec: RankingSpec, dataset: RankingDatasetRef, baselines:
     stages = {stage: data.stage(stage) for stage in STAGES}
     evaluations = []
     for name, (score, size_bytes, parameters, seconds) in baseline_scorers(spec, data, arrays, baselines).items():
-        results = {stage: stage_result(score(rows), rows, spec.metrics) for stage, rows in stages.items()}
+        results = {
+            stage: stage_result(score(rows), rows, spec.metrics, data.cold_mask) for stage, rows in stages.items()
+        }
         report = write_report(
             dataset.domain,
             name,
@@ -188,7 +212,8 @@ def evaluate_bundles(
                     stage,
                     time.perf_counter() - started,
                 )
-            results[stage] = stage_result(recommender.score_histories(rows.histories, shared[key]), rows, spec.metrics)
+            scores = recommender.score_histories(rows.histories, shared[key])
+            results[stage] = stage_result(scores, rows, spec.metrics, data.cold_mask)
         report = write_report(
             dataset.domain,
             bundle.name,

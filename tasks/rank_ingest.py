@@ -25,7 +25,7 @@ from domainflow.fingerprint import value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.recsys.data import RankingDataError, validate
 from domainflow.recsys.dataset import RankingData, sample_users, write_dataset
-from domainflow.recsys.protocol import leave_last_out
+from domainflow.recsys.protocol import choose_cold_items, cold_start, leave_last_out, mark_positive
 from domainflow.recsys.records import RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
 from tasks.artifacts import artifact_key
@@ -49,9 +49,11 @@ def ingest_ranking(
     interactions, items, sources = spec.read_source({k: Path(v) for k, v in files.items()})
     clean, clean_items, repairs = validate(interactions, items, sources)
     clean = sample_users(clean, max_users, seed)
-    split = leave_last_out(
-        clean, spec.positive_threshold, spec.min_positives, catalogue=clean_items["item_id"].tolist()
-    )
+    catalogue = clean_items["item_id"].tolist()
+    split = leave_last_out(clean, spec.positive_threshold, spec.min_positives, catalogue=catalogue)
+    if spec.cold_start:
+        positives = clean.loc[mark_positive(clean, spec.positive_threshold).to_numpy(), "item_id"]
+        split = cold_start(split, choose_cold_items(catalogue, positives, spec.cold_item_share, spec.cold_seed))
     if split.holdout.empty:
         raise RankingDataError(
             f"{sources['interactions']}: no user has {spec.min_positives} positive interactions, "
@@ -59,6 +61,8 @@ def ingest_ranking(
         )
     item_fields = zip(clean_items["title"], clean_items["year"], clean_items["genres"], strict=True)
     clean_items["text"] = [spec.item_text(title, year, genres) for title, year, genres in item_fields]
+    cold = set(split.cold_items)
+    cold_targets = {stage: int(split.holdout[f"{stage}_item"].isin(cold).sum()) for stage in ("valid", "test")}
     report = {
         "sources": sources,
         "repairs": repairs,
@@ -70,6 +74,9 @@ def ingest_ranking(
         "interactions": len(clean),
         "positives": int(split.train["positive"].sum()) + 2 * len(split.holdout),
         "evaluated_users": len(split.holdout),
+        "split_protocol": spec.split_protocol,
+        "cold_items": len(split.cold_items),
+        "cold_targets": cold_targets,
     }
     write_dataset(out_dir, clean_items, split, report)
     data = RankingData.load(out_dir)
@@ -83,6 +90,8 @@ def ingest_ranking(
         num_interactions=report["interactions"],
         evaluated_users=report["evaluated_users"],
         fit_users=len(data.fit_targets),
+        cold_items=len(cold),
+        cold_test_targets=cold_targets["test"],
     )
 
 
@@ -96,6 +105,8 @@ def summary_markdown(ref: RankingDatasetRef, report: dict) -> str:
                 f"- {ref.num_users} users, {ref.num_items} items, {ref.num_interactions} interactions "
                 f"({report['positives']} positives)",
                 f"- evaluated users: {ref.evaluated_users}; ranker fit users: {ref.fit_users}",
+                f"- split protocol: {report.get('split_protocol', 'standard')}; cold items: {ref.cold_items}, "
+                f"cold targets: {report.get('cold_targets', {})}",
                 f"- sources: {sources}; repairs: {report['repairs']}",
                 f"- user sample: {report['max_users'] or 'all'} (seed {report['seed']}); "
                 f"fingerprint `{ref.fingerprint}`, test `{ref.test_fingerprint}`",

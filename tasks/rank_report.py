@@ -14,17 +14,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from domainflow.logs import run_logger
 from domainflow.records import Evaluation
 from domainflow.recsys.bootstrap import paired_difference
+from domainflow.recsys.dataset import RankingData
+from domainflow.recsys.protocol import cold_target_rows
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
 from tasks.artifacts import artifact_key
 from tasks.caching import require_shared
-from tasks.rank_evaluate import stored_test_ranks
+from tasks.rank_evaluate import COLD_PREFIX, stored_test_ranks
 
 METRIC_COLUMNS = ("test_hit_rate_at_10", "test_ndcg_at_10", "test_mrr", "validation_ndcg_at_10")
 COLUMNS = (
@@ -106,6 +109,60 @@ def baseline_comparisons(
     return lines
 
 
+COLD_HOW = {
+    "popularity": "score 0 (no train positives): after every warm item with a positive, cold items in catalogue order",
+    "bpr": "its untrained random initial factors and a zero bias (never a positive nor a negative): a random place",
+    "bpr_fold_in": "the same untrained factors against the folded-in user vector: a random place",
+    "item_knn": "co-occurrence 0 (no train users): after every warm item that co-occurs, in catalogue order",
+    "two_tower": "its text: the item tower reads the cold item's title, year and genres",
+}
+
+
+def cold_start_section(
+    spec: Any,
+    evaluation: Evaluation,
+    baselines: list[Evaluation],
+    candidates: list[Evaluation],
+    ranks: dict[str, list[int]],
+    cold_rows: np.ndarray,
+) -> list[str]:
+    """The cold-start protocol's table: every model on the test users whose target is a cold item, how it
+    ranks a cold item, and this model's ratio and paired difference (bootstrap over those users) with each."""
+    primary = spec.primary_metric
+    key = f"{COLD_PREFIX}{primary}"
+    mine = np.asarray(ranks[evaluation.candidate.name])[cold_rows]
+    mine_value = evaluation.test_metrics.get(key, 0.0)
+    lines = [
+        "## Cold-start targets (test)",
+        "",
+        f"{int(cold_rows.sum())} of {len(cold_rows)} evaluated users have a cold test item: it was never in train, "
+        "so only its text can place it. Goal of issue #14: the text-using ranker at least 2x every model that "
+        f"cannot read text on cold targets' {primary}.",
+        "",
+        f"| model | cold HR@10 | cold NDCG@10 | cold MRR | valid cold NDCG@10 | {evaluation.candidate.name} / model | "
+        f"{evaluation.candidate.name} − model, cold {primary} [95% CI] | how it ranks a cold item |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for other in [*baselines, *candidates]:
+        name = other.candidate.name
+        value = other.test_metrics.get(key)
+        if value is None:
+            continue
+        ratio = "–" if name == evaluation.candidate.name else (f"{mine_value / value:.1f}x" if value > 0 else "∞")
+        interval = (
+            "–"
+            if name == evaluation.candidate.name
+            else paired_difference(mine, np.asarray(ranks[name])[cold_rows], primary).text()
+        )
+        how = COLD_HOW.get(name, "the ranker: text score, genres and year where collaborative features are 0")
+        lines.append(
+            f"| {name} | {other.test_metrics.get(COLD_PREFIX + 'hit_rate_at_10', 0):.4f} | {value:.4f} | "
+            f"{other.test_metrics.get(COLD_PREFIX + 'mrr', 0):.4f} | "
+            f"{other.validation_metrics.get(key, float('nan')):.4f} | {ratio} | {interval} | {how} |"
+        )
+    return [*lines, ""]
+
+
 def model_card(
     spec: Any,
     dataset: RankingDatasetRef,
@@ -113,6 +170,7 @@ def model_card(
     evaluation: Evaluation,
     rows: list[dict[str, Any]],
     comparisons: list[str] | None = None,
+    cold_section: list[str] | None = None,
 ) -> str:
     """A candidate's card: what it is, the protocol, every model's numbers, how it was trained."""
     bundle = Path(evaluation.candidate.path)
@@ -172,6 +230,7 @@ def model_card(
         "",
         *(comparisons or ["- (no per-user ranks found)"]),
         "",
+        *(cold_section or []),
         "## Training",
         "",
         f"- two-tower: {training.get('pairs', '?')} (history, next positive) pairs from the train split without each "
@@ -216,9 +275,14 @@ def rank_report(
     baselines, candidates = _as_evaluations(baselines), _as_evaluations(candidates)
     rows = model_rows(baselines, candidates)
     ranks = stored_test_ranks(baselines + candidates)
+    data = RankingData.load(dataset.path)
+    cold_rows = cold_target_rows(data.stage("test").targets, data.cold_mask)
     for evaluation in candidates:
         comparisons = baseline_comparisons(spec, evaluation, baselines, ranks)
-        card = model_card(spec, dataset, baselines_ref, evaluation, rows, comparisons)
+        cold = (
+            cold_start_section(spec, evaluation, baselines, candidates, ranks, cold_rows) if cold_rows.any() else None
+        )
+        card = model_card(spec, dataset, baselines_ref, evaluation, rows, comparisons, cold)
         (Path(evaluation.report_dir) / "model_card.md").write_text(card)
         try:
             create_markdown_artifact(

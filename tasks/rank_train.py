@@ -12,6 +12,14 @@
   on each user's fit target against ``ranker_negatives`` sampled items. Its features come from
   loading the ``two_tower`` bundle, the code path that serves.
 
+Cold-start protocol (``spec.split_protocol == "cold_start"``): the cold items are absent from
+train, so from every table built from it; in addition BPR draws its negatives from warm items only
+(:func:`negative_pool`), the ranker's sampled negatives are warm items (:func:`fit_groups`), and the
+ranker's fit rows treat a popularity-stratified share of warm items as cold (their collaborative
+features zeroed, the ``cold`` flag set: the "item dropout" of DropoutNet, Volkovs et al. 2017), so
+that it learns how far to trust the text score where nothing else is known, instead of learning
+only that a cold item is never the target.
+
 Each task writes into ``<target>.partial`` and renames, so a crash never leaves a folder that
 looks finished; outputs are content-addressed by their inputs and code.
 """
@@ -38,21 +46,21 @@ from domainflow.modeling import load_encoder, resolve_base_model
 from domainflow.records import ModelRef
 from domainflow.recsys import baselines as bl
 from domainflow.recsys.bundle import Recommender, write_bundle
-from domainflow.recsys.dataset import RankingData
+from domainflow.recsys.dataset import RankingData, StageRows
 from domainflow.recsys.features import (
-    FEATURES,
     ItemTables,
     cooccurrence_cosine,
+    feature_names,
     genre_matrix,
     history_features,
     parse_years,
 )
-from domainflow.recsys.protocol import ranking_metrics, target_ranks
+from domainflow.recsys.protocol import choose_cold_items, ranking_metrics, target_ranks
 from domainflow.recsys.ranker import fit_ranker as fit_conditional_logit
 from domainflow.recsys.ranker import sample_groups
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
-from domainflow.recsys.two_tower import TwoTower, encode, train_two_tower, training_pairs
+from domainflow.recsys.two_tower import Pair, TwoTower, encode, train_two_tower, training_pairs
 from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 
 TWO_TOWER = "two_tower"
@@ -127,6 +135,11 @@ def positives_of(data: RankingData, frame) -> tuple[np.ndarray, np.ndarray]:
     ).to_numpy()
 
 
+def negative_pool(data: RankingData) -> np.ndarray | None:
+    """Item positions BPR may draw negatives from: every item, or (cold start) the warm items only."""
+    return np.flatnonzero(~data.cold_mask) if data.cold_mask.any() else None
+
+
 def fit_baselines(data: RankingData, spec: Any, seed: int, out_dir: Path) -> BaselinesRef:
     """Popularity and BPR on the train split, saved as ``baselines.safetensors`` + ``baselines.json``."""
     from safetensors.numpy import save_file
@@ -158,6 +171,7 @@ def fit_baselines(data: RankingData, spec: Any, seed: int, out_dir: Path) -> Bas
         seed=seed,
         validate=validate,
         eval_every=recipe.eval_every,
+        negative_pool=negative_pool(data),
     )
     bpr_seconds = time.perf_counter() - started
     save_file(
@@ -200,11 +214,8 @@ def train_baselines(spec: RankingSpec, dataset: RankingDatasetRef, seed: int = 4
 # ------------------------------------------------------------------------------- two-tower
 
 
-def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_dir: Path, log: Any) -> ModelRef:
-    """Fine-tune the encoder on base-train pairs; save it (safetensors) with its loss curve."""
-    torch.manual_seed(config.seed)
-    encoder, tokenizer = load_encoder(config.base_model, num_layers=config.num_layers)
-    model = TwoTower(encoder)
+def text_pairs(data: RankingData, spec: Any, config: TwoTowerConfig) -> list[Pair]:
+    """The two-tower's (history text, next positive item) pairs, from the base split."""
     base = data.base_train()
     histories = data.histories_from(base)
     flags: list[list[bool]] = [[] for _ in data.index.users]
@@ -212,7 +223,7 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
         base["user_id"].map(data.index.user_pos).to_numpy(), base["positive"].to_numpy(dtype=bool), strict=True
     ):
         flags[u].append(bool(positive))
-    pairs = training_pairs(
+    return training_pairs(
         histories,
         flags,
         data.item_texts,
@@ -221,6 +232,14 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
         max_pairs=config.max_pairs,
         seed=config.seed,
     )
+
+
+def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_dir: Path, log: Any) -> ModelRef:
+    """Fine-tune the encoder on base-train pairs; save it (safetensors) with its loss curve."""
+    torch.manual_seed(config.seed)
+    encoder, tokenizer = load_encoder(config.base_model, num_layers=config.num_layers)
+    model = TwoTower(encoder)
+    pairs = text_pairs(data, spec, config)
     log.info("two-tower: %d training pairs, %g epoch(s) of batches of %d", len(pairs), config.epochs, config.batch_size)
     with process_locks.TORCH_GLOBALS:  # one training loop per process (see domainflow.process_locks)
         result = train_two_tower(
@@ -295,6 +314,7 @@ def item_tables(data: RankingData, spec: Any, encoder_dir: Path, config: TwoTowe
         weight_decay=recipe.weight_decay,
         batch_size=recipe.batch_size,
         seed=config.seed,
+        negative_pool=negative_pool(data),
     )
     all_users = base["user_id"].map(data.index.user_pos).to_numpy()
     all_items = base["item_id"].map(data.index.item_pos).to_numpy()
@@ -309,6 +329,7 @@ def item_tables(data: RankingData, spec: Any, encoder_dir: Path, config: TwoTowe
         genres=genre_matrix(data.items["genres"].tolist())[0],
         years=parse_years(data.items["year"].tolist()),
         fold_in_reg=spec.bpr.fold_in_reg,
+        cold=data.cold_mask.astype(np.float32),
     )
 
 
@@ -362,14 +383,35 @@ def build_item_tables(
     )
 
 
-def fit_features(data: RankingData, recommender: Recommender, negatives: int, seed: int) -> np.ndarray:
-    """rows x (target + negatives) x features at the ``fit`` stage (histories from the base split)."""
+def fit_groups(data: RankingData, negatives: int, seed: int) -> tuple[StageRows, np.ndarray]:
+    """The ``fit`` stage and its groups (target, then ``negatives`` sampled unseen items; under cold
+    start warm items only: a cold item is in no training table, the ranker's rows included)."""
     rows = data.stage("fit")
-    groups = sample_groups(rows.excluded, rows.targets, negatives, seed)
+    return rows, sample_groups(rows.excluded | data.cold_mask[None, :], rows.targets, negatives, seed)
+
+
+def simulated_cold(data: RankingData, spec: Any, seed: int) -> np.ndarray:
+    """Warm item positions the cold-start ranker's fit rows treat as cold: the protocol's share, drawn
+    per popularity stratum of the base split (as the real cold items were), seeded."""
+    warm = np.flatnonzero(~data.cold_mask)
+    base = data.base_train()
+    positives = base.loc[base["positive"].to_numpy(dtype=bool), "item_id"]
+    chosen = choose_cold_items([data.index.items[i] for i in warm], positives, spec.cold_item_share, seed)
+    return np.array([data.index.item_pos[item] for item in chosen], dtype=np.int64)
+
+
+def fit_features(
+    data: RankingData, recommender: Recommender, negatives: int, seed: int, spec: Any = None
+) -> np.ndarray:
+    """rows x (target + negatives) x features at the ``fit`` stage (histories from the base split)."""
+    cold_start = bool(spec is not None and spec.cold_start)
+    rows, groups = fit_groups(data, negatives, seed)
+    tables = recommender.tables.with_cold(simulated_cold(data, spec, seed)) if cold_start else recommender.tables
+    names = feature_names(cold_start)
     embeddings = recommender.user_embeddings(rows.histories)
     return np.stack(
         [
-            history_features(recommender.tables, history, embedding, group)
+            history_features(tables, history, embedding, group, names)
             for history, embedding, group in zip(rows.histories, embeddings, groups, strict=True)
         ]
     )
@@ -390,20 +432,24 @@ def fit_ranker(spec: RankingSpec, dataset: RankingDatasetRef, two_tower: ModelRe
         config.ranker_negatives,
         config.seed,
         spec.history_items,
+        spec.split_protocol,
+        spec.cold_item_share,
     )
 
     def build(out: Path) -> None:
         data = RankingData.load(dataset.path)
         recommender = Recommender(Path(two_tower.path), spec.history_text)
-        ranker = fit_conditional_logit(fit_features(data, recommender, config.ranker_negatives, config.seed), FEATURES)
+        names = feature_names(spec.cold_start)
+        features = fit_features(data, recommender, config.ranker_negatives, config.seed, spec)
+        ranker = fit_conditional_logit(features, names)
         log.info(
             "ranker weights (standardised features): %s",
-            {n: round(float(w), 3) for n, w in zip(FEATURES, ranker.weights, strict=True)},
+            {n: round(float(w), 3) for n, w in zip(names, ranker.weights, strict=True)},
         )
         shutil.copytree(two_tower.path, out, dirs_exist_ok=True)
         ranker.save(out / "ranker.json")
         metadata = json.loads((out / "recommender.json").read_text())
-        metadata.update(scorer=RANKER, ranker_negatives=config.ranker_negatives)
+        metadata.update(scorer=RANKER, ranker_negatives=config.ranker_negatives, features=list(names))
         (out / "recommender.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
     started = time.perf_counter()

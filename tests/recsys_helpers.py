@@ -62,9 +62,19 @@ def titles(seed: int = 3) -> list[str]:
     return out
 
 
-def items_rows() -> list[dict[str, str]]:
+SERIES_NAMES = ("Nebula", "Harbor", "Orchard", "Glacier")
+
+
+def items_rows(series_names: bool = False) -> list[dict[str, str]]:
+    """The catalogue; with ``series_names`` each title starts with its series' name ("Nebula Kalomir
+    Dunvek"), the one textual link between episodes: what a cold episode can be placed by (cold-start tests)."""
     return [
-        {"item_id": f"m{i + 1:02d}", "title": title, "year": str(1990 + i % EPISODES), "genres": ""}
+        {
+            "item_id": f"m{i + 1:02d}",
+            "title": f"{SERIES_NAMES[i // EPISODES]} {title}" if series_names else title,
+            "year": str(1990 + i % EPISODES),
+            "genres": "",
+        }
         for i, title in enumerate(titles())
     ]
 
@@ -102,9 +112,9 @@ def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def write_series_data(folder: Path, num_users: int = 120) -> Path:
+def write_series_data(folder: Path, num_users: int = 120, series_names: bool = False) -> Path:
     """``interactions.csv`` and ``items.csv`` in ``folder``."""
-    write_csv(folder / "items.csv", items_rows())
+    write_csv(folder / "items.csv", items_rows(series_names))
     write_csv(folder / "interactions.csv", interaction_rows(num_users))
     return folder
 

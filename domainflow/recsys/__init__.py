@@ -5,7 +5,8 @@ Modules, one job each:
 * :mod:`.movielens` — fetch MovieLens-100K from the recbole wheel and read its atomic files;
 * :mod:`.data` — read and validate interactions + items tables (MovieLens or a user's own files);
 * :mod:`.protocol` — the evaluation protocol (implicit feedback, chronological leave-last-out,
-  full ranking over unseen items) and the ranking metrics;
+  full ranking over unseen items), its cold-start variant (a share of items in no training table)
+  and the ranking metrics;
 * :mod:`.baselines` — most-popular, BPR matrix factorisation (torch), BPR with the history folded in,
   item-kNN over the recent history;
 * :mod:`.bootstrap` — paired bootstrap intervals over users (the gate's win / tie / loss);

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from domainflow.recsys.features import FEATURES, ItemTables, history_features
+from domainflow.recsys.features import ALL_FEATURES, FEATURES, ItemTables, history_features
 from domainflow.recsys.ranker import LinearRanker
 from domainflow.recsys.two_tower import TwoTower, encode
 
@@ -70,6 +70,7 @@ def write_bundle(
     ranker: LinearRanker | None = None,
     compression: str | None = None,
     extra: dict[str, Any] | None = None,
+    features: tuple[str, ...] = FEATURES,
 ) -> Path:
     """Assemble a bundle directory from its parts (the caller publishes it atomically)."""
     if scorer not in SCORERS:
@@ -87,7 +88,7 @@ def write_bundle(
         "architecture": "two_tower_ranker",
         "scorer": scorer,
         "compression": compression,
-        "features": list(FEATURES),
+        "features": list(ranker.features if ranker is not None else features),
         **text_lengths,
         **(extra or {}),
     }
@@ -134,8 +135,9 @@ class Recommender:
         self.item_pos = {item: i for i, item in enumerate(self.item_ids)}
         self.tables = ItemTables.load(self.path / "tables.safetensors")
         self.ranker = LinearRanker.load(self.path / "ranker.json") if self.metadata["scorer"] == "ranker" else None
-        if self.ranker is not None and self.ranker.features != tuple(FEATURES):
-            raise ValueError(f"{self.path}: ranker features {self.ranker.features} differ from this code's {FEATURES}")
+        if self.ranker is not None and not set(self.ranker.features) <= set(ALL_FEATURES):
+            unknown = sorted(set(self.ranker.features) - set(ALL_FEATURES))
+            raise ValueError(f"{self.path}: ranker features {unknown} are not among this code's {ALL_FEATURES}")
 
     @property
     def scorer(self) -> str:
@@ -177,7 +179,9 @@ class Recommender:
         if self.ranker is None or self.scorer_for(history) == "text":
             items = slice(None) if candidates is None else candidates
             return self.tables.item_embeddings[items] @ user_embedding
-        return self.ranker.score(history_features(self.tables, history, user_embedding, candidates))
+        return self.ranker.score(
+            history_features(self.tables, history, user_embedding, candidates, self.ranker.features)
+        )
 
     def score_histories(self, histories: Sequence[Sequence[int]], embeddings: np.ndarray | None = None) -> np.ndarray:
         """users x items scores for many histories of catalogue items (evaluation).

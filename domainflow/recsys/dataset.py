@@ -16,8 +16,9 @@ A *history* is every interaction of the user in chronological order, whatever it
 serving receives a list of items a user watched, with no ratings, so the models read the
 same thing in evaluation. Targets and positives follow the protocol (rating >= threshold).
 
-On disk: ``items.parquet`` (catalogue order, with the item text), ``train.parquet``,
-``holdout.parquet`` and ``report.json``.
+On disk: ``items.parquet`` (catalogue order, with the item text and ``cold``: whether the
+cold-start protocol kept the item out of train), ``train.parquet``, ``holdout.parquet`` and
+``report.json``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def sample_users(interactions: pd.DataFrame, max_users: int | None, seed: int) -
 def write_dataset(out_dir: Path, items: pd.DataFrame, split: Split, report: dict) -> None:
     """Write the split with its report (the caller publishes ``out_dir`` atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    items = items.assign(cold=items["item_id"].isin(set(split.cold_items)).to_numpy())
     items.to_parquet(out_dir / "items.parquet", index=False)
     split.train.to_parquet(out_dir / "train.parquet", index=False)
     split.holdout.to_parquet(out_dir / "holdout.parquet", index=False)
@@ -86,7 +88,14 @@ class RankingData:
 
     @cached_property
     def index(self) -> Index:
-        return build_index(self.items, self.train)
+        return build_index(self.items, self.train, self.holdout)
+
+    @cached_property
+    def cold_mask(self) -> np.ndarray:
+        """Per item (catalogue order): kept out of train by the cold-start protocol (all False otherwise)."""
+        if "cold" not in self.items:
+            return np.zeros(len(self.items), dtype=bool)
+        return self.items["cold"].to_numpy(dtype=bool)
 
     @property
     def split(self) -> Split:

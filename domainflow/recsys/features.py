@@ -15,12 +15,20 @@ Features (in :data:`FEATURES` order):
   items) of the candidate with the last :data:`RECENT` history items / with all of them;
 * ``genre_match`` — cosine of the candidate's genres with the genre profile of the recent history;
 * ``year_gap`` — |candidate year − median year of the recent history| in decades.
+
+Cold-start protocol (:data:`COLD_FEATURES`, used by a ranker fitted under it): a *cold* item
+(``ItemTables.cold``) has no collaborative data, so its popularity, BPR and co-occurrence features
+are 0 rather than noise (BPR factors of an item with no positives are their random start), and cold
+items in the history are left out of those features (they still count in the text, genres and
+year). ``cold`` flags the candidate and ``text_cold`` = text score × cold lets the ranker weigh the
+text model differently where it is the only signal. Under the standard protocol ``cold`` is all 0,
+so these rules change nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +36,15 @@ import numpy as np
 from domainflow.recsys.baselines import fold_in
 
 FEATURES = ("text", "log_popularity", "bpr", "cooc_recent", "cooc_history", "genre_match", "year_gap")
+COLD_FEATURES = ("cold", "text_cold")
+ALL_FEATURES = FEATURES + COLD_FEATURES
+COLLABORATIVE = ("log_popularity", "bpr", "cooc_recent", "cooc_history")
 RECENT = 5
+
+
+def feature_names(cold_start: bool) -> tuple[str, ...]:
+    """The ranker's features under a protocol: the cold-start ranker also reads the cold flags."""
+    return ALL_FEATURES if cold_start else FEATURES
 
 
 @dataclass
@@ -43,6 +59,18 @@ class ItemTables:
     genres: np.ndarray  # items x genres, 0/1
     years: np.ndarray  # items, NaN when unknown
     fold_in_reg: float = 1.0
+    cold: np.ndarray | None = None  # items: 1 where the item has no collaborative data (cold start); default 0
+
+    def __post_init__(self) -> None:
+        if self.cold is None:
+            self.cold = np.zeros(len(self.popularity), dtype=np.float32)
+
+    def with_cold(self, items: np.ndarray) -> ItemTables:
+        """A copy that also treats ``items`` (positions) as cold: how the ranker's fit rows simulate cold
+        items among warm ones (see ``tasks.rank_train.fit_features``)."""
+        cold = np.array(self.cold, dtype=np.float32, copy=True)
+        cold[np.asarray(items, dtype=np.int64)] = 1.0
+        return replace(self, cold=cold)
 
     @property
     def num_items(self) -> int:
@@ -66,7 +94,7 @@ class ItemTables:
 
         arrays = load_file(str(path))
         reg = float(arrays.pop("fold_in_reg")[0])
-        return cls(**arrays, fold_in_reg=reg)
+        return cls(**arrays, fold_in_reg=reg)  # a bundle written before ``cold`` existed loads with none cold
 
 
 def cooccurrence_cosine(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> np.ndarray:
@@ -102,26 +130,45 @@ def parse_years(years: Sequence[str]) -> np.ndarray:
 
 
 def history_features(
-    tables: ItemTables, history: Sequence[int], user_embedding: np.ndarray, candidates: np.ndarray | None = None
+    tables: ItemTables,
+    history: Sequence[int],
+    user_embedding: np.ndarray,
+    candidates: np.ndarray | None = None,
+    names: Sequence[str] = FEATURES,
 ) -> np.ndarray:
-    """Features (rows: candidates, default every item; columns: :data:`FEATURES`) for one history."""
+    """Features (rows: candidates, default every item; columns: ``names``, from :data:`ALL_FEATURES`)
+    for one history."""
     items = np.arange(tables.num_items) if candidates is None else np.asarray(candidates)
+    assert tables.cold is not None  # set by __post_init__
+    cold_flags = np.asarray(tables.cold, dtype=np.float64)
     history = list(history)
+    warm = [i for i in history if not cold_flags[i]]  # collaborative features know nothing of cold items
     recent = history[-RECENT:]
-    out = np.zeros((len(items), len(FEATURES)), dtype=np.float64)
-    out[:, 0] = tables.item_embeddings[items] @ user_embedding
-    out[:, 1] = np.log1p(tables.popularity[items])
+    columns = {name: np.zeros(len(items), dtype=np.float64) for name in ALL_FEATURES}
+    columns["text"] = (tables.item_embeddings[items] @ user_embedding).astype(np.float64)
+    columns["log_popularity"] = np.log1p(tables.popularity[items])
+    if warm:
+        user = fold_in(tables.bpr_items.astype(np.float64), warm, tables.fold_in_reg)
+        columns["bpr"] = tables.bpr_items[items] @ user + tables.bpr_bias[items]
+        columns["cooc_recent"] = tables.cooccurrence[warm[-RECENT:]][:, items].mean(axis=0)
+        columns["cooc_history"] = tables.cooccurrence[warm][:, items].mean(axis=0)
     if history:
-        user = fold_in(tables.bpr_items.astype(np.float64), history, tables.fold_in_reg)
-        out[:, 2] = tables.bpr_items[items] @ user + tables.bpr_bias[items]
-        out[:, 3] = tables.cooccurrence[recent][:, items].mean(axis=0)
-        out[:, 4] = tables.cooccurrence[history][:, items].mean(axis=0)
         profile = tables.genres[recent].sum(axis=0)
         item_genres = tables.genres[items]
         denominator = np.linalg.norm(item_genres, axis=1) * np.linalg.norm(profile)
-        out[:, 5] = np.divide(item_genres @ profile, denominator, out=np.zeros(len(items)), where=denominator > 0)
+        columns["genre_match"] = np.divide(
+            item_genres @ profile, denominator, out=np.zeros(len(items)), where=denominator > 0
+        )
         years = tables.years[recent]
         if np.isfinite(years).any():
             gap = np.abs(tables.years[items] - np.nanmedian(years)) / 10.0
-            out[:, 6] = np.where(np.isfinite(gap), gap, 0.0)
-    return out
+            columns["year_gap"] = np.where(np.isfinite(gap), gap, 0.0)
+    cold = cold_flags[items]
+    for name in COLLABORATIVE:
+        columns[name] = columns[name] * (1.0 - cold)
+    columns["cold"] = cold
+    columns["text_cold"] = columns["text"] * cold
+    unknown = [name for name in names if name not in columns]
+    if unknown:
+        raise ValueError(f"unknown ranker feature(s) {unknown}; known: {list(ALL_FEATURES)}")
+    return np.stack([columns[name] for name in names], axis=1)

@@ -17,12 +17,19 @@
   history by then. Ties in score are broken by catalogue position (as :func:`recommend` does),
   so a model earns no credit for a tie.
 * **Metrics**: HR@10, NDCG@10 and MRR of the held-out item's rank (local ``evaluate`` modules).
+
+A second protocol, **cold start** (:func:`cold_start`), asks where item text matters: a seeded
+share of the catalogue, drawn within popularity strata so that cold items are as popular as the
+rest, never appears in train (so in no table, model or ranker row built from it); the held-out
+items stay as they are, so the validation and test targets that are cold items can be ranked only
+from what the catalogue says about them (title, year, genres). Metrics are reported on all targets
+and on the cold targets alone (:func:`cold_target_rows`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -36,6 +43,7 @@ class Split:
 
     train: pd.DataFrame  # user_id, item_id, rating, timestamp, positive
     holdout: pd.DataFrame  # user_id, valid_item, test_item, valid_timestamp, test_timestamp
+    cold_items: list[str] = field(default_factory=list)  # cold-start protocol: items kept out of train
 
 
 def mark_positive(interactions: pd.DataFrame, positive_threshold: float | None) -> pd.Series:
@@ -89,6 +97,44 @@ def leave_last_out(
     cut = frame["user_id"].map(valid["order"]).fillna(np.inf)
     train = frame[frame["order"] < cut].drop(columns=["order"]).reset_index(drop=True)
     return Split(train=train, holdout=holdout.reset_index())
+
+
+def choose_cold_items(
+    catalogue: Sequence[str], positive_items: Sequence[str], share: float, seed: int, strata: int = 5
+) -> list[str]:
+    """A seeded ``share`` of the catalogue, drawn within ``strata`` popularity strata (catalogue order).
+
+    Why stratified: a uniform draw would be mostly the long tail (most items have few positives),
+    and a cold item nobody wants is never a target, so the cold-start numbers would rest on a few
+    users. Items are ranked by their number of positives (ties by catalogue position), cut into
+    equal-size strata, and ``round(share * size)`` items are drawn from each.
+    """
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"cold_item_share must be between 0 and 1 (exclusive), got {share}")
+    counts = pd.Series(list(positive_items), dtype=object).value_counts()
+    popularity = np.array([int(counts.get(item, 0)) for item in catalogue])
+    order = np.lexsort((np.arange(len(catalogue)), -popularity))  # most popular first, ties by position
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for stratum in np.array_split(order, min(strata, len(order))):
+        chosen += rng.choice(stratum, size=int(round(share * len(stratum))), replace=False).tolist()
+    return [catalogue[i] for i in sorted(chosen)]
+
+
+def cold_start(split: Split, cold_items: Sequence[str]) -> Split:
+    """``split`` with every train interaction of ``cold_items`` removed (held-out items unchanged).
+
+    A user's earlier interactions with a cold item go too: histories are read from train, and an
+    item that is in no training table must not be in the histories the feature models learn from.
+    """
+    cold = set(cold_items)
+    train = split.train[~split.train["item_id"].isin(cold)].reset_index(drop=True)
+    return Split(train=train, holdout=split.holdout, cold_items=list(dict.fromkeys(cold_items)))
+
+
+def cold_target_rows(targets: np.ndarray, cold_mask: np.ndarray) -> np.ndarray:
+    """Boolean per row: is its target (an item position) a cold item."""
+    return np.asarray(cold_mask, dtype=bool)[np.asarray(targets, dtype=np.int64)]
 
 
 @dataclass
@@ -158,5 +204,10 @@ def evaluate_scores(
     return ranking_metrics(ranks, names), ranks
 
 
-def build_index(items: pd.DataFrame, interactions: pd.DataFrame) -> Index:
-    return Index(items=list(items["item_id"]), users=sorted(interactions["user_id"].unique()))
+def build_index(items: pd.DataFrame, interactions: pd.DataFrame, holdout: pd.DataFrame | None = None) -> Index:
+    """Items in catalogue order; users sorted, from train and (cold start: a user may have only cold
+    items in train) the held-out rows."""
+    users = set(interactions["user_id"].unique())
+    if holdout is not None:
+        users |= set(holdout["user_id"].unique())
+    return Index(items=list(items["item_id"]), users=sorted(users))

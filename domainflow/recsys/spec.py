@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -27,6 +27,13 @@ PROTOCOL = (
     "interacted with in train (test also excludes the validation item); score ties broken by catalogue position. "
     "Metrics: HR@10, NDCG@10, MRR."
 )
+COLD_START = (
+    " Cold-start protocol: {share:.0%} of the catalogue (drawn per popularity stratum, seed {seed}) are cold items: "
+    "every interaction with them is removed from train, so no model, table or ranker row is built from them; "
+    "validation and test targets that are cold items can be ranked only from their text (title, year, genres). "
+    "Metrics are reported on all targets and on cold targets alone."
+)
+SPLIT_PROTOCOLS = ("standard", "cold_start")
 
 
 class TwoTowerDefaults(Record):
@@ -83,6 +90,15 @@ class RankingSpec(DomainSpec):
     dataset: str = Field("movielens-100k", description="the dataset used when no files are given (fetched at set-up)")
     two_tower: TwoTowerDefaults = Field(default_factory=TwoTowerDefaults, description="text model training")
     bpr: BprDefaults = Field(default_factory=BprDefaults, description="BPR baseline training")
+    split_protocol: Literal["standard", "cold_start"] = Field(
+        "standard",
+        description="standard: leave-last-out; cold_start: the same, with a share of items never in any training "
+        "table (their targets can only be ranked from text)",
+    )
+    cold_item_share: float = Field(
+        0.2, gt=0.0, lt=1.0, description="cold_start: share of items held out of training, per popularity stratum"
+    )
+    cold_seed: int = Field(0, description="cold_start: seed of the cold-item draw (part of the protocol, not the run)")
     ranker_negatives: int = Field(30, ge=1, description="sampled negatives per positive when fitting the ranker")
     baselines: tuple[str, ...] = Field(
         ("popularity", "bpr", "bpr_fold_in", "item_knn"),
@@ -118,7 +134,14 @@ class RankingSpec(DomainSpec):
 
     @property
     def protocol(self) -> str:
-        return PROTOCOL.format(threshold=self.positive_threshold, min_positives=self.min_positives)
+        text = PROTOCOL.format(threshold=self.positive_threshold, min_positives=self.min_positives)
+        if self.split_protocol == "cold_start":
+            text += COLD_START.format(share=self.cold_item_share, seed=self.cold_seed)
+        return text
+
+    @property
+    def cold_start(self) -> bool:
+        return self.split_protocol == "cold_start"
 
     def item_text(self, title: str, year: str = "", genres: str = "") -> str:
         """What the item tower reads: "Toy Story (1995). Animation, Children's, Comedy"."""
