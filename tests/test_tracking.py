@@ -164,7 +164,7 @@ def test_reporting_changes_neither_the_cache_key_nor_the_model_folder(
 def test_report_to_reaches_the_ddp_ranks(tiny_dataset: DatasetRef, tmp_path: Path) -> None:
     """The call a torchrun rank reads back keeps report_to (model_dump alone would drop it)."""
     config = TrainConfig(base_model="m", base_fingerprint="f", report_to=("mlflow",))
-    call = {name: None for name in ("compression", "epochs", "teacher_dir", "extra_metadata", "checkpoints")}
+    call = {name: None for name in ("compression", "epochs", "teacher_dir", "extra_metadata", "checkpoints", "adapter")}
     call |= {"dataset": tiny_dataset, "init_dir": tmp_path, "config": config, "out_dir": tmp_path / "o"}
     call |= {"name": FINETUNED, "parent": None, "distill_temperature": 2.0, "distill_alpha": 0.5}
     assert TrainConfig.model_validate(locals_of_call(call)["config"]).report_to == ("mlflow",)

@@ -161,8 +161,16 @@ def test_schedule_registers_in_a_work_pool_and_a_worker_retrains(
                 log=worker_log,
             )
         worker.send_signal(signal.SIGTERM)
-        code = wait_for_exit(worker, "the worker to stop", log=worker_log)  # measured 5-20 s; minutes under load
-        assert code in (0, -signal.SIGTERM), f"exit {code}\n{worker_log.read_text()[-3000:]}"
+        try:
+            code = wait_for_exit(worker, "the worker to stop", timeout=180, log=worker_log)  # measured 5-20 s
+        except AssertionError:
+            # Prefect 3.8's worker turns the first SIGTERM into a SIGINT to itself, which it sometimes swallows: the
+            # log ends "Received SIGINT. Sending SIGINT to the process worker…" and the worker idles for ever (seen
+            # in CI and locally, with no run in flight). Its documented escalation is what a process manager does
+            # next: a second SIGTERM is a SIGKILL. Either way nothing of its session may outlive it (checked below).
+            worker.send_signal(signal.SIGTERM)
+            code = wait_for_exit(worker, "the worker to stop after a second SIGTERM", timeout=60, log=worker_log)
+        assert code in (0, -signal.SIGTERM, -signal.SIGKILL), f"exit {code}\n{worker_log.read_text()[-3000:]}"
         if Path("/proc/self/stat").exists():
             wait_for(
                 lambda: not session_members(worker.pid), "the worker's processes to end", timeout=300, log=worker_log
