@@ -19,7 +19,8 @@ The rules, in order (thresholds come from ``spec.gates``, a :class:`~domains.bas
    most ``gates.max_compression_drop`` of its parent's test primary metric, and is at least
    ``gates.min_compression_speedup`` times as fast (texts/s at batch 32). Only children of the
    reference compete. A cascade (fast student → the reference as served) is such a child; one whose
-   threshold could not be calibrated within its margin on validation is rejected, quoting its numbers.
+   threshold could not be calibrated within its margin on validation is rejected, quoting its numbers, and so is
+   one that passes nothing on (its fast model alone, which competes as itself).
 4. **Challenger.** The fastest eligible child of the reference, else the reference itself if it
    meets the floors, else nothing.
 5. **Champion.** Promote only if the challenger's test primary beats the champion's (same test
@@ -326,6 +327,15 @@ def decide(
                 f"{calibration['validation_accuracy']:.4f} is not within {calibration['margin']:.4f} of the strong "
                 f"model's {calibration['strong_validation_accuracy']:.4f} while passing on at most the allowed share "
                 f"({100 * calibration['validation_passed_on']:.1f}% passed on)"
+            )
+        if isinstance(calibration, dict) and calibration.get("met", True) and calibration["validation_passed_on"] == 0:
+            # Its fast model alone already meets the margin: the cascade answers as that model does while loading
+            # and shipping the strong one too, and a speed tie between the two would be settled by timing noise.
+            ok = False
+            fast = evaluation.fusion.get("fast", "its fast model")
+            verdict.reasons.append(
+                f"cascade passes nothing on at its calibrated threshold {calibration['threshold']:.4f}: it is {fast} "
+                "alone (which competes as itself) plus a strong model it never calls"
             )
         if reference is None or parent.candidate.name != reference.candidate.name:
             ok = False

@@ -271,3 +271,17 @@ def test_a_cascade_is_judged_as_a_child_of_the_reference_and_refused_when_its_ca
         assert decision.chosen == "finetuned" and not verdict.eligible
         reason = next(r for r in verdict.reasons if r.startswith("cascade calibration failed"))
         assert "0.9020" in reason and "0.0050" in reason and "0.9340" in reason and "50.0% passed on" in reason
+
+
+def test_a_cascade_that_passes_nothing_on_is_its_fast_model_and_is_not_chosen_over_it() -> None:
+    """Measured in a full run: the int8 student alone met the margin (threshold 0), and the cascade, 1,556 against
+    the student's 1,547 texts/s (timing noise), was chosen though it ships and loads the strong model for nothing."""
+    cascade = _cascade(0.9295, 1556.0, met=True)
+    calibration = {**cascade.fusion["calibration"], "threshold": 0.0, "validation_passed_on": 0.0}
+    cascade = cascade.model_copy(update={"fusion": {"threshold": 0.0, "fast": "student", "calibration": calibration}})
+    student = ev("student", 0.9295, tps=1547.0, parent="finetuned", compression="distilled")
+    decision = decide(make_spec(), [ev("finetuned", 0.935, tps=350.0), student, cascade], None)
+    assert decision.chosen == "student"
+    verdict = decision.verdict("cascade-student")
+    assert not verdict.eligible
+    assert any(r.startswith("cascade passes nothing on") and "student alone" in r for r in verdict.reasons)
