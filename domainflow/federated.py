@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from domainflow.footprint import FOOTPRINT_KEY, footprint, peak_rss
+from domainflow.footprint import FOOTPRINT_KEY, footprint, training_section
 from domainflow.local_training import (
     BaseSpec,
     BatchLogits,
@@ -418,8 +417,7 @@ def run_federated(setup: FederatedSetup) -> FederatedRun:
     from flwr.app import ArrayRecord, MetricRecord
 
     method = setup.method
-    started = time.perf_counter()
-    with peak_rss() as peak:
+    with training_section() as section:  # one training loop at a time in a process (domainflow.footprint)
         torch.manual_seed(setup.seed)
         server = learner_for(setup)  # in_process: the clients' learner too
         strategy = recording_fedavg(method.clients)
@@ -446,7 +444,7 @@ def run_federated(setup: FederatedSetup) -> FederatedRun:
             raise RuntimeError(f"the federated run of {method.name} ended without global weights")
         final = outcome["result"].arrays.to_numpy_ndarrays()
         server.trainable.load_trainable_arrays(final)
-    seconds = time.perf_counter() - started
+    seconds = section.seconds
     parts = server.partitions
     record = {
         "framework": f"Flower {flwr.__version__}, FedAvg weighted by client rows",
@@ -466,7 +464,7 @@ def run_federated(setup: FederatedSetup) -> FederatedRun:
         server.trainable,
         record,
         seconds,
-        footprint(server.trainable.model, peak, seconds),
+        footprint(server.trainable.model, section.peak, seconds),
         last_round=list(getattr(strategy, "last_round", [])),
         partitions=parts,
     )

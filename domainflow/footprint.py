@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from domainflow import process_locks
 from domainflow.peft_models import adapter_bytes
 from domainflow.training_keys import FEDERATED_KEY, PRIVACY_KEY
 
@@ -74,6 +76,29 @@ def peak_rss(interval: float = SAMPLE_SECONDS) -> Iterator[PeakMemory]:
         stop.set()
         sampler.join()
         peak.see(resident_bytes())
+
+
+@dataclass
+class TrainingSection:
+    """A training loop's wall time (from when it held the lock) and its peak memory (see :func:`training_section`)."""
+
+    started: float
+    peak: PeakMemory
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@contextmanager
+def training_section() -> Iterator[TrainingSection]:
+    """The one way into a training loop: it holds ``process_locks.TORCH_GLOBALS`` (training mutates process-wide
+    torch state, and seeded runs draw from torch's global generator: two loops at once in threads of one process
+    break each other or their reproducibility), and times the loop and samples its peak memory from the moment it
+    holds the lock — waiting for another domain's training is not this model's cost."""
+    with process_locks.TORCH_GLOBALS:
+        with peak_rss() as peak:
+            yield TrainingSection(time.perf_counter(), peak)
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -26,13 +26,12 @@ trains.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from domainflow.footprint import FOOTPRINT_KEY, footprint, peak_rss
+from domainflow.footprint import FOOTPRINT_KEY, footprint, training_section
 from domainflow.local_training import (
     BaseSpec,
     BatchLogits,
@@ -111,11 +110,10 @@ def fit_private(
 
     if not texts:
         raise ValueError("DP training needs at least one training row")
-    started = time.perf_counter()
-    torch.manual_seed(seed)  # the Poisson sampler and the noise draw from torch's global generator
     rows = len(texts)
     delta = method.delta_for(rows)
-    with peak_rss() as peak:
+    with training_section() as section:  # one training loop at a time in a process (domainflow.footprint)
+        torch.manual_seed(seed)  # the Poisson sampler and the noise draw from torch's global generator
         trainable = build_trainable(base, num_labels, method.trainable, method.adapter)
         logits_of = BatchLogits(trainable, texts, base.max_length)
         module = trainable.trainable_module()
@@ -145,7 +143,7 @@ def fit_private(
         if remove_hooks is not None:  # the model is saved and evaluated as a plain module
             remove_hooks()
         spent = float(engine.get_epsilon(delta))
-    seconds = time.perf_counter() - started
+    seconds = section.seconds
     sample_rate = float(getattr(loader, "sample_rate", 0.0) or 0.0)
     privacy = {
         "mechanism": f"DP-SGD (opacus {opacus.__version__}): per-example clipping, Gaussian noise, Poisson sampling",
@@ -165,7 +163,7 @@ def fit_private(
         "covers": "the training split; validation and test are used without privacy, the base encoder is public",
         "secure_rng": False,
     }  # no training loss: computed from the private rows without noise, publishing it would leak past epsilon
-    return TrainedRun(trainable, privacy, seconds, footprint(trainable.model, peak, seconds))
+    return TrainedRun(trainable, privacy, seconds, footprint(trainable.model, section.peak, seconds))
 
 
 def train_private(

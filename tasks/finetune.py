@@ -30,10 +30,10 @@ import torch
 from prefect import task
 from pydantic import BaseModel, Field
 
-from domainflow import process_locks, settings
+from domainflow import settings
 from domainflow.atomic import build_atomically
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
-from domainflow.footprint import FOOTPRINT_KEY, footprint, peak_rss
+from domainflow.footprint import FOOTPRINT_KEY, footprint, training_section
 from domainflow.logs import run_logger
 from domainflow.metrics import compute_metrics
 from domainflow.modeling import (
@@ -237,26 +237,22 @@ def train_classifier(
         return _train_in_processes(locals_of_call(locals()), config, out_dir, started, log)
     # Checkpoints sit beside the final folder (not the private build folder), so a crashed run's next try resumes.
     checkpoints = checkpoints or out_dir.parent / f"{out_dir.name}.checkpoints"
-    # One training loop at a time in a process (see domainflow.process_locks); waiting for another domain's
-    # training is not this model's cost.
-    with process_locks.TORCH_GLOBALS:
-        started = time.perf_counter()
-        with peak_rss() as peak:
-            fitted = fit_classifier(
-                dataset,
-                init_dir,
-                config,
-                out_dir,
-                checkpoints,
-                name=name,
-                epochs=epochs,
-                adapter=adapter,
-                distillation=(
-                    Distillation(teacher_dir, distill_temperature, distill_alpha) if teacher_dir is not None else None
-                ),
-                reported={"candidate": name, "parent": parent, "compression": compression},
-            )
-    seconds = time.perf_counter() - started
+    with training_section() as section:  # one training loop at a time in a process (domainflow.footprint)
+        fitted = fit_classifier(
+            dataset,
+            init_dir,
+            config,
+            out_dir,
+            checkpoints,
+            name=name,
+            epochs=epochs,
+            adapter=adapter,
+            distillation=(
+                Distillation(teacher_dir, distill_temperature, distill_alpha) if teacher_dir is not None else None
+            ),
+            reported={"candidate": name, "parent": parent, "compression": compression},
+        )
+    seconds = section.seconds
     model, primary = fitted.model, config.primary_metric
     metadata = {
         "candidate": name,
@@ -264,7 +260,7 @@ def train_classifier(
         "init": str(init_dir),
         "train_seconds": seconds,
         f"best_validation_{primary}": fitted.best_metric,
-        FOOTPRINT_KEY: footprint(model, peak, seconds),
+        FOOTPRINT_KEY: footprint(model, section.peak, seconds),
     }
     metadata.update(extra_metadata or {})
     if not fitted.main_process:  # under DDP rank 0 saves the model; the other ranks are done

@@ -38,9 +38,10 @@ import torch
 from prefect import task
 from pydantic import BaseModel
 
-from domainflow import process_locks, settings
+from domainflow import settings
 from domainflow.atomic import build_atomically
 from domainflow.fingerprint import path_fingerprint
+from domainflow.footprint import training_section
 from domainflow.logs import run_logger
 from domainflow.modeling import load_encoder, resolve_base_model
 from domainflow.records import ModelRef
@@ -241,7 +242,7 @@ def train_text_model(data: RankingData, spec: Any, config: TwoTowerConfig, out_d
     model = TwoTower(encoder)
     pairs = text_pairs(data, spec, config)
     log.info("two-tower: %d training pairs, %g epoch(s) of batches of %d", len(pairs), config.epochs, config.batch_size)
-    with process_locks.TORCH_GLOBALS:  # one training loop per process (see domainflow.process_locks)
+    with training_section():  # one training loop at a time in a process (domainflow.footprint)
         result = train_two_tower(
             model,
             tokenizer,
