@@ -160,19 +160,26 @@ def _rank_key(evaluation: Evaluation, primary: str) -> tuple:
     )
 
 
+def reference_pool(evaluations: Iterable[Evaluation], primary: str, max_epsilon: float | None) -> list[Evaluation]:
+    """The candidates that may be the reference, best first (rule 2): uncompressed, meeting ``max_epsilon`` when the
+    domain sets it, ranked on validation. The one place that says so: the gate and the pipeline (which compresses
+    the first of them) must agree on the reference, or every compressed child is judged against another parent."""
+    eligible = [e for e in evaluations if e.candidate.compression is None and privacy_reason(e, max_epsilon)[0]]
+    return sorted(eligible, key=lambda e: _rank_key(e, primary))
+
+
 def select_reference(evaluations: Iterable[Evaluation], primary: str, max_epsilon: float | None = None) -> Evaluation:
-    """The uncompressed candidate the gate treats as the reference (the pipeline compresses this one): among those
-    meeting ``max_epsilon`` when the domain sets it."""
-    uncompressed = [e for e in evaluations if e.candidate.compression is None]
-    if not uncompressed:
+    """The uncompressed candidate the gate treats as the reference (the pipeline compresses this one)."""
+    evaluations = list(evaluations)
+    if not any(e.candidate.compression is None for e in evaluations):
         raise ValueError("no uncompressed candidate to choose a reference from")
-    private = [e for e in uncompressed if privacy_reason(e, max_epsilon)[0]]
-    if not private:
+    pool = reference_pool(evaluations, primary, max_epsilon)
+    if not pool:
         raise ValueError(
             f"no uncompressed candidate has a differential-privacy guarantee within max_epsilon {max_epsilon:g}: "
             "train one ([privacy] methods) or lift gates.max_epsilon"
         )
-    return min(private, key=lambda e: _rank_key(e, primary))
+    return pool[0]
 
 
 def _check_unique(evaluations: Iterable[Evaluation]) -> None:
@@ -208,27 +215,22 @@ def decide(
     by_name = {e.candidate.name: e for e in evaluations}
     verdicts: dict[str, CandidateVerdict] = {}
     floors_ok: dict[str, bool] = {}
-    private: dict[str, bool] = {}
     for evaluation in evaluations:
         name = evaluation.candidate.name
         ok, reasons = _floor_reasons(evaluation, floors)
-        private[name], why = privacy_reason(evaluation, gates.max_epsilon)
+        private, why = privacy_reason(evaluation, gates.max_epsilon)
         if why is not None:
             reasons.append(why)
-        ok = ok and private[name]
+        if not private and evaluation.candidate.compression is None:
+            reasons.append("not ranked for the reference: fails max_epsilon")
+        ok = ok and private
         floors_ok[name] = ok
         verdicts[name] = CandidateVerdict(
             name=name, eligible=ok, reasons=reasons, numbers=_numbers(evaluation, primary)
         )
 
     # Rule 2: the reference among uncompressed candidates, chosen on validation.
-    uncompressed = sorted(
-        (e for e in evaluations if e.candidate.compression is None and private[e.candidate.name]),
-        key=lambda e: _rank_key(e, primary),
-    )
-    for evaluation in evaluations:
-        if evaluation.candidate.compression is None and not private[evaluation.candidate.name]:
-            verdicts[evaluation.candidate.name].reasons.append("not ranked for the reference: fails max_epsilon")
+    uncompressed = reference_pool(evaluations, primary, gates.max_epsilon)
     reference = uncompressed[0] if uncompressed else None
     if reference is not None:
         ref_name = reference.candidate.name
