@@ -45,7 +45,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,8 +55,6 @@ from domainflow.modeling import LoadedClassifier, TextClassifier, predict_logits
 if TYPE_CHECKING:
     from rich.text import Text
 
-Method = Literal["occlusion", "integrated_gradients"]
-METHODS: tuple[str, ...] = get_args(Method)
 #: What the service and the CLI offer: the methods that beat random deletion in the faithfulness benchmark
 #: (benchmarks/explain_faithfulness.py measures them and fails when a listed method no longer beats random).
 OFFERED_METHODS: tuple[str, ...] = ("occlusion", "integrated_gradients")
@@ -431,7 +429,7 @@ def influential_words(
     top: int = 5,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """The words whose deletion lowers each class's probability most, over a sample of that class's texts.
+    """The words whose deletion lowers each class's log-odds most, over a sample of that class's texts.
 
     Occlusion on at most ``per_class`` texts per class and ``max_texts`` in all (a seeded sample); a word's
     weight is its mean drop over the class's sampled texts (0 where it is absent), so a word that is both
@@ -500,7 +498,7 @@ def influential_words_lines(summary: Sequence[dict[str, Any]], candidate: str) -
     lines = [
         "## Most influential words per class (validation)",
         f"Occlusion on `{candidate}`, {texts} validation texts (at most {max(r['texts'] for r in summary)} per "
-        "class): a word's weight is the mean drop of its class's probability when the word is deleted. "
+        "class): a word's weight is the mean drop of its class's log-odds when the word is deleted. "
         '`domainflow explain DOMAIN "text"` explains one prediction.',
         "",
         "| label | texts | words |",

@@ -36,8 +36,6 @@ from domainflow.explain import (
     Explanation,
     ExplanationUnavailableError,
     explain_text,
-    integrated_gradients_unavailable,
-    label_index,
 )
 from domainflow.kinds import KINDS, kind_of, resolve
 from domainflow.pii import PiiRejectedError, protect
@@ -550,25 +548,16 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
         the predicted label and, with ``label``, for another one. ``occlusion`` explains the served model itself
         (int8 included) from one model call; ``integrated_gradients`` needs a champion with fp32 torch weights
         (409 otherwise). Same key, limits and admission control as /predict."""
-        served = _served_slot(domain, "predict").current  # not None: a domain without a model is a 503 there
-        body = _protected_request(store.slots[domain], body)  # personal data masked (or refused) as for predict
-        asked: Any = body  # the model class is built at run time: mypy cannot see its fields
-        label: str | None = asked.label
-        if served is not None and label is not None:
-            try:
-                label_index(served.loaded, label)
-            except ValueError as exc:
-                return _unprocessable("label", str(exc))
-        if served is not None and asked.method != "occlusion":
-            reason = integrated_gradients_unavailable(served.loaded)
-            if reason is not None:
-                raise HTTPException(status.HTTP_409_CONFLICT, f"{domain} v{served.version}: {reason}")
+        slot = _served_slot(domain, "predict")
+        body = _protected_request(slot, body)  # personal data masked (or refused) as for predict
+        # An unknown label or a method the model cannot serve is found by the explainer on the inference thread
+        # (never on the event loop: integrated gradients' check imports captum, ~0.5 s) and answered below.
         answered_by, (answer,) = await _model_call(
             _answer(request.receive, domain, [body], explainers[domain]), domain, "/v1/{domain}/explain", "explanation"
         )
-        if isinstance(answer, ExplanationUnavailableError):  # a hot swap put in a model the method cannot explain
+        if isinstance(answer, ExplanationUnavailableError):  # e.g. integrated gradients on an int8 champion
             raise HTTPException(status.HTTP_409_CONFLICT, f"{domain} v{answered_by.version}: {answer}")
-        if isinstance(answer, ValueError):  # a hot swap put in a model without the label
+        if isinstance(answer, ValueError):  # a label the served model does not have
             return _unprocessable("label", str(answer))
         return JSONResponse({"domain": domain, "version": answered_by.version, **answer.as_dict()})
 
