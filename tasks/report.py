@@ -17,6 +17,7 @@ import torch
 from prefect import task
 
 from domainflow import settings
+from domainflow.atomic import build_atomically
 from domainflow.fingerprint import value_fingerprint
 from domainflow.footprint import training_columns
 from domainflow.fusion import cascade_texts_per_second
@@ -27,7 +28,7 @@ from domainflow.records import DatasetRef, Evaluation
 from domainflow.spec import ClassificationSpec
 from domainflow.training_keys import FEDERATED_KEY, PRIVACY_KEY
 from tasks.artifacts import artifact_key, png_data_uri
-from tasks.caching import require_shared
+from tasks.caching import require_shared, step_dir
 
 
 def compression_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
@@ -424,17 +425,36 @@ def write_influential_words(
 ) -> list[str]:
     """Occlusion on the reference candidate (the one the gate and the compressed candidates measure against) over
     a capped sample of validation texts (at most 5 per class for Banking77's 77; ~4,600 model rows for its fp32
-    MiniLM, ~30 s on 2 idle cores); written to ``out`` and returned as the model cards' section."""
+    MiniLM, ~30 s on 2 idle cores); written to ``out`` and returned as the model cards' section.
+
+    The report step runs on every run, so the summary is computed once per (reference, dataset, code): it lives in
+    a folder named by them under ``runs/<domain>/explanations`` (as a cached step's output does), and a rerun reads
+    it back instead of running the model again."""
     from domainflow.explain import influential_words_lines, validation_influential_words
     from domainflow.gates import select_reference
 
     if all(e.candidate.compression for e in evaluations):  # no reference to explain (only compressed candidates)
-        name, summary = None, []
+        payload: dict[str, Any] = {"candidate": None, "classes": []}
     else:
         reference = select_reference(evaluations, spec.primary_metric, spec.gates.max_epsilon).candidate
-        name, summary = reference.name, validation_influential_words(reference.path, dataset.path, dataset.label_names)
-    (out / INFLUENTIAL_WORDS_FILE).write_text(json.dumps({"candidate": name, "classes": summary}, indent=2))
-    return influential_words_lines(summary, name or "")
+        folder = step_dir(
+            settings.runs_dir() / dataset.domain / "explanations",
+            "influential-words",
+            write_influential_words,
+            reference.fingerprint,
+            dataset.fingerprint,
+        )
+        if not folder.is_dir():
+
+            def explain_reference(staging: Path) -> None:
+                classes = validation_influential_words(reference.path, dataset.path, dataset.label_names)
+                document = {"candidate": reference.name, "classes": classes}
+                (staging / INFLUENTIAL_WORDS_FILE).write_text(json.dumps(document, indent=2))
+
+            build_atomically(folder, explain_reference)
+        payload = json.loads((folder / INFLUENTIAL_WORDS_FILE).read_text())
+    (out / INFLUENTIAL_WORDS_FILE).write_text(json.dumps(payload, indent=2))
+    return influential_words_lines(payload["classes"], payload["candidate"] or "")
 
 
 @task(name="report")
