@@ -33,7 +33,7 @@ from domainflow.records import Evaluation, ModelRef
 from domainflow.recsys.baselines import fold_in_scores, item_knn_scores
 from domainflow.recsys.bundle import Recommender
 from domainflow.recsys.dataset import RankingData, StageRows
-from domainflow.recsys.features import RECENT, cooccurrence_cosine
+from domainflow.recsys.features import RECENT, cooccurrence_cosine, warm_history
 from domainflow.recsys.protocol import cold_target_rows, ranking_metrics, target_ranks
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
@@ -111,10 +111,16 @@ def baseline_scorers(
     * ``item_knn`` — co-occurrence (cosine of user sets, all train interactions) with the last
       :data:`~domainflow.recsys.features.RECENT` items of the history: no training.
     """
-    started = time.perf_counter()
-    users, items = data.train["user_id"].map(data.index.user_pos), data.train["item_id"].map(data.index.item_pos)
-    cooccurrence = cooccurrence_cosine(users.to_numpy(), items.to_numpy(), len(data.index.users), len(data.index.items))
-    knn_seconds = time.perf_counter() - started
+    cold = data.cold_mask
+    warm = lambda rows: [warm_history(history, cold) for history in rows.histories]  # noqa: E731
+    cooccurrence, knn_seconds = np.zeros((0, 0)), 0.0
+    if "item_knn" in spec.baselines:  # its only training: co-occurrence of all train interactions
+        started = time.perf_counter()
+        users, items = data.train["user_id"].map(data.index.user_pos), data.train["item_id"].map(data.index.item_pos)
+        cooccurrence = cooccurrence_cosine(
+            users.to_numpy(), items.to_numpy(), len(data.index.users), len(data.index.items)
+        )
+        knn_seconds = time.perf_counter() - started
     popularity = arrays["popularity"].astype(np.float64)
     bpr_keys = ("bpr_items", "bpr_bias")
     size = lambda keys: (sum(arrays[k].nbytes for k in keys), sum(arrays[k].size for k in keys))  # noqa: E731
@@ -130,20 +136,17 @@ def baseline_scorers(
             baselines.train_seconds["bpr"],
         ),
         "bpr_fold_in": (
-            lambda rows: fold_in_scores(arrays["bpr_items"], arrays["bpr_bias"], rows.histories, spec.bpr.fold_in_reg),
+            lambda rows: fold_in_scores(arrays["bpr_items"], arrays["bpr_bias"], warm(rows), spec.bpr.fold_in_reg),
             *size(bpr_keys),
             baselines.train_seconds["bpr"],
         ),
         "item_knn": (
-            lambda rows: item_knn_scores(cooccurrence, rows.histories, RECENT),
+            lambda rows: item_knn_scores(cooccurrence, warm(rows), RECENT),
             cooccurrence.nbytes,
             0,
             knn_seconds,
         ),
     }
-    unknown = [name for name in spec.baselines if name not in available]
-    if unknown:
-        raise ValueError(f"{spec.name}: unknown baseline(s) {unknown}; available: {sorted(available)}")
     return {name: available[name] for name in spec.baselines}
 
 

@@ -91,7 +91,6 @@ def ingest_ranking(
         evaluated_users=report["evaluated_users"],
         fit_users=len(data.fit_targets),
         cold_items=len(cold),
-        cold_test_targets=cold_targets["test"],
     )
 
 

@@ -136,8 +136,8 @@ def cold_start_section(
         "## Cold-start targets (test)",
         "",
         f"{int(cold_rows.sum())} of {len(cold_rows)} evaluated users have a cold test item: it was never in train, "
-        "so only its text can place it. Goal of issue #14: the text-using ranker at least 2x every model that "
-        f"cannot read text on cold targets' {primary}.",
+        "so only its text can place it. The ratio column compares this model with each other one on cold "
+        f"targets' {primary}.",
         "",
         f"| model | cold HR@10 | cold NDCG@10 | cold MRR | valid cold NDCG@10 | {evaluation.candidate.name} / model | "
         f"{evaluation.candidate.name} − model, cold {primary} [95% CI] | how it ranks a cold item |",

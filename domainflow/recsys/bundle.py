@@ -70,7 +70,6 @@ def write_bundle(
     ranker: LinearRanker | None = None,
     compression: str | None = None,
     extra: dict[str, Any] | None = None,
-    features: tuple[str, ...] = FEATURES,
 ) -> Path:
     """Assemble a bundle directory from its parts (the caller publishes it atomically)."""
     if scorer not in SCORERS:
@@ -88,7 +87,7 @@ def write_bundle(
         "architecture": "two_tower_ranker",
         "scorer": scorer,
         "compression": compression,
-        "features": list(ranker.features if ranker is not None else features),
+        "features": list(ranker.features if ranker is not None else FEATURES),
         **text_lengths,
         **(extra or {}),
     }

@@ -129,6 +129,13 @@ def parse_years(years: Sequence[str]) -> np.ndarray:
     return out
 
 
+def warm_history(history: Sequence[int], cold: np.ndarray) -> list[int]:
+    """The items of ``history`` that collaborative signals know (not cold): BPR never trained a cold item's factors
+    and co-occurrence has no row for it. The ranker's features and the gate's collaborative baselines both read a
+    history through this, so the baselines stay the ranker's own features, alone."""
+    return [item for item in history if not cold[item]]
+
+
 def history_features(
     tables: ItemTables,
     history: Sequence[int],
@@ -142,7 +149,7 @@ def history_features(
     assert tables.cold is not None  # set by __post_init__
     cold_flags = np.asarray(tables.cold, dtype=np.float64)
     history = list(history)
-    warm = [i for i in history if not cold_flags[i]]  # collaborative features know nothing of cold items
+    warm = warm_history(history, cold_flags)
     recent = history[-RECENT:]
     columns = {name: np.zeros(len(items), dtype=np.float64) for name in ALL_FEATURES}
     columns["text"] = (tables.item_embeddings[items] @ user_embedding).astype(np.float64)

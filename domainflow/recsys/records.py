@@ -24,7 +24,6 @@ class RankingDatasetRef(BaseModel):
     evaluated_users: int
     fit_users: int = Field(description="users with a fit target for the ranker (their last train positive)")
     cold_items: int = Field(0, description="cold-start protocol: items kept out of train (0: standard protocol)")
-    cold_test_targets: int = Field(0, description="cold-start protocol: evaluated users whose test item is cold")
 
 
 class BaselinesRef(BaseModel):

@@ -33,7 +33,10 @@ COLD_START = (
     "validation and test targets that are cold items can be ranked only from their text (title, year, genres). "
     "Metrics are reported on all targets and on cold targets alone."
 )
-SPLIT_PROTOCOLS = ("standard", "cold_start")
+
+
+#: The gate's baselines (scored in tasks/rank_evaluate.py); a misspelt name fails when the domain file loads.
+BaselineName = Literal["popularity", "bpr", "bpr_fold_in", "item_knn"]
 
 
 class TwoTowerDefaults(Record):
@@ -100,7 +103,7 @@ class RankingSpec(DomainSpec):
     )
     cold_seed: int = Field(0, description="cold_start: seed of the cold-item draw (part of the protocol, not the run)")
     ranker_negatives: int = Field(30, ge=1, description="sampled negatives per positive when fitting the ranker")
-    baselines: tuple[str, ...] = Field(
+    baselines: tuple[BaselineName, ...] = Field(
         ("popularity", "bpr", "bpr_fold_in", "item_knn"),
         description="baselines the deployed ranker must beat outside the 95% paired bootstrap interval over users "
         "(popularity, bpr, bpr_fold_in: BPR with the whole history folded in, item_knn: co-occurrence with the "
