@@ -627,7 +627,21 @@ class DataSlice(Record):
     leakage: Literal["drop", "fail"] = "drop"
     max_file_mb: int = Field(2048, ge=1)
     pii: PiiMode = "mask"
+    pii_detectors: str | None = Field(
+        None, description="the PII detectors' library versions (filled in when pii is on; see the validator)"
+    )
     _name_to_index: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _with_detector_versions(cls, data: Any) -> Any:
+        """With ``pii`` on, what ingest writes depends on the detectors' library versions too (a new numbering plan
+        masks other texts): they are part of this record, so every cache key that takes the slice follows them."""
+        if isinstance(data, dict) and data.get("pii", "mask") != "off" and data.get("pii_detectors") is None:
+            from domainflow.pii import detector_version
+
+            data = {**data, "pii_detectors": detector_version()}
+        return data
 
     def model_post_init(self, context: Any, /) -> None:
         self._name_to_index = {name: i for i, name in enumerate(self.label_names or ())}

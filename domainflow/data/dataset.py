@@ -20,8 +20,9 @@ import hashlib
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -69,12 +70,11 @@ def ingest_recipe(
     data: DataSlice, domain: str, max_train: int | None, max_test: int | None, seed: int, code_key: str | None
 ) -> dict[str, Any]:
     """Everything besides the source bytes that changes what ingest writes (with ``pii`` on, the detectors'
-    library versions too: a new numbering plan can mask other texts)."""
+    library versions too: the slice carries them, see ``DataSlice``)."""
     return {
         "code": code_key or package_code_key(),
         "domain": domain,
         "data": data.model_dump(mode="json", exclude=set(ACCEPT_ONLY_FIELDS)),
-        "pii_detectors": pii.detector_version() if data.pii != "off" else None,
         "max_train_samples": max_train,
         "max_test_samples": max_test,
         "seed": seed,
