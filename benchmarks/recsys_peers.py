@@ -247,13 +247,14 @@ def score_matrix(model_name: str, model: Any, dataset: Any, rows: StageRows, num
     else:
         interaction = Interaction({"user_id": uids})
     model.eval()
-    with torch.no_grad():
-        raw = model.full_sort_predict(interaction).reshape(len(rows.users), -1).double().numpy()
     if model_name == "ItemKNN":  # the stage's whole history (at test: + validation item) times the similarity
-        vectors = np.zeros((len(rows.users), raw.shape[1]))
+        vectors = np.zeros((len(rows.users), model.w.shape[0]))
         for row, items in enumerate(rows.histories):
             vectors[row, [int(token_id["item_id"][str(i)]) for i in items]] = 1.0
         raw = np.asarray((model.w.T @ vectors.T).T)  # = history @ w, RecBole's pred_mat for item kNN
+    else:
+        with torch.no_grad():
+            raw = model.full_sort_predict(interaction).reshape(len(rows.users), -1).double().numpy()
     scores = np.full((len(rows.users), num_items), -np.inf)
     scores[:, item_of[1:]] = raw[:, 1:]
     return scores

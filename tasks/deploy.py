@@ -186,7 +186,8 @@ def apply_decision(
             ),
             "compression": chosen.candidate.compression,
             "train_seconds": chosen.candidate.train_seconds,
-            # the DP budget spent and the federation it came from, where the candidate has them (issue 15)
+            # the DP budget spent and the federation it came from, where the candidate has them: what an audit of a
+            # privacy claim reads first (the model card repeats it for people)
             "privacy": chosen.training.get(PRIVACY_KEY),
             "federated": chosen.training.get(FEDERATED_KEY),
             "dataset_fingerprint": dataset_fingerprint,

@@ -1,5 +1,5 @@
 """Private and federated candidates: one Prefect task per DP (``dp-head``, ``dp-lora``) or federated
-(``federated-head``, ``federated-lora``) candidate the domain asks for (issue 15).
+(``federated-head``, ``federated-lora``) candidate the domain asks for.
 
 Each trains from the pretrained encoder and a zero head (not from the linear probe: see
 ``domainflow.local_training``), so it depends only on the dataset, the training config (base model, layers,

@@ -337,7 +337,7 @@ def model_card(
 
 def privacy_lines(ev: Evaluation) -> list[str]:
     """The card's account of a DP candidate's guarantee (the epsilon spent, not the target) and of a federated
-    candidate's simulated clients (issue 15); nothing for other candidates."""
+    candidate's simulated clients; nothing for other candidates."""
     lines: list[str] = []
     dp = ev.training.get(PRIVACY_KEY)
     if isinstance(dp, dict):
