@@ -29,6 +29,7 @@ from domainflow.data.validation import DataValidationError
 from domainflow.fingerprint import path_fingerprint, value_fingerprint
 from domainflow.gates import select_reference
 from domainflow.kinds import kind_of, resolve
+from domainflow.logs import run_logger
 from domainflow.records import DatasetRef, Evaluation, ModelRef
 from domainflow.registry import ModelRegistry
 from domainflow.runlock import domain_run_lock
@@ -76,6 +77,28 @@ def check_labels_match_champion(spec: ClassificationSpec, dataset: DatasetRef, r
             "to change the label set on purpose, list `labels = [...]` in the domain file (a new label list starts a "
             "new model line)."
         )
+
+
+#: Compressions that train on the training split without DP (FFN pruning's recovery epochs, distillation) and the
+#: cascade built on the distilled student: under ``gates.max_epsilon`` the gate refuses them, so none is built.
+TRAINED_WITHOUT_DP = ("ffn_prune", "distill", "cascade")
+
+
+def private_compression(compression: CompressionDefaults, max_epsilon: float | None) -> CompressionDefaults:
+    """The domain's compressions, less those a ``max_epsilon`` gate would refuse whatever they scored (int8 and
+    magnitude pruning keep their parent's guarantee; a retrained model has none)."""
+    dropped = [method for method in compression.methods if method in TRAINED_WITHOUT_DP]
+    if max_epsilon is None or not dropped:
+        return compression
+    run_logger(__name__).info(
+        "gates.max_epsilon %g: %s not built (trained without DP, the gate would refuse them)",
+        max_epsilon,
+        ", ".join(dropped),
+    )
+    kept: CompressionDefaults = compression.replace(
+        methods=tuple(m for m in compression.methods if m not in TRAINED_WITHOUT_DP)
+    )
+    return kept
 
 
 def compress_candidates(
@@ -320,7 +343,7 @@ def _train_and_deploy(
     max_epsilon = spec.gates.max_epsilon  # a domain that requires DP ranks only private candidates
     reference = select_reference(fp32, spec.primary_metric, max_epsilon).candidate  # the gate's own choice
     compressed = compress_candidates(
-        spec.compression,
+        private_compression(spec.compression, max_epsilon),
         reference,
         dataset,
         config,

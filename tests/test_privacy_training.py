@@ -264,3 +264,15 @@ def test_federated_candidate_loads_like_a_peft_candidate(tiny_dataset, config, t
     merged, unmerged = load_classifier(ref.path), load_classifier(ref.path, merge_adapter=False)
     torch.testing.assert_close(predict_logits(merged, texts), predict_logits(unmerged, texts), atol=1e-4, rtol=1e-4)
     assert PRIVACY_KEY not in metadata  # federated is not differentially private
+
+
+def test_under_max_epsilon_the_compressions_that_retrain_without_dp_are_not_built() -> None:
+    """FFN pruning's recovery epochs and distillation train on the training split without DP (the gate refuses
+    them under max_epsilon), and the cascade is built on the student: none is built; int8 and magnitude pruning,
+    which keep their parent's guarantee, are."""
+    from domainflow.spec import CompressionDefaults
+    from flows.pipeline import private_compression
+
+    compression = CompressionDefaults(methods=("onnx_int8", "magnitude_prune", "ffn_prune", "distill", "cascade"))
+    assert private_compression(compression, None) is compression
+    assert private_compression(compression, 2.0).methods == ("onnx_int8", "magnitude_prune")
