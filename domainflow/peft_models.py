@@ -31,7 +31,6 @@ trained or loaded.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -318,19 +317,21 @@ def adapter_bytes(metadata: dict[str, Any]) -> int | None:
 def write_merged_copy(model_dir: str | Path, out_dir: str | Path) -> Path:
     """An ordinary fp32 classifier folder with the adapter of ``model_dir`` merged into its base weights.
 
-    What every step that rewrites weights starts from (int8 export, pruning): the copy stands alone, needs no
-    base on disk (transformers loads it too), and records what was merged under :data:`MERGED_KEY`. A folder
-    without an adapter is copied as it is.
+    What an int8 copy of a PEFT candidate is made from: the copy stands alone, needs no base on disk
+    (transformers loads it too), and records what was merged under :data:`MERGED_KEY`. (Pruning merges in memory:
+    ``load_classifier`` gives the merged model.)
     """
     from domainflow.hf_export import export_for_transformers
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    entry = read_metadata(model_dir).get(ADAPTER_KEY)
-    if entry is None:
-        shutil.copytree(model_dir, out_dir)
-        return out_dir
+    entry = read_metadata(model_dir)[ADAPTER_KEY]
     export_for_transformers(model_dir, out_dir)  # loads the folder, which merges the adapter, and saves it whole
     metadata = read_metadata(out_dir)
-    metadata[MERGED_KEY] = {"kind": entry["kind"], "base": entry["base"], "adapter_bytes": entry.get("adapter_bytes")}
+    metadata[MERGED_KEY] = merged_entry(entry)
     write_metadata(out_dir, metadata)
     return out_dir
+
+
+def merged_entry(adapter: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`MERGED_KEY` entry of a folder whose weights have the adapter entry ``adapter`` merged in."""
+    return {"kind": adapter["kind"], "base": adapter["base"], "adapter_bytes": adapter.get("adapter_bytes")}

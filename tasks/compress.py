@@ -48,7 +48,7 @@ from domainflow.modeling import (
     write_metadata,
 )
 from domainflow.onnxrt import INT8_FILE, export_onnx_int8
-from domainflow.peft_models import ADAPTER_KEY, write_merged_copy
+from domainflow.peft_models import ADAPTER_KEY, MERGED_KEY, merged_entry, write_merged_copy
 from domainflow.records import DatasetRef, ModelRef
 from tasks.caching import CODE_AND_INPUTS, require_shared, step_dir
 from tasks.finetune import TrainConfig, finish_atomically, train_classifier
@@ -135,15 +135,16 @@ def _rewrite_weights(
 ) -> ModelRef:
     """Load ``parent`` in fp32 (a PEFT candidate's adapter merged), apply ``change`` to its weights, save a normal
     model directory."""
-    with standalone_weights(Path(parent.path), out_dir.parent) as source:
-        loaded = load_classifier(source, apply_compression=False)
+    loaded = load_classifier(parent.path, apply_compression=False)  # a PEFT parent: its adapter merged in memory
     model = loaded.torch_model
     details = change(model)
     metadata = {
         k: v
         for k, v in loaded.metadata.items()
-        if k not in {"compression", "format_version", "architecture", "label_names", "max_length"}
+        if k not in {"compression", "format_version", "architecture", "label_names", "max_length", ADAPTER_KEY}
     }
+    if ADAPTER_KEY in loaded.metadata:  # whole weights now: say what was merged (as write_merged_copy does)
+        metadata[MERGED_KEY] = merged_entry(loaded.metadata[ADAPTER_KEY])
     metadata.update(
         {
             "candidate": name,
