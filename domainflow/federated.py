@@ -254,13 +254,11 @@ class Learner:
         if self.trainable.trainable == "head":  # the frozen encoder's features, embedded once for every round
             features = text_features(self.trainable, texts, self.setup.base.max_length)
             return float((model.classifier(features).argmax(-1).numpy() == labels).mean())
-        from domainflow.modeling import padded_batches
+        from domainflow.modeling import LoadedClassifier, predict_logits
 
-        predicted = np.empty(len(texts), dtype=np.int64)
-        for index, input_ids, attention_mask in padded_batches(
-            self.trainable.tokenizer, texts, self.setup.base.max_length, 64
-        ):
-            predicted[index] = model(input_ids=input_ids, attention_mask=attention_mask)["logits"].argmax(-1).numpy()
+        names = [str(label) for label in range(self.setup.num_labels)]  # predict_logits reads only their count
+        loaded = LoadedClassifier(model, self.trainable.tokenizer, names, self.setup.base.max_length, {})
+        predicted = predict_logits(loaded, texts).argmax(-1).numpy()
         return float((predicted == labels).mean())
 
 
