@@ -300,6 +300,18 @@ def train_peer(model_name: str, params: dict[str, Any], seed: int, bench: Bench)
 
     trainer._save_checkpoint = keep_best
     started = time.perf_counter()
+    validate_epoch = trainer._valid_epoch
+
+    def valid_epoch_with_progress(*args: Any, **kwargs: Any) -> Any:
+        # RecBole's per-epoch log is silenced (verbose=False prints its config too): one line per epoch instead.
+        score, result = validate_epoch(*args, **kwargs)
+        bench.log(
+            f"    {model_name} seed {seed} epoch {len(trainer.train_loss_dict)}: RecBole valid NDCG@10 {score:.4f}, "
+            f"{time.perf_counter() - started:.0f} s"
+        )
+        return score, result
+
+    trainer._valid_epoch = valid_epoch_with_progress
     trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False)
     seconds = time.perf_counter() - started
     model.load_state_dict(best["state_dict"])
@@ -381,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=60, help="most epochs (early stopping on validation, 5)")
     parser.add_argument("--models", nargs="+", default=list(PEERS), choices=PEERS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core CPU)")
+    parser.add_argument(
+        "--grid-points", type=int, default=None, help="try only the first N settings of each model's grid"
+    )
     parser.add_argument("--quick", action="store_true", help="first grid point only, 3 epochs (a smoke run)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -418,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         bench = Bench(folders, data, stages, 3 if args.quick else args.max_epochs, work, log)
         for model_name in args.models:
-            grid = GRIDS[model_name][:1] if args.quick else GRIDS[model_name]
+            grid = GRIDS[model_name][: 1 if args.quick else args.grid_points]
             runs, chosen = run_peer(model_name, args.seeds, grid, bench)
             row = summarise(model_name, [run.ranks["test"] for run in runs], [ours["test"]] if ours else None)
             row["valid_ndcg"] = float(np.mean([per_user(run.ranks["valid"], "ndcg_at_10").mean() for run in runs]))
