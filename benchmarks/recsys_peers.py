@@ -66,6 +66,7 @@ NAME = "split"
 MAX_LENGTH = 50
 PEERS = ("Pop", "ItemKNN", "BPR", "GRU4Rec", "SASRec")
 SEQUENTIAL = {"GRU4Rec", "SASRec"}
+RANKER = "domainflow ranker"
 # Small grids (chosen on validation NDCG@10, seed 0). Everything else is RecBole's default for the model.
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "Pop": [{}],
@@ -398,7 +399,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="first grid point only, 3 epochs (a smoke run)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="no training: pool the runs of earlier --out files (same split) into one table",
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        rows = combine([Path(path) for path in args.combine])
+        print_report(rows)
+        if args.out:
+            write_rows(rows, Path(args.out))
+        return 0
 
     numpy_aliases()
     import torch
@@ -441,15 +455,36 @@ def main(argv: list[str] | None = None) -> int:
             row["train_seconds"] = float(np.mean([run.seconds for run in runs]))
             row["test_ranks"] = [run.ranks["test"].tolist() for run in runs]  # for a later paired comparison
             rows.append(row)
-    peers = list(rows)
     if ours is not None:
-        ranker_row = summarise("domainflow ranker", [ours["test"]], None)
+        ranker_row = summarise(RANKER, [ours["test"]], None)
         ranker_row["valid_ndcg"] = float(per_user(ours["valid"], "ndcg_at_10").mean())
+        ranker_row["test_ranks"] = [ours["test"].tolist()]
         rows.append(ranker_row)
+    for row in rows:
+        row["split"] = dataset_dir.name
+    print_report(rows)
+    if args.out:
+        write_rows(rows, Path(args.out))
+    return 0
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """The table's rows as JSON (intervals as dicts), with every run's test ranks for :func:`combine`."""
+
+    def plain(value: Any) -> Any:
+        return value.to_dict() if hasattr(value, "to_dict") else value
+
+    path.write_text(json.dumps([{k: plain(v) for k, v in row.items()} for row in rows]))
+
+
+def print_report(rows: list[dict[str, Any]]) -> None:
+    """The table, the best peer's comparison with the ranker, and each peer's chosen setting."""
+    peers = [row for row in rows if row["model"] != RANKER]
+    has_ranker = len(peers) < len(rows)
     print()
     print(table(rows))
     best = max(peers, key=lambda row: row["ndcg_at_10"].mean) if peers else None
-    if best is not None and ours is not None:
+    if best is not None and has_ranker:
         verdict = best["ranker_minus"].verdict
         print(
             f"\nBest peer on test NDCG@10: {best['model']} ({best['ndcg_at_10'].mean:.4f}); ranker − it = "
@@ -458,13 +493,43 @@ def main(argv: list[str] | None = None) -> int:
         )
     for row in peers:
         print(f"  {row['model']}: chosen {row['params']}, mean train {row['train_seconds']:.0f} s")
-    if args.out:
 
-        def plain(value: Any) -> Any:
-            return value.to_dict() if hasattr(value, "to_dict") else value
 
-        Path(args.out).write_text(json.dumps([{k: plain(v) for k, v in row.items()} for row in rows]))
-    return 0
+def combine(files: list[Path]) -> list[dict[str, Any]]:
+    """Rows of several ``--out`` files (e.g. one per seed or per model, run in separate processes or on
+    separate machines) as one table: each model's runs pooled, its intervals recomputed over all of them.
+
+    Why refuse mixes: the per-user ranks of two files can be averaged only when they rank the same
+    users' targets on the same split, and a model's seeds only when they share its chosen setting.
+    """
+    loaded = [row for path in files for row in json.loads(Path(path).read_text())]
+    splits = {row.get("split") for row in loaded}
+    if len(splits) != 1 or None in splits:
+        raise SystemExit(f"--combine needs files from one split; got {sorted(map(str, splits))}")
+    pooled: dict[str, list[dict[str, Any]]] = {}
+    for row in loaded:
+        pooled.setdefault(row["model"], []).append(row)
+    ours = pooled.pop(RANKER, [])
+    if len({json.dumps(row["test_ranks"]) for row in ours}) > 1:
+        raise SystemExit("--combine: the files hold different rankers' ranks (one ranker bundle per table)")
+    reference = [np.asarray(ours[0]["test_ranks"][0])] if ours else None
+    rows = []
+    for name, parts in pooled.items():
+        settings = {json.dumps(part["params"], sort_keys=True) for part in parts}
+        if len(settings) > 1:
+            raise SystemExit(f"--combine: {name} was run with different settings {sorted(settings)}")
+        runs = [np.asarray(ranks) for part in parts for ranks in part["test_ranks"]]
+        row = summarise(name, runs, reference)
+        weights = [part["seeds"] for part in parts]
+        row["valid_ndcg"] = float(np.average([part["valid_ndcg"] for part in parts], weights=weights))
+        row["train_seconds"] = float(np.average([part["train_seconds"] for part in parts], weights=weights))
+        row.update(params=parts[0]["params"], test_ranks=[r.tolist() for r in runs], split=parts[0]["split"])
+        rows.append(row)
+    if ours:
+        ranker_row = summarise(RANKER, reference or [], None)
+        ranker_row.update(valid_ndcg=ours[0]["valid_ndcg"], test_ranks=ours[0]["test_ranks"], split=ours[0]["split"])
+        rows.append(ranker_row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""benchmarks/recsys_peers.py --combine: runs made in separate processes pool into one table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks import recsys_peers
+from domainflow.recsys.bootstrap import per_user
+
+USERS = 200
+
+
+def ranks(seed: int, spread: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, spread, size=USERS)
+
+
+def peer_row(name: str, runs: list[np.ndarray], ranker: np.ndarray, split: str, params: dict[str, Any]) -> dict:
+    row = recsys_peers.summarise(name, runs, [ranker])
+    row.update(valid_ndcg=0.05, params=params, train_seconds=10.0, test_ranks=[r.tolist() for r in runs], split=split)
+    return row
+
+
+def ranker_row(ranker: np.ndarray, split: str) -> dict:
+    row = recsys_peers.summarise(recsys_peers.RANKER, [ranker], None)
+    row.update(valid_ndcg=0.1, test_ranks=[ranker.tolist()], split=split)
+    return row
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    recsys_peers.write_rows(rows, path)
+    return path
+
+
+def test_combined_seeds_equal_one_run_of_both_seeds(tmp_path: Path) -> None:
+    ranker, seed0, seed1 = ranks(0, 40), ranks(1, 80), ranks(2, 80)
+    params = {"dropout_prob": 0.2}
+    first = write(tmp_path / "a.json", [peer_row("GRU4Rec", [seed0], ranker, "s", params), ranker_row(ranker, "s")])
+    second = write(tmp_path / "b.json", [peer_row("GRU4Rec", [seed1], ranker, "s", params), ranker_row(ranker, "s")])
+
+    combined = {row["model"]: row for row in recsys_peers.combine([first, second])}
+    together = recsys_peers.summarise("GRU4Rec", [seed0, seed1], [ranker])
+
+    gru = combined["GRU4Rec"]
+    assert gru["seeds"] == 2
+    expected = np.mean([per_user(seed0, "ndcg_at_10"), per_user(seed1, "ndcg_at_10")], axis=0).mean()
+    assert gru["ndcg_at_10"].mean == pytest.approx(expected)
+    for metric in ("hit_rate_at_10", "ndcg_at_10", "mrr", "ranker_minus"):
+        assert gru[metric] == together[metric]
+    assert combined[recsys_peers.RANKER]["ndcg_at_10"].mean == pytest.approx(per_user(ranker, "ndcg_at_10").mean())
+    # the pooled table can be written and pooled again
+    again = recsys_peers.combine([write(tmp_path / "c.json", list(combined.values()))])
+    assert {row["model"]: row["seeds"] for row in again} == {"GRU4Rec": 2, recsys_peers.RANKER: 1}
+
+
+def test_files_of_different_splits_or_settings_are_refused(tmp_path: Path) -> None:
+    ranker = ranks(0, 40)
+    a = write(tmp_path / "a.json", [peer_row("SASRec", [ranks(1, 80)], ranker, "split-1", {"p": 0.2})])
+    b = write(tmp_path / "b.json", [peer_row("SASRec", [ranks(2, 80)], ranker, "split-2", {"p": 0.2})])
+    with pytest.raises(SystemExit, match="one split"):
+        recsys_peers.combine([a, b])
+    c = write(tmp_path / "c.json", [peer_row("SASRec", [ranks(3, 80)], ranker, "split-1", {"p": 0.5})])
+    with pytest.raises(SystemExit, match="different settings"):
+        recsys_peers.combine([a, c])
+    d = write(tmp_path / "d.json", [ranker_row(ranks(4, 40), "split-1")])
+    e = write(tmp_path / "e.json", [ranker_row(ranker, "split-1")])
+    with pytest.raises(SystemExit, match="different rankers"):
+        recsys_peers.combine([a, d, e])
+    assert json.loads(a.read_text())[0]["split"] == "split-1"
