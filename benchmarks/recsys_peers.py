@@ -185,6 +185,9 @@ def recbole_config(model: str, folder: Path, params: dict[str, Any], seed: int, 
         "ITEM_ID_FIELD": "item_id",
         "TIME_FIELD": "timestamp",
         "MAX_ITEM_LIST_LENGTH": MAX_LENGTH,
+        # Pre-split files give the input sequence as a column of its own; without this alias RecBole remaps it
+        # with a vocabulary of its own, so a sequence's ids would not be the item ids the model scores.
+        **({"alias_of_item_id": ["item_id_list"]} if sequential else {}),
         "eval_args": {"group_by": "user", "order": "TO", "split": {"RS": [0.8, 0.1, 0.1]}, "mode": "full"},
         "metrics": ["Hit", "NDCG", "MRR"],
         "topk": [10],
@@ -227,6 +230,23 @@ def check_masks(eval_loader: Any, dataset: Any, ours: StageRows) -> None:
         positive = item_of[eval_loader.uid2positive_item[uid].numpy()].tolist()
         if history != set(np.flatnonzero(ours.excluded[row]).tolist()) or positive != [int(ours.targets[row])]:
             raise AssertionError(f"RecBole's masks differ from ours for user {user_tokens[uid]}")
+
+
+def check_sequences(eval_loader: Any, dataset: Any, ours: StageRows) -> None:
+    """RecBole's input sequence and target for each evaluated user must be ours (the last
+    :data:`MAX_LENGTH` items of the stage's history, in RecBole's item vocabulary)."""
+    feat = eval_loader._dataset.inter_feat
+    item_tokens, user_tokens = dataset.field2id_token["item_id"], dataset.field2id_token["user_id"]
+    row_of = {int(user): row for row, user in enumerate(ours.users)}
+    if len(feat) != len(row_of):
+        raise AssertionError(f"RecBole evaluates {len(feat)} rows, we evaluate {len(row_of)} users")
+    for index in range(len(feat)):
+        row = row_of[int(user_tokens[int(feat["user_id"][index])])]
+        length = int(feat["item_length"][index])
+        sequence = [int(item_tokens[int(i)]) for i in feat["item_id_list"][index][:length]]
+        target = int(item_tokens[int(feat["item_id"][index])])
+        if sequence != ours.histories[row][-MAX_LENGTH:] or target != int(ours.targets[row]):
+            raise AssertionError(f"RecBole's input sequence or target differs from ours for user {ours.users[row]}")
 
 
 def score_matrix(model_name: str, model: Any, dataset: Any, rows: StageRows, num_items: int) -> np.ndarray:
@@ -285,9 +305,9 @@ def train_peer(model_name: str, params: dict[str, Any], seed: int, bench: Bench)
     with elementwise_len_agg():
         dataset = create_dataset(config)
         train_data, valid_data, test_data = data_preparation(config, dataset)
-    if model_name not in SEQUENTIAL:
-        check_masks(valid_data, dataset, stages["valid"])
-        check_masks(test_data, dataset, stages["test"])
+    check = check_sequences if model_name in SEQUENTIAL else check_masks
+    check(valid_data, dataset, stages["valid"])
+    check(test_data, dataset, stages["test"])
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
