@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -139,3 +140,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     logging.disable(logging.INFO)  # the "stopping server" line would go to pytest's closed capture stream
     for server in list(SubprocessASGIServer._instances.values()):
         server.stop()
+    # The session's DOMAINFLOW_HOME holds every model the tests trained (up to ~2.5 GB): a developer running the
+    # suite often filled /tmp with them. DOMAINFLOW_KEEP_TEST_HOME=1 keeps it for a post-mortem.
+    if os.environ.get("DOMAINFLOW_KEEP_TEST_HOME") != "1":
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
