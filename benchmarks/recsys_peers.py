@@ -48,7 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +168,6 @@ class Run:
     seed: int
     ranks: dict[str, np.ndarray]
     seconds: float
-    epochs: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def recbole_config(model: str, folder: Path, params: dict[str, Any], seed: int, max_epochs: int, work: Path) -> Any:
@@ -347,7 +345,7 @@ def train_peer(model_name: str, params: dict[str, Any], seed: int, bench: Bench)
         f"  {model_name} {params} seed {seed}: valid NDCG@10 {valid_ndcg:.4f} "
         f"(RecBole's own best valid {trainer.best_valid_score:.4f}), {seconds:.0f} s"
     )
-    return Run(model_name, params, seed, ranks, seconds, getattr(trainer, "cur_step", None))
+    return Run(model_name, params, seed, ranks, seconds)
 
 
 def run_peer(
@@ -379,6 +377,22 @@ def summarise(name: str, runs_ranks: list[np.ndarray], reference: list[np.ndarra
     return row
 
 
+def table_row(
+    name: str,
+    test_runs: list[np.ndarray],
+    valid_ndcgs: list[float],
+    reference: list[np.ndarray] | None,
+    split: str,
+    **facts: Any,
+) -> dict[str, Any]:
+    """One row of the table and of an ``--out`` file: :func:`summarise` of the runs, plus what
+    :func:`combine` needs to pool it with other files' runs (each run's test ranks and validation
+    NDCG@10, the split) and ``facts`` (a peer's params, seed numbers, run seconds, epoch cap)."""
+    row = summarise(name, test_runs, reference)
+    row.update(valid_ndcgs=list(valid_ndcgs), test_ranks=[np.asarray(r).tolist() for r in test_runs], split=split)
+    return {**row, **facts}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     def cell(interval: Any) -> str:
         return f"{interval.mean:.4f} [{interval.low:.4f}, {interval.high:.4f}]"
@@ -392,7 +406,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         difference = row.get("ranker_minus")
         lines.append(
             f"| {row['model']} | {row['seeds']} | {cell(row['hit_rate_at_10'])} | {cell(row['ndcg_at_10'])} | "
-            f"{cell(row['mrr'])} | {row['valid_ndcg']:.4f} | "
+            f"{cell(row['mrr'])} | {np.mean(row['valid_ndcgs']):.4f} | "
             + (f"{difference.text()} ({difference.verdict})" if difference is not None else "–")
             + " |"
         )
@@ -469,19 +483,22 @@ def main(argv: list[str] | None = None) -> int:
         for model_name in args.models:
             grid = GRIDS[model_name][: 1 if args.quick else args.grid_points]
             runs, chosen = run_peer(model_name, args.seeds, grid, bench)
-            row = summarise(model_name, [run.ranks["test"] for run in runs], [ours["test"]] if ours else None)
-            row["valid_ndcg"] = float(np.mean([per_user(run.ranks["valid"], "ndcg_at_10").mean() for run in runs]))
-            row["params"] = chosen
-            row["train_seconds"] = float(np.mean([run.seconds for run in runs]))
-            row["test_ranks"] = [run.ranks["test"].tolist() for run in runs]  # for a later paired comparison
-            rows.append(row)
+            rows.append(
+                table_row(
+                    model_name,
+                    [run.ranks["test"] for run in runs],
+                    [float(per_user(run.ranks["valid"], "ndcg_at_10").mean()) for run in runs],
+                    [ours["test"]] if ours else None,
+                    dataset_dir.name,
+                    params=chosen,
+                    seed_numbers=[run.seed for run in runs],
+                    run_seconds=[run.seconds for run in runs],
+                    max_epochs=bench.max_epochs,
+                )
+            )
     if ours is not None:
-        ranker_row = summarise(RANKER, [ours["test"]], None)
-        ranker_row["valid_ndcg"] = float(per_user(ours["valid"], "ndcg_at_10").mean())
-        ranker_row["test_ranks"] = [ours["test"].tolist()]
-        rows.append(ranker_row)
-    for row in rows:
-        row["split"] = dataset_dir.name
+        valid = float(per_user(ours["valid"], "ndcg_at_10").mean())
+        rows.append(table_row(RANKER, [ours["test"]], [valid], None, dataset_dir.name))
     print_report(rows)
     if args.out:
         write_rows(rows, Path(args.out))
@@ -512,7 +529,10 @@ def print_report(rows: list[dict[str, Any]]) -> None:
             f"({verdict})."
         )
     for row in peers:
-        print(f"  {row['model']}: chosen {row['params']}, mean train {row['train_seconds']:.0f} s")
+        print(
+            f"  {row['model']}: chosen {row['params']}, seeds {row['seed_numbers']}, at most {row['max_epochs']} "
+            f"epochs, mean train {np.mean(row['run_seconds']):.0f} s"
+        )
 
 
 def combine(files: list[Path]) -> list[dict[str, Any]]:
@@ -520,12 +540,14 @@ def combine(files: list[Path]) -> list[dict[str, Any]]:
     separate machines) as one table: each model's runs pooled, its intervals recomputed over all of them.
 
     Why refuse mixes: the per-user ranks of two files can be averaged only when they rank the same
-    users' targets on the same split, and a model's seeds only when they share its chosen setting.
+    users' targets on the same split, a model's runs only when they share its chosen setting and epoch
+    cap, and a seed counted twice would narrow the interval with a copy.
     """
     loaded = [row for path in files for row in json.loads(Path(path).read_text())]
     splits = {row.get("split") for row in loaded}
     if len(splits) != 1 or None in splits:
         raise SystemExit(f"--combine needs files from one split; got {sorted(map(str, splits))}")
+    (split,) = splits
     pooled: dict[str, list[dict[str, Any]]] = {}
     for row in loaded:
         pooled.setdefault(row["model"], []).append(row)
@@ -535,20 +557,27 @@ def combine(files: list[Path]) -> list[dict[str, Any]]:
     reference = [np.asarray(ours[0]["test_ranks"][0])] if ours else None
     rows = []
     for name, parts in pooled.items():
-        settings = {json.dumps(part["params"], sort_keys=True) for part in parts}
+        settings = {json.dumps([part["params"], part["max_epochs"]], sort_keys=True) for part in parts}
         if len(settings) > 1:
-            raise SystemExit(f"--combine: {name} was run with different settings {sorted(settings)}")
-        runs = [np.asarray(ranks) for part in parts for ranks in part["test_ranks"]]
-        row = summarise(name, runs, reference)
-        weights = [part["seeds"] for part in parts]
-        row["valid_ndcg"] = float(np.average([part["valid_ndcg"] for part in parts], weights=weights))
-        row["train_seconds"] = float(np.average([part["train_seconds"] for part in parts], weights=weights))
-        row.update(params=parts[0]["params"], test_ranks=[r.tolist() for r in runs], split=parts[0]["split"])
-        rows.append(row)
-    if ours:
-        ranker_row = summarise(RANKER, reference or [], None)
-        ranker_row.update(valid_ndcg=ours[0]["valid_ndcg"], test_ranks=ours[0]["test_ranks"], split=ours[0]["split"])
-        rows.append(ranker_row)
+            raise SystemExit(f"--combine: {name} was run with different settings / epoch caps {sorted(settings)}")
+        seeds = [seed for part in parts for seed in part["seed_numbers"]]
+        if len(set(seeds)) < len(seeds):
+            raise SystemExit(f"--combine: {name} has a seed in more than one file (seeds {sorted(seeds)})")
+        rows.append(
+            table_row(
+                name,
+                [np.asarray(ranks) for part in parts for ranks in part["test_ranks"]],
+                [value for part in parts for value in part["valid_ndcgs"]],
+                reference,
+                split,
+                params=parts[0]["params"],
+                seed_numbers=seeds,
+                run_seconds=[value for part in parts for value in part["run_seconds"]],
+                max_epochs=parts[0]["max_epochs"],
+            )
+        )
+    if ours and reference:
+        rows.append(table_row(RANKER, reference, ours[0]["valid_ndcgs"], None, split))
     return rows
 
 

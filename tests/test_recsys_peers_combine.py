@@ -19,16 +19,24 @@ def ranks(seed: int, spread: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, spread, size=USERS)
 
 
-def peer_row(name: str, runs: list[np.ndarray], ranker: np.ndarray, split: str, params: dict[str, Any]) -> dict:
-    row = recsys_peers.summarise(name, runs, [ranker])
-    row.update(valid_ndcg=0.05, params=params, train_seconds=10.0, test_ranks=[r.tolist() for r in runs], split=split)
-    return row
+def peer_row(
+    name: str, runs: list[np.ndarray], ranker: np.ndarray, split: str, params: dict[str, Any], seeds: list[int]
+) -> dict:
+    return recsys_peers.table_row(
+        name,
+        runs,
+        [0.05] * len(runs),
+        [ranker],
+        split,
+        params=params,
+        seed_numbers=seeds,
+        run_seconds=[10.0] * len(runs),
+        max_epochs=20,
+    )
 
 
 def ranker_row(ranker: np.ndarray, split: str) -> dict:
-    row = recsys_peers.summarise(recsys_peers.RANKER, [ranker], None)
-    row.update(valid_ndcg=0.1, test_ranks=[ranker.tolist()], split=split)
-    return row
+    return recsys_peers.table_row(recsys_peers.RANKER, [ranker], [0.1], None, split)
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -39,8 +47,12 @@ def write(path: Path, rows: list[dict]) -> Path:
 def test_combined_seeds_equal_one_run_of_both_seeds(tmp_path: Path) -> None:
     ranker, seed0, seed1 = ranks(0, 40), ranks(1, 80), ranks(2, 80)
     params = {"dropout_prob": 0.2}
-    first = write(tmp_path / "a.json", [peer_row("GRU4Rec", [seed0], ranker, "s", params), ranker_row(ranker, "s")])
-    second = write(tmp_path / "b.json", [peer_row("GRU4Rec", [seed1], ranker, "s", params), ranker_row(ranker, "s")])
+    first = write(
+        tmp_path / "a.json", [peer_row("GRU4Rec", [seed0], ranker, "s", params, [0]), ranker_row(ranker, "s")]
+    )
+    second = write(
+        tmp_path / "b.json", [peer_row("GRU4Rec", [seed1], ranker, "s", params, [1]), ranker_row(ranker, "s")]
+    )
 
     combined = {row["model"]: row for row in recsys_peers.combine([first, second])}
     together = recsys_peers.summarise("GRU4Rec", [seed0, seed1], [ranker])
@@ -59,13 +71,16 @@ def test_combined_seeds_equal_one_run_of_both_seeds(tmp_path: Path) -> None:
 
 def test_files_of_different_splits_or_settings_are_refused(tmp_path: Path) -> None:
     ranker = ranks(0, 40)
-    a = write(tmp_path / "a.json", [peer_row("SASRec", [ranks(1, 80)], ranker, "split-1", {"p": 0.2})])
-    b = write(tmp_path / "b.json", [peer_row("SASRec", [ranks(2, 80)], ranker, "split-2", {"p": 0.2})])
+    a = write(tmp_path / "a.json", [peer_row("SASRec", [ranks(1, 80)], ranker, "split-1", {"p": 0.2}, [0])])
+    b = write(tmp_path / "b.json", [peer_row("SASRec", [ranks(2, 80)], ranker, "split-2", {"p": 0.2}, [1])])
     with pytest.raises(SystemExit, match="one split"):
         recsys_peers.combine([a, b])
-    c = write(tmp_path / "c.json", [peer_row("SASRec", [ranks(3, 80)], ranker, "split-1", {"p": 0.5})])
+    c = write(tmp_path / "c.json", [peer_row("SASRec", [ranks(3, 80)], ranker, "split-1", {"p": 0.5}, [1])])
     with pytest.raises(SystemExit, match="different settings"):
         recsys_peers.combine([a, c])
+    twice = write(tmp_path / "twice.json", [peer_row("SASRec", [ranks(5, 80)], ranker, "split-1", {"p": 0.2}, [0])])
+    with pytest.raises(SystemExit, match="seed in more than one file"):
+        recsys_peers.combine([a, twice])
     d = write(tmp_path / "d.json", [ranker_row(ranks(4, 40), "split-1")])
     e = write(tmp_path / "e.json", [ranker_row(ranker, "split-1")])
     with pytest.raises(SystemExit, match="different rankers"):
