@@ -438,11 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         metavar="JSON",
-        help="no training: pool the runs of earlier --out files (same split) into one table",
+        help="no training: pool the runs of earlier --out files (same split) into one table; with --ranker, "
+        "that bundle's ranks replace the files' ranker row (a new ranker against peers trained earlier)",
     )
     args = parser.parse_args(argv)
     if args.combine:
-        rows = combine([Path(path) for path in args.combine])
+        rescored = rescore_ranker(args.domain, args.ranker) if args.ranker else None
+        rows = combine([Path(path) for path in args.combine], rescored)
         print_report(rows)
         if args.out:
             write_rows(rows, Path(args.out))
@@ -535,9 +537,19 @@ def print_report(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def combine(files: list[Path]) -> list[dict[str, Any]]:
+def rescore_ranker(domain: str, bundle: str) -> tuple[str, dict[str, np.ndarray]]:
+    """(split name, per-user ranks on both stages) of a ranker bundle, on the split it was built on."""
+    from domainflow.catalog import get_domain
+
+    found, dataset_dir = find_ranker(domain, bundle)
+    return dataset_dir.name, ranker_ranks(found, RankingData.load(dataset_dir), get_domain(domain))
+
+
+def combine(files: list[Path], rescored: tuple[str, dict[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
     """Rows of several ``--out`` files (e.g. one per seed or per model, run in separate processes or on
     separate machines) as one table: each model's runs pooled, its intervals recomputed over all of them.
+    ``rescored`` (:func:`rescore_ranker`): the ranker row and the paired differences come from these ranks
+    instead of the files' (peers need not be retrained when only the ranker changed; the split must match).
 
     Why refuse mixes: the per-user ranks of two files can be averaged only when they rank the same
     users' targets on the same split, a model's runs only when they share its chosen setting and epoch
@@ -552,6 +564,12 @@ def combine(files: list[Path]) -> list[dict[str, Any]]:
     for row in loaded:
         pooled.setdefault(row["model"], []).append(row)
     ours = pooled.pop(RANKER, [])
+    if rescored is not None:
+        if rescored[0] != split:
+            raise SystemExit(f"--combine --ranker: the bundle was built on {rescored[0]}, the files on {split}")
+        ranks = rescored[1]
+        valid = float(per_user(ranks["valid"], "ndcg_at_10").mean())
+        ours = [{"test_ranks": [ranks["test"].tolist()], "valid_ndcgs": [valid]}]
     if len({json.dumps(row["test_ranks"]) for row in ours}) > 1:
         raise SystemExit("--combine: the files hold different rankers' ranks (one ranker bundle per table)")
     reference = [np.asarray(ours[0]["test_ranks"][0])] if ours else None

@@ -33,7 +33,15 @@ from domainflow.records import Evaluation, ModelRef
 from domainflow.recsys.baselines import fold_in_scores, item_knn_scores
 from domainflow.recsys.bundle import Recommender
 from domainflow.recsys.dataset import RankingData, StageRows
-from domainflow.recsys.features import RECENT, cooccurrence_cosine, warm_history
+from domainflow.recsys.features import (
+    RECENT,
+    TRANSITION_DECAY,
+    TRANSITION_WINDOW,
+    cooccurrence_cosine,
+    next_item_scores,
+    transition_probabilities,
+    warm_history,
+)
 from domainflow.recsys.protocol import cold_target_rows, ranking_metrics, target_ranks
 from domainflow.recsys.records import BaselinesRef, RankingDatasetRef
 from domainflow.recsys.spec import RankingSpec
@@ -109,7 +117,10 @@ def baseline_scorers(
     * ``bpr_fold_in`` — the same item factors, the user's vector refitted from the stage's whole
       history (at test: validation item included, as the ranker's history);
     * ``item_knn`` — co-occurrence (cosine of user sets, all train interactions) with the last
-      :data:`~domainflow.recsys.features.RECENT` items of the history: no training.
+      :data:`~domainflow.recsys.features.RECENT` items of the history: no training;
+    * ``next_item`` — where users went next (directed transitions within a window, all train
+      interactions) after the last ``RECENT`` history items, the ranker's ``next_recent`` feature
+      alone: the sequential signal of GRU4Rec/SASRec without a network.
     """
     cold = data.cold_mask
     warm = lambda rows: [warm_history(history, cold) for history in rows.histories]  # noqa: E731
@@ -121,6 +132,12 @@ def baseline_scorers(
             users.to_numpy(), items.to_numpy(), len(data.index.users), len(data.index.items)
         )
         knn_seconds = time.perf_counter() - started
+    transitions, transitions_seconds = np.zeros((0, 0)), 0.0
+    if "next_item" in spec.baselines:  # its only training: transition counts of all train interactions
+        started = time.perf_counter()
+        histories = data.histories_from(data.train)
+        transitions = transition_probabilities(histories, len(data.index.items), TRANSITION_WINDOW, TRANSITION_DECAY)
+        transitions_seconds = time.perf_counter() - started
     popularity = arrays["popularity"].astype(np.float64)
     bpr_keys = ("bpr_items", "bpr_bias")
     size = lambda keys: (sum(arrays[k].nbytes for k in keys), sum(arrays[k].size for k in keys))  # noqa: E731
@@ -145,6 +162,16 @@ def baseline_scorers(
             cooccurrence.nbytes,
             0,
             knn_seconds,
+        ),
+        "next_item": (
+            lambda rows: (
+                np.stack([next_item_scores(transitions, history) for history in warm(rows)])
+                if len(rows.users)
+                else np.zeros((0, len(data.index.items)))
+            ),
+            transitions.nbytes,
+            0,
+            transitions_seconds,
         ),
     }
     return {name: available[name] for name in spec.baselines}

@@ -114,6 +114,7 @@ COLD_HOW = {
     "bpr": "its untrained random initial factors and a zero bias (never a positive nor a negative): a random place",
     "bpr_fold_in": "the same untrained factors against the folded-in user vector: a random place",
     "item_knn": "co-occurrence 0 (no train users): after every warm item that co-occurs, in catalogue order",
+    "next_item": "transition 0 (never watched in train): after every warm item that followed, in catalogue order",
     "two_tower": "its text: the item tower reads the cold item's title, year and genres",
 }
 

@@ -49,12 +49,15 @@ from domainflow.recsys import baselines as bl
 from domainflow.recsys.bundle import Recommender, write_bundle
 from domainflow.recsys.dataset import RankingData, StageRows
 from domainflow.recsys.features import (
+    TRANSITION_DECAY,
+    TRANSITION_WINDOW,
     ItemTables,
     cooccurrence_cosine,
     feature_names,
     genre_matrix,
     history_features,
     parse_years,
+    transition_probabilities,
 )
 from domainflow.recsys.protocol import choose_cold_items, ranking_metrics, target_ranks
 from domainflow.recsys.ranker import fit_ranker as fit_conditional_logit
@@ -319,6 +322,7 @@ def item_tables(data: RankingData, spec: Any, encoder_dir: Path, config: TwoTowe
     )
     all_users = base["user_id"].map(data.index.user_pos).to_numpy()
     all_items = base["item_id"].map(data.index.item_pos).to_numpy()
+    histories = data.histories_from(base)
     encoder, tokenizer = load_encoder(str(encoder_dir))
     embeddings = encode(TwoTower(encoder), tokenizer, data.item_texts, config.item_max_length)
     return ItemTables(
@@ -331,6 +335,8 @@ def item_tables(data: RankingData, spec: Any, encoder_dir: Path, config: TwoTowe
         years=parse_years(data.items["year"].tolist()),
         fold_in_reg=spec.bpr.fold_in_reg,
         cold=data.cold_mask.astype(np.float32),
+        transitions=transition_probabilities(histories, num_items, TRANSITION_WINDOW, TRANSITION_DECAY),
+        successors=transition_probabilities(histories, num_items),
     )
 
 

@@ -21,7 +21,13 @@ from domainflow.recsys import baselines as bl
 from domainflow.recsys.bundle import Recommender, write_bundle
 from domainflow.recsys.data import find_files
 from domainflow.recsys.dataset import RankingData
-from domainflow.recsys.features import ALL_FEATURES, cooccurrence_cosine
+from domainflow.recsys.features import (
+    ALL_FEATURES,
+    TRANSITION_DECAY,
+    TRANSITION_WINDOW,
+    cooccurrence_cosine,
+    transition_probabilities,
+)
 from domainflow.recsys.protocol import choose_cold_items, cold_target_rows, ranking_metrics, target_ranks
 from domainflow.recsys.ranker import fit_ranker
 from domainflow.recsys.spec import RankingSpec
@@ -128,6 +134,10 @@ def test_no_cold_item_in_any_training_table(cold_spec: RankingSpec, cold_data: R
     all_users, all_items = base["user_id"].map(data.index.user_pos), base["item_id"].map(pos)
     cooc = cooccurrence_cosine(all_users.to_numpy(), all_items.to_numpy(), len(data.index.users), len(pos))
     assert not cooc[sorted(cold)].any() and not cooc[:, sorted(cold)].any()
+    histories = data.histories_from(base)
+    for window in (1, TRANSITION_WINDOW):  # the sequential features' tables: no cold row, no cold column
+        transitions = transition_probabilities(histories, len(pos), window, TRANSITION_DECAY)
+        assert transitions.any() and not transitions[sorted(cold)].any() and not transitions[:, sorted(cold)].any()
 
     pool = negative_pool(data)
     assert pool is not None and not set(pool.tolist()) & cold and len(pool) == len(pos) - len(cold)

@@ -4,6 +4,7 @@ the bundle's answers and errors, and the ranking gate with its baseline rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from domainflow.recsys.features import (
     cooccurrence_cosine,
     genre_matrix,
     history_features,
+    next_item_scores,
     parse_years,
+    transition_probabilities,
 )
 from domainflow.recsys.gate import decide_ranking
 from domainflow.recsys.ranker import LinearRanker, fit_ranker, sample_groups
@@ -64,9 +67,13 @@ def test_stages_by_hand(hand_data: RankingData) -> None:
         hand_data.stage("train")
 
 
+SEQUENCES = [[0, 1, 2], [0, 2], [1, 0, 3]]  # histories in time order (the transitions' source)
+
+
 def small_tables(embeddings: np.ndarray | None = None) -> ItemTables:
     """4 items. Users {0,1}, {0,1,2}, {2}: item 0 and 1 share both their users (cosine 1), item 2
-    shares one of two users with each (1/sqrt(2*2) = 0.5), item 3 has no users (0)."""
+    shares one of two users with each (1/sqrt(2*2) = 0.5), item 3 has no users (0). Transitions from
+    :data:`SEQUENCES`, window 2 with decay 0.5."""
     users, items = np.array([0, 0, 1, 1, 1, 2]), np.array([0, 1, 0, 1, 2, 2])
     genres, _ = genre_matrix(["a", "a", "b", "a|b"])
     return ItemTables(
@@ -78,7 +85,26 @@ def small_tables(embeddings: np.ndarray | None = None) -> ItemTables:
         genres=genres,
         years=parse_years(["1990", "1995", "2010", ""]),
         fold_in_reg=1.0,
+        transitions=transition_probabilities(SEQUENCES, 4, window=2, decay=0.5),
+        successors=transition_probabilities(SEQUENCES, 4),
     )
+
+
+def test_transitions_by_hand() -> None:
+    """Successors of item 0: 1 (next, in [0,1,2]), 2 (next in [0,2]; 2 steps later in [0,1,2]), 3 (next in
+    [1,0,3]); item 3 never has a successor. Directed: 1 -> 0 once, 0 -> 1 once, 1 -> 2 once."""
+    successors = transition_probabilities(SEQUENCES, 4)
+    assert successors[0].tolist() == pytest.approx([0, 1 / 3, 1 / 3, 1 / 3])
+    assert successors[1].tolist() == pytest.approx([0.5, 0, 0.5, 0]) and not successors[3].any()
+    windowed = transition_probabilities(SEQUENCES, 4, window=2, decay=0.5)
+    # item 0: 1 (1), 2 (1 + 0.5), 3 (1) -> / 3.5; item 1: 2 (1), 0 (1), 3 (0.5) -> / 2.5
+    assert windowed[0].tolist() == pytest.approx([0, 1 / 3.5, 1.5 / 3.5, 1 / 3.5])
+    assert windowed[1].tolist() == pytest.approx([0.4, 0, 0.4, 0.2])
+    assert not np.allclose(windowed, windowed.T)  # order matters, unlike co-occurrence
+    # the most recent history item weighs 1, the one before RECENCY_DECAY (0.8): (1 * row 1 + 0.8 * row 0) / 1.8
+    expected = (windowed[1] + 0.8 * windowed[0]) / 1.8
+    assert next_item_scores(windowed, [0, 1]).tolist() == pytest.approx(expected.tolist())
+    assert not next_item_scores(windowed, []).any()
 
 
 def test_features_by_hand() -> None:
@@ -95,8 +121,10 @@ def test_features_by_hand() -> None:
     ].tolist() == pytest.approx([1.0, 0.5, 0.0])
     assert got["genre_match"].tolist() == pytest.approx([1.0, 0.0, 1 / np.sqrt(2)])  # profile (a) vs a / b / a|b
     assert got["year_gap"].tolist() == pytest.approx([0.5, 2.0, 0.0])  # decades from 1990; unknown year -> 0
+    assert got["next_recent"].tolist() == pytest.approx([1 / 3.5, 1.5 / 3.5, 1 / 3.5])  # row 0 of the windowed table
+    assert got["next_last"].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3])
     empty = history_features(tables, [], user, np.array([1, 2]))  # a free-text history: text and popularity only
-    assert empty[:, 2:].tolist() == [[0.0] * 5, [0.0] * 5] and empty[:, 0].tolist() == [0.5, 0.25]
+    assert empty[:, 2:].tolist() == [[0.0] * 7, [0.0] * 7] and empty[:, 0].tolist() == [0.5, 0.25]
 
 
 def test_item_tables_round_trip(tmp_path: Path) -> None:
@@ -105,6 +133,20 @@ def test_item_tables_round_trip(tmp_path: Path) -> None:
     again = ItemTables.load(tmp_path / "tables.safetensors")
     assert again.fold_in_reg == 1.0 and np.array_equal(again.cooccurrence, tables.cooccurrence)
     assert np.isnan(again.years[3]) and again.years[:3].tolist() == [1990, 1995, 2010]
+    assert again.transitions is not None and np.array_equal(again.transitions, tables.transitions)
+
+
+def test_tables_without_transitions_load_but_cannot_feed_the_sequential_features(tmp_path: Path) -> None:
+    """A bundle written before the sequential tables existed still loads (its ranker never reads them);
+    asking it for ``next_recent`` says what is missing instead of scoring 0."""
+    old = dataclasses.replace(small_tables(), transitions=None, successors=None)
+    old.save(tmp_path / "tables.safetensors")
+    again = ItemTables.load(tmp_path / "tables.safetensors")
+    assert again.transitions is None
+    user = np.zeros(4, dtype=np.float32)
+    assert history_features(again, [0], user, names=FEATURES[:7]).shape == (4, 7)
+    with pytest.raises(ValueError, match=r"need the item tables' transitions"):
+        history_features(again, [0], user, names=FEATURES)
 
 
 def test_ranker_learns_the_informative_feature_and_reloads_exactly(tmp_path: Path) -> None:

@@ -86,3 +86,19 @@ def test_files_of_different_splits_or_settings_are_refused(tmp_path: Path) -> No
     with pytest.raises(SystemExit, match="different rankers"):
         recsys_peers.combine([a, d, e])
     assert json.loads(a.read_text())[0]["split"] == "split-1"
+
+
+def test_a_rescored_ranker_replaces_the_files_ranker_row(tmp_path: Path) -> None:
+    """``--combine --ranker``: peers trained against an old ranker are compared with a new one, the paired
+    difference recomputed from the new ranks; a bundle from another split is refused."""
+    old, new, peer = ranks(0, 40), ranks(6, 20), ranks(1, 80)
+    a = write(tmp_path / "a.json", [peer_row("GRU4Rec", [peer], old, "s", {}, [0]), ranker_row(old, "s")])
+    rescored = ("s", {"valid": ranks(7, 20), "test": new})
+    combined = {row["model"]: row for row in recsys_peers.combine([a], rescored)}
+    assert combined["GRU4Rec"]["ranker_minus"] == recsys_peers.summarise("GRU4Rec", [peer], [new])["ranker_minus"]
+    assert combined["GRU4Rec"]["ranker_minus"] != recsys_peers.summarise("GRU4Rec", [peer], [old])["ranker_minus"]
+    ours = combined[recsys_peers.RANKER]
+    assert ours["test_ranks"] == [new.tolist()]
+    assert ours["valid_ndcgs"] == [pytest.approx(per_user(rescored[1]["valid"], "ndcg_at_10").mean())]
+    with pytest.raises(SystemExit, match="built on other"):
+        recsys_peers.combine([a], ("other", rescored[1]))

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from domainflow.recsys.features import ALL_FEATURES, FEATURES, ItemTables, history_features
+from domainflow.recsys.features import ALL_FEATURES, FEATURES, SEQUENTIAL, ItemTables, history_features
 from domainflow.recsys.ranker import LinearRanker
 from domainflow.recsys.two_tower import TwoTower, encode
 
@@ -137,6 +137,8 @@ class Recommender:
         if self.ranker is not None and not set(self.ranker.features) <= set(ALL_FEATURES):
             unknown = sorted(set(self.ranker.features) - set(ALL_FEATURES))
             raise ValueError(f"{self.path}: ranker features {unknown} are not among this code's {ALL_FEATURES}")
+        if self.ranker is not None and self.tables.transitions is None and set(self.ranker.features) & set(SEQUENTIAL):
+            raise ValueError(f"{self.path}: the ranker reads {SEQUENTIAL} but tables.safetensors has no transitions")
 
     @property
     def scorer(self) -> str:

@@ -36,7 +36,7 @@ COLD_START = (
 
 
 #: The gate's baselines (scored in tasks/rank_evaluate.py); a misspelt name fails when the domain file loads.
-BaselineName = Literal["popularity", "bpr", "bpr_fold_in", "item_knn"]
+BaselineName = Literal["popularity", "bpr", "bpr_fold_in", "item_knn", "next_item"]
 
 
 class TwoTowerDefaults(Record):
@@ -104,10 +104,10 @@ class RankingSpec(DomainSpec):
     cold_seed: int = Field(0, description="cold_start: seed of the cold-item draw (part of the protocol, not the run)")
     ranker_negatives: int = Field(30, ge=1, description="sampled negatives per positive when fitting the ranker")
     baselines: tuple[BaselineName, ...] = Field(
-        ("popularity", "bpr", "bpr_fold_in", "item_knn"),
+        ("popularity", "bpr", "bpr_fold_in", "item_knn", "next_item"),
         description="baselines the deployed ranker must beat outside the 95% paired bootstrap interval over users "
         "(popularity, bpr, bpr_fold_in: BPR with the whole history folded in, item_knn: co-occurrence with the "
-        "last 5 items)",
+        "last 5 items, next_item: what users watched next after the last 5 items)",
     )
 
     def source_files(self, data_dir: str | Path | None = None, *, quiet: bool = False) -> dict[str, Path]:
