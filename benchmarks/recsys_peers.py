@@ -67,6 +67,7 @@ MAX_LENGTH = 50
 PEERS = ("Pop", "ItemKNN", "BPR", "GRU4Rec", "SASRec")
 SEQUENTIAL = {"GRU4Rec", "SASRec"}
 RANKER = "domainflow ranker"
+SPLIT_FILES = ("train.parquet", "holdout.parquet")  # what a split is (items.parquet may gain columns)
 # Small grids (chosen on validation NDCG@10, seed 0). Everything else is RecBole's default for the model.
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "Pop": [{}],
@@ -537,19 +538,29 @@ def print_report(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def rescore_ranker(domain: str, bundle: str) -> tuple[str, dict[str, np.ndarray]]:
-    """(split name, per-user ranks on both stages) of a ranker bundle, on the split it was built on."""
+def rescore_ranker(domain: str, bundle: str) -> tuple[Path, dict[str, np.ndarray]]:
+    """(the dataset folder, per-user ranks on both stages) of a ranker bundle, on the split it was built on."""
     from domainflow.catalog import get_domain
 
     found, dataset_dir = find_ranker(domain, bundle)
-    return dataset_dir.name, ranker_ranks(found, RankingData.load(dataset_dir), get_domain(domain))
+    return dataset_dir, ranker_ranks(found, RankingData.load(dataset_dir), get_domain(domain))
 
 
-def combine(files: list[Path], rescored: tuple[str, dict[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
+def same_split(first: Path, second: Path) -> bool:
+    """Whether two dataset folders hold the same split: byte-identical train and held-out files and the same
+    catalogue order. Why not the folder name: it fingerprints the whole folder, and a later version of the
+    ingest step may add a column to ``items.parquet`` or a field to the report without moving any user's
+    history or target (the per-user ranks of the two folders then describe the same evaluation)."""
+    same_files = all((first / name).read_bytes() == (second / name).read_bytes() for name in SPLIT_FILES)
+    return same_files and RankingData.load(first).index.items == RankingData.load(second).index.items
+
+
+def combine(files: list[Path], rescored: tuple[Path, dict[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
     """Rows of several ``--out`` files (e.g. one per seed or per model, run in separate processes or on
     separate machines) as one table: each model's runs pooled, its intervals recomputed over all of them.
     ``rescored`` (:func:`rescore_ranker`): the ranker row and the paired differences come from these ranks
-    instead of the files' (peers need not be retrained when only the ranker changed; the split must match).
+    instead of the files' (peers need not be retrained when only the ranker changed; the split must be the
+    same: the same folder, or a sibling folder of the files' split name holding the same split, :func:`same_split`).
 
     Why refuse mixes: the per-user ranks of two files can be averaged only when they rank the same
     users' targets on the same split, a model's runs only when they share its chosen setting and epoch
@@ -565,8 +576,15 @@ def combine(files: list[Path], rescored: tuple[str, dict[str, np.ndarray]] | Non
         pooled.setdefault(row["model"], []).append(row)
     ours = pooled.pop(RANKER, [])
     if rescored is not None:
-        if rescored[0] != split:
-            raise SystemExit(f"--combine --ranker: the bundle was built on {rescored[0]}, the files on {split}")
+        dataset_dir = rescored[0]
+        if dataset_dir.name != split:
+            theirs = dataset_dir.parent / split
+            if not (theirs.is_dir() and same_split(dataset_dir, theirs)):
+                raise SystemExit(
+                    f"--combine --ranker: the bundle was built on {dataset_dir.name}, the files on {split}, "
+                    "and the two folders do not hold the same split"
+                )
+            print(f"(the bundle's split {dataset_dir.name} holds the same train/held-out files as {split})")
         ranks = rescored[1]
         valid = float(per_user(ranks["valid"], "ndcg_at_10").mean())
         ours = [{"test_ranks": [ranks["test"].tolist()], "valid_ndcgs": [valid]}]

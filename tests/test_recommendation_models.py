@@ -34,17 +34,18 @@ from tests.data_helpers import replace
 from tests.test_recommendation_protocol import ITEMS, SOURCES, hand_made
 
 
-@pytest.fixture()
-def hand_data(tmp_path: Path) -> RankingData:
+def write_hand_dataset(folder: Path) -> Path:
+    """The hand-made interactions, split by the standard protocol, as a dataset folder."""
     clean, items, _ = data.validate(hand_made(), ITEMS, SOURCES)
     items["text"] = items["title"]
-    write_dataset(
-        tmp_path / "ds",
-        items,
-        protocol.leave_last_out(clean, 4.0, min_positives=3, catalogue=items["item_id"].tolist()),
-        {},
-    )
-    return RankingData.load(tmp_path / "ds")
+    split = protocol.leave_last_out(clean, 4.0, min_positives=3, catalogue=items["item_id"].tolist())
+    write_dataset(folder, items, split, {})
+    return folder
+
+
+@pytest.fixture()
+def hand_data(tmp_path: Path) -> RankingData:
+    return RankingData.load(write_hand_dataset(tmp_path / "ds"))
 
 
 def test_stages_by_hand(hand_data: RankingData) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from benchmarks import recsys_peers
@@ -93,12 +95,29 @@ def test_a_rescored_ranker_replaces_the_files_ranker_row(tmp_path: Path) -> None
     difference recomputed from the new ranks; a bundle from another split is refused."""
     old, new, peer = ranks(0, 40), ranks(6, 20), ranks(1, 80)
     a = write(tmp_path / "a.json", [peer_row("GRU4Rec", [peer], old, "s", {}, [0]), ranker_row(old, "s")])
-    rescored = ("s", {"valid": ranks(7, 20), "test": new})
+    rescored = (tmp_path / "s", {"valid": ranks(7, 20), "test": new})
     combined = {row["model"]: row for row in recsys_peers.combine([a], rescored)}
     assert combined["GRU4Rec"]["ranker_minus"] == recsys_peers.summarise("GRU4Rec", [peer], [new])["ranker_minus"]
     assert combined["GRU4Rec"]["ranker_minus"] != recsys_peers.summarise("GRU4Rec", [peer], [old])["ranker_minus"]
     ours = combined[recsys_peers.RANKER]
     assert ours["test_ranks"] == [new.tolist()]
     assert ours["valid_ndcgs"] == [pytest.approx(per_user(rescored[1]["valid"], "ndcg_at_10").mean())]
-    with pytest.raises(SystemExit, match="built on other"):
-        recsys_peers.combine([a], ("other", rescored[1]))
+    with pytest.raises(SystemExit, match="do not hold the same split"):
+        recsys_peers.combine([a], (tmp_path / "other", rescored[1]))
+
+
+def test_same_split_reads_the_files_not_the_folder_name(tmp_path: Path) -> None:
+    """Two folders of one split (a later ingest added a column to items.parquet) are the same split; a moved
+    target is not."""
+    from tests.test_recommendation_models import write_hand_dataset
+
+    first = write_hand_dataset(tmp_path / "first")
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    items = pd.read_parquet(second / "items.parquet")
+    items.assign(extra=1).to_parquet(second / "items.parquet", index=False)
+    assert recsys_peers.same_split(first, second)
+    holdout = pd.read_parquet(second / "holdout.parquet")
+    holdout["test_item"] = holdout["valid_item"]
+    holdout.to_parquet(second / "holdout.parquet", index=False)
+    assert not recsys_peers.same_split(first, second)
