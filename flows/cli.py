@@ -496,12 +496,18 @@ def _champion_of(domain: str) -> VersionInfo:
     """The domain's champion (its files checked against the version's manifest), or exit with why there is none."""
     from domainflow.registry import ModelRegistry, RegistryError
 
+    registry = ModelRegistry(domain)
     try:
-        champion = ModelRegistry(domain).load_champion()
+        champion = registry.load_champion()
     except RegistryError as exc:
         fail(str(exc))
     if champion is None:
-        fail(f"no champion for {domain}: run `domainflow run {domain}` first")
+        decisions = registry.decisions()
+        if not decisions:
+            fail(f"no champion for {domain}: run `domainflow run {domain}` first")
+        # runs happened and none promoted a model: say why (the gate's own words) instead of "run it first"
+        summary = json.loads(decisions[-1].read_text()).get("summary", "")
+        fail(f"no champion for {domain}: its last run promoted nothing ({decisions[-1].name}): {summary}")
     return champion
 
 

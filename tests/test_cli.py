@@ -177,6 +177,21 @@ def test_predict_without_a_champion_or_on_a_ranking_domain_says_what_to_do(cli_d
     assert ranking.exit_code == 2 and "recommendation is a ranking domain: use `domainflow recommend" in said(ranking)
 
 
+def test_without_a_champion_after_a_run_that_promoted_nothing_says_why(cli_domain: str) -> None:
+    """ "Run it first" would be wrong advice after a run whose gate refused its challenger: the message quotes
+    the last decision instead."""
+    from domainflow.registry import ModelRegistry
+
+    rejected = "cs_cli_rejected"
+    register(replace(get_domain(cli_domain), name=rejected, description="never promoted"))
+    summary = "Nothing promoted for cs_cli_rejected: challenger x ties baseline next_item."
+    ModelRegistry(rejected).record_decision({"promote": False, "chosen": "x", "summary": summary})
+    answer = invoke("predict", rejected, "where is my card?")
+    assert answer.exit_code == 2, answer.output
+    assert f"no champion for {rejected}: its last run promoted nothing" in said(answer)
+    assert summary in said(answer)
+
+
 # -------------------------------------------------------------------------------------- registry
 
 
