@@ -137,7 +137,7 @@ class Recommender:
         if self.ranker is not None and not set(self.ranker.features) <= set(ALL_FEATURES):
             unknown = sorted(set(self.ranker.features) - set(ALL_FEATURES))
             raise ValueError(f"{self.path}: ranker features {unknown} are not among this code's {ALL_FEATURES}")
-        if self.ranker is not None and self.tables.transitions is None and set(self.ranker.features) & set(SEQUENTIAL):
+        if self.ranker is not None and not self.tables.has_transitions and set(self.ranker.features) & set(SEQUENTIAL):
             raise ValueError(f"{self.path}: the ranker reads {SEQUENTIAL} but tables.safetensors has no transitions")
 
     @property

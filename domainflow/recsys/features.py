@@ -96,6 +96,11 @@ class ItemTables:
         return replace(self, cold=cold)
 
     @property
+    def has_transitions(self) -> bool:
+        """Whether the sequential features can be computed (bundles written before they existed have no tables)."""
+        return self.transitions is not None and self.successors is not None
+
+    @property
     def num_items(self) -> int:
         return len(self.popularity)
 
@@ -214,7 +219,7 @@ def history_features(
         columns["bpr"] = tables.bpr_items[items] @ user + tables.bpr_bias[items]
         columns["cooc_recent"] = tables.cooccurrence[warm[-RECENT:]][:, items].mean(axis=0)
         columns["cooc_history"] = tables.cooccurrence[warm][:, items].mean(axis=0)
-        if tables.transitions is not None and tables.successors is not None:
+        if tables.transitions is not None and tables.successors is not None:  # has_transitions, for mypy
             columns["next_recent"] = next_item_scores(tables.transitions, warm)[items]
             columns["next_last"] = tables.successors[warm[-1], items].astype(np.float64)
     if history:
@@ -236,7 +241,7 @@ def history_features(
     unknown = [name for name in names if name not in columns]
     if unknown:
         raise ValueError(f"unknown ranker feature(s) {unknown}; known: {list(ALL_FEATURES)}")
-    missing = [name for name in names if name in SEQUENTIAL and tables.transitions is None]
+    missing = [name for name in names if name in SEQUENTIAL and not tables.has_transitions]
     if missing:
         raise ValueError(f"ranker feature(s) {missing} need the item tables' transitions, which this bundle lacks")
     return np.stack([columns[name] for name in names], axis=1)
