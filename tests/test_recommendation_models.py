@@ -245,6 +245,13 @@ def test_bundle_answers_and_errors(tiny_model_dir: Path, tmp_path: Path) -> None
         texts=["a film about Gamma"], k=4
     )
     assert not list(Path(ranker_bundle).rglob("*.pkl")) and not list(Path(ranker_bundle).rglob("*.bin"))
+    # a ranker that reads the order features, in a bundle whose tables lack them (e.g. hand-assembled from an
+    # older bundle's tables): refused at load, naming what is missing, rather than scoring those features 0
+    old_tables = dataclasses.replace(small_tables(embeddings), transitions=None, successors=None)
+    (Path(ranker_bundle) / "tables.safetensors").unlink()
+    old_tables.save(Path(ranker_bundle) / "tables.safetensors")
+    with pytest.raises(ValueError, match="the ranker reads .*next_recent.* has no transitions"):
+        Recommender(ranker_bundle, spec.history_text)
 
 
 USERS = 900
