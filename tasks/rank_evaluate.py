@@ -30,7 +30,7 @@ from domainflow.fingerprint import value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.modeling import count_parameters, directory_size
 from domainflow.records import Evaluation, ModelRef
-from domainflow.recsys.baselines import fold_in_scores, item_knn_scores
+from domainflow.recsys.baselines import fold_in_scores, item_knn_scores, next_item_baseline_scores
 from domainflow.recsys.bundle import Recommender
 from domainflow.recsys.dataset import RankingData, StageRows
 from domainflow.recsys.features import (
@@ -38,7 +38,6 @@ from domainflow.recsys.features import (
     TRANSITION_DECAY,
     TRANSITION_WINDOW,
     cooccurrence_cosine,
-    next_item_scores,
     transition_probabilities,
     warm_history,
 )
@@ -164,11 +163,7 @@ def baseline_scorers(
             knn_seconds,
         ),
         "next_item": (
-            lambda rows: (
-                np.stack([next_item_scores(transitions, history) for history in warm(rows)])
-                if len(rows.users)
-                else np.zeros((0, len(data.index.items)))
-            ),
+            lambda rows: next_item_baseline_scores(transitions, warm(rows), RECENT),
             transitions.nbytes,
             0,
             transitions_seconds,

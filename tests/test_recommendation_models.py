@@ -14,6 +14,7 @@ import pytest
 from domainflow.catalog import get_domain
 from domainflow.records import Evaluation, ModelRef
 from domainflow.recsys import data, protocol
+from domainflow.recsys.baselines import next_item_scores
 from domainflow.recsys.bundle import Recommender, UnknownItemsError, write_bundle
 from domainflow.recsys.dataset import RankingData, write_dataset
 from domainflow.recsys.features import (
@@ -22,7 +23,6 @@ from domainflow.recsys.features import (
     cooccurrence_cosine,
     genre_matrix,
     history_features,
-    next_item_scores,
     parse_years,
     transition_probabilities,
 )

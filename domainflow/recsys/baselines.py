@@ -10,12 +10,16 @@ ranker must beat the strongest simple model given the same history, not only the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+# next_item_scores: the k-th most recent history item weighs RECENCY_DECAY ** k (chosen on validation, with the
+# transition window and decay in domainflow.recsys.features)
+RECENCY_DECAY = 0.8
 
 
 def popularity_scores(train_positive_items: np.ndarray, num_items: int) -> np.ndarray:
@@ -186,6 +190,24 @@ def item_knn_scores(cooccurrence: np.ndarray, histories: list[list[int]], recent
     for row, history in enumerate(histories):
         if history:
             scores[row] = cooccurrence[history[-recent:]].mean(axis=0)
+    return scores
+
+
+def next_item_scores(transitions: np.ndarray, history: Sequence[int], recent: int = 5) -> np.ndarray:
+    """Per item: the mean of ``transitions`` rows of the last ``recent`` history items, the most recent
+    weighted 1, the one before :data:`RECENCY_DECAY`, and so on; 0 for an empty history."""
+    last = list(history)[-recent:][::-1]
+    if not last:
+        return np.zeros(transitions.shape[1], dtype=np.float64)
+    weights = RECENCY_DECAY ** np.arange(len(last))
+    return (weights @ transitions[last].astype(np.float64)) / weights.sum()
+
+
+def next_item_baseline_scores(transitions: np.ndarray, histories: list[list[int]], recent: int) -> np.ndarray:
+    """users x items: :func:`next_item_scores` of each history (the ranker's ``next_recent`` feature alone)."""
+    scores = np.zeros((len(histories), transitions.shape[0]), dtype=np.float64)
+    for row, history in enumerate(histories):
+        scores[row] = next_item_scores(transitions, history, recent)
     return scores
 
 

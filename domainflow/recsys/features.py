@@ -17,9 +17,10 @@ Features (in :data:`FEATURES` order):
 * ``year_gap`` — |candidate year − median year of the recent history| in decades;
 * ``next_recent`` / ``next_last`` — what users watched *next* (:func:`transition_probabilities`): the
   probability that the candidate follows each of the last :data:`RECENT` history items within
-  :data:`TRANSITION_WINDOW` steps, averaged with weights :data:`RECENCY_DECAY` ** k (the most recent item
-  first) / that it is the very next item after the last one. Co-occurrence ignores order; these read the
-  direction and the distance of the sequence, the signal the sequential peers (GRU4Rec, SASRec) live on.
+  :data:`TRANSITION_WINDOW` steps, averaged with weights 0.8 ** k (the most recent item first;
+  :func:`~domainflow.recsys.baselines.next_item_scores`) / that it is the very next item after the last one.
+  Co-occurrence ignores order; these read the direction and the distance of the sequence, the signal the
+  sequential peers (GRU4Rec, SASRec) live on.
 
 Cold-start protocol (:data:`COLD_FEATURES`, used by a ranker fitted under it): a *cold* item
 (``ItemTables.cold``) has no collaborative data, so its popularity, BPR and co-occurrence features
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domainflow.recsys.baselines import fold_in
+from domainflow.recsys.baselines import fold_in, next_item_scores
 
 FEATURES = (
     "text",
@@ -60,7 +61,6 @@ RECENT = 5
 # 0.116–0.130, these 0.130): a successor g steps later counts TRANSITION_DECAY ** (g - 1).
 TRANSITION_WINDOW = 10
 TRANSITION_DECAY = 0.8
-RECENCY_DECAY = 0.8
 
 
 def feature_names(cold_start: bool) -> tuple[str, ...]:
@@ -158,16 +158,6 @@ def transition_probabilities(
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0).astype(np.float32)
 
 
-def next_item_scores(transitions: np.ndarray, history: Sequence[int], recent: int = RECENT) -> np.ndarray:
-    """Per item: the mean of ``transitions`` rows of the last ``recent`` history items, the most recent
-    weighted 1, the one before :data:`RECENCY_DECAY`, and so on; 0 for an empty history."""
-    last = list(history)[-recent:][::-1]
-    if not last:
-        return np.zeros(transitions.shape[1], dtype=np.float64)
-    weights = RECENCY_DECAY ** np.arange(len(last))
-    return (weights @ transitions[last].astype(np.float64)) / weights.sum()
-
-
 def genre_matrix(genres: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """0/1 items x genres from ``|``-separated genre strings; the genre names in column order."""
     names = sorted({g for text in genres for g in text.split("|") if g})
@@ -220,7 +210,7 @@ def history_features(
         columns["cooc_recent"] = tables.cooccurrence[warm[-RECENT:]][:, items].mean(axis=0)
         columns["cooc_history"] = tables.cooccurrence[warm][:, items].mean(axis=0)
         if tables.transitions is not None and tables.successors is not None:  # has_transitions, for mypy
-            columns["next_recent"] = next_item_scores(tables.transitions, warm)[items]
+            columns["next_recent"] = next_item_scores(tables.transitions, warm, RECENT)[items]
             columns["next_last"] = tables.successors[warm[-1], items].astype(np.float64)
     if history:
         profile = tables.genres[recent].sum(axis=0)
