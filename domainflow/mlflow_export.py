@@ -99,9 +99,10 @@ def export_champion(
             f"{spec.name} is a {spec.task_kind} domain: only text classification champions export to MLflow "
             "(a ranking champion is a two-tower bundle with no predict(texts) to wrap)"
         )
-    champion = ModelRegistry(spec.name).load_champion()  # its files checked against the version's manifest
+    registry = ModelRegistry(spec.name)
+    champion = registry.load_champion()  # its files checked against the version's manifest
     if champion is None:
-        raise NoChampionError(f"no champion for {spec.name}: run `domainflow run {spec.name}` first; nothing exported")
+        raise NoChampionError(f"no champion for {spec.name}: {registry.no_champion_hint()}; nothing exported")
     name = name or default_model_name(spec.name)
     if "'" in name:
         raise ExportRefusedError(f"model name {name!r}: a registered model name for export has no quote (')")

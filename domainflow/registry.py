@@ -534,6 +534,26 @@ class ModelRegistry:
             return []
         return sorted(p for p in self.decisions_dir.glob("*.json") if not p.name.startswith("."))
 
+    def no_champion_hint(self) -> str:
+        """What to do about a missing champion, for every "no champion" message (CLI, serving, monitor, export).
+
+        Why not always "run it first": after a run whose gate refused its challenger that advice is wrong, and
+        the decision file already says why (e.g. a tie with a baseline). Reads only the newest decision.
+        """
+        decisions = self.decisions()
+        if not decisions:
+            return f"run `domainflow run {self.domain}` first"
+        try:
+            last = _read_json(decisions[-1])
+        except RegistryError as exc:
+            return f"its last decision cannot be read ({exc})"
+        if last.get("promote"):
+            return (
+                f"its last decision ({decisions[-1].name}) promoted a model but no champion pointer names it: "
+                f"`domainflow registry repair {self.domain}`"
+            )
+        return f"its last run promoted nothing ({decisions[-1].name}): {last.get('summary', '')}"
+
     def _stored_next_version(self) -> int:
         """The counter in state.json, or 0 when there is none (a registry from before the counter)."""
         if not self.state_file.exists():

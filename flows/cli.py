@@ -502,12 +502,7 @@ def _champion_of(domain: str) -> VersionInfo:
     except RegistryError as exc:
         fail(str(exc))
     if champion is None:
-        decisions = registry.decisions()
-        if not decisions:
-            fail(f"no champion for {domain}: run `domainflow run {domain}` first")
-        # runs happened and none promoted a model: say why (the gate's own words) instead of "run it first"
-        summary = json.loads(decisions[-1].read_text()).get("summary", "")
-        fail(f"no champion for {domain}: its last run promoted nothing ({decisions[-1].name}): {summary}")
+        fail(f"no champion for {domain}: {registry.no_champion_hint()}")
     return champion
 
 
@@ -641,7 +636,7 @@ def registry_show(
     except RegistryError as exc:
         fail(str(exc))
     if info is None:
-        fail(f"no champion for {domain}")
+        fail(f"no champion for {domain}: {registry.no_champion_hint()}")
     typer.echo(
         json.dumps(
             {

@@ -147,7 +147,7 @@ def champion_for(domain: str) -> ChampionRef:
     champion = registry.load_champion()  # its files checked against the version's manifest
     if champion is None:
         raise MonitorError(
-            f"no champion for {domain!r} in {registry.root}: run `domainflow run {domain}` first (monitoring scores "
+            f"no champion for {domain!r} in {registry.root}: {registry.no_champion_hint()} (monitoring scores "
             "with the deployed model)"
         )
     return ChampionRef(domain=domain, version=champion.version, model_dir=str(champion.model_dir))

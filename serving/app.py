@@ -335,7 +335,7 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
                 status.HTTP_404_NOT_FOUND, f"unknown domain {domain!r} for this endpoint; served: {served}{hint}"
             )
         if slot.current is None:
-            reason = slot.last_error or f"no champion yet: run `domainflow run {domain}`"
+            reason = slot.last_error or f"no champion yet: {slot.registry.no_champion_hint()}"
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 f"{domain} has no model loaded ({reason})",

@@ -78,6 +78,18 @@ def test_empty_registry(registry):
     assert registry.history() == []
 
 
+def test_no_champion_hint_follows_the_last_decision(registry):
+    """No run yet: run it. A refused challenger: the gate's summary. A promotion without a pointer: repair."""
+    assert registry.no_champion_hint() == f"run `domainflow run {registry.domain}` first"
+    registry.record_decision({"promote": False, "chosen": "ranker", "summary": "ties baseline next_item"})
+    hint = registry.no_champion_hint()
+    assert hint.startswith("its last run promoted nothing (") and hint.endswith("): ties baseline next_item")
+    registry.record_decision({"promote": True, "chosen": "ranker", "summary": "beats everything"})
+    assert registry.no_champion_hint().endswith(
+        f"no champion pointer names it: `domainflow registry repair {registry.domain}`"
+    )
+
+
 def test_promote_creates_versions_and_moves_the_pointer(tmp_path, registry):
     card = tmp_path / "model_card.md"
     card.write_text("# card\n")
