@@ -349,15 +349,33 @@ def train_peer(model_name: str, params: dict[str, Any], seed: int, bench: Bench)
     return Run(model_name, params, seed, ranks, seconds)
 
 
+def grid_settings(model_name: str, point: int | None, first: int | None) -> list[dict[str, Any]]:
+    """The settings of ``model_name``'s grid to train: the ``point``-th alone (1-based), or the first ``first``
+    (all when None). A point past a model's grid is an error, not a silent skip: a model with a one-setting
+    grid (Pop) only has point 1."""
+    grid = GRIDS[model_name]
+    if point is None:
+        return grid[:first]
+    if not 1 <= point <= len(grid):
+        raise SystemExit(f"--grid-point {point}: {model_name}'s grid has {len(grid)} setting(s)")
+    return [grid[point - 1]]
+
+
 def run_peer(
     model_name: str, seeds: list[int], grid: list[dict[str, Any]], bench: Bench
-) -> tuple[list[Run], dict[str, Any]]:
-    """Grid on validation with the first seed, then the chosen setting with every seed."""
+) -> tuple[list[Run], dict[str, Any], list[dict[str, Any]]]:
+    """Grid on validation with the first seed, then the chosen setting with every seed; also the grid record
+    (each setting's first-seed validation NDCG@10, as :func:`chosen_setting` writes it)."""
     first = [train_peer(model_name, params, seeds[0], bench) for params in grid]
-    best = max(first, key=lambda run: per_user(run.ranks["valid"], "ndcg_at_10").mean())
+    valid = lambda run: float(per_user(run.ranks["valid"], "ndcg_at_10").mean())  # noqa: E731
+    best = max(first, key=valid)
     deterministic = model_name in {"Pop", "ItemKNN"}
     runs = [best] + ([] if deterministic else [train_peer(model_name, best.params, s, bench) for s in seeds[1:]])
-    return runs, best.params
+    record = [
+        {"params": run.params, "max_epochs": bench.max_epochs, "seed": run.seed, "valid_ndcg": valid(run)}
+        for run in first
+    ]
+    return runs, best.params, record
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -432,6 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grid-points", type=int, default=None, help="try only the first N settings of each model's grid"
     )
+    parser.add_argument(
+        "--grid-point",
+        type=int,
+        default=None,
+        metavar="K",
+        help="train only the K-th setting (1-based) of each model's grid: one process per grid point; "
+        "--combine then picks each model's setting on the first seed's validation NDCG@10",
+    )
     parser.add_argument("--quick", action="store_true", help="first grid point only, 3 epochs (a smoke run)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument(
@@ -443,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         "that bundle's ranks replace the files' ranker row (a new ranker against peers trained earlier)",
     )
     args = parser.parse_args(argv)
+    if args.grid_point is not None and (args.grid_points is not None or args.quick):
+        parser.error("--grid-point picks one setting; it cannot be combined with --grid-points or --quick")
     if args.combine:
         rescored = rescore_ranker(args.domain, args.ranker) if args.ranker else None
         rows = combine([Path(path) for path in args.combine], rescored)
@@ -484,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         bench = Bench(folders, data, stages, 3 if args.quick else args.max_epochs, work, log)
         for model_name in args.models:
-            grid = GRIDS[model_name][: 1 if args.quick else args.grid_points]
-            runs, chosen = run_peer(model_name, args.seeds, grid, bench)
+            grid = grid_settings(model_name, args.grid_point, 1 if args.quick else args.grid_points)
+            runs, chosen, record = run_peer(model_name, args.seeds, grid, bench)
             rows.append(
                 table_row(
                     model_name,
@@ -497,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed_numbers=[run.seed for run in runs],
                     run_seconds=[run.seconds for run in runs],
                     max_epochs=bench.max_epochs,
+                    grid=record,
                 )
             )
     if ours is not None:
@@ -536,6 +565,10 @@ def print_report(rows: list[dict[str, Any]]) -> None:
             f"  {row['model']}: chosen {row['params']}, seeds {row['seed_numbers']}, at most {row['max_epochs']} "
             f"epochs, mean train {np.mean(row['run_seconds']):.0f} s"
         )
+        grid = row.get("grid") or []
+        if len(grid) > 1:
+            for point in grid:
+                print(f"    grid: {point['params']} seed {point['seed']}: valid NDCG@10 {point['valid_ndcg']:.4f}")
 
 
 def rescore_ranker(domain: str, bundle: str) -> tuple[Path, dict[str, np.ndarray]]:
@@ -555,6 +588,55 @@ def same_split(first: Path, second: Path) -> bool:
     return same_files and RankingData.load(first).index.items == RankingData.load(second).index.items
 
 
+def setting_key(row: dict[str, Any]) -> str:
+    """A peer run's setting: its params and epoch cap (runs are pooled over seeds only within one)."""
+    return json.dumps([row["params"], row["max_epochs"]], sort_keys=True)
+
+
+def chosen_setting(name: str, parts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Among a model's rows from several files, those of the setting the grid protocol chooses, and the grid.
+
+    One setting: all its rows. Several (``--grid-point`` runs in separate processes): the setting whose run
+    with the *first seed* (the smallest seed every setting was run with) has the best validation NDCG@10, as
+    :func:`run_peer` chooses within one process; the other settings' runs only appear in the grid record
+    (``[{"params", "max_epochs", "seed", "valid_ndcg"}]``, one per setting), never in the table's numbers.
+    """
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        by_setting.setdefault(setting_key(part), []).append(part)
+    if len(by_setting) == 1:
+        (only,) = by_setting.values()
+        return only, only[0].get("grid") or []
+    seed_sets = [{seed for part in rows for seed in part["seed_numbers"]} for rows in by_setting.values()]
+    common = set.intersection(*seed_sets)
+    if not common:
+        raise SystemExit(
+            f"--combine: {name} was run with {len(by_setting)} settings / epoch caps {sorted(by_setting)} but no "
+            "seed common to all of them: the grid is chosen on one seed's validation NDCG@10"
+        )
+    first = min(common)
+
+    def first_seed_valid(rows: list[dict[str, Any]]) -> float:
+        return next(
+            valid
+            for part in rows
+            for seed, valid in zip(part["seed_numbers"], part["valid_ndcgs"], strict=True)
+            if seed == first
+        )
+
+    grid = [
+        {
+            "params": rows[0]["params"],
+            "max_epochs": rows[0]["max_epochs"],
+            "seed": first,
+            "valid_ndcg": first_seed_valid(rows),
+        }
+        for rows in by_setting.values()
+    ]
+    best = max(by_setting, key=lambda key: first_seed_valid(by_setting[key]))
+    return by_setting[best], grid
+
+
 def combine(files: list[Path], rescored: tuple[Path, dict[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
     """Rows of several ``--out`` files (e.g. one per seed or per model, run in separate processes or on
     separate machines) as one table: each model's runs pooled, its intervals recomputed over all of them.
@@ -564,7 +646,8 @@ def combine(files: list[Path], rescored: tuple[Path, dict[str, np.ndarray]] | No
 
     Why refuse mixes: the per-user ranks of two files can be averaged only when they rank the same
     users' targets on the same split, a model's runs only when they share its chosen setting and epoch
-    cap, and a seed counted twice would narrow the interval with a copy.
+    cap, and a seed counted twice would narrow the interval with a copy. Runs of several settings of one model
+    (a grid spread over processes with ``--grid-point``) are chosen among, not pooled (:func:`chosen_setting`).
     """
     loaded = [row for path in files for row in json.loads(Path(path).read_text())]
     splits = {row.get("split") for row in loaded}
@@ -592,10 +675,8 @@ def combine(files: list[Path], rescored: tuple[Path, dict[str, np.ndarray]] | No
         raise SystemExit("--combine: the files hold different rankers' ranks (one ranker bundle per table)")
     reference = [np.asarray(ours[0]["test_ranks"][0])] if ours else None
     rows = []
-    for name, parts in pooled.items():
-        settings = {json.dumps([part["params"], part["max_epochs"]], sort_keys=True) for part in parts}
-        if len(settings) > 1:
-            raise SystemExit(f"--combine: {name} was run with different settings / epoch caps {sorted(settings)}")
+    for name, all_parts in pooled.items():
+        parts, grid = chosen_setting(name, all_parts)
         seeds = [seed for part in parts for seed in part["seed_numbers"]]
         if len(set(seeds)) < len(seeds):
             raise SystemExit(f"--combine: {name} has a seed in more than one file (seeds {sorted(seeds)})")
@@ -610,6 +691,7 @@ def combine(files: list[Path], rescored: tuple[Path, dict[str, np.ndarray]] | No
                 seed_numbers=seeds,
                 run_seconds=[value for part in parts for value in part["run_seconds"]],
                 max_epochs=parts[0]["max_epochs"],
+                grid=grid,
             )
         )
     if ours and reference:

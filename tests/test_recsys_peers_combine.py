@@ -78,7 +78,7 @@ def test_files_of_different_splits_or_settings_are_refused(tmp_path: Path) -> No
     with pytest.raises(SystemExit, match="one split"):
         recsys_peers.combine([a, b])
     c = write(tmp_path / "c.json", [peer_row("SASRec", [ranks(3, 80)], ranker, "split-1", {"p": 0.5}, [1])])
-    with pytest.raises(SystemExit, match="different settings"):
+    with pytest.raises(SystemExit, match="no seed common to all of them"):
         recsys_peers.combine([a, c])
     twice = write(tmp_path / "twice.json", [peer_row("SASRec", [ranks(5, 80)], ranker, "split-1", {"p": 0.2}, [0])])
     with pytest.raises(SystemExit, match="seed in more than one file"):
@@ -88,6 +88,52 @@ def test_files_of_different_splits_or_settings_are_refused(tmp_path: Path) -> No
     with pytest.raises(SystemExit, match="different rankers"):
         recsys_peers.combine([a, d, e])
     assert json.loads(a.read_text())[0]["split"] == "split-1"
+
+
+def grid_file(path: Path, dropout: float, seeds: list[int], valid: list[float], ranker: np.ndarray) -> Path:
+    runs = [ranks(10 * seed + int(dropout * 10), 80) for seed in seeds]
+    row = recsys_peers.table_row(
+        "SASRec",
+        runs,
+        valid,
+        [ranker],
+        "s",
+        params={"p": dropout},
+        seed_numbers=seeds,
+        run_seconds=[1.0] * len(seeds),
+        max_epochs=20,
+    )
+    return write(path, [row])
+
+
+@pytest.mark.parametrize("second_point_valid, chosen, seeds", [(0.20, 0.5, [0]), (0.08, 0.2, [0, 1, 2])])
+def test_grid_points_from_separate_files_are_chosen_on_the_first_seed(
+    tmp_path: Path, second_point_valid: float, chosen: float, seeds: list[int]
+) -> None:
+    """--grid-point runs: the setting with the best seed-0 validation NDCG@10 is the row, the other is only
+    in the grid record. Seeds 1 and 2 of the first point score higher on validation than either seed 0 run:
+    the choice must not look at them (a mean over seeds would pick the first point in both cases)."""
+    ranker = ranks(0, 40)
+    first_point = grid_file(tmp_path / "p1.json", 0.2, [0, 1, 2], [0.10, 0.30, 0.30], ranker)
+    second_point = grid_file(tmp_path / "p2.json", 0.5, [0], [second_point_valid], ranker)
+
+    (row,) = recsys_peers.combine([first_point, second_point])
+
+    assert row["params"] == {"p": chosen}
+    assert row["seed_numbers"] == seeds
+    expected = np.mean([per_user(ranks(10 * s + int(chosen * 10), 80), "ndcg_at_10") for s in seeds], axis=0)
+    assert row["ndcg_at_10"].mean == pytest.approx(expected.mean())
+    assert sorted((point["params"]["p"], point["valid_ndcg"]) for point in row["grid"]) == [
+        (0.2, 0.10),
+        (0.5, second_point_valid),
+    ]
+
+
+def test_grid_point_is_one_setting_of_each_grid() -> None:
+    assert recsys_peers.grid_settings("SASRec", 2, None) == [recsys_peers.GRIDS["SASRec"][1]]
+    assert recsys_peers.grid_settings("BPR", None, 1) == recsys_peers.GRIDS["BPR"][:1]
+    with pytest.raises(SystemExit, match="Pop's grid has 1 setting"):
+        recsys_peers.grid_settings("Pop", 2, None)
 
 
 def test_a_rescored_ranker_replaces_the_files_ranker_row(tmp_path: Path) -> None:
