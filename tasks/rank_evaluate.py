@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 from prefect import task
+from scipy import sparse
 
 from domainflow import settings
 from domainflow.fingerprint import value_fingerprint
 from domainflow.logs import run_logger
 from domainflow.modeling import count_parameters, directory_size
 from domainflow.records import Evaluation, ModelRef
-from domainflow.recsys.baselines import fold_in_scores, item_knn_scores, next_item_baseline_scores
+from domainflow.recsys.baselines import fold_in_scores, item_knn_scores, next_item_baseline_scores, table_bytes
 from domainflow.recsys.bundle import Recommender
 from domainflow.recsys.dataset import RankingData, StageRows
 from domainflow.recsys.features import (
@@ -123,19 +124,21 @@ def baseline_scorers(
     """
     cold = data.cold_mask
     warm = lambda rows: [warm_history(history, cold) for history in rows.histories]  # noqa: E731
-    cooccurrence, knn_seconds = np.zeros((0, 0)), 0.0
+    cooccurrence, knn_seconds = sparse.csr_array((0, 0), dtype=np.float32), 0.0
     if "item_knn" in spec.baselines:  # its only training: co-occurrence of all train interactions
         started = time.perf_counter()
         users, items = data.train["user_id"].map(data.index.user_pos), data.train["item_id"].map(data.index.item_pos)
         cooccurrence = cooccurrence_cosine(
-            users.to_numpy(), items.to_numpy(), len(data.index.users), len(data.index.items)
+            users.to_numpy(), items.to_numpy(), len(data.index.users), len(data.index.items), spec.item_neighbours
         )
         knn_seconds = time.perf_counter() - started
-    transitions, transitions_seconds = np.zeros((0, 0)), 0.0
+    transitions, transitions_seconds = sparse.csr_array((0, 0), dtype=np.float32), 0.0
     if "next_item" in spec.baselines:  # its only training: transition counts of all train interactions
         started = time.perf_counter()
         histories = data.histories_from(data.train)
-        transitions = transition_probabilities(histories, len(data.index.items), TRANSITION_WINDOW, TRANSITION_DECAY)
+        transitions = transition_probabilities(
+            histories, len(data.index.items), TRANSITION_WINDOW, TRANSITION_DECAY, spec.item_neighbours
+        )
         transitions_seconds = time.perf_counter() - started
     popularity = arrays["popularity"].astype(np.float64)
     bpr_keys = ("bpr_items", "bpr_bias")
@@ -158,13 +161,13 @@ def baseline_scorers(
         ),
         "item_knn": (
             lambda rows: item_knn_scores(cooccurrence, warm(rows), RECENT),
-            cooccurrence.nbytes,
+            table_bytes(cooccurrence),
             0,
             knn_seconds,
         ),
         "next_item": (
             lambda rows: next_item_baseline_scores(transitions, warm(rows), RECENT),
-            transitions.nbytes,
+            table_bytes(transitions),
             0,
             transitions_seconds,
         ),

@@ -330,13 +330,15 @@ def item_tables(data: RankingData, spec: Any, encoder_dir: Path, config: TwoTowe
         popularity=bl.popularity_scores(items, num_items),
         bpr_items=bpr.item_factors,
         bpr_bias=bpr.item_bias,
-        cooccurrence=cooccurrence_cosine(all_users, all_items, num_users, num_items),
+        cooccurrence=cooccurrence_cosine(all_users, all_items, num_users, num_items, spec.item_neighbours),
         genres=genre_matrix(data.items["genres"].tolist())[0],
         years=parse_years(data.items["year"].tolist()),
         fold_in_reg=spec.bpr.fold_in_reg,
         cold=data.cold_mask.astype(np.float32),
-        transitions=transition_probabilities(histories, num_items, TRANSITION_WINDOW, TRANSITION_DECAY),
-        successors=transition_probabilities(histories, num_items),
+        transitions=transition_probabilities(
+            histories, num_items, TRANSITION_WINDOW, TRANSITION_DECAY, spec.item_neighbours
+        ),
+        successors=transition_probabilities(histories, num_items, neighbours=spec.item_neighbours),
     )
 
 

@@ -132,11 +132,11 @@ def test_no_cold_item_in_any_training_table(cold_spec: RankingSpec, cold_data: R
         assert not set(items.tolist()) & cold
         assert bl.popularity_scores(items, len(pos))[sorted(cold)].sum() == 0
     all_users, all_items = base["user_id"].map(data.index.user_pos), base["item_id"].map(pos)
-    cooc = cooccurrence_cosine(all_users.to_numpy(), all_items.to_numpy(), len(data.index.users), len(pos))
+    cooc = cooccurrence_cosine(all_users.to_numpy(), all_items.to_numpy(), len(data.index.users), len(pos)).toarray()
     assert not cooc[sorted(cold)].any() and not cooc[:, sorted(cold)].any()
     histories = data.histories_from(base)
     for window in (1, TRANSITION_WINDOW):  # the sequential features' tables: no cold row, no cold column
-        transitions = transition_probabilities(histories, len(pos), window, TRANSITION_DECAY)
+        transitions = transition_probabilities(histories, len(pos), window, TRANSITION_DECAY).toarray()
         assert transitions.any() and not transitions[sorted(cold)].any() and not transitions[:, sorted(cold)].any()
 
     pool = negative_pool(data)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import sparse
 
 from domainflow.catalog import get_domain
 from domainflow.records import Evaluation, ModelRef
@@ -19,10 +20,12 @@ from domainflow.recsys.bundle import Recommender, UnknownItemsError, write_bundl
 from domainflow.recsys.dataset import RankingData, write_dataset
 from domainflow.recsys.features import (
     FEATURES,
+    ITEM_GRAPHS,
     ItemTables,
     cooccurrence_cosine,
     genre_matrix,
     history_features,
+    keep_neighbours,
     parse_years,
     transition_probabilities,
 )
@@ -94,23 +97,24 @@ def small_tables(embeddings: np.ndarray | None = None) -> ItemTables:
 def test_transitions_by_hand() -> None:
     """Successors of item 0: 1 (next, in [0,1,2]), 2 (next in [0,2]; 2 steps later in [0,1,2]), 3 (next in
     [1,0,3]); item 3 never has a successor. Directed: 1 -> 0 once, 0 -> 1 once, 1 -> 2 once."""
-    successors = transition_probabilities(SEQUENCES, 4)
+    successors = transition_probabilities(SEQUENCES, 4).toarray()
     assert successors[0].tolist() == pytest.approx([0, 1 / 3, 1 / 3, 1 / 3])
     assert successors[1].tolist() == pytest.approx([0.5, 0, 0.5, 0]) and not successors[3].any()
-    windowed = transition_probabilities(SEQUENCES, 4, window=2, decay=0.5)
+    table = transition_probabilities(SEQUENCES, 4, window=2, decay=0.5)
+    windowed = table.toarray()
     # item 0: 1 (1), 2 (1 + 0.5), 3 (1) -> / 3.5; item 1: 2 (1), 0 (1), 3 (0.5) -> / 2.5
     assert windowed[0].tolist() == pytest.approx([0, 1 / 3.5, 1.5 / 3.5, 1 / 3.5])
     assert windowed[1].tolist() == pytest.approx([0.4, 0, 0.4, 0.2])
     assert not np.allclose(windowed, windowed.T)  # order matters, unlike co-occurrence
     # the most recent history item weighs 1, the one before RECENCY_DECAY (0.8): (1 * row 1 + 0.8 * row 0) / 1.8
     expected = (windowed[1] + 0.8 * windowed[0]) / 1.8
-    assert next_item_scores(windowed, [0, 1]).tolist() == pytest.approx(expected.tolist())
-    assert not next_item_scores(windowed, []).any()
+    assert next_item_scores(table, [0, 1]).tolist() == pytest.approx(expected.tolist())
+    assert not next_item_scores(table, []).any()
 
 
 def test_features_by_hand() -> None:
     tables = small_tables()
-    assert np.allclose(tables.cooccurrence, [[0, 1, 0.5, 0], [1, 0, 0.5, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 0]])
+    assert np.allclose(tables.cooccurrence.toarray(), [[0, 1, 0.5, 0], [1, 0, 0.5, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 0]])
     user = np.array([0.0, 0.5, 0.25, 1.0], dtype=np.float32)
     got = dict(zip(FEATURES, history_features(tables, [0], user, np.array([1, 2, 3])).T, strict=True))
     assert got["text"].tolist() == [0.5, 0.25, 1.0]  # dot with one-hot item vectors
@@ -132,9 +136,52 @@ def test_item_tables_round_trip(tmp_path: Path) -> None:
     tables = small_tables()
     tables.save(tmp_path / "tables.safetensors")
     again = ItemTables.load(tmp_path / "tables.safetensors")
-    assert again.fold_in_reg == 1.0 and np.array_equal(again.cooccurrence, tables.cooccurrence)
+    assert again.fold_in_reg == 1.0 and np.array_equal(again.cooccurrence.toarray(), tables.cooccurrence.toarray())
     assert np.isnan(again.years[3]) and again.years[:3].tolist() == [1990, 1995, 2010]
-    assert again.transitions is not None and np.array_equal(again.transitions, tables.transitions)
+    assert again.transitions is not None and tables.transitions is not None
+    assert np.array_equal(again.transitions.toarray(), tables.transitions.toarray())
+
+
+def test_tables_of_a_bundle_written_dense_load_exactly(tmp_path: Path) -> None:
+    """Bundles written before the item x item tables were sparse hold them as dense arrays under their plain
+    names: they load into the same sparse tables, so an old ranker scores exactly as before."""
+    from safetensors.numpy import save_file
+
+    tables = small_tables()
+    dense = {name: getattr(tables, name).toarray() for name in ITEM_GRAPHS}
+    arrays = {
+        name: np.asarray(getattr(tables, name), dtype=np.float32)
+        for name in ("item_embeddings", "popularity", "bpr_items", "bpr_bias", "genres", "years", "cold")
+    }
+    save_file({**arrays, **dense, "fold_in_reg": np.array([1.0])}, str(tmp_path / "old.safetensors"))
+    again = ItemTables.load(tmp_path / "old.safetensors")
+    for name in ITEM_GRAPHS:
+        assert sparse.issparse(getattr(again, name)) and np.array_equal(getattr(again, name).toarray(), dense[name])
+    user = np.array([0.0, 0.5, 0.25, 1.0], dtype=np.float32)
+    tables.save(tmp_path / "new.safetensors")  # both files hold float32 arrays
+    new = ItemTables.load(tmp_path / "new.safetensors")
+    assert np.array_equal(history_features(again, [0, 2], user), history_features(new, [0, 2], user))
+
+
+def test_keep_neighbours_keeps_each_rows_largest_entries() -> None:
+    table = sparse.csr_array(np.array([[0.0, 0.5, 0.2, 0.3], [0.1, 0.0, 0.0, 0.0], [0.4, 0.4, 0.0, 0.4]]))
+    kept = keep_neighbours(table, 2).toarray()
+    assert kept.tolist() == [[0.0, 0.5, 0.0, 0.3], [0.1, 0.0, 0.0, 0.0], [0.4, 0.4, 0.0, 0.0]]  # ties: first columns
+    assert np.array_equal(keep_neighbours(table, None).toarray(), table.toarray())
+    # the cut transitions stay probabilities of the whole row (not renormalised over the kept successors)
+    cut = transition_probabilities(SEQUENCES, 4, window=2, decay=0.5, neighbours=1).toarray()
+    assert cut[0].tolist() == pytest.approx([0, 0, 1.5 / 3.5, 0]) and (cut > 0).sum(axis=1).max() == 1
+
+
+def test_item_tables_grow_with_interactions_not_with_the_catalogue_squared() -> None:
+    """200,000 items and a million users: dense, the user x item marks alone would be 800 GB and each item x
+    item table 160 GB. Sparse, a few interactions cost a few entries."""
+    users, items = np.array([0, 0, 999_999, 999_999, 5]), np.array([7, 199_999, 7, 199_999, 7])
+    cooccurrence = cooccurrence_cosine(users, items, 1_000_000, 200_000, neighbours=50)
+    assert cooccurrence.shape == (200_000, 200_000) and cooccurrence.nnz == 2
+    assert cooccurrence[7, 199_999] == pytest.approx(2 / np.sqrt(3 * 2))  # 2 shared users of 3 and 2
+    successors = transition_probabilities([[7, 199_999], [199_999, 7, 3]], 200_000, window=2)
+    assert successors.nnz == 4 and successors[199_999, 7] == pytest.approx(0.5)
 
 
 def test_tables_without_transitions_load_but_cannot_feed_the_sequential_features(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from domainflow import settings
 from domainflow.catalog import get_domain
 from domainflow.recsys.bundle import Recommender
 from domainflow.recsys.dataset import RankingData
+from domainflow.recsys.features import ITEM_GRAPHS, ItemTables
 from domainflow.recsys.protocol import ranking_metrics, target_ranks
 from domainflow.recsys.two_tower import TwoTower, encode
 from domainflow.registry import ModelRegistry
@@ -31,7 +32,7 @@ from flows.cli import app
 from flows.pipeline import pipeline_for
 from serving import ApiKeys, ServingConfig, create_app
 from tests.process_helpers import ThreadedUvicorn
-from tests.recsys_helpers import items_rows, register_series_domain, write_series_data
+from tests.recsys_helpers import SERIES_NEIGHBOURS, items_rows, register_series_domain, write_series_data
 from tests.test_serving import KEY
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".ckpt")
@@ -108,6 +109,11 @@ def test_first_run_deploys_a_ranker_that_beats_the_baselines(first_run: dict[str
     files = {p.relative_to(champion.model_dir).as_posix() for p in champion.model_dir.rglob("*") if p.is_file()}
     assert {"recommender.json", "ranker.json", "items.json", "tables.safetensors", "encoder/model.safetensors"} <= files
     assert not [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    tables = ItemTables.load(champion.model_dir / "tables.safetensors")  # cut to the domain's item_neighbours
+    for name in ITEM_GRAPHS:
+        per_item = np.diff(getattr(tables, name).indptr)
+        assert per_item.max() <= SERIES_NEIGHBOURS, name
+    assert np.diff(tables.cooccurrence.indptr).max() == SERIES_NEIGHBOURS  # the cap did cut something
     assert champion.decision["gates"]["baselines"] == {name: rows[name]["test_ndcg_at_10"] for name in baselines}
     card = champion.model_card.read_text()
     assert get_domain(domain).protocol in card and "| bpr | baseline |" in card and "| popularity | baseline |" in card

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import sparse
 from torch import nn
 
 # next_item_scores: the k-th most recent history item weighs RECENCY_DECAY ** k (chosen on validation, with the
@@ -183,27 +184,39 @@ def fold_in(item_factors: np.ndarray, history: list[int], reg: float) -> np.ndar
     return np.linalg.solve(v.T @ v + reg * np.eye(dim), v.T @ np.ones(len(history)))
 
 
-def item_knn_scores(cooccurrence: np.ndarray, histories: list[list[int]], recent: int) -> np.ndarray:
+def table_rows(table: sparse.csr_array, rows: Sequence[int], weights: np.ndarray | None = None) -> np.ndarray:
+    """The (weighted) mean of some rows of a sparse items x items table, dense over the columns (float64)."""
+    picked = table[np.asarray(rows, dtype=np.int64)]
+    if weights is None:
+        weights = np.ones(len(rows))
+    return np.asarray(picked.T @ np.asarray(weights, dtype=np.float64)).ravel() / weights.sum()
+
+
+def table_bytes(table: sparse.csr_array) -> int:
+    """Bytes a sparse table holds (values, column indices, row pointers): what a model card reports as size."""
+    return int(table.data.nbytes + table.indices.nbytes + table.indptr.nbytes)
+
+
+def item_knn_scores(cooccurrence: sparse.csr_array, histories: list[list[int]], recent: int) -> np.ndarray:
     """users x items: mean co-occurrence (item-item cosine of their user sets) of each item with the
     user's last ``recent`` history items; 0 for an empty history. Training-free: a table of counts."""
     scores = np.zeros((len(histories), cooccurrence.shape[0]), dtype=np.float64)
     for row, history in enumerate(histories):
         if history:
-            scores[row] = cooccurrence[history[-recent:]].mean(axis=0)
+            scores[row] = table_rows(cooccurrence, history[-recent:])
     return scores
 
 
-def next_item_scores(transitions: np.ndarray, history: Sequence[int], recent: int = 5) -> np.ndarray:
+def next_item_scores(transitions: sparse.csr_array, history: Sequence[int], recent: int = 5) -> np.ndarray:
     """Per item: the mean of ``transitions`` rows of the last ``recent`` history items, the most recent
     weighted 1, the one before :data:`RECENCY_DECAY`, and so on; 0 for an empty history."""
     last = list(history)[-recent:][::-1]
     if not last:
         return np.zeros(transitions.shape[1], dtype=np.float64)
-    weights = RECENCY_DECAY ** np.arange(len(last))
-    return (weights @ transitions[last].astype(np.float64)) / weights.sum()
+    return table_rows(transitions, last, RECENCY_DECAY ** np.arange(len(last)))
 
 
-def next_item_baseline_scores(transitions: np.ndarray, histories: list[list[int]], recent: int) -> np.ndarray:
+def next_item_baseline_scores(transitions: sparse.csr_array, histories: list[list[int]], recent: int) -> np.ndarray:
     """users x items: :func:`next_item_scores` of each history (the ranker's ``next_recent`` feature alone)."""
     scores = np.zeros((len(histories), transitions.shape[0]), dtype=np.float64)
     for row, history in enumerate(histories):

@@ -38,8 +38,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
-from domainflow.recsys.baselines import fold_in, next_item_scores
+from domainflow.recsys.baselines import fold_in, next_item_scores, table_rows
 
 FEATURES = (
     "text",
@@ -56,6 +57,7 @@ COLD_FEATURES = ("cold", "text_cold")
 ALL_FEATURES = FEATURES + COLD_FEATURES
 COLLABORATIVE = ("log_popularity", "bpr", "cooc_recent", "cooc_history", "next_recent", "next_last")
 SEQUENTIAL = ("next_recent", "next_last")  # need ItemTables.transitions / .successors (absent from older bundles)
+ITEM_GRAPHS = ("cooccurrence", "transitions", "successors")  # the items x items tables, sparse (CSR)
 RECENT = 5
 # Chosen on validation NDCG@10 of the feature alone (standard split; windows 1/3/5/10/20, decays 0.5–1.0 tried:
 # 0.116–0.130, these 0.130): a successor g steps later counts TRANSITION_DECAY ** (g - 1).
@@ -76,17 +78,21 @@ class ItemTables:
     popularity: np.ndarray  # items: positives in the data the tables were built from
     bpr_items: np.ndarray  # items x k
     bpr_bias: np.ndarray  # items
-    cooccurrence: np.ndarray  # items x items, cosine, zero diagonal
+    cooccurrence: sparse.csr_array  # items x items, cosine, zero diagonal (sparse: see ITEM_GRAPHS)
     genres: np.ndarray  # items x genres, 0/1
     years: np.ndarray  # items, NaN when unknown
     fold_in_reg: float = 1.0
     cold: np.ndarray | None = None  # items: 1 where the item has no collaborative data (cold start); default 0
-    transitions: np.ndarray | None = None  # items x items: P(j within TRANSITION_WINDOW steps after i), decayed
-    successors: np.ndarray | None = None  # items x items: P(j is the very next item after i)
+    transitions: sparse.csr_array | None = None  # items x items: P(j within TRANSITION_WINDOW steps after i)
+    successors: sparse.csr_array | None = None  # items x items: P(j is the very next item after i)
 
     def __post_init__(self) -> None:
         if self.cold is None:
             self.cold = np.zeros(len(self.popularity), dtype=np.float32)
+        for name in ITEM_GRAPHS:  # a dense table (a bundle written before they were sparse, a test) is kept exact
+            table = getattr(self, name)
+            if table is not None and not sparse.issparse(table):
+                setattr(self, name, sparse.csr_array(np.asarray(table, dtype=np.float32)))
 
     def with_cold(self, items: np.ndarray) -> ItemTables:
         """A copy that also treats ``items`` (positions) as cold: how the ranker's fit rows simulate cold
@@ -105,15 +111,26 @@ class ItemTables:
         return len(self.popularity)
 
     def save(self, path: Path) -> None:
-        """One safetensors file (no pickles); ``fold_in_reg`` is kept as a one-element array."""
+        """One safetensors file (no pickles): a sparse table as its CSR arrays (``<name>.data``, ``.indices``,
+        ``.indptr``, ``.shape``); ``fold_in_reg`` as a one-element array."""
         from safetensors.numpy import save_file
 
-        arrays = {
-            f.name: np.ascontiguousarray(np.asarray(getattr(self, f.name), dtype=np.float32))
-            for f in fields(self)
-            if f.name != "fold_in_reg" and getattr(self, f.name) is not None
-        }
-        arrays["fold_in_reg"] = np.array([self.fold_in_reg], dtype=np.float64)
+        arrays: dict[str, np.ndarray] = {"fold_in_reg": np.array([self.fold_in_reg], dtype=np.float64)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "fold_in_reg" or value is None:
+                continue
+            if f.name in ITEM_GRAPHS:
+                arrays.update(
+                    {
+                        f"{f.name}.data": value.data.astype(np.float32),
+                        f"{f.name}.indices": value.indices.astype(np.int32),
+                        f"{f.name}.indptr": value.indptr.astype(np.int64),
+                        f"{f.name}.shape": np.asarray(value.shape, dtype=np.int64),
+                    }
+                )
+            else:
+                arrays[f.name] = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
         save_file(arrays, str(path))
 
     @classmethod
@@ -122,40 +139,90 @@ class ItemTables:
 
         arrays = load_file(str(path))
         reg = float(arrays.pop("fold_in_reg")[0])
-        # a bundle written before ``cold`` existed loads with none cold; one written before the sequential
-        # tables loads without them (its ranker does not read them; one that does is refused at load)
+        for name in ITEM_GRAPHS:
+            if f"{name}.data" in arrays:
+                parts = [arrays.pop(f"{name}.{part}") for part in ("data", "indices", "indptr", "shape")]
+                arrays[name] = sparse.csr_array((parts[0], parts[1], parts[2]), shape=tuple(parts[3]))
+        # a bundle written before the tables were sparse holds them dense (converted exactly in __post_init__);
+        # one written before ``cold`` loads with none cold; one written before the sequential tables loads
+        # without them (its ranker does not read them; one that does is refused at load)
         return cls(**arrays, fold_in_reg=reg)
 
 
-def cooccurrence_cosine(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> np.ndarray:
-    """Item-item cosine similarity of their user sets (float32, zero diagonal)."""
-    matrix = np.zeros((num_users, num_items), dtype=np.float32)
-    matrix[users, items] = 1.0
-    counts = matrix.T @ matrix
-    norms = np.sqrt(np.diag(counts)).clip(min=1e-6)
-    similarity = counts / norms[:, None] / norms[None, :]
-    np.fill_diagonal(similarity, 0.0)
-    return similarity.astype(np.float32)
+def keep_neighbours(table: sparse.csr_array, neighbours: int | None) -> sparse.csr_array:
+    """``table`` with only the ``neighbours`` largest entries of each row (all when None or when a row has
+    fewer), explicit zeros dropped. Why a cap: the tables are items x items, and a catalogue of 50,000 items
+    would make each one 10 GB dense; with a cap they grow linearly in the catalogue."""
+    table = sparse.csr_array(table)
+    table.eliminate_zeros()
+    if neighbours is None:
+        return table
+    keep = np.zeros(table.nnz, dtype=bool)
+    for row in range(table.shape[0]):
+        start, stop = table.indptr[row], table.indptr[row + 1]
+        if stop - start <= neighbours:
+            keep[start:stop] = True
+        else:  # the largest values, ties broken by column (stable, so reruns keep the same entries)
+            order = np.argsort(-table.data[start:stop], kind="stable")[:neighbours]
+            keep[start + order] = True
+    rows = np.repeat(np.arange(table.shape[0]), np.diff(table.indptr))[keep]
+    return sparse.csr_array((table.data[keep], (rows, table.indices[keep])), shape=table.shape)
+
+
+def cooccurrence_cosine(
+    users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, neighbours: int | None = None
+) -> sparse.csr_array:
+    """Item-item cosine similarity of their user sets (float32, zero diagonal, sparse: pairs no user shares
+    are absent; at most ``neighbours`` per item, :func:`keep_neighbours`). Never builds a users x items
+    dense matrix."""
+    marks = sparse.csr_array(
+        (np.ones(len(users), dtype=np.float32), (np.asarray(users), np.asarray(items))), shape=(num_users, num_items)
+    )
+    marks.sum_duplicates()
+    marks.data[:] = 1.0  # a user who interacted twice with an item is one user of it
+    counts = (marks.T @ marks).tocsr()  # exact integers in float32 below 2**24 users
+    norms = np.sqrt(counts.diagonal()).clip(min=1e-6).astype(np.float32)
+    counts.setdiag(0.0)
+    counts = counts.tocoo()
+    similarity = counts.data / norms[counts.row] / norms[counts.col]
+    table = sparse.csr_array((similarity.astype(np.float32), (counts.row, counts.col)), shape=counts.shape)
+    return keep_neighbours(table, neighbours)
 
 
 def transition_probabilities(
-    histories: Sequence[Sequence[int]], num_items: int, window: int = 1, decay: float = 1.0
-) -> np.ndarray:
-    """items x items (float32): row i is where users went after item i, as a distribution.
+    histories: Sequence[Sequence[int]],
+    num_items: int,
+    window: int = 1,
+    decay: float = 1.0,
+    neighbours: int | None = None,
+) -> sparse.csr_array:
+    """items x items (float32, sparse): row i is where users went after item i, as a distribution.
 
     Every ordered pair (i, j) with j ``g`` ≤ ``window`` positions after i in one history adds
-    ``decay ** (g - 1)``; rows are normalised to sum to 1 (a row with no successor stays 0). Directed, unlike
-    :func:`cooccurrence_cosine`: "users who watched Star Wars watched Empire next" is not symmetric.
+    ``decay ** (g - 1)``; rows are normalised to sum to 1 (a row with no successor stays empty), then cut to the
+    ``neighbours`` most likely successors (:func:`keep_neighbours`: the kept values stay probabilities of the
+    whole row). Directed, unlike :func:`cooccurrence_cosine`: "users who watched Star Wars watched Empire next"
+    is not symmetric.
     """
-    counts = np.zeros((num_items, num_items), dtype=np.float64)
+    sources, targets, weights = [], [], []
     for history in histories:
         sequence = np.asarray(history, dtype=np.int64)
         for gap in range(1, window + 1):
             if len(sequence) > gap:
-                np.add.at(counts, (sequence[:-gap], sequence[gap:]), decay ** (gap - 1))
-    np.fill_diagonal(counts, 0.0)  # an item re-watched is not a recommendation of itself
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0).astype(np.float32)
+                sources.append(sequence[:-gap])
+                targets.append(sequence[gap:])
+                weights.append(np.full(len(sequence) - gap, decay ** (gap - 1)))
+    if not sources:
+        return sparse.csr_array((num_items, num_items), dtype=np.float32)
+    rows, columns, values = np.concatenate(sources), np.concatenate(targets), np.concatenate(weights)
+    repeat = rows == columns  # an item re-watched is not a recommendation of itself
+    counts = sparse.csr_array(
+        (values[~repeat], (rows[~repeat], columns[~repeat])), shape=(num_items, num_items), dtype=np.float64
+    )
+    counts.sum_duplicates()
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    counts.data /= np.repeat(np.where(totals > 0, totals, 1.0), np.diff(counts.indptr))
+    return keep_neighbours(counts.astype(np.float32), neighbours)
 
 
 def genre_matrix(genres: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -207,11 +274,11 @@ def history_features(
     if warm:
         user = fold_in(tables.bpr_items.astype(np.float64), warm, tables.fold_in_reg)
         columns["bpr"] = tables.bpr_items[items] @ user + tables.bpr_bias[items]
-        columns["cooc_recent"] = tables.cooccurrence[warm[-RECENT:]][:, items].mean(axis=0)
-        columns["cooc_history"] = tables.cooccurrence[warm][:, items].mean(axis=0)
+        columns["cooc_recent"] = table_rows(tables.cooccurrence, warm[-RECENT:])[items]
+        columns["cooc_history"] = table_rows(tables.cooccurrence, warm)[items]
         if tables.transitions is not None and tables.successors is not None:  # has_transitions, for mypy
             columns["next_recent"] = next_item_scores(tables.transitions, warm, RECENT)[items]
-            columns["next_last"] = tables.successors[warm[-1], items].astype(np.float64)
+            columns["next_last"] = table_rows(tables.successors, warm[-1:])[items]
     if history:
         profile = tables.genres[recent].sum(axis=0)
         item_genres = tables.genres[items]

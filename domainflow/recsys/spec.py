@@ -102,6 +102,12 @@ class RankingSpec(DomainSpec):
         0.2, gt=0.0, lt=1.0, description="cold_start: share of items held out of training, per popularity stratum"
     )
     cold_seed: int = Field(0, description="cold_start: seed of the cold-item draw (part of the protocol, not the run)")
+    item_neighbours: int | None = Field(
+        None,
+        ge=1,
+        description="most neighbours kept per item in the co-occurrence and transition tables (None: all; "
+        "set it for a large catalogue, where the tables would otherwise grow with items squared)",
+    )
     ranker_negatives: int = Field(30, ge=1, description="sampled negatives per positive when fitting the ranker")
     baselines: tuple[BaselineName, ...] = Field(
         ("popularity", "bpr", "bpr_fold_in", "item_knn", "next_item"),
