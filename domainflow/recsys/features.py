@@ -157,15 +157,14 @@ def keep_neighbours(table: sparse.csr_array, neighbours: int | None) -> sparse.c
     table.eliminate_zeros()
     if neighbours is None:
         return table
+    rows = np.repeat(np.arange(table.shape[0]), np.diff(table.indptr))
+    # each row's entries from the largest value down (lexsort is stable: equal values keep column order, so
+    # reruns keep the same entries); an entry's place in that order decides whether it is kept
+    order = np.lexsort((-table.data, rows))
+    place = np.arange(table.nnz) - table.indptr[rows[order]]
     keep = np.zeros(table.nnz, dtype=bool)
-    for row in range(table.shape[0]):
-        start, stop = table.indptr[row], table.indptr[row + 1]
-        if stop - start <= neighbours:
-            keep[start:stop] = True
-        else:  # the largest values, ties broken by column (stable, so reruns keep the same entries)
-            order = np.argsort(-table.data[start:stop], kind="stable")[:neighbours]
-            keep[start + order] = True
-    rows = np.repeat(np.arange(table.shape[0]), np.diff(table.indptr))[keep]
+    keep[order[place < neighbours]] = True
+    rows = rows[keep]
     return sparse.csr_array((table.data[keep], (rows, table.indices[keep])), shape=table.shape)
 
 
