@@ -179,12 +179,12 @@ def cooccurrence_cosine(
     )
     marks.sum_duplicates()
     marks.data[:] = 1.0  # a user who interacted twice with an item is one user of it
-    counts = (marks.T @ marks).tocsr()  # exact integers in float32 below 2**24 users
+    counts = (marks.T @ marks).tocoo()  # exact integers in float32 below 2**24 users
     norms = np.sqrt(counts.diagonal()).clip(min=1e-6).astype(np.float32)
-    counts.setdiag(0.0)
-    counts = counts.tocoo()
-    similarity = counts.data / norms[counts.row] / norms[counts.col]
-    table = sparse.csr_array((similarity.astype(np.float32), (counts.row, counts.col)), shape=counts.shape)
+    pairs = counts.row != counts.col  # an item is not its own neighbour (zero diagonal)
+    rows, columns = counts.row[pairs], counts.col[pairs]
+    similarity = counts.data[pairs] / norms[rows] / norms[columns]
+    table = sparse.csr_array((similarity.astype(np.float32), (rows, columns)), shape=counts.shape)
     return keep_neighbours(table, neighbours)
 
 
