@@ -175,6 +175,16 @@ def baseline_scorers(
     return {name: available[name] for name in spec.baselines}
 
 
+def baseline_report_key(spec: RankingSpec, dataset_fingerprint: str, baselines_fingerprint: str) -> str:
+    """What, besides the code (:func:`write_report` adds it), shapes a baseline's metrics and per-user ranks, and so
+    names its report folder: the split, the trained factors, the metrics, the fold-in ridge and the cap on the item
+    tables' neighbours (``item_knn`` and ``next_item`` build their tables here). A field left out would let two
+    settings share one folder, the second overwriting the ranks the first's cached evaluation points to."""
+    return value_fingerprint(
+        dataset_fingerprint, baselines_fingerprint, spec.metrics, spec.bpr.fold_in_reg, spec.item_neighbours
+    )
+
+
 @task(name="evaluate-baselines", cache_policy=CODE_AND_INPUTS, persist_result=True, result_serializer="json")
 def evaluate_baselines(spec: RankingSpec, dataset: RankingDatasetRef, baselines: BaselinesRef) -> list[Evaluation]:
     """The domain's baselines (see :func:`baseline_scorers`) under the protocol, on both stages."""
@@ -190,10 +200,7 @@ def evaluate_baselines(spec: RankingSpec, dataset: RankingDatasetRef, baselines:
             stage: stage_result(score(rows), rows, spec.metrics, data.cold_mask) for stage, rows in stages.items()
         }
         report = write_report(
-            dataset.domain,
-            name,
-            value_fingerprint(dataset.fingerprint, baselines.fingerprint, spec.metrics, spec.bpr.fold_in_reg),
-            results,
+            dataset.domain, name, baseline_report_key(spec, dataset.fingerprint, baselines.fingerprint), results
         )
         ref = ModelRef(name=name, path=baselines.path, fingerprint=baselines.fingerprint, train_seconds=seconds)
         evaluations.append(_evaluation(ref, results, report, size_bytes, parameters))

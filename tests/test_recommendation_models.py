@@ -414,3 +414,22 @@ def test_ranking_gate_by_hand(tmp_path: Path) -> None:
         replace(spec), compressed, None, baselines=baselines, test_ranks={**ranks, "ranker-int8": int8_ranks}
     )
     assert decision.chosen == "ranker-int8" and decision.promote  # within budget, 1.4x faster
+
+
+def test_baseline_report_folders_key_on_what_shapes_the_baselines() -> None:
+    """Two runs that differ in a field shaping a baseline's ranks must not share (and overwrite) a report folder:
+    the cap on the item tables' neighbours changes item_knn's and next_item's tables, the fold-in ridge BPR
+    fold-in's scores; a field that shapes nothing (the description) keeps the folder."""
+    from tasks.rank_evaluate import baseline_report_key
+
+    spec = get_domain("recommendation")
+    key = baseline_report_key(spec, "dataset", "baselines")
+    changed = {
+        "item_neighbours": replace(spec, item_neighbours=200),
+        "fold_in_reg": replace(spec, bpr=replace(spec.bpr, fold_in_reg=2.0)),
+        "metrics": replace(spec, metrics=("ndcg_at_10",)),
+    }
+    for field, other in changed.items():
+        assert baseline_report_key(other, "dataset", "baselines") != key, field
+    assert baseline_report_key(spec, "another split", "baselines") != key
+    assert baseline_report_key(replace(spec, description="another text"), "dataset", "baselines") == key
