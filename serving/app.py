@@ -335,7 +335,10 @@ def create_app(config: ServingConfig | None = None, *, api_keys: ApiKeys | None 
                 status.HTTP_404_NOT_FOUND, f"unknown domain {domain!r} for this endpoint; served: {served}{hint}"
             )
         if slot.current is None:
-            reason = slot.last_error or f"no champion yet: {slot.registry.no_champion_hint()}"
+            # the watcher keeps the registry's reason; before its first poll (a request racing start-up) ask once
+            reason = (
+                slot.last_error or f"no champion yet: {slot.no_champion_reason or slot.registry.no_champion_hint()}"
+            )
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 f"{domain} has no model loaded ({reason})",

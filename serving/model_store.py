@@ -93,6 +93,10 @@ class DomainSlot:
     signature: Signature | None = None
     failed_at: float | None = None
     loads: int = 0
+    # why nothing serves while the registry has no champion pointer (ModelRegistry.no_champion_hint), re-read by the
+    # watcher when the decisions folder changes, so that a 503 answers without touching the disk
+    no_champion_reason: str | None = None
+    decisions_signature: Signature | None = None
     share_base: bool = True  # an adapter champion keeps its adapter unmerged on the process's shared base encoder
 
     @property
@@ -177,9 +181,12 @@ class ModelStore:
             and time.monotonic() - slot.failed_at >= self.retry_failed_load_seconds
         )
         if signature == slot.signature and not retry_due:
+            if signature is None:
+                await self._note_why_no_champion(slot)
             return
         if signature is None:  # no pointer (never promoted, or removed by hand): keep whatever serves
             slot.signature = None
+            await self._note_why_no_champion(slot)
             return
         try:
             pointer = slot.registry.champion_pointer()
@@ -212,6 +219,15 @@ class ModelStore:
         log.info("%s: now serving v%d (%s)", slot.domain, served.version, served.model_dir)
         if self.on_load:
             self.on_load(slot, True)
+
+    @staticmethod
+    async def _note_why_no_champion(slot: DomainSlot) -> None:
+        """Keep ``slot.no_champion_reason`` current: re-read (off the event loop) only when a decision was written
+        since, which renames a file into the decisions folder and so moves the folder's signature."""
+        decisions = _pointer_signature(slot.registry.decisions_dir)
+        if slot.no_champion_reason is None or decisions != slot.decisions_signature:
+            slot.no_champion_reason = await asyncio.to_thread(slot.registry.no_champion_hint)
+            slot.decisions_signature = decisions
 
     def _failed(self, slot: DomainSlot, signature: Signature, message: str) -> None:
         serving = f"still serving v{slot.current.version}" if slot.current else "nothing to serve"

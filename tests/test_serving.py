@@ -536,7 +536,16 @@ def test_a_domain_without_champion_is_503_until_one_is_promoted(
             and waiting.headers["retry-after"]
             and "domainflow run" in waiting.json()["detail"]
         )
-        promote(ModelRegistry(tiny_domain, root=tmp_path / tiny_domain), model_dirs["v2"], "v2")
+        # a run whose gate refused its challenger: the 503 says so (the watcher re-reads the decisions it sees change)
+        registry = ModelRegistry(tiny_domain, root=tmp_path / tiny_domain)
+        registry.record_decision({"promote": False, "chosen": "finetuned", "summary": "below the accuracy gate"})
+
+        def says_why() -> bool:
+            detail = client.post(f"/v1/{tiny_domain}/predict", json={"texts": ["hello"]}).json()["detail"]
+            return "promoted nothing" in detail and detail.endswith("below the accuracy gate)")
+
+        wait_for(says_why, "the 503 to quote the refused decision")
+        promote(registry, model_dirs["v2"], "v2")
         wait_for(lambda: client.get("/readyz").status_code == 200, "the first champion to load")
         answer = client.post(f"/v1/{tiny_domain}/predict", json={"texts": ["hello"]})
         assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == FAVOURED
