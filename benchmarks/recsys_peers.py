@@ -371,11 +371,13 @@ def run_peer(
     best = max(first, key=valid)
     deterministic = model_name in {"Pop", "ItemKNN"}
     runs = [best] + ([] if deterministic else [train_peer(model_name, best.params, s, bench) for s in seeds[1:]])
-    record = [
-        {"params": run.params, "max_epochs": bench.max_epochs, "seed": run.seed, "valid_ndcg": valid(run)}
-        for run in first
-    ]
+    record = [grid_point(run.params, bench.max_epochs, run.seed, valid(run)) for run in first]
     return runs, best.params, record
+
+
+def grid_point(params: dict[str, Any], max_epochs: int, seed: int, valid_ndcg: float) -> dict[str, Any]:
+    """One setting's line of a row's grid record: what it was and how its first-seed run scored on validation."""
+    return {"params": params, "max_epochs": max_epochs, "seed": seed, "valid_ndcg": valid_ndcg}
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -625,12 +627,7 @@ def chosen_setting(name: str, parts: list[dict[str, Any]]) -> tuple[list[dict[st
         )
 
     grid = [
-        {
-            "params": rows[0]["params"],
-            "max_epochs": rows[0]["max_epochs"],
-            "seed": first,
-            "valid_ndcg": first_seed_valid(rows),
-        }
+        grid_point(rows[0]["params"], rows[0]["max_epochs"], first, first_seed_valid(rows))
         for rows in by_setting.values()
     ]
     best = max(by_setting, key=lambda key: first_seed_valid(by_setting[key]))

@@ -185,7 +185,10 @@ def fold_in(item_factors: np.ndarray, history: list[int], reg: float) -> np.ndar
 
 
 def table_rows(table: sparse.csr_array, rows: Sequence[int], weights: np.ndarray | None = None) -> np.ndarray:
-    """The (weighted) mean of some rows of a sparse items x items table, dense over the columns (float64)."""
+    """The (weighted) mean of some rows of a sparse items x items table, dense over the columns (float64); zeros
+    for no rows (an empty history scores nothing, rather than 0/0)."""
+    if len(rows) == 0:
+        return np.zeros(table.shape[1], dtype=np.float64)
     picked = table[np.asarray(rows, dtype=np.int64)]
     if weights is None:
         weights = np.ones(len(rows))
@@ -202,8 +205,7 @@ def item_knn_scores(cooccurrence: sparse.csr_array, histories: list[list[int]], 
     user's last ``recent`` history items; 0 for an empty history. Training-free: a table of counts."""
     scores = np.zeros((len(histories), cooccurrence.shape[0]), dtype=np.float64)
     for row, history in enumerate(histories):
-        if history:
-            scores[row] = table_rows(cooccurrence, history[-recent:])
+        scores[row] = table_rows(cooccurrence, history[-recent:])
     return scores
 
 
@@ -211,8 +213,6 @@ def next_item_scores(transitions: sparse.csr_array, history: Sequence[int], rece
     """Per item: the mean of ``transitions`` rows of the last ``recent`` history items, the most recent
     weighted 1, the one before :data:`RECENCY_DECAY`, and so on; 0 for an empty history."""
     last = list(history)[-recent:][::-1]
-    if not last:
-        return np.zeros(transitions.shape[1], dtype=np.float64)
     return table_rows(transitions, last, RECENCY_DECAY ** np.arange(len(last)))
 
 
